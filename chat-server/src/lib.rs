@@ -1,1 +1,95 @@
+//! The reference Chat Server of bgs: hosts chat sessions that customers (HTTP/JSON, WebSocket),
+//! agent tools and bot gateways (TCP frames) join. docs/CHAT.md is its protocol.
+//!
+//! - [`session`]: one session's state (pure, replayable).
+//! - [`hub`]: all sessions and connections, fencing, durability, idle and grace sweeps.
+//! - [`journal`]: the append-only journal behind `--data-dir`.
+//! - [`tcp`], [`http`]: the transports. [`client`]: a TCP client for tools and tests.
 
+pub mod client;
+pub mod config;
+pub mod error;
+pub mod http;
+pub mod hub;
+pub mod journal;
+pub mod session;
+pub mod tcp;
+
+use std::io::Write;
+use std::time::Duration;
+
+use actix_web::{web, App, HttpServer};
+use tokio_util::sync::CancellationToken;
+
+pub use config::Config;
+pub use error::{ChatServerError, Result};
+use hub::Hub;
+
+/// How often idle control, detach grace and retention are checked.
+const SWEEP_EVERY: Duration = Duration::from_millis(200);
+
+/// Runs the server until `shutdown` is cancelled. Prints one line to stdout once both listeners
+/// are bound: `bgs-chat-server listening http=ADDR tcp=ADDR` (tools and tests read the ports).
+pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
+    let hub = Hub::open(config.clone())?;
+    let tcp = tokio::net::TcpListener::bind(config.tcp_listen).await?;
+    let http_listener = std::net::TcpListener::bind(config.http_listen)?;
+    let (http_addr, tcp_addr) = (http_listener.local_addr()?, tcp.local_addr()?);
+    let app_hub = hub.clone();
+    let server = HttpServer::new(move || {
+        App::new()
+            .app_data(web::Data::new(app_hub.clone()))
+            .configure(http::configure)
+    })
+    .workers(std::thread::available_parallelism().map_or(2, |n| n.get()).min(4))
+    .disable_signals()
+    .shutdown_timeout(2)
+    .listen(http_listener)?
+    .run();
+    let http_handle = server.handle();
+    let http_task = tokio::spawn(server);
+
+    let tcp_task = tokio::spawn(tcp::serve(tcp, hub.clone(), shutdown.clone()));
+    let sweep_hub = hub.clone();
+    let sweep_stop = shutdown.clone();
+    let sweeper = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(SWEEP_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = sweep_stop.cancelled() => return,
+                _ = tick.tick() => sweep_hub.sweep(),
+            }
+        }
+    });
+
+    tracing::info!(%http_addr, %tcp_addr, data_dir = ?config.data_dir, "bgs-chat-server started");
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "bgs-chat-server listening http={http_addr} tcp={tcp_addr}")?;
+    out.flush()?;
+    drop(out);
+
+    shutdown.cancelled().await;
+    tracing::info!("shutting down");
+    http_handle.stop(true).await;
+    let _ = http_task.await;
+    let _ = tcp_task.await;
+    let _ = sweeper.await;
+    hub.shutdown();
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Logs to stderr, human-readable or JSON; `RUST_LOG` filters (default `info`).
+pub fn init_tracing(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}

@@ -1,0 +1,390 @@
+//! TCP transport: framed bincode (bgs-proto codec) for gateways and agent tools.
+//!
+//! Per connection: the reader (this task) decodes frames and applies requests in order; an acker
+//! task sends each reply once its change is durable, in request order, then starts the feed the
+//! request asked for; a writer task owns the socket's write half; one feed task per attached
+//! participant turns session events into `Events` frames. Everything between them is bounded:
+//! replies in flight ([`MAX_IN_FLIGHT`]) and frames queued (`--outbound-frames`). A client that
+//! does not read for `--write-timeout` is disconnected (slow reader) and may re-join with
+//! since_seq; until then it costs the server at most its queued frames.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bgs_proto::chat::{
+    ChatError, ChatErrorCode, ChatRequest, ChatResponse, ClientFrame, ServerFrame,
+    CHAT_PROTOCOL_VERSION,
+};
+use bgs_proto::codec::{CodecError, FrameCodec};
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, Semaphore};
+use tokio::time::timeout;
+use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::error::{ChatServerError, Result};
+use crate::hub::{follow, Ack, Actor, Connection, Hub, Session};
+
+/// Replies a connection may have waiting for durability before its reader pauses.
+pub const MAX_IN_FLIGHT: usize = 256;
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+type Codec = FrameCodec<ClientFrame, ServerFrame>;
+
+/// Accepts connections until `shutdown`; at most `--max-connections` at once.
+pub async fn serve(listener: TcpListener, hub: Arc<Hub>, shutdown: CancellationToken) {
+    let permits = Arc::new(Semaphore::new(hub.config.max_connections));
+    loop {
+        let (stream, peer) = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let hub = hub.clone();
+        match permits.clone().try_acquire_owned() {
+            Ok(permit) => {
+                let span = tracing::info_span!("tcp", %peer);
+                tokio::spawn(
+                    async move {
+                        handle(stream, hub).await;
+                        drop(permit);
+                    }
+                    .instrument(span),
+                );
+            }
+            Err(_) => {
+                tracing::warn!(%peer, "connection refused: --max-connections reached");
+                tokio::spawn(refuse_connection(stream, hub.config.max_frame));
+            }
+        }
+    }
+}
+
+async fn refuse_connection(stream: TcpStream, max_frame: usize) {
+    let mut sink = FramedWrite::new(stream, Codec::new(max_frame));
+    let goodbye = ServerFrame::Goodbye(ChatError::new(
+        ChatErrorCode::LimitExceeded,
+        "too many connections; try again later",
+    ));
+    let _ = timeout(Duration::from_secs(1), sink.send(goodbye)).await;
+}
+
+/// Writes queued frames; ends on a Goodbye, a write error, or a write that blocks too long.
+async fn write_loop(
+    wr: OwnedWriteHalf,
+    mut rx: mpsc::Receiver<ServerFrame>,
+    max_frame: usize,
+    write_timeout: Duration,
+) {
+    let mut sink = FramedWrite::new(wr, Codec::new(max_frame));
+    while let Some(first) = rx.recv().await {
+        let mut goodbye = matches!(first, ServerFrame::Goodbye(_));
+        let mut batch = vec![first];
+        while !goodbye && batch.len() < 64 {
+            match rx.try_recv() {
+                Ok(f) => {
+                    goodbye = matches!(f, ServerFrame::Goodbye(_));
+                    batch.push(f);
+                }
+                Err(_) => break,
+            }
+        }
+        let write = async {
+            for frame in batch {
+                sink.feed(frame).await?;
+            }
+            sink.flush().await
+        };
+        match timeout(write_timeout, write).await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::info!(error = %e, "write failed; closing");
+                return;
+            }
+            Err(_) => {
+                tracing::warn!(
+                    timeout_secs = write_timeout.as_secs(),
+                    "slow reader: a write blocked too long; disconnecting (it may re-join with since_seq)"
+                );
+                return;
+            }
+        }
+        if goodbye {
+            return;
+        }
+    }
+}
+
+fn goodbye(code: ChatErrorCode, message: impl Into<String>) -> ServerFrame {
+    ServerFrame::Goodbye(ChatError::new(code, message))
+}
+
+async fn handle(stream: TcpStream, hub: Arc<Hub>) {
+    let max_frame = hub.config.max_frame;
+    let (rd, wr) = stream.into_split();
+    let mut reader = FramedRead::new(rd, Codec::new(max_frame));
+    let (tx, rx) = mpsc::channel(hub.config.outbound_frames);
+    let writer = tokio::spawn(write_loop(
+        wr,
+        rx,
+        max_frame,
+        Duration::from_secs(hub.config.write_timeout),
+    ));
+
+    let conn = match handshake(&mut reader, &hub, &tx).await {
+        Some(conn) => conn,
+        None => {
+            drop(tx);
+            let _ = writer.await;
+            return;
+        }
+    };
+    let span = tracing::info_span!("conn", connection = conn.id, owner = ?conn.owner, epoch = conn.epoch);
+    let (ack_tx, ack_rx) = mpsc::channel(MAX_IN_FLIGHT);
+    let acker = tokio::spawn(ack_loop(ack_rx, conn.clone()).instrument(span.clone()));
+    read_loop(&mut reader, &hub, &conn, &ack_tx).instrument(span).await;
+    drop(ack_tx);
+    let _ = acker.await;
+    hub.connection_closed(&conn);
+    drop(tx);
+    drop(conn);
+    let _ = writer.await;
+}
+
+async fn handshake(
+    reader: &mut FramedRead<tokio::net::tcp::OwnedReadHalf, Codec>,
+    hub: &Arc<Hub>,
+    tx: &mpsc::Sender<ServerFrame>,
+) -> Option<Arc<Connection>> {
+    let first = timeout(HANDSHAKE_TIMEOUT, reader.next()).await;
+    let (id, hello) = match first {
+        Ok(Some(Ok(ClientFrame {
+            id,
+            request: ChatRequest::Hello(hello),
+        }))) => (id, hello),
+        Ok(Some(Ok(_))) => {
+            let _ = tx
+                .send(goodbye(ChatErrorCode::HandshakeRequired, "the first frame must be Hello"))
+                .await;
+            return None;
+        }
+        Ok(Some(Err(e))) => {
+            let _ = tx.send(codec_goodbye(&e)).await;
+            return None;
+        }
+        Ok(None) => return None,
+        Err(_) => {
+            let _ = tx
+                .send(goodbye(ChatErrorCode::HandshakeRequired, "no Hello within 10 s"))
+                .await;
+            return None;
+        }
+    };
+    let registered = match hub.hello(hello, tx.clone()) {
+        Ok(ack) => ack.durable().await,
+        Err(e) => Err(e),
+    };
+    match registered {
+        Ok(conn) => {
+            let welcome = ChatResponse::Welcome {
+                version: CHAT_PROTOCOL_VERSION,
+                server_id: hub.server_id.clone(),
+                max_frame: max_frame_u32(hub.config.max_frame),
+            };
+            tx.send(ServerFrame::Reply {
+                id,
+                result: Ok(welcome),
+            })
+            .await
+            .ok()?;
+            Some(conn)
+        }
+        Err(e) => {
+            tracing::info!(error = %e, "handshake refused");
+            let _ = tx
+                .send(ServerFrame::Reply {
+                    id,
+                    result: Err(e.to_chat_error()),
+                })
+                .await;
+            let _ = tx.send(ServerFrame::Goodbye(e.to_chat_error())).await;
+            None
+        }
+    }
+}
+
+fn max_frame_u32(n: usize) -> u32 {
+    u32::try_from(n).unwrap_or(u32::MAX)
+}
+
+fn codec_goodbye(e: &CodecError) -> ServerFrame {
+    match e {
+        CodecError::FrameTooLarge { .. } => goodbye(ChatErrorCode::FrameTooLarge, e.to_string()),
+        _ => goodbye(ChatErrorCode::MalformedFrame, e.to_string()),
+    }
+}
+
+/// A reply on its way: sent once durable, then (for joins and resumes) a feed starts.
+struct Pending {
+    id: u64,
+    result: Result<Ack<ChatResponse>>,
+    feed: Option<(Arc<Session>, String, u64)>,
+}
+
+async fn read_loop(
+    reader: &mut FramedRead<tokio::net::tcp::OwnedReadHalf, Codec>,
+    hub: &Arc<Hub>,
+    conn: &Arc<Connection>,
+    ack_tx: &mpsc::Sender<Pending>,
+) {
+    let read_timeout = Duration::from_secs(hub.config.read_timeout);
+    loop {
+        let next = tokio::select! {
+            // The writer is gone (slow reader, socket error): nobody will read replies.
+            _ = conn.tx.closed() => return,
+            next = timeout(read_timeout, reader.next()) => next,
+        };
+        let frame = match next {
+            Ok(Some(Ok(frame))) => frame,
+            Ok(Some(Err(e))) => {
+                tracing::info!(error = %e, "bad frame; closing");
+                let _ = conn.tx.send(codec_goodbye(&e)).await;
+                return;
+            }
+            Ok(None) => return,
+            Err(_) => {
+                tracing::info!("no frame within --read-timeout; closing");
+                let _ = conn
+                    .tx
+                    .send(goodbye(ChatErrorCode::BadRequest, "idle connection: send Ping regularly"))
+                    .await;
+                return;
+            }
+        };
+        let pending = apply(hub, conn, frame);
+        if ack_tx.send(pending).await.is_err() {
+            return;
+        }
+    }
+}
+
+fn apply(hub: &Hub, conn: &Arc<Connection>, frame: ClientFrame) -> Pending {
+    let actor = Actor::Conn(conn);
+    let mut feed = None;
+    let result = match frame.request {
+        ChatRequest::Hello(_) => Err(ChatServerError::refused(
+            ChatErrorCode::BadRequest,
+            "Hello was already received",
+        )),
+        ChatRequest::Ping => Ok(Ack::now(ChatResponse::Pong)),
+        ChatRequest::Join(r) => hub
+            .join(actor, &r.session_id, r.nickname, r.participant_type, r.style, r.visibility)
+            .map(|ack| {
+                ack.map(|j| {
+                    let reply = ChatResponse::Joined {
+                        session_id: j.session.id.clone(),
+                        participant_id: j.participant_id.clone(),
+                        seq: j.seq,
+                    };
+                    feed = Some((j.session, j.participant_id, r.since_seq));
+                    reply
+                })
+            }),
+        ChatRequest::Resume(r) => hub.resume(conn, &r.session_id, &r.participant_id).map(|j| {
+            let reply = ChatResponse::Joined {
+                session_id: j.session.id.clone(),
+                participant_id: j.participant_id.clone(),
+                seq: j.seq,
+            };
+            feed = Some((j.session, j.participant_id, r.since_seq));
+            Ack::now(reply)
+        }),
+        ChatRequest::Post(r) => hub
+            .post(actor, &r.session_id, &r.participant_id, r.kind, r.text, r.visibility, r.key)
+            .map(|ack| ack.map(|(seq, duplicate)| ChatResponse::Posted { seq, duplicate })),
+        ChatRequest::Leave(r) => hub
+            .leave(actor, &r.session_id, &r.participant_id, r.after_action)
+            .map(|ack| ack.map(|seq| ChatResponse::Left { seq })),
+        ChatRequest::GetUserdata { session_id } => {
+            conn.check_live().and_then(|()| hub.userdata(&session_id)).map(|u| Ack::now(ChatResponse::Userdata(u)))
+        }
+        ChatRequest::UpdateUserdata {
+            session_id,
+            participant_id,
+            changes,
+        } => hub
+            .update_userdata(actor, &session_id, Some(&participant_id), changes)
+            .map(|ack| ack.map(ChatResponse::Userdata)),
+    };
+    Pending {
+        id: frame.id,
+        result,
+        feed,
+    }
+}
+
+async fn ack_loop(mut rx: mpsc::Receiver<Pending>, conn: Arc<Connection>) {
+    while let Some(p) = rx.recv().await {
+        let result = match p.result {
+            Ok(ack) => ack.durable().await,
+            Err(e) => Err(e),
+        };
+        let ok = result.is_ok();
+        let reply = ServerFrame::Reply {
+            id: p.id,
+            result: result.map_err(|e| e.to_chat_error()),
+        };
+        if conn.tx.send(reply).await.is_err() {
+            return;
+        }
+        if let (true, Some((session, pid, since))) = (ok, p.feed) {
+            start_feed(&conn, session, pid, since);
+        }
+    }
+}
+
+/// Starts (or restarts) the feed of one participant on this connection.
+fn start_feed(conn: &Arc<Connection>, session: Arc<Session>, pid: String, since: u64) {
+    let key = (session.id.clone(), pid.clone());
+    let Some(gen) = conn.begin_feed(&key) else { return };
+    let task_conn = conn.clone();
+    let task_key = key.clone();
+    let span = tracing::debug_span!("feed", session_id = %session.id, participant_id = %pid);
+    let task = tokio::spawn(
+        async move {
+            let tx = task_conn.tx.clone();
+            let cancel = task_conn.cancel.clone();
+            let session_id = session.id.clone();
+            let participant_id = pid.clone();
+            follow(session, pid, since, Some(task_conn.id), cancel.clone(), |events| {
+                let frame = ServerFrame::Events {
+                    session_id: session_id.clone(),
+                    participant_id: participant_id.clone(),
+                    events,
+                };
+                let tx = tx.clone();
+                let cancel = cancel.clone();
+                async move {
+                    tokio::select! {
+                        sent = tx.send(frame) => sent.is_ok(),
+                        _ = cancel.cancelled() => false,
+                    }
+                }
+            })
+            .await;
+            task_conn.feed_finished(&task_key, gen);
+        }
+        .instrument(span),
+    );
+    conn.set_feed_task(&key, gen, task.abort_handle());
+}
