@@ -31,6 +31,8 @@ use crate::hub::{follow, Ack, Actor, Connection, Hub, Session};
 /// Replies a connection may have waiting for durability before its reader pauses.
 pub const MAX_IN_FLIGHT: usize = 256;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Kernel send buffer of each connection: with the queued frames, what a stuck reader can hold.
+pub const SOCKET_SEND_BUFFER: usize = 256 * 1024;
 
 type Codec = FrameCodec<ClientFrame, ServerFrame>;
 
@@ -50,6 +52,7 @@ pub async fn serve(listener: TcpListener, hub: Arc<Hub>, shutdown: CancellationT
             },
         };
         let _ = stream.set_nodelay(true);
+        let _ = socket2::SockRef::from(&stream).set_send_buffer_size(SOCKET_SEND_BUFFER);
         let hub = hub.clone();
         match permits.clone().try_acquire_owned() {
             Ok(permit) => {

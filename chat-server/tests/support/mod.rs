@@ -1,0 +1,192 @@
+//! Test support: start the real `bgs-chat-server` binary on free ports, talk HTTP to it.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+pub struct Server {
+    child: Child,
+    pub http: SocketAddr,
+    pub tcp: SocketAddr,
+}
+
+impl Server {
+    /// Starts the server with `--http-listen/--tcp-listen 127.0.0.1:0` and `args`; waits for the
+    /// line that names the bound ports.
+    pub fn start(args: &[&str]) -> Server {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_bgs-chat-server"))
+            .args(["--http-listen", "127.0.0.1:0", "--tcp-listen", "127.0.0.1:0"])
+            .args(args)
+            .env("RUST_LOG", std::env::var("BGS_TEST_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start bgs-chat-server");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("the server printed its listening line");
+        let addr = |key: &str| -> SocketAddr {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(key))
+                .unwrap_or_else(|| panic!("no {key} in {line:?}"))
+                .parse()
+                .expect("address")
+        };
+        Server {
+            http: addr("http="),
+            tcp: addr("tcp="),
+            child,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL, no chance to flush anything.
+    pub fn kill9(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Resident memory of the server process in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        http(self.http, "GET", path, None).await
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        http(self.http, "POST", path, Some(body)).await
+    }
+
+    pub async fn patch(&self, path: &str, body: Value) -> (u16, Value) {
+        http(self.http, "PATCH", path, Some(body)).await
+    }
+
+    /// Creates a session as a customer: (session id, customer participant id).
+    pub async fn create_session(&self, interaction_id: &str) -> (String, String) {
+        let (status, body) = self
+            .post(
+                "/sessions",
+                serde_json::json!({"interaction_id": interaction_id, "nickname": "Customer", "userdata": {"lang": "en"}}),
+            )
+            .await;
+        assert_eq!(status, 201, "{body}");
+        (
+            body["session_id"].as_str().expect("session_id").to_string(),
+            body["participant_id"].as_str().expect("participant_id").to_string(),
+        )
+    }
+
+    /// Long-polls the events a participant may see after `since` until `until` holds for one.
+    pub async fn events_until(
+        &self,
+        session: &str,
+        participant: &str,
+        mut since: u64,
+        until: impl Fn(&Value) -> bool,
+    ) -> Vec<Value> {
+        let mut out = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            assert!(tokio::time::Instant::now() < deadline, "timed out; got {out:?}");
+            let (status, body) = self
+                .get(&format!("/sessions/{session}/events?participant_id={participant}&since={since}&wait_ms=5000"))
+                .await;
+            assert_eq!(status, 200, "{body}");
+            since = body["last_seq"].as_u64().expect("last_seq");
+            for e in body["events"].as_array().expect("events") {
+                out.push(e.clone());
+                if until(e) {
+                    return out;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A minimal HTTP/1.1 client (one request per connection), enough for JSON APIs.
+pub async fn http(addr: SocketAddr, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let request = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.expect("write");
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut raw))
+        .await
+        .expect("HTTP answer in time")
+        .expect("read");
+    let text = String::from_utf8_lossy(&raw);
+    let (head, payload) = text.split_once("\r\n\r\n").expect("HTTP head");
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .expect("status");
+    let value = if payload.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_str(payload).unwrap_or_else(|_| Value::String(payload.to_string()))
+    };
+    (status, value)
+}
+
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> TempDir {
+        let dir = std::env::temp_dir().join(format!("bgs-test-{name}-{}-{}", std::process::id(), uuid_like()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        TempDir(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn uuid_like() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
