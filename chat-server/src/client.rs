@@ -46,7 +46,10 @@ pub struct ChatClient {
 
 impl ChatClient {
     /// Connects and says Hello as `role`.
-    pub async fn connect(addr: impl ToSocketAddrs, role: ClientRole) -> Result<ChatClient, ClientError> {
+    pub async fn connect(
+        addr: impl ToSocketAddrs,
+        role: ClientRole,
+    ) -> Result<ChatClient, ClientError> {
         let stream = TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;
         let (rd, wr) = stream.into_split();
@@ -151,14 +154,21 @@ impl ChatClient {
         });
         match self.request(request).await? {
             ChatResponse::Joined {
-                participant_id, seq, ..
+                participant_id,
+                seq,
+                ..
             } => Ok((participant_id, seq)),
             other => Err(ClientError::Unexpected(format!("{other:?}"))),
         }
     }
 
     /// Resumes a participant (after a reconnect); returns the session's last sequence number.
-    pub async fn resume(&mut self, session_id: &str, participant_id: &str, since_seq: u64) -> Result<u64, ClientError> {
+    pub async fn resume(
+        &mut self,
+        session_id: &str,
+        participant_id: &str,
+        since_seq: u64,
+    ) -> Result<u64, ClientError> {
         let request = ChatRequest::Resume(ResumeRequest {
             session_id: session_id.into(),
             participant_id: participant_id.into(),
@@ -193,7 +203,12 @@ impl ChatClient {
         }
     }
 
-    pub async fn leave(&mut self, session_id: &str, participant_id: &str, after_action: AfterAction) -> Result<u64, ClientError> {
+    pub async fn leave(
+        &mut self,
+        session_id: &str,
+        participant_id: &str,
+        after_action: AfterAction,
+    ) -> Result<u64, ClientError> {
         let request = ChatRequest::Leave(LeaveRequest {
             session_id: session_id.into(),
             participant_id: participant_id.into(),

@@ -46,7 +46,9 @@ fn bad_request(message: impl Into<String>) -> ApiError {
 impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
         match self.0.code {
-            ChatErrorCode::UnknownSession | ChatErrorCode::UnknownParticipant => StatusCode::NOT_FOUND,
+            ChatErrorCode::UnknownSession | ChatErrorCode::UnknownParticipant => {
+                StatusCode::NOT_FOUND
+            }
             ChatErrorCode::SessionExists | ChatErrorCode::SessionClosed => StatusCode::CONFLICT,
             ChatErrorCode::NotAllowed | ChatErrorCode::Fenced => StatusCode::FORBIDDEN,
             ChatErrorCode::LimitExceeded => StatusCode::TOO_MANY_REQUESTS,
@@ -110,13 +112,27 @@ struct Join {
     style: Style,
 }
 
-async fn join(hub: web::Data<Arc<Hub>>, path: web::Path<String>, body: web::Json<Join>) -> ApiResult {
+async fn join(
+    hub: web::Data<Arc<Hub>>,
+    path: web::Path<String>,
+    body: web::Json<Join>,
+) -> ApiResult {
     let b = body.into_inner();
     let joined = hub
-        .join(Actor::Http, &path, b.nickname, b.participant_type, b.style, b.visibility)?
+        .join(
+            Actor::Http,
+            &path,
+            b.nickname,
+            b.participant_type,
+            b.style,
+            b.visibility,
+        )?
         .durable()
         .await?;
-    Ok(HttpResponse::Ok().json(json!({"participant_id": joined.participant_id, "seq": joined.seq})))
+    Ok(
+        HttpResponse::Ok()
+            .json(json!({"participant_id": joined.participant_id, "seq": joined.seq})),
+    )
 }
 
 #[derive(Deserialize)]
@@ -131,10 +147,22 @@ struct Post {
     kind: PostKind,
 }
 
-async fn post(hub: web::Data<Arc<Hub>>, path: web::Path<String>, body: web::Json<Post>) -> ApiResult {
+async fn post(
+    hub: web::Data<Arc<Hub>>,
+    path: web::Path<String>,
+    body: web::Json<Post>,
+) -> ApiResult {
     let b = body.into_inner();
     let (seq, duplicate) = hub
-        .post(Actor::Http, &path, &b.participant_id, b.kind, b.text, b.visibility, b.key)?
+        .post(
+            Actor::Http,
+            &path,
+            &b.participant_id,
+            b.kind,
+            b.text,
+            b.visibility,
+            b.key,
+        )?
         .durable()
         .await?;
     Ok(HttpResponse::Ok().json(json!({"seq": seq, "duplicate": duplicate})))
@@ -150,7 +178,11 @@ struct EventsQuery {
     wait_ms: u64,
 }
 
-async fn events(hub: web::Data<Arc<Hub>>, path: web::Path<String>, q: web::Query<EventsQuery>) -> ApiResult {
+async fn events(
+    hub: web::Data<Arc<Hub>>,
+    path: web::Path<String>,
+    q: web::Query<EventsQuery>,
+) -> ApiResult {
     let session = hub.session(&path)?;
     let deadline = tokio::time::Instant::now() + Duration::from_millis(q.wait_ms.min(MAX_WAIT_MS));
     let mut rx = session.subscribe();
@@ -162,7 +194,10 @@ async fn events(hub: web::Data<Arc<Hub>>, path: web::Path<String>, q: web::Query
                 "events": events_json(&events), "last_seq": last_seq, "closed": closed
             })));
         }
-        if tokio::time::timeout_at(deadline, rx.changed()).await.is_err() {
+        if tokio::time::timeout_at(deadline, rx.changed())
+            .await
+            .is_err()
+        {
             continue; // deadline: answer with what there is (nothing)
         }
     }
@@ -176,7 +211,11 @@ struct Leave {
     after_action: AfterAction,
 }
 
-async fn leave(hub: web::Data<Arc<Hub>>, path: web::Path<String>, body: web::Json<Leave>) -> ApiResult {
+async fn leave(
+    hub: web::Data<Arc<Hub>>,
+    path: web::Path<String>,
+    body: web::Json<Leave>,
+) -> ApiResult {
     let seq = hub
         .leave(Actor::Http, &path, &body.participant_id, body.after_action)?
         .durable()
@@ -236,11 +275,7 @@ async fn websocket(
     actix_web::rt::spawn(async move {
         while let Some(Ok(msg)) = futures_util::StreamExt::next(&mut incoming).await {
             match msg {
-                actix_ws::Message::Ping(bytes) => {
-                    if pong.pong(&bytes).await.is_err() {
-                        break;
-                    }
-                }
+                actix_ws::Message::Ping(bytes) if pong.pong(&bytes).await.is_err() => break,
                 actix_ws::Message::Close(_) => break,
                 _ => {}
             }
@@ -299,7 +334,8 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
     let json = web::JsonConfig::default()
         .limit(MAX_BODY)
         .error_handler(|err, _| bad_request(format!("bad body: {err}")).into());
-    let query = web::QueryConfig::default().error_handler(|err, _| bad_request(format!("bad query: {err}")).into());
+    let query = web::QueryConfig::default()
+        .error_handler(|err, _| bad_request(format!("bad query: {err}")).into());
     cfg.app_data(json)
         .app_data(query)
         .route("/", web::get().to(index))

@@ -287,7 +287,9 @@ pub fn check_id(what: &str, value: &str) -> Result<()> {
     if !ok {
         return refuse(
             ChatErrorCode::BadRequest,
-            format!("{what} must be 1 to {MAX_ID} characters of A-Z a-z 0-9 - _ . : @, not {value:?}"),
+            format!(
+                "{what} must be 1 to {MAX_ID} characters of A-Z a-z 0-9 - _ . : @, not {value:?}"
+            ),
         );
     }
     Ok(())
@@ -297,7 +299,10 @@ fn check_len(what: &str, value: &str, min: usize, max: usize) -> Result<()> {
     if value.len() < min || value.len() > max {
         return refuse(
             ChatErrorCode::BadRequest,
-            format!("{what} must be {min} to {max} bytes long, not {}", value.len()),
+            format!(
+                "{what} must be {min} to {max} bytes long, not {}",
+                value.len()
+            ),
         );
     }
     Ok(())
@@ -352,7 +357,11 @@ impl Hub {
                         if stored.event.seq == st.last_seq() + 1 {
                             st.apply(stored, now);
                         } else {
-                            tracing::warn!(session_id, seq = stored.event.seq, "journal event out of order; skipped");
+                            tracing::warn!(
+                                session_id,
+                                seq = stored.event.seq,
+                                "journal event out of order; skipped"
+                            );
                         }
                     }
                 }
@@ -372,7 +381,9 @@ impl Hub {
             });
         }
         for id in order {
-            let Some(mut st) = states.remove(&id) else { continue };
+            let Some(mut st) = states.remove(&id) else {
+                continue;
+            };
             if st
                 .closed_at_ms()
                 .is_some_and(|t| wall.saturating_sub(t) > retention_ms)
@@ -446,11 +457,16 @@ impl Hub {
                 session.signal(last);
                 Ok(Wait::Nothing)
             }
-            Some(j) => Ok(Wait::Journal(j.append(&records, Some((session.clone(), last)))?)),
+            Some(j) => Ok(Wait::Journal(
+                j.append(&records, Some((session.clone(), last)))?,
+            )),
         }
     }
 
-    fn event_records(session_id: &str, events: Vec<crate::session::StoredEvent>) -> Vec<JournalRecord> {
+    fn event_records(
+        session_id: &str,
+        events: Vec<crate::session::StoredEvent>,
+    ) -> Vec<JournalRecord> {
         events
             .into_iter()
             .map(|stored| JournalRecord::Event {
@@ -464,7 +480,10 @@ impl Hub {
         if changes.len() > MAX_USERDATA_KEYS {
             return refuse(
                 ChatErrorCode::BadRequest,
-                format!("at most {MAX_USERDATA_KEYS} userdata keys at once, not {}", changes.len()),
+                format!(
+                    "at most {MAX_USERDATA_KEYS} userdata keys at once, not {}",
+                    changes.len()
+                ),
             );
         }
         for (k, v) in changes {
@@ -486,12 +505,18 @@ impl Hub {
         let id = interaction_id.unwrap_or_else(new_id);
         check_id("interaction_id", &id)?;
         check_len("nickname", &nickname, 1, MAX_ID)?;
-        let as_changes: UserdataChanges = userdata.iter().map(|(k, v)| (k.clone(), Some(v.clone()))).collect();
+        let as_changes: UserdataChanges = userdata
+            .iter()
+            .map(|(k, v)| (k.clone(), Some(v.clone())))
+            .collect();
         self.check_userdata(&as_changes)?;
         if self.sessions.len() >= self.config.max_sessions {
             return refuse(
                 ChatErrorCode::LimitExceeded,
-                format!("the server holds its limit of {} sessions", self.config.max_sessions),
+                format!(
+                    "the server holds its limit of {} sessions",
+                    self.config.max_sessions
+                ),
             );
         }
         let now = Instant::now();
@@ -499,7 +524,10 @@ impl Hub {
         let session = Session::new(SessionState::new(id.clone(), ts, userdata.clone(), now));
         match self.sessions.entry(id.clone()) {
             dashmap::Entry::Occupied(_) => {
-                return refuse(ChatErrorCode::SessionExists, format!("session {id:?} already exists"))
+                return refuse(
+                    ChatErrorCode::SessionExists,
+                    format!("session {id:?} already exists"),
+                )
             }
             dashmap::Entry::Vacant(v) => {
                 v.insert(session.clone());
@@ -567,7 +595,11 @@ impl Hub {
                 }
             }
         }
-        let wait = self.persist(&session, &mut st, Self::event_records(session_id, vec![stored]))?;
+        let wait = self.persist(
+            &session,
+            &mut st,
+            Self::event_records(session_id, vec![stored]),
+        )?;
         drop(st);
         tracing::info!(
             session_id,
@@ -590,7 +622,12 @@ impl Hub {
     /// A connection takes over a participant (after a reconnect, a restart or a switchover).
     /// No event is emitted: nobody in the session sees it. Participants that have left, or whose
     /// session closed, may be resumed too: their feed then ends with the event that removed them.
-    pub fn resume(&self, conn: &Connection, session_id: &str, participant_id: &str) -> Result<Joined> {
+    pub fn resume(
+        &self,
+        conn: &Connection,
+        session_id: &str,
+        participant_id: &str,
+    ) -> Result<Joined> {
         conn.check_live()?;
         let session = self.session(session_id)?;
         let mut st = session.lock();
@@ -604,7 +641,10 @@ impl Hub {
         if p.owner != conn.owner {
             return refuse(
                 ChatErrorCode::NotAllowed,
-                format!("participant {participant_id} belongs to {:?}, not to this connection", p.owner),
+                format!(
+                    "participant {participant_id} belongs to {:?}, not to this connection",
+                    p.owner
+                ),
             );
         }
         let mut previous = None;
@@ -618,7 +658,12 @@ impl Hub {
                 c.release(&(session_id.to_string(), participant_id.to_string()));
             }
         }
-        tracing::info!(session_id, participant_id, connection = conn.id, "participant resumed");
+        tracing::info!(
+            session_id,
+            participant_id,
+            connection = conn.id,
+            "participant resumed"
+        );
         Ok(Joined {
             session,
             participant_id: participant_id.to_string(),
@@ -665,18 +710,36 @@ impl Hub {
         let session = self.session(session_id)?;
         let mut st = session.lock();
         Self::authorize(&st, participant_id, actor)?;
-        let outcome = st.post(participant_id, kind, text, visibility, key, &self.limits, now_ms(), Instant::now())?;
+        let outcome = st.post(
+            participant_id,
+            kind,
+            text,
+            visibility,
+            key,
+            &self.limits,
+            now_ms(),
+            Instant::now(),
+        )?;
         match outcome {
             PostOutcome::New(stored) => {
                 let seq = stored.event.seq;
-                let wait = self.persist(&session, &mut st, Self::event_records(session_id, vec![stored]))?;
+                let wait = self.persist(
+                    &session,
+                    &mut st,
+                    Self::event_records(session_id, vec![stored]),
+                )?;
                 Ok(Ack {
                     value: (seq, false),
                     wait,
                 })
             }
             PostOutcome::Duplicate(seq) => {
-                tracing::debug!(session_id, participant_id, seq, "duplicate client key dropped");
+                tracing::debug!(
+                    session_id,
+                    participant_id,
+                    seq,
+                    "duplicate client key dropped"
+                );
                 Ok(Ack {
                     value: (seq, true),
                     wait: Wait::Visible(session.clone(), seq),
@@ -698,12 +761,27 @@ impl Hub {
         let session = self.session(session_id)?;
         let mut st = session.lock();
         Self::authorize(&st, participant_id, actor)?;
-        let events = st.leave(participant_id, after_action, Reason::Requested, now_ms(), Instant::now())?;
+        let events = st.leave(
+            participant_id,
+            after_action,
+            Reason::Requested,
+            now_ms(),
+            Instant::now(),
+        )?;
         let seq = events.first().map_or(0, |e| e.event.seq);
-        let closed = events.iter().find(|e| e.event.kind == EventKind::Closed).and_then(|e| e.event.reason);
+        let closed = events
+            .iter()
+            .find(|e| e.event.kind == EventKind::Closed)
+            .and_then(|e| e.event.reason);
         let wait = self.persist(&session, &mut st, Self::event_records(session_id, events))?;
         drop(st);
-        tracing::info!(session_id, participant_id, ?after_action, ?closed, "participant left");
+        tracing::info!(
+            session_id,
+            participant_id,
+            ?after_action,
+            ?closed,
+            "participant left"
+        );
         Ok(Ack { value: seq, wait })
     }
 
@@ -728,8 +806,18 @@ impl Hub {
         if let Some(pid) = participant_id {
             Self::authorize(&st, pid, actor)?;
         }
-        let stored = st.update_userdata(participant_id, changes, &self.limits, now_ms(), Instant::now())?;
-        let wait = self.persist(&session, &mut st, Self::event_records(session_id, vec![stored]))?;
+        let stored = st.update_userdata(
+            participant_id,
+            changes,
+            &self.limits,
+            now_ms(),
+            Instant::now(),
+        )?;
+        let wait = self.persist(
+            &session,
+            &mut st,
+            Self::event_records(session_id, vec![stored]),
+        )?;
         Ok(Ack {
             value: st.userdata.clone(),
             wait,
@@ -760,12 +848,20 @@ impl Hub {
         let session = self.session(session_id)?;
         let st = session.lock();
         let visible = st.visible_seq as usize;
-        Ok((st.events()[..visible].to_vec(), st.is_closed(), st.userdata.clone()))
+        Ok((
+            st.events()[..visible].to_vec(),
+            st.is_closed(),
+            st.userdata.clone(),
+        ))
     }
 
     /// Registers a TCP connection after its Hello; a gateway's epoch may fence older connections
     /// of its cluster, or be fenced itself.
-    pub fn hello(&self, hello: Hello, tx: mpsc::Sender<ServerFrame>) -> Result<Ack<Arc<Connection>>> {
+    pub fn hello(
+        &self,
+        hello: Hello,
+        tx: mpsc::Sender<ServerFrame>,
+    ) -> Result<Ack<Arc<Connection>>> {
         if hello.version != CHAT_PROTOCOL_VERSION {
             return refuse(
                 ChatErrorCode::UnsupportedVersion,
@@ -777,7 +873,11 @@ impl Hub {
         }
         check_len("client_name", &hello.client_name, 0, MAX_ID)?;
         let (owner, epoch) = match &hello.role {
-            ClientRole::Gateway { cluster_id, epoch, node_id } => {
+            ClientRole::Gateway {
+                cluster_id,
+                epoch,
+                node_id,
+            } => {
                 check_id("cluster_id", cluster_id)?;
                 check_len("node_id", node_id, 0, MAX_ID)?;
                 (Owner::Gateway(cluster_id.clone()), *epoch)
@@ -844,7 +944,9 @@ impl Hub {
         conn.cancel.cancel();
         let now = Instant::now();
         for (sid, pid) in conn.close_attachments() {
-            let Ok(session) = self.session(&sid) else { continue };
+            let Ok(session) = self.session(&sid) else {
+                continue;
+            };
             let mut st = session.lock();
             if let Some(p) = st.participant_mut(&pid) {
                 if p.attached == Some(conn.id) {
@@ -884,7 +986,8 @@ impl Hub {
                 .filter(|p| {
                     p.present
                         && p.attached.is_none()
-                        && p.detached_since.is_some_and(|d| now.duration_since(d) >= grace)
+                        && p.detached_since
+                            .is_some_and(|d| now.duration_since(d) >= grace)
                 })
                 .map(|p| p.info.id.clone())
                 .collect();
@@ -922,10 +1025,11 @@ impl Hub {
     /// Says goodbye to every TCP client and waits until the journal has everything queued.
     pub fn shutdown(&self) {
         for c in self.connections.iter() {
-            let _ = c.tx.try_send(ServerFrame::Goodbye(bgs_proto::chat::ChatError::new(
-                ChatErrorCode::ShuttingDown,
-                "the chat server is shutting down",
-            )));
+            let _ =
+                c.tx.try_send(ServerFrame::Goodbye(bgs_proto::chat::ChatError::new(
+                    ChatErrorCode::ShuttingDown,
+                    "the chat server is shutting down",
+                )));
         }
         if let Some(j) = &self.journal {
             j.close();
@@ -953,13 +1057,16 @@ pub async fn follow<F, Fut>(
         rx.borrow_and_update();
         let (mut events, scanned, more) = {
             let st = session.lock();
-            let Some(p) = st.participant(&participant_id) else { return };
+            let Some(p) = st.participant(&participant_id) else {
+                return;
+            };
             if let (Some(me), Some(now)) = (attached_to, p.attached) {
                 if me != now {
                     return;
                 }
             }
-            let (events, scanned) = st.read_for(&p.info, since, FEED_BATCH_EVENTS, FEED_BATCH_BYTES);
+            let (events, scanned) =
+                st.read_for(&p.info, since, FEED_BATCH_EVENTS, FEED_BATCH_BYTES);
             (events, scanned, scanned < st.visible_seq)
         };
         since = scanned;

@@ -103,7 +103,9 @@ pub fn read(dir: &Path) -> Result<Vec<JournalRecord>> {
                 let crc = u32::from_be_bytes([rest[4], rest[5], rest[6], rest[7]]);
                 let payload = rest.get(8..8 + len)?;
                 (crc32fast::hash(payload) == crc).then_some(())?;
-                codec::decode::<JournalRecord>(payload).ok().map(|r| (r, 8 + len))
+                codec::decode::<JournalRecord>(payload)
+                    .ok()
+                    .map(|r| (r, 8 + len))
             })
             .flatten();
         match parsed {
@@ -251,12 +253,19 @@ mod tests {
     async fn appended_records_survive_and_a_torn_tail_is_cut() {
         let dir = temp_dir("torn");
         let journal = Journal::create(&dir, &[epoch(1)]).unwrap();
-        journal.append(&[epoch(2), epoch(3)], None).unwrap().await.unwrap();
+        journal
+            .append(&[epoch(2), epoch(3)], None)
+            .unwrap()
+            .await
+            .unwrap();
         journal.close();
         assert_eq!(read(&dir).unwrap(), vec![epoch(1), epoch(2), epoch(3)]);
         // A crash in the middle of a record: half of one more record at the end.
         let extra = frame(&epoch(4)).unwrap();
-        let mut f = OpenOptions::new().append(true).open(dir.join(FILE)).unwrap();
+        let mut f = OpenOptions::new()
+            .append(true)
+            .open(dir.join(FILE))
+            .unwrap();
         f.write_all(&extra[..extra.len() / 2]).unwrap();
         drop(f);
         assert_eq!(read(&dir).unwrap(), vec![epoch(1), epoch(2), epoch(3)]);

@@ -41,7 +41,11 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
             .app_data(web::Data::new(app_hub.clone()))
             .configure(http::configure)
     })
-    .workers(std::thread::available_parallelism().map_or(2, |n| n.get()).min(4))
+    .workers(
+        std::thread::available_parallelism()
+            .map_or(2, |n| n.get())
+            .min(4),
+    )
     .disable_signals()
     .shutdown_timeout(2)
     .listen(http_listener)?
@@ -65,7 +69,10 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
 
     tracing::info!(%http_addr, %tcp_addr, data_dir = ?config.data_dir, "bgs-chat-server started");
     let mut out = std::io::stdout().lock();
-    writeln!(out, "bgs-chat-server listening http={http_addr} tcp={tcp_addr}")?;
+    writeln!(
+        out,
+        "bgs-chat-server listening http={http_addr} tcp={tcp_addr}"
+    )?;
     out.flush()?;
     drop(out);
 

@@ -8,7 +8,10 @@ fn main() -> std::process::ExitCode {
         eprintln!("bgs-chat-server: {e}");
         return std::process::ExitCode::from(2);
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("bgs-chat-server: cannot start the runtime: {e}");

@@ -181,7 +181,13 @@ impl SessionState {
         Ok(())
     }
 
-    fn event(&self, kind: EventKind, who: &Participant, visibility: Visibility, ts_ms: u64) -> ChatEvent {
+    fn event(
+        &self,
+        kind: EventKind,
+        who: &Participant,
+        visibility: Visibility,
+        ts_ms: u64,
+    ) -> ChatEvent {
         ChatEvent {
             seq: self.last_seq() + 1,
             ts_ms,
@@ -350,7 +356,9 @@ impl SessionState {
             now,
         );
         let agents_remain = self.participants.values().any(|p| {
-            p.present && p.info.participant_type == ParticipantType::Agent && p.info.style != Style::Bot
+            p.present
+                && p.info.participant_type == ParticipantType::Agent
+                && p.info.style != Style::Bot
         });
         let anyone_remains = self.participants.values().any(|p| p.present);
         let close = match after_action {
@@ -396,7 +404,12 @@ impl SessionState {
         if self.is_closed() {
             return None;
         }
-        let mut event = self.event(EventKind::Closed, &system_participant(), Visibility::All, ts_ms);
+        let mut event = self.event(
+            EventKind::Closed,
+            &system_participant(),
+            Visibility::All,
+            ts_ms,
+        );
         event.reason = Some(reason);
         let stored = StoredEvent {
             event,
@@ -419,7 +432,11 @@ impl SessionState {
             .map(|e| StoredEvent {
                 event: e.clone(),
                 owner: (e.kind == EventKind::Joined)
-                    .then(|| self.participants.get(&e.participant_id).map(|p| p.owner.clone()))
+                    .then(|| {
+                        self.participants
+                            .get(&e.participant_id)
+                            .map(|p| p.owner.clone())
+                    })
                     .flatten(),
                 key: keys.get(&e.seq).map(|k| (*k).clone()),
             })
@@ -495,10 +512,25 @@ mod tests {
         let now = Instant::now();
         let mut s = SessionState::new("s".into(), 0, Userdata::new(), now);
         for p in [
-            person("cust", ParticipantType::Customer, Style::Regular, Visibility::All),
-            person("agent", ParticipantType::Agent, Style::Regular, Visibility::All),
+            person(
+                "cust",
+                ParticipantType::Customer,
+                Style::Regular,
+                Visibility::All,
+            ),
+            person(
+                "agent",
+                ParticipantType::Agent,
+                Style::Regular,
+                Visibility::All,
+            ),
             person("bot", ParticipantType::Agent, Style::Bot, Visibility::Int),
-            person("sup", ParticipantType::Supervisor, Style::Regular, Visibility::Vip),
+            person(
+                "sup",
+                ParticipantType::Supervisor,
+                Style::Regular,
+                Visibility::Vip,
+            ),
         ] {
             s.join(p, Owner::Http, &LIMITS, 0, now).unwrap();
         }
@@ -508,7 +540,11 @@ mod tests {
 
     fn seen_by(s: &SessionState, who: &str) -> Vec<u64> {
         let viewer = s.participant(who).unwrap().info.clone();
-        s.read_for(&viewer, 0, 1000, usize::MAX).0.iter().map(|e| e.seq).collect()
+        s.read_for(&viewer, 0, 1000, usize::MAX)
+            .0
+            .iter()
+            .map(|e| e.seq)
+            .collect()
     }
 
     #[test]
@@ -517,13 +553,31 @@ mod tests {
         let now = Instant::now();
         // 5: INT bot posts ALL: narrowed to INT.
         let out = s
-            .post("bot", PostKind::Message, "hi".into(), Visibility::All, None, &LIMITS, 0, now)
+            .post(
+                "bot",
+                PostKind::Message,
+                "hi".into(),
+                Visibility::All,
+                None,
+                &LIMITS,
+                0,
+                now,
+            )
             .unwrap();
         let PostOutcome::New(e) = out else { panic!() };
         assert_eq!(e.event.visibility, Visibility::Int);
         // 6: agent narrows its post to VIP.
-        s.post("agent", PostKind::Message, "psst".into(), Visibility::Vip, None, &LIMITS, 0, now)
-            .unwrap();
+        s.post(
+            "agent",
+            PostKind::Message,
+            "psst".into(),
+            Visibility::Vip,
+            None,
+            &LIMITS,
+            0,
+            now,
+        )
+        .unwrap();
         s.visible_seq = s.last_seq();
         assert_eq!(seen_by(&s, "cust"), vec![1, 2]);
         assert_eq!(seen_by(&s, "agent"), vec![1, 2, 3, 5, 6]);
@@ -536,8 +590,17 @@ mod tests {
         let mut s = session();
         let now = Instant::now();
         let post = |s: &mut SessionState| {
-            s.post("cust", PostKind::Message, "x".into(), Visibility::All, Some("k".into()), &LIMITS, 0, now)
-                .unwrap()
+            s.post(
+                "cust",
+                PostKind::Message,
+                "x".into(),
+                Visibility::All,
+                Some("k".into()),
+                &LIMITS,
+                0,
+                now,
+            )
+            .unwrap()
         };
         let first = post(&mut s);
         assert!(matches!(first, PostOutcome::New(ref e) if e.event.seq == 5));
@@ -549,29 +612,65 @@ mod tests {
     fn after_actions() {
         let now = Instant::now();
         let mut s = session();
-        let out = s.leave("sup", AfterAction::KeepAlive, Reason::Requested, 0, now).unwrap();
+        let out = s
+            .leave("sup", AfterAction::KeepAlive, Reason::Requested, 0, now)
+            .unwrap();
         assert_eq!(out.len(), 1);
         // The customer leaves close-if-no-agents while a human agent remains: the chat goes on.
-        let out = s.leave("cust", AfterAction::CloseIfNoAgents, Reason::Requested, 0, now).unwrap();
+        let out = s
+            .leave(
+                "cust",
+                AfterAction::CloseIfNoAgents,
+                Reason::Requested,
+                0,
+                now,
+            )
+            .unwrap();
         assert_eq!(out.len(), 1);
         // The agent leaves close-if-no-agents: only a bot remains, bots are not agents.
-        let out = s.leave("agent", AfterAction::CloseIfNoAgents, Reason::Requested, 0, now).unwrap();
+        let out = s
+            .leave(
+                "agent",
+                AfterAction::CloseIfNoAgents,
+                Reason::Requested,
+                0,
+                now,
+            )
+            .unwrap();
         assert_eq!(out.len(), 2);
         assert_eq!(out[1].event.reason, Some(Reason::NoAgents));
         assert!(s.is_closed());
         assert!(s
-            .post("bot", PostKind::Message, "x".into(), Visibility::All, None, &LIMITS, 0, now)
+            .post(
+                "bot",
+                PostKind::Message,
+                "x".into(),
+                Visibility::All,
+                None,
+                &LIMITS,
+                0,
+                now
+            )
             .is_err());
 
         let mut s = session();
-        let out = s.leave("bot", AfterAction::ForceClose, Reason::Requested, 0, now).unwrap();
+        let out = s
+            .leave("bot", AfterAction::ForceClose, Reason::Requested, 0, now)
+            .unwrap();
         assert_eq!(out[1].event.reason, Some(Reason::ForceClose));
 
         let mut s = session();
         for who in ["cust", "agent", "bot"] {
-            assert_eq!(s.leave(who, AfterAction::KeepAlive, Reason::Requested, 0, now).unwrap().len(), 1);
+            assert_eq!(
+                s.leave(who, AfterAction::KeepAlive, Reason::Requested, 0, now)
+                    .unwrap()
+                    .len(),
+                1
+            );
         }
-        let out = s.leave("sup", AfterAction::KeepAlive, Reason::Requested, 0, now).unwrap();
+        let out = s
+            .leave("sup", AfterAction::KeepAlive, Reason::Requested, 0, now)
+            .unwrap();
         assert_eq!(out[1].event.reason, Some(Reason::NoParticipants));
     }
 
@@ -583,18 +682,39 @@ mod tests {
         let mut s2 = SessionState::new("s".into(), 0, Userdata::new(), now);
         // Re-create the joins as stored events.
         for e in s.events().to_vec() {
-            log.push(StoredEvent { event: e, owner: Some(Owner::Http), key: None });
+            log.push(StoredEvent {
+                event: e,
+                owner: Some(Owner::Http),
+                key: None,
+            });
         }
-        log.push(match s
-            .post("cust", PostKind::Message, "a".into(), Visibility::All, Some("k1".into()), &LIMITS, 0, now)
-            .unwrap()
-        {
-            PostOutcome::New(e) => e,
-            PostOutcome::Duplicate(_) => panic!(),
-        });
         log.push(
-            s.update_userdata(Some("agent"), [("x".to_string(), Some("1".to_string()))].into(), &LIMITS, 0, now)
-                .unwrap(),
+            match s
+                .post(
+                    "cust",
+                    PostKind::Message,
+                    "a".into(),
+                    Visibility::All,
+                    Some("k1".into()),
+                    &LIMITS,
+                    0,
+                    now,
+                )
+                .unwrap()
+            {
+                PostOutcome::New(e) => e,
+                PostOutcome::Duplicate(_) => panic!(),
+            },
+        );
+        log.push(
+            s.update_userdata(
+                Some("agent"),
+                [("x".to_string(), Some("1".to_string()))].into(),
+                &LIMITS,
+                0,
+                now,
+            )
+            .unwrap(),
         );
         for e in log {
             s2.apply(e, now);
@@ -602,8 +722,17 @@ mod tests {
         assert_eq!(s2.events(), s.events());
         assert_eq!(s2.userdata, s.userdata);
         assert_eq!(
-            s2.post("cust", PostKind::Message, "a".into(), Visibility::All, Some("k1".into()), &LIMITS, 0, now)
-                .unwrap(),
+            s2.post(
+                "cust",
+                PostKind::Message,
+                "a".into(),
+                Visibility::All,
+                Some("k1".into()),
+                &LIMITS,
+                0,
+                now
+            )
+            .unwrap(),
             PostOutcome::Duplicate(5)
         );
     }
@@ -611,16 +740,49 @@ mod tests {
     #[test]
     fn limits_are_enforced() {
         let now = Instant::now();
-        let limits = SessionLimits { max_participants: 4, max_events: 6 };
+        let limits = SessionLimits {
+            max_participants: 4,
+            max_events: 6,
+        };
         let mut s = session();
         let extra = person("x", ParticipantType::Agent, Style::Regular, Visibility::All);
         assert!(s.join(extra, Owner::Http, &limits, 0, now).is_err());
-        s.post("cust", PostKind::Message, "1".into(), Visibility::All, None, &limits, 0, now).unwrap();
-        s.post("cust", PostKind::Message, "2".into(), Visibility::All, None, &limits, 0, now).unwrap();
-        let err = s.post("cust", PostKind::Message, "3".into(), Visibility::All, None, &limits, 0, now);
+        s.post(
+            "cust",
+            PostKind::Message,
+            "1".into(),
+            Visibility::All,
+            None,
+            &limits,
+            0,
+            now,
+        )
+        .unwrap();
+        s.post(
+            "cust",
+            PostKind::Message,
+            "2".into(),
+            Visibility::All,
+            None,
+            &limits,
+            0,
+            now,
+        )
+        .unwrap();
+        let err = s.post(
+            "cust",
+            PostKind::Message,
+            "3".into(),
+            Visibility::All,
+            None,
+            &limits,
+            0,
+            now,
+        );
         assert!(err.is_err());
         // Leaving still works at the limit, so a full session can always end.
-        s.leave("cust", AfterAction::ForceClose, Reason::Requested, 0, now).unwrap();
+        s.leave("cust", AfterAction::ForceClose, Reason::Requested, 0, now)
+            .unwrap();
         assert!(s.is_closed());
     }
 }

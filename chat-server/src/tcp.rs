@@ -152,10 +152,13 @@ async fn handle(stream: TcpStream, hub: Arc<Hub>) {
             return;
         }
     };
-    let span = tracing::info_span!("conn", connection = conn.id, owner = ?conn.owner, epoch = conn.epoch);
+    let span =
+        tracing::info_span!("conn", connection = conn.id, owner = ?conn.owner, epoch = conn.epoch);
     let (ack_tx, ack_rx) = mpsc::channel(MAX_IN_FLIGHT);
     let acker = tokio::spawn(ack_loop(ack_rx, conn.clone()).instrument(span.clone()));
-    read_loop(&mut reader, &hub, &conn, &ack_tx).instrument(span).await;
+    read_loop(&mut reader, &hub, &conn, &ack_tx)
+        .instrument(span)
+        .await;
     drop(ack_tx);
     let _ = acker.await;
     hub.connection_closed(&conn);
@@ -177,7 +180,10 @@ async fn handshake(
         }))) => (id, hello),
         Ok(Some(Ok(_))) => {
             let _ = tx
-                .send(goodbye(ChatErrorCode::HandshakeRequired, "the first frame must be Hello"))
+                .send(goodbye(
+                    ChatErrorCode::HandshakeRequired,
+                    "the first frame must be Hello",
+                ))
                 .await;
             return None;
         }
@@ -188,7 +194,10 @@ async fn handshake(
         Ok(None) => return None,
         Err(_) => {
             let _ = tx
-                .send(goodbye(ChatErrorCode::HandshakeRequired, "no Hello within 10 s"))
+                .send(goodbye(
+                    ChatErrorCode::HandshakeRequired,
+                    "no Hello within 10 s",
+                ))
                 .await;
             return None;
         }
@@ -269,7 +278,10 @@ async fn read_loop(
                 tracing::info!("no frame within --read-timeout; closing");
                 let _ = conn
                     .tx
-                    .send(goodbye(ChatErrorCode::BadRequest, "idle connection: send Ping regularly"))
+                    .send(goodbye(
+                        ChatErrorCode::BadRequest,
+                        "idle connection: send Ping regularly",
+                    ))
                     .await;
                 return;
             }
@@ -291,7 +303,14 @@ fn apply(hub: &Hub, conn: &Arc<Connection>, frame: ClientFrame) -> Pending {
         )),
         ChatRequest::Ping => Ok(Ack::now(ChatResponse::Pong)),
         ChatRequest::Join(r) => hub
-            .join(actor, &r.session_id, r.nickname, r.participant_type, r.style, r.visibility)
+            .join(
+                actor,
+                &r.session_id,
+                r.nickname,
+                r.participant_type,
+                r.style,
+                r.visibility,
+            )
             .map(|ack| {
                 ack.map(|j| {
                     let reply = ChatResponse::Joined {
@@ -313,14 +332,23 @@ fn apply(hub: &Hub, conn: &Arc<Connection>, frame: ClientFrame) -> Pending {
             Ack::now(reply)
         }),
         ChatRequest::Post(r) => hub
-            .post(actor, &r.session_id, &r.participant_id, r.kind, r.text, r.visibility, r.key)
+            .post(
+                actor,
+                &r.session_id,
+                &r.participant_id,
+                r.kind,
+                r.text,
+                r.visibility,
+                r.key,
+            )
             .map(|ack| ack.map(|(seq, duplicate)| ChatResponse::Posted { seq, duplicate })),
         ChatRequest::Leave(r) => hub
             .leave(actor, &r.session_id, &r.participant_id, r.after_action)
             .map(|ack| ack.map(|seq| ChatResponse::Left { seq })),
-        ChatRequest::GetUserdata { session_id } => {
-            conn.check_live().and_then(|()| hub.userdata(&session_id)).map(|u| Ack::now(ChatResponse::Userdata(u)))
-        }
+        ChatRequest::GetUserdata { session_id } => conn
+            .check_live()
+            .and_then(|()| hub.userdata(&session_id))
+            .map(|u| Ack::now(ChatResponse::Userdata(u))),
         ChatRequest::UpdateUserdata {
             session_id,
             participant_id,
@@ -359,7 +387,9 @@ async fn ack_loop(mut rx: mpsc::Receiver<Pending>, conn: Arc<Connection>) {
 /// Starts (or restarts) the feed of one participant on this connection.
 fn start_feed(conn: &Arc<Connection>, session: Arc<Session>, pid: String, since: u64) {
     let key = (session.id.clone(), pid.clone());
-    let Some(gen) = conn.begin_feed(&key) else { return };
+    let Some(gen) = conn.begin_feed(&key) else {
+        return;
+    };
     let task_conn = conn.clone();
     let task_key = key.clone();
     let span = tracing::debug_span!("feed", session_id = %session.id, participant_id = %pid);
@@ -369,21 +399,28 @@ fn start_feed(conn: &Arc<Connection>, session: Arc<Session>, pid: String, since:
             let cancel = task_conn.cancel.clone();
             let session_id = session.id.clone();
             let participant_id = pid.clone();
-            follow(session, pid, since, Some(task_conn.id), cancel.clone(), |events| {
-                let frame = ServerFrame::Events {
-                    session_id: session_id.clone(),
-                    participant_id: participant_id.clone(),
-                    events,
-                };
-                let tx = tx.clone();
-                let cancel = cancel.clone();
-                async move {
-                    tokio::select! {
-                        sent = tx.send(frame) => sent.is_ok(),
-                        _ = cancel.cancelled() => false,
+            follow(
+                session,
+                pid,
+                since,
+                Some(task_conn.id),
+                cancel.clone(),
+                |events| {
+                    let frame = ServerFrame::Events {
+                        session_id: session_id.clone(),
+                        participant_id: participant_id.clone(),
+                        events,
+                    };
+                    let tx = tx.clone();
+                    let cancel = cancel.clone();
+                    async move {
+                        tokio::select! {
+                            sent = tx.send(frame) => sent.is_ok(),
+                            _ = cancel.cancelled() => false,
+                        }
                     }
-                }
-            })
+                },
+            )
             .await;
             task_conn.feed_finished(&task_key, gen);
         }

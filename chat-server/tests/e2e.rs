@@ -1,3 +1,5 @@
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 //! End-to-end tests of the reference Chat Server: the real binary, real sockets.
 
 mod support;
@@ -6,9 +8,8 @@ use std::time::Duration;
 
 use bgs_chat_server::client::{ChatClient, ClientError};
 use bgs_proto::chat::{
-    AfterAction, ChatErrorCode, ChatEvent, ChatRequest, ClientFrame, ClientRole, EventKind,
-    Hello, JoinRequest, ParticipantType, Reason, ServerFrame, Style, Visibility,
-    CHAT_PROTOCOL_VERSION,
+    AfterAction, ChatErrorCode, ChatEvent, ChatRequest, ClientFrame, ClientRole, EventKind, Hello,
+    JoinRequest, ParticipantType, Reason, ServerFrame, Style, Visibility, CHAT_PROTOCOL_VERSION,
 };
 use bgs_proto::codec::{encode_frame, FrameCodec};
 use futures_util::{SinkExt, StreamExt};
@@ -41,9 +42,18 @@ async fn customer_and_agent_chat_with_visibility() {
     let server = Server::start(&[]);
     let (sid, customer) = server.create_session("chat-1").await;
 
-    let mut agent = ChatClient::connect(server.tcp, ClientRole::Agent).await.unwrap();
+    let mut agent = ChatClient::connect(server.tcp, ClientRole::Agent)
+        .await
+        .unwrap();
     let (agent_id, _) = agent
-        .join(&sid, "Agent Smith", ParticipantType::Agent, Style::Regular, Visibility::All, 0)
+        .join(
+            &sid,
+            "Agent Smith",
+            ParticipantType::Agent,
+            Style::Regular,
+            Visibility::All,
+            0,
+        )
         .await
         .unwrap();
     // The agent first receives the history: the customer's join and its own.
@@ -56,30 +66,64 @@ async fn customer_and_agent_chat_with_visibility() {
 
     // A coaching (INT) bot and a monitoring (VIP) supervisor join too.
     let (_, bot_join) = agent
-        .join(&sid, "Helper", ParticipantType::Agent, Style::Bot, Visibility::Int, u64::MAX)
+        .join(
+            &sid,
+            "Helper",
+            ParticipantType::Agent,
+            Style::Bot,
+            Visibility::Int,
+            u64::MAX,
+        )
         .await
         .unwrap();
     let (status, sup) = server
-        .post(&format!("/sessions/{sid}/participants"), json!({"nickname": "Sup", "type": "supervisor", "visibility": "VIP"}))
+        .post(
+            &format!("/sessions/{sid}/participants"),
+            json!({"nickname": "Sup", "type": "supervisor", "visibility": "VIP"}),
+        )
         .await;
     assert_eq!(status, 200, "{sup}");
     let sup_id = sup["participant_id"].as_str().unwrap().to_string();
 
     // The customer writes over HTTP; the agent gets it over TCP.
     let (status, posted) = server
-        .post(&format!("/sessions/{sid}/messages"), json!({"participant_id": customer, "text": "hello, I need help"}))
+        .post(
+            &format!("/sessions/{sid}/messages"),
+            json!({"participant_id": customer, "text": "hello, I need help"}),
+        )
         .await;
     assert_eq!(status, 200, "{posted}");
-    agent.events_until(&sid, &agent_id, is_message("hello, I need help")).await.unwrap();
+    agent
+        .events_until(&sid, &agent_id, is_message("hello, I need help"))
+        .await
+        .unwrap();
 
     // The agent answers for everyone, then whispers (INT) to colleagues.
-    agent.post(&sid, &agent_id, "whisper: VIP customer", Visibility::Int, None).await.unwrap();
-    agent.post(&sid, &agent_id, "how can I help?", Visibility::All, None).await.unwrap();
+    agent
+        .post(
+            &sid,
+            &agent_id,
+            "whisper: VIP customer",
+            Visibility::Int,
+            None,
+        )
+        .await
+        .unwrap();
+    agent
+        .post(&sid, &agent_id, "how can I help?", Visibility::All, None)
+        .await
+        .unwrap();
 
-    let seen = server.events_until(&sid, &customer, 0, |e| e["text"] == "how can I help?").await;
+    let seen = server
+        .events_until(&sid, &customer, 0, |e| e["text"] == "how can I help?")
+        .await;
     assert_eq!(texts(&seen), vec!["hello, I need help", "how can I help?"]);
     // The customer saw its own join and the agent's, nothing of the INT bot or VIP supervisor.
-    let joins: Vec<u64> = seen.iter().filter(|e| e["kind"] == "joined").map(|e| e["seq"].as_u64().unwrap()).collect();
+    let joins: Vec<u64> = seen
+        .iter()
+        .filter(|e| e["kind"] == "joined")
+        .map(|e| e["seq"].as_u64().unwrap())
+        .collect();
     assert_eq!(joins, vec![1, 2]);
     assert!(!seen.iter().any(|e| e["seq"] == bot_join));
     assert!(seen.iter().all(|e| e["visibility"] == "ALL"));
@@ -87,8 +131,12 @@ async fn customer_and_agent_chat_with_visibility() {
     assert!(seen[0].get("text").is_none(), "{}", seen[0]);
 
     // The supervisor sees everything, including the whisper and the INT bot.
-    let sup_seen = server.events_until(&sid, &sup_id, 0, |e| e["text"] == "how can I help?").await;
-    assert!(sup_seen.iter().any(|e| e["text"] == "whisper: VIP customer"));
+    let sup_seen = server
+        .events_until(&sid, &sup_id, 0, |e| e["text"] == "how can I help?")
+        .await;
+    assert!(sup_seen
+        .iter()
+        .any(|e| e["text"] == "whisper: VIP customer"));
     assert!(sup_seen.iter().any(|e| e["seq"] == bot_join));
 
     // The transcript has every event, unfiltered, and the userdata.
@@ -99,16 +147,27 @@ async fn customer_and_agent_chat_with_visibility() {
     assert_eq!(transcript["events"].as_array().unwrap().len(), 7);
 
     // Userdata: read, update (an event the customer does not see), remove a key with null.
-    let (status, ud) = server.patch(&format!("/sessions/{sid}/userdata"), json!({"topic": "billing", "lang": null})).await;
+    let (status, ud) = server
+        .patch(
+            &format!("/sessions/{sid}/userdata"),
+            json!({"topic": "billing", "lang": null}),
+        )
+        .await;
     assert_eq!(status, 200);
     assert_eq!(ud, json!({"topic": "billing"}));
-    let update = agent.events_until(&sid, &agent_id, |e| e.kind == EventKind::Userdata).await.unwrap();
+    let update = agent
+        .events_until(&sid, &agent_id, |e| e.kind == EventKind::Userdata)
+        .await
+        .unwrap();
     assert_eq!(update.last().unwrap().visibility, Visibility::Int);
     let (_, ud) = server.get(&format!("/sessions/{sid}/userdata")).await;
     assert_eq!(ud, json!({"topic": "billing"}));
 
     // A WebSocket delivers the same event objects live.
-    let url = format!("ws://{}/sessions/{sid}/ws?participant_id={customer}&since=7", server.http);
+    let url = format!(
+        "ws://{}/sessions/{sid}/ws?participant_id={customer}&since=7",
+        server.http
+    );
     let ws_task = tokio::task::spawn_blocking(move || {
         let (mut ws, _) = tungstenite::connect(url).expect("websocket");
         loop {
@@ -123,29 +182,68 @@ async fn customer_and_agent_chat_with_visibility() {
     });
     // Wait until the socket is subscribed: post after a stats round trip would race, so post
     // repeatedly is not an option (keys!); instead the WebSocket starts at since=7 and replays.
-    agent.post(&sid, &agent_id, "live over websocket", Visibility::All, None).await.unwrap();
-    let ws_event = tokio::time::timeout(Duration::from_secs(10), ws_task).await.unwrap().unwrap();
+    agent
+        .post(
+            &sid,
+            &agent_id,
+            "live over websocket",
+            Visibility::All,
+            None,
+        )
+        .await
+        .unwrap();
+    let ws_event = tokio::time::timeout(Duration::from_secs(10), ws_task)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(ws_event["text"], "live over websocket");
     assert_eq!(ws_event["nickname"], "Agent Smith");
 
     // Errors: unknown session, unknown participant, bad enum value, missing field.
     let (status, err) = server.get("/sessions/nope/transcript").await;
-    assert_eq!((status, err["error"]["code"].as_str()), (404, Some("unknown_session")));
+    assert_eq!(
+        (status, err["error"]["code"].as_str()),
+        (404, Some("unknown_session"))
+    );
     let (status, err) = server
-        .post(&format!("/sessions/{sid}/messages"), json!({"participant_id": "ghost", "text": "x"}))
+        .post(
+            &format!("/sessions/{sid}/messages"),
+            json!({"participant_id": "ghost", "text": "x"}),
+        )
         .await;
-    assert_eq!((status, err["error"]["code"].as_str()), (404, Some("unknown_participant")));
+    assert_eq!(
+        (status, err["error"]["code"].as_str()),
+        (404, Some("unknown_participant"))
+    );
     let (status, err) = server
-        .post(&format!("/sessions/{sid}/participants"), json!({"nickname": "x", "type": "robot"}))
+        .post(
+            &format!("/sessions/{sid}/participants"),
+            json!({"nickname": "x", "type": "robot"}),
+        )
         .await;
-    assert_eq!((status, err["error"]["code"].as_str()), (400, Some("bad_request")), "{err}");
-    let (status, _) = server.post("/sessions", json!({"interaction_id": "chat-1", "nickname": "again"})).await;
+    assert_eq!(
+        (status, err["error"]["code"].as_str()),
+        (400, Some("bad_request")),
+        "{err}"
+    );
+    let (status, _) = server
+        .post(
+            "/sessions",
+            json!({"interaction_id": "chat-1", "nickname": "again"}),
+        )
+        .await;
     assert_eq!(status, 409);
     // HTTP may not speak for a TCP participant.
     let (status, err) = server
-        .post(&format!("/sessions/{sid}/messages"), json!({"participant_id": agent_id, "text": "x"}))
+        .post(
+            &format!("/sessions/{sid}/messages"),
+            json!({"participant_id": agent_id, "text": "x"}),
+        )
         .await;
-    assert_eq!((status, err["error"]["code"].as_str()), (403, Some("not_allowed")));
+    assert_eq!(
+        (status, err["error"]["code"].as_str()),
+        (403, Some("not_allowed"))
+    );
 }
 
 async fn closed_reason(server: &Server, sid: &str) -> Option<String> {
@@ -161,57 +259,141 @@ async fn closed_reason(server: &Server, sid: &str) -> Option<String> {
 #[tokio::test]
 async fn after_actions_do_what_the_docs_say() {
     let server = Server::start(&[]);
-    let mut tcp = ChatClient::connect(server.tcp, ClientRole::Agent).await.unwrap();
+    let mut tcp = ChatClient::connect(server.tcp, ClientRole::Agent)
+        .await
+        .unwrap();
 
     // keep-alive: the customer leaves, the agent stays, the chat goes on; when the last
     // participant leaves the session closes (no-participants).
     let (sid, customer) = server.create_session("keep").await;
-    let (agent, _) = tcp.join(&sid, "A", ParticipantType::Agent, Style::Regular, Visibility::All, 0).await.unwrap();
-    let (status, _) = server.post(&format!("/sessions/{sid}/leave"), json!({"participant_id": customer})).await;
+    let (agent, _) = tcp
+        .join(
+            &sid,
+            "A",
+            ParticipantType::Agent,
+            Style::Regular,
+            Visibility::All,
+            0,
+        )
+        .await
+        .unwrap();
+    let (status, _) = server
+        .post(
+            &format!("/sessions/{sid}/leave"),
+            json!({"participant_id": customer}),
+        )
+        .await;
     assert_eq!(status, 200);
     assert_eq!(closed_reason(&server, &sid).await, None);
-    tcp.post(&sid, &agent, "still here", Visibility::All, None).await.unwrap();
-    tcp.leave(&sid, &agent, AfterAction::KeepAlive).await.unwrap();
-    assert_eq!(closed_reason(&server, &sid).await.as_deref(), Some("no-participants"));
+    tcp.post(&sid, &agent, "still here", Visibility::All, None)
+        .await
+        .unwrap();
+    tcp.leave(&sid, &agent, AfterAction::KeepAlive)
+        .await
+        .unwrap();
+    assert_eq!(
+        closed_reason(&server, &sid).await.as_deref(),
+        Some("no-participants")
+    );
 
     // close-if-no-agents: a bot is not an agent, so the customer leaving closes the chat...
     let (sid, customer) = server.create_session("cina").await;
-    tcp.join(&sid, "Bot", ParticipantType::Agent, Style::Bot, Visibility::All, 0).await.unwrap();
+    tcp.join(
+        &sid,
+        "Bot",
+        ParticipantType::Agent,
+        Style::Bot,
+        Visibility::All,
+        0,
+    )
+    .await
+    .unwrap();
     let (status, _) = server
-        .post(&format!("/sessions/{sid}/leave"), json!({"participant_id": customer, "after_action": "close-if-no-agents"}))
+        .post(
+            &format!("/sessions/{sid}/leave"),
+            json!({"participant_id": customer, "after_action": "close-if-no-agents"}),
+        )
         .await;
     assert_eq!(status, 200);
-    assert_eq!(closed_reason(&server, &sid).await.as_deref(), Some("no-agents"));
+    assert_eq!(
+        closed_reason(&server, &sid).await.as_deref(),
+        Some("no-agents")
+    );
     // ...and a closed session refuses posts.
-    let (status, err) = server.post(&format!("/sessions/{sid}/messages"), json!({"participant_id": customer, "text": "x"})).await;
-    assert_eq!((status, err["error"]["code"].as_str()), (409, Some("session_closed")), "{err}");
+    let (status, err) = server
+        .post(
+            &format!("/sessions/{sid}/messages"),
+            json!({"participant_id": customer, "text": "x"}),
+        )
+        .await;
+    assert_eq!(
+        (status, err["error"]["code"].as_str()),
+        (409, Some("session_closed")),
+        "{err}"
+    );
 
     // ...while a human agent keeps it open.
     let (sid, customer) = server.create_session("cina-agent").await;
-    tcp.join(&sid, "Human", ParticipantType::Agent, Style::Regular, Visibility::All, 0).await.unwrap();
+    tcp.join(
+        &sid,
+        "Human",
+        ParticipantType::Agent,
+        Style::Regular,
+        Visibility::All,
+        0,
+    )
+    .await
+    .unwrap();
     server
-        .post(&format!("/sessions/{sid}/leave"), json!({"participant_id": customer, "after_action": "close-if-no-agents"}))
+        .post(
+            &format!("/sessions/{sid}/leave"),
+            json!({"participant_id": customer, "after_action": "close-if-no-agents"}),
+        )
         .await;
     assert_eq!(closed_reason(&server, &sid).await, None);
 
     // force-close: closes at once, whoever remains; everyone's feed ends with `closed`.
     let (sid, customer) = server.create_session("force").await;
-    let (agent, _) = tcp.join(&sid, "A", ParticipantType::Agent, Style::Regular, Visibility::All, 0).await.unwrap();
+    let (agent, _) = tcp
+        .join(
+            &sid,
+            "A",
+            ParticipantType::Agent,
+            Style::Regular,
+            Visibility::All,
+            0,
+        )
+        .await
+        .unwrap();
     let (status, _) = server
-        .post(&format!("/sessions/{sid}/leave"), json!({"participant_id": customer, "after_action": "force-close"}))
+        .post(
+            &format!("/sessions/{sid}/leave"),
+            json!({"participant_id": customer, "after_action": "force-close"}),
+        )
         .await;
     assert_eq!(status, 200);
-    let events = tcp.events_until(&sid, &agent, |e| e.kind == EventKind::Closed).await.unwrap();
+    let events = tcp
+        .events_until(&sid, &agent, |e| e.kind == EventKind::Closed)
+        .await
+        .unwrap();
     assert_eq!(events.last().unwrap().reason, Some(Reason::ForceClose));
-    let err = tcp.post(&sid, &agent, "too late", Visibility::All, None).await.unwrap_err();
-    assert!(matches!(err, ClientError::Refused(ref e) if e.code == ChatErrorCode::SessionClosed), "{err}");
+    let err = tcp
+        .post(&sid, &agent, "too late", Visibility::All, None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ClientError::Refused(ref e) if e.code == ChatErrorCode::SessionClosed),
+        "{err}"
+    );
 }
 
 #[tokio::test]
 async fn idle_control_closes_a_quiet_session() {
     let server = Server::start(&["--idle-timeout", "1"]);
     let (sid, customer) = server.create_session("idle").await;
-    let events = server.events_until(&sid, &customer, 0, |e| e["kind"] == "closed").await;
+    let events = server
+        .events_until(&sid, &customer, 0, |e| e["kind"] == "closed")
+        .await;
     let closed = events.last().unwrap();
     assert_eq!(closed["reason"], "idle");
     assert_eq!(closed["participant_type"], "system");
@@ -235,9 +417,22 @@ async fn rejoin_with_since_seq_gets_exactly_what_was_missed() {
     };
 
     let mut gw = ChatClient::connect(server.tcp, gateway(1)).await.unwrap();
-    let (bot, _) = gw.join(&sid, "Bot", ParticipantType::Agent, Style::Bot, Visibility::All, 0).await.unwrap();
+    let (bot, _) = gw
+        .join(
+            &sid,
+            "Bot",
+            ParticipantType::Agent,
+            Style::Bot,
+            Visibility::All,
+            0,
+        )
+        .await
+        .unwrap();
     say("one".into()).await;
-    let seen = gw.events_until(&sid, &bot, is_message("one")).await.unwrap();
+    let seen = gw
+        .events_until(&sid, &bot, is_message("one"))
+        .await
+        .unwrap();
     let checkpoint = seen.last().unwrap().seq;
     drop(gw); // the connection drops: the bot is detached, not gone
 
@@ -248,7 +443,10 @@ async fn rejoin_with_since_seq_gets_exactly_what_was_missed() {
     let mut gw = ChatClient::connect(server.tcp, gateway(1)).await.unwrap();
     let last = gw.resume(&sid, &bot, checkpoint).await.unwrap();
     assert_eq!(last, *missed.last().unwrap());
-    let replay = gw.events_until(&sid, &bot, is_message("missed 4")).await.unwrap();
+    let replay = gw
+        .events_until(&sid, &bot, is_message("missed 4"))
+        .await
+        .unwrap();
     let seqs: Vec<u64> = replay.iter().map(|e| e.seq).collect();
     assert_eq!(seqs, missed, "exactly the missed events, in order");
     // Then live events, no duplicate of the replay.
@@ -258,15 +456,38 @@ async fn rejoin_with_since_seq_gets_exactly_what_was_missed() {
 
     // The customer never saw the bot leave or come back.
     let (_, t) = server.get(&format!("/sessions/{sid}/transcript")).await;
-    let kinds: Vec<&str> = t["events"].as_array().unwrap().iter().map(|e| e["kind"].as_str().unwrap()).collect();
+    let kinds: Vec<&str> = t["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
     assert_eq!(kinds.iter().filter(|k| **k == "joined").count(), 2);
     assert!(!kinds.contains(&"left"));
 
     // A new participant joining with since_seq gets only what follows that number.
-    let mut agent = ChatClient::connect(server.tcp, ClientRole::Agent).await.unwrap();
-    let (aid, _) = agent.join(&sid, "Late", ParticipantType::Agent, Style::Regular, Visibility::All, live - 1).await.unwrap();
-    let got = agent.events_until(&sid, &aid, |e| e.participant_id == aid).await.unwrap();
-    assert_eq!(got.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![live, live + 1]);
+    let mut agent = ChatClient::connect(server.tcp, ClientRole::Agent)
+        .await
+        .unwrap();
+    let (aid, _) = agent
+        .join(
+            &sid,
+            "Late",
+            ParticipantType::Agent,
+            Style::Regular,
+            Visibility::All,
+            live - 1,
+        )
+        .await
+        .unwrap();
+    let got = agent
+        .events_until(&sid, &aid, |e| e.participant_id == aid)
+        .await
+        .unwrap();
+    assert_eq!(
+        got.iter().map(|e| e.seq).collect::<Vec<_>>(),
+        vec![live, live + 1]
+    );
 
     // A detached participant leaves after the grace period; see `detach_grace_expires`.
 }
@@ -276,9 +497,21 @@ async fn detached_participant_leaves_after_the_grace_period() {
     let server = Server::start(&["--detach-grace", "1"]);
     let (sid, customer) = server.create_session("grace").await;
     let mut gw = ChatClient::connect(server.tcp, gateway(1)).await.unwrap();
-    let (bot, _) = gw.join(&sid, "Bot", ParticipantType::Agent, Style::Bot, Visibility::All, 0).await.unwrap();
+    let (bot, _) = gw
+        .join(
+            &sid,
+            "Bot",
+            ParticipantType::Agent,
+            Style::Bot,
+            Visibility::All,
+            0,
+        )
+        .await
+        .unwrap();
     drop(gw);
-    let events = server.events_until(&sid, &customer, 0, |e| e["kind"] == "left").await;
+    let events = server
+        .events_until(&sid, &customer, 0, |e| e["kind"] == "left")
+        .await;
     let left = events.last().unwrap();
     assert_eq!(left["participant_id"], bot.as_str());
     assert_eq!(left["reason"], "disconnected");
@@ -290,20 +523,43 @@ async fn a_repeated_client_key_shows_once() {
     let server = Server::start(&[]);
     let (sid, customer) = server.create_session("keys").await;
     let body = json!({"participant_id": customer, "text": "pay my bill", "key": "k-1"});
-    let (_, first) = server.post(&format!("/sessions/{sid}/messages"), body.clone()).await;
-    let (_, second) = server.post(&format!("/sessions/{sid}/messages"), body).await;
+    let (_, first) = server
+        .post(&format!("/sessions/{sid}/messages"), body.clone())
+        .await;
+    let (_, second) = server
+        .post(&format!("/sessions/{sid}/messages"), body)
+        .await;
     assert_eq!(first["duplicate"], false);
     assert_eq!(second["duplicate"], true);
     assert_eq!(first["seq"], second["seq"]);
 
     let mut gw = ChatClient::connect(server.tcp, gateway(1)).await.unwrap();
-    let (bot, _) = gw.join(&sid, "Bot", ParticipantType::Agent, Style::Bot, Visibility::All, 0).await.unwrap();
-    let a = gw.post(&sid, &bot, "answer", Visibility::All, Some("bot-1-2-0")).await.unwrap();
-    let b = gw.post(&sid, &bot, "answer", Visibility::All, Some("bot-1-2-0")).await.unwrap();
+    let (bot, _) = gw
+        .join(
+            &sid,
+            "Bot",
+            ParticipantType::Agent,
+            Style::Bot,
+            Visibility::All,
+            0,
+        )
+        .await
+        .unwrap();
+    let a = gw
+        .post(&sid, &bot, "answer", Visibility::All, Some("bot-1-2-0"))
+        .await
+        .unwrap();
+    let b = gw
+        .post(&sid, &bot, "answer", Visibility::All, Some("bot-1-2-0"))
+        .await
+        .unwrap();
     assert_eq!((a.0, a.1, b.0, b.1), (a.0, false, a.0, true));
 
     let (_, t) = server.get(&format!("/sessions/{sid}/transcript")).await;
-    assert_eq!(texts(t["events"].as_array().unwrap()), vec!["pay my bill", "answer"]);
+    assert_eq!(
+        texts(t["events"].as_array().unwrap()),
+        vec!["pay my bill", "answer"]
+    );
 }
 
 #[tokio::test]
@@ -311,8 +567,20 @@ async fn a_higher_epoch_fences_a_lower_one() {
     let server = Server::start(&[]);
     let (sid, _) = server.create_session("fence").await;
     let mut old = ChatClient::connect(server.tcp, gateway(1)).await.unwrap();
-    let (bot, _) = old.join(&sid, "Bot", ParticipantType::Agent, Style::Bot, Visibility::All, 0).await.unwrap();
-    old.post(&sid, &bot, "from epoch 1", Visibility::All, None).await.unwrap();
+    let (bot, _) = old
+        .join(
+            &sid,
+            "Bot",
+            ParticipantType::Agent,
+            Style::Bot,
+            Visibility::All,
+            0,
+        )
+        .await
+        .unwrap();
+    old.post(&sid, &bot, "from epoch 1", Visibility::All, None)
+        .await
+        .unwrap();
 
     let mut new = ChatClient::connect(server.tcp, gateway(2)).await.unwrap();
     // The old connection is told, and can post nothing any more.
@@ -326,29 +594,60 @@ async fn a_higher_epoch_fences_a_lower_one() {
             other => panic!("unexpected {other:?}"),
         }
     }
-    let err = old.post(&sid, &bot, "from epoch 1 again", Visibility::All, None).await.unwrap_err();
-    assert!(matches!(err, ClientError::Refused(ref e) if e.code == ChatErrorCode::Fenced), "{err}");
-    let err = old.join(&sid, "Bot2", ParticipantType::Agent, Style::Bot, Visibility::All, 0).await.unwrap_err();
-    assert!(matches!(err, ClientError::Refused(ref e) if e.code == ChatErrorCode::Fenced), "{err}");
+    let err = old
+        .post(&sid, &bot, "from epoch 1 again", Visibility::All, None)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ClientError::Refused(ref e) if e.code == ChatErrorCode::Fenced),
+        "{err}"
+    );
+    let err = old
+        .join(
+            &sid,
+            "Bot2",
+            ParticipantType::Agent,
+            Style::Bot,
+            Visibility::All,
+            0,
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, ClientError::Refused(ref e) if e.code == ChatErrorCode::Fenced),
+        "{err}"
+    );
 
     // The new epoch resumes the bot and speaks for it.
     new.resume(&sid, &bot, 0).await.unwrap();
-    new.post(&sid, &bot, "from epoch 2", Visibility::All, None).await.unwrap();
+    new.post(&sid, &bot, "from epoch 2", Visibility::All, None)
+        .await
+        .unwrap();
 
     // A new connection at the old epoch is refused at the handshake.
     let refused = ChatClient::connect(server.tcp, gateway(1)).await;
     assert!(matches!(refused, Err(ClientError::Refused(ref e)) if e.code == ChatErrorCode::Fenced));
     // Another cluster is not affected.
-    let other = ClientRole::Gateway { cluster_id: "other".into(), epoch: 1, node_id: "x".into() };
+    let other = ClientRole::Gateway {
+        cluster_id: "other".into(),
+        epoch: 1,
+        node_id: "x".into(),
+    };
     ChatClient::connect(server.tcp, other).await.unwrap();
 
     let (_, t) = server.get(&format!("/sessions/{sid}/transcript")).await;
-    assert_eq!(texts(t["events"].as_array().unwrap()), vec!["from epoch 1", "from epoch 2"]);
+    assert_eq!(
+        texts(t["events"].as_array().unwrap()),
+        vec!["from epoch 1", "from epoch 2"]
+    );
 }
 
 /// Reads until the server closes the connection; returns the frames that decoded.
 async fn read_to_close(stream: tokio::net::TcpStream) -> Vec<ServerFrame> {
-    let mut reader = tokio_util::codec::FramedRead::new(stream, FrameCodec::<ServerFrame, ClientFrame>::default());
+    let mut reader = tokio_util::codec::FramedRead::new(
+        stream,
+        FrameCodec::<ServerFrame, ClientFrame>::default(),
+    );
     let mut frames = Vec::new();
     let deadline = Duration::from_secs(15);
     while let Ok(Some(Ok(f))) = tokio::time::timeout(deadline, reader.next()).await {
@@ -367,7 +666,11 @@ fn goodbye_code(frames: &[ServerFrame]) -> Option<ChatErrorCode> {
 fn hello_frame() -> Vec<u8> {
     let hello = ClientFrame {
         id: 1,
-        request: ChatRequest::Hello(Hello { version: CHAT_PROTOCOL_VERSION, role: ClientRole::Agent, client_name: "raw".into() }),
+        request: ChatRequest::Hello(Hello {
+            version: CHAT_PROTOCOL_VERSION,
+            role: ClientRole::Agent,
+            client_name: "raw".into(),
+        }),
     };
     encode_frame(&hello, 1 << 20).unwrap()
 }
@@ -376,25 +679,48 @@ fn hello_frame() -> Vec<u8> {
 async fn garbage_oversize_and_half_frames_are_refused_and_others_go_on() {
     let server = Server::start(&[]);
     let (sid, customer) = server.create_session("garbage").await;
-    let mut good = ChatClient::connect(server.tcp, ClientRole::Agent).await.unwrap();
-    let (agent, _) = good.join(&sid, "A", ParticipantType::Agent, Style::Regular, Visibility::All, 0).await.unwrap();
+    let mut good = ChatClient::connect(server.tcp, ClientRole::Agent)
+        .await
+        .unwrap();
+    let (agent, _) = good
+        .join(
+            &sid,
+            "A",
+            ParticipantType::Agent,
+            Style::Regular,
+            Visibility::All,
+            0,
+        )
+        .await
+        .unwrap();
 
     // Garbage instead of a Hello.
     let mut s = tokio::net::TcpStream::connect(server.tcp).await.unwrap();
-    s.write_all(&[0, 0, 0, 5, 0xde, 0xad, 0xbe, 0xef, 0xff]).await.unwrap();
-    assert_eq!(goodbye_code(&read_to_close(s).await), Some(ChatErrorCode::MalformedFrame));
+    s.write_all(&[0, 0, 0, 5, 0xde, 0xad, 0xbe, 0xef, 0xff])
+        .await
+        .unwrap();
+    assert_eq!(
+        goodbye_code(&read_to_close(s).await),
+        Some(ChatErrorCode::MalformedFrame)
+    );
 
     // Garbage after a good Hello.
     let mut s = tokio::net::TcpStream::connect(server.tcp).await.unwrap();
     s.write_all(&hello_frame()).await.unwrap();
     s.write_all(&[0, 0, 0, 3, 9, 9, 9]).await.unwrap();
-    assert_eq!(goodbye_code(&read_to_close(s).await), Some(ChatErrorCode::MalformedFrame));
+    assert_eq!(
+        goodbye_code(&read_to_close(s).await),
+        Some(ChatErrorCode::MalformedFrame)
+    );
 
     // A frame announcing 64 MiB: refused before anything is buffered.
     let mut s = tokio::net::TcpStream::connect(server.tcp).await.unwrap();
     s.write_all(&hello_frame()).await.unwrap();
     s.write_all(&(64u32 << 20).to_be_bytes()).await.unwrap();
-    assert_eq!(goodbye_code(&read_to_close(s).await), Some(ChatErrorCode::FrameTooLarge));
+    assert_eq!(
+        goodbye_code(&read_to_close(s).await),
+        Some(ChatErrorCode::FrameTooLarge)
+    );
 
     // Half a frame, then the client stops writing.
     let mut s = tokio::net::TcpStream::connect(server.tcp).await.unwrap();
@@ -402,31 +728,67 @@ async fn garbage_oversize_and_half_frames_are_refused_and_others_go_on() {
     s.write_all(&hello[..hello.len() / 2]).await.unwrap();
     s.shutdown().await.unwrap();
     let frames = read_to_close(s).await;
-    assert!(frames.iter().all(|f| matches!(f, ServerFrame::Goodbye(_))), "{frames:?}");
+    assert!(
+        frames.iter().all(|f| matches!(f, ServerFrame::Goodbye(_))),
+        "{frames:?}"
+    );
 
     // A request before the Hello.
     let mut s = tokio::net::TcpStream::connect(server.tcp).await.unwrap();
-    s.write_all(&encode_frame(&ClientFrame { id: 1, request: ChatRequest::Ping }, 1 << 20).unwrap()).await.unwrap();
-    assert_eq!(goodbye_code(&read_to_close(s).await), Some(ChatErrorCode::HandshakeRequired));
+    s.write_all(
+        &encode_frame(
+            &ClientFrame {
+                id: 1,
+                request: ChatRequest::Ping,
+            },
+            1 << 20,
+        )
+        .unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        goodbye_code(&read_to_close(s).await),
+        Some(ChatErrorCode::HandshakeRequired)
+    );
 
     // A wrong protocol version.
     let mut codec_stream = tokio_util::codec::Framed::new(
         tokio::net::TcpStream::connect(server.tcp).await.unwrap(),
         FrameCodec::<ServerFrame, ClientFrame>::default(),
     );
-    let hello = Hello { version: 999, role: ClientRole::Agent, client_name: "old".into() };
-    codec_stream.send(ClientFrame { id: 1, request: ChatRequest::Hello(hello) }).await.unwrap();
+    let hello = Hello {
+        version: 999,
+        role: ClientRole::Agent,
+        client_name: "old".into(),
+    };
+    codec_stream
+        .send(ClientFrame {
+            id: 1,
+            request: ChatRequest::Hello(hello),
+        })
+        .await
+        .unwrap();
     match codec_stream.next().await.unwrap().unwrap() {
-        ServerFrame::Reply { result: Err(e), .. } => assert_eq!(e.code, ChatErrorCode::UnsupportedVersion),
+        ServerFrame::Reply { result: Err(e), .. } => {
+            assert_eq!(e.code, ChatErrorCode::UnsupportedVersion)
+        }
         other => panic!("unexpected {other:?}"),
     }
 
     // Everyone else is still served.
     server
-        .post(&format!("/sessions/{sid}/messages"), json!({"participant_id": customer, "text": "still there?"}))
+        .post(
+            &format!("/sessions/{sid}/messages"),
+            json!({"participant_id": customer, "text": "still there?"}),
+        )
         .await;
-    good.events_until(&sid, &agent, is_message("still there?")).await.unwrap();
-    good.post(&sid, &agent, "yes", Visibility::All, None).await.unwrap();
+    good.events_until(&sid, &agent, is_message("still there?"))
+        .await
+        .unwrap();
+    good.post(&sid, &agent, "yes", Visibility::All, None)
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
@@ -436,9 +798,24 @@ async fn kill_9_and_restart_keeps_sessions_transcripts_and_sequence() {
     let server = Server::start(&["--data-dir", &data]);
     let (sid, customer) = server.create_session("durable").await;
     let mut gw = ChatClient::connect(server.tcp, gateway(3)).await.unwrap();
-    let (bot, _) = gw.join(&sid, "Bot", ParticipantType::Agent, Style::Bot, Visibility::All, 0).await.unwrap();
-    let (bot_seq, _) = gw.post(&sid, &bot, "hi, I am a bot", Visibility::All, Some("b-1")).await.unwrap();
-    server.patch(&format!("/sessions/{sid}/userdata"), json!({"step": "2"})).await;
+    let (bot, _) = gw
+        .join(
+            &sid,
+            "Bot",
+            ParticipantType::Agent,
+            Style::Bot,
+            Visibility::All,
+            0,
+        )
+        .await
+        .unwrap();
+    let (bot_seq, _) = gw
+        .post(&sid, &bot, "hi, I am a bot", Visibility::All, Some("b-1"))
+        .await
+        .unwrap();
+    server
+        .patch(&format!("/sessions/{sid}/userdata"), json!({"step": "2"}))
+        .await;
     let (_, last) = server
         .post(&format!("/sessions/{sid}/messages"), json!({"participant_id": customer, "text": "acknowledged before the kill", "key": "c-1"}))
         .await;
@@ -457,21 +834,45 @@ async fn kill_9_and_restart_keeps_sessions_transcripts_and_sequence() {
     let (_, dup) = server
         .post(&format!("/sessions/{sid}/messages"), json!({"participant_id": customer, "text": "acknowledged before the kill", "key": "c-1"}))
         .await;
-    assert_eq!((dup["seq"].as_u64(), dup["duplicate"].as_bool()), (Some(last), Some(true)));
+    assert_eq!(
+        (dup["seq"].as_u64(), dup["duplicate"].as_bool()),
+        (Some(last), Some(true))
+    );
     let (_, next) = server
-        .post(&format!("/sessions/{sid}/messages"), json!({"participant_id": customer, "text": "after restart"}))
+        .post(
+            &format!("/sessions/{sid}/messages"),
+            json!({"participant_id": customer, "text": "after restart"}),
+        )
         .await;
     assert_eq!(next["seq"].as_u64(), Some(last + 1));
 
     // The gateway comes back: its bot was detached, it resumes from its checkpoint and gets what
     // it missed; its own earlier post is still a duplicate; the epoch is still remembered.
-    assert!(ChatClient::connect(server.tcp, gateway(2)).await.is_err(), "epoch 3 was journaled");
+    assert!(
+        ChatClient::connect(server.tcp, gateway(2)).await.is_err(),
+        "epoch 3 was journaled"
+    );
     let mut gw = ChatClient::connect(server.tcp, gateway(3)).await.unwrap();
     gw.resume(&sid, &bot, bot_seq).await.unwrap();
-    let missed = gw.events_until(&sid, &bot, is_message("after restart")).await.unwrap();
-    assert_eq!(texts(&missed.iter().map(|e| serde_json::to_value(e).unwrap()).collect::<Vec<_>>()),
-        vec!["acknowledged before the kill", "after restart"]);
-    assert_eq!(gw.post(&sid, &bot, "hi, I am a bot", Visibility::All, Some("b-1")).await.unwrap(), (bot_seq, true));
+    let missed = gw
+        .events_until(&sid, &bot, is_message("after restart"))
+        .await
+        .unwrap();
+    assert_eq!(
+        texts(
+            &missed
+                .iter()
+                .map(|e| serde_json::to_value(e).unwrap())
+                .collect::<Vec<_>>()
+        ),
+        vec!["acknowledged before the kill", "after restart"]
+    );
+    assert_eq!(
+        gw.post(&sid, &bot, "hi, I am a bot", Visibility::All, Some("b-1"))
+            .await
+            .unwrap(),
+        (bot_seq, true)
+    );
 }
 
 #[tokio::test]
@@ -484,31 +885,96 @@ async fn stuck_readers_cannot_grow_the_server_memory() {
         let socket = tokio::net::TcpSocket::new_v4().unwrap();
         socket.set_recv_buffer_size(4096).unwrap();
         let stream = socket.connect(server.tcp).await.unwrap();
-        let mut framed = tokio_util::codec::Framed::new(stream, FrameCodec::<ServerFrame, ClientFrame>::default());
-        framed.send(ClientFrame { id: 1, request: ChatRequest::Hello(Hello { version: CHAT_PROTOCOL_VERSION, role: ClientRole::Agent, client_name: format!("stuck-{i}") }) }).await.unwrap();
-        let join = JoinRequest { session_id: sid.clone(), nickname: format!("Stuck {i}"), participant_type: ParticipantType::Agent, style: Style::Regular, visibility: Visibility::All, since_seq: 0 };
-        framed.send(ClientFrame { id: 2, request: ChatRequest::Join(join) }).await.unwrap();
+        let mut framed = tokio_util::codec::Framed::new(
+            stream,
+            FrameCodec::<ServerFrame, ClientFrame>::default(),
+        );
+        framed
+            .send(ClientFrame {
+                id: 1,
+                request: ChatRequest::Hello(Hello {
+                    version: CHAT_PROTOCOL_VERSION,
+                    role: ClientRole::Agent,
+                    client_name: format!("stuck-{i}"),
+                }),
+            })
+            .await
+            .unwrap();
+        let join = JoinRequest {
+            session_id: sid.clone(),
+            nickname: format!("Stuck {i}"),
+            participant_type: ParticipantType::Agent,
+            style: Style::Regular,
+            visibility: Visibility::All,
+            since_seq: 0,
+        };
+        framed
+            .send(ClientFrame {
+                id: 2,
+                request: ChatRequest::Join(join),
+            })
+            .await
+            .unwrap();
         stuck.push(framed.into_inner());
     }
     let rss_before = server.rss_kib();
 
     // A busy agent posts 4 MiB of text; a healthy reader follows all of it.
-    let mut writer = ChatClient::connect(server.tcp, ClientRole::Agent).await.unwrap();
-    let (wid, _) = writer.join(&sid, "Writer", ParticipantType::Agent, Style::Regular, Visibility::All, u64::MAX).await.unwrap();
-    let mut reader = ChatClient::connect(server.tcp, ClientRole::Agent).await.unwrap();
-    let (rid, _) = reader.join(&sid, "Reader", ParticipantType::Agent, Style::Regular, Visibility::All, u64::MAX).await.unwrap();
+    let mut writer = ChatClient::connect(server.tcp, ClientRole::Agent)
+        .await
+        .unwrap();
+    let (wid, _) = writer
+        .join(
+            &sid,
+            "Writer",
+            ParticipantType::Agent,
+            Style::Regular,
+            Visibility::All,
+            u64::MAX,
+        )
+        .await
+        .unwrap();
+    let mut reader = ChatClient::connect(server.tcp, ClientRole::Agent)
+        .await
+        .unwrap();
+    let (rid, _) = reader
+        .join(
+            &sid,
+            "Reader",
+            ParticipantType::Agent,
+            Style::Regular,
+            Visibility::All,
+            u64::MAX,
+        )
+        .await
+        .unwrap();
     let text = "x".repeat(2048);
     let total_posts = 2048;
     let feed_sid = sid.clone();
     let read_all = tokio::spawn(async move {
-        let events = reader.events_until(&feed_sid, &rid, is_message("the end")).await.unwrap();
-        events.iter().filter(|e| e.kind == EventKind::Message).count()
+        let events = reader
+            .events_until(&feed_sid, &rid, is_message("the end"))
+            .await
+            .unwrap();
+        events
+            .iter()
+            .filter(|e| e.kind == EventKind::Message)
+            .count()
     });
     for _ in 0..total_posts {
-        writer.post(&sid, &wid, &text, Visibility::All, None).await.unwrap();
+        writer
+            .post(&sid, &wid, &text, Visibility::All, None)
+            .await
+            .unwrap();
     }
-    writer.post(&sid, &wid, "the end", Visibility::All, None).await.unwrap();
-    let healthy = tokio::time::timeout(Duration::from_secs(30), read_all).await.unwrap().unwrap();
+    writer
+        .post(&sid, &wid, "the end", Visibility::All, None)
+        .await
+        .unwrap();
+    let healthy = tokio::time::timeout(Duration::from_secs(30), read_all)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(healthy, total_posts + 1, "a healthy reader gets everything");
     let rss_after = server.rss_kib();
     let grown_mib = rss_after.saturating_sub(rss_before) / 1024;
@@ -522,7 +988,10 @@ async fn stuck_readers_cannot_grow_the_server_memory() {
         if stats["connections"].as_u64() == Some(1) {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "stuck readers still connected: {stats}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "stuck readers still connected: {stats}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // ...after receiving a bounded part of the 4 MiB.
@@ -534,9 +1003,14 @@ async fn stuck_readers_cannot_grow_the_server_memory() {
             match tokio::time::timeout(Duration::from_secs(15), s.read(&mut buf)).await {
                 Ok(Ok(0)) | Ok(Err(_)) => break,
                 Ok(Ok(n)) => received += n,
-                Err(_) => panic!("the server kept a stuck reader connected ({received} bytes received)"),
+                Err(_) => {
+                    panic!("the server kept a stuck reader connected ({received} bytes received)")
+                }
             }
         }
-        assert!(received < 3 << 20, "a stuck reader received {received} bytes");
+        assert!(
+            received < 3 << 20,
+            "a stuck reader received {received} bytes"
+        );
     }
 }

@@ -90,7 +90,11 @@ impl fmt::Display for Visibility {
 
 /// Whether a viewer (of this type and visibility) may see something of visibility `seen`.
 /// A participant always sees its own events; callers check that first.
-pub fn may_see(viewer_type: ParticipantType, viewer_visibility: Visibility, seen: Visibility) -> bool {
+pub fn may_see(
+    viewer_type: ParticipantType,
+    viewer_visibility: Visibility,
+    seen: Visibility,
+) -> bool {
     match seen {
         Visibility::All => true,
         Visibility::Int => viewer_type != ParticipantType::Customer,
@@ -186,7 +190,9 @@ impl std::str::FromStr for PostKind {
             "message" => Ok(PostKind::Message),
             "notice" => Ok(PostKind::Notice),
             "typing" => Ok(PostKind::Typing),
-            other => Err(format!("kind must be message, notice or typing, not {other:?}")),
+            other => Err(format!(
+                "kind must be message, notice or typing, not {other:?}"
+            )),
         }
     }
 }
@@ -461,7 +467,10 @@ mod tests {
             participant_id: "p".into(),
             events: vec![event.clone()],
         };
-        assert_eq!(decode::<ServerFrame>(&encode(&frame).unwrap()).unwrap(), frame);
+        assert_eq!(
+            decode::<ServerFrame>(&encode(&frame).unwrap()).unwrap(),
+            frame
+        );
         let json = serde_json::to_value(&event).unwrap();
         assert_eq!(json["kind"], "userdata");
         assert_eq!(json["style"], "bot");

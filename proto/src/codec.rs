@@ -234,7 +234,10 @@ mod tests {
         buf.extend_from_slice(&[0u8; 10]);
         assert!(matches!(
             codec.decode(&mut buf),
-            Err(CodecError::FrameTooLarge { len: 1025, max: 1024 })
+            Err(CodecError::FrameTooLarge {
+                len: 1025,
+                max: 1024
+            })
         ));
         let big = post(&"x".repeat(2000));
         assert!(matches!(

@@ -22,9 +22,17 @@ impl Server {
     /// line that names the bound ports.
     pub fn start(args: &[&str]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_bgs-chat-server"))
-            .args(["--http-listen", "127.0.0.1:0", "--tcp-listen", "127.0.0.1:0"])
+            .args([
+                "--http-listen",
+                "127.0.0.1:0",
+                "--tcp-listen",
+                "127.0.0.1:0",
+            ])
             .args(args)
-            .env("RUST_LOG", std::env::var("BGS_TEST_LOG").unwrap_or_else(|_| "warn".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("BGS_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -65,7 +73,8 @@ impl Server {
 
     /// Resident memory of the server process in KiB.
     pub fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
         status
             .lines()
             .find_map(|l| l.strip_prefix("VmRSS:"))
@@ -97,7 +106,10 @@ impl Server {
         assert_eq!(status, 201, "{body}");
         (
             body["session_id"].as_str().expect("session_id").to_string(),
-            body["participant_id"].as_str().expect("participant_id").to_string(),
+            body["participant_id"]
+                .as_str()
+                .expect("participant_id")
+                .to_string(),
         )
     }
 
@@ -112,7 +124,10 @@ impl Server {
         let mut out = Vec::new();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
         loop {
-            assert!(tokio::time::Instant::now() < deadline, "timed out; got {out:?}");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "timed out; got {out:?}"
+            );
             let (status, body) = self
                 .get(&format!("/sessions/{session}/events?participant_id={participant}&since={since}&wait_ms=5000"))
                 .await;
@@ -168,7 +183,11 @@ pub struct TempDir(pub PathBuf);
 
 impl TempDir {
     pub fn new(name: &str) -> TempDir {
-        let dir = std::env::temp_dir().join(format!("bgs-test-{name}-{}-{}", std::process::id(), uuid_like()));
+        let dir = std::env::temp_dir().join(format!(
+            "bgs-test-{name}-{}-{}",
+            std::process::id(),
+            uuid_like()
+        ));
         std::fs::create_dir_all(&dir).expect("temp dir");
         TempDir(dir)
     }
