@@ -1,8 +1,8 @@
 //! ESP: the control requests a workflow sends to the gateway (service `ChatBotPlatform`).
 //!
 //! The same types travel as bincode frames over TCP (pipelined, matched by `request_id`) and as
-//! JSON over HTTP (`POST /esp`; there the `request_id` is optional and the HTTP status carries the
-//! outcome class). docs/ESP.md documents methods, parameters and error codes.
+//! JSON over HTTP (`POST /esp`; there `request_id` is optional). docs/ESP.md documents methods,
+//! parameters and error codes.
 
 use std::collections::BTreeMap;
 
@@ -16,11 +16,18 @@ pub const ESP_SERVICE: &str = "ChatBotPlatform";
 /// Key-value lists, as in a workflow: string keys to string values.
 pub type KeyValues = BTreeMap<String, String>;
 
-/// First frame of a framed ESP connection, answered by an [`EspResponse`] with request id 0.
+/// First frame of a framed ESP connection; answered by an [`EspResponse`] with request id 0.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EspHello {
     pub version: u16,
     pub client_name: String,
+}
+
+/// What an ESP client sends over TCP: one Hello, then requests.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EspClientFrame {
+    Hello(EspHello),
+    Request(EspRequest),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -42,31 +49,60 @@ pub enum EspStatus {
     Error,
 }
 
-/// The answer to one ESP request. On success `result` and `userdata` (the changed keys) apply;
-/// on failure `code` (stable), `message` (human) and, for `not_primary`, `primary`.
+/// One bot instance as GetBotStatus reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BotStatus {
+    pub instance_id: String,
+    pub interaction_id: String,
+    pub bot_id: String,
+    pub bot_name: String,
+    /// `starting`, `running` or `finished`.
+    pub state: String,
+    /// Why it finished (docs/ESP.md lists the reasons); `None` while it runs.
+    pub reason: Option<String>,
+    pub started_ms: u64,
+    pub ended_ms: Option<u64>,
+    pub nickname: String,
+    pub visibility: String,
+    pub category: String,
+    pub function: String,
+    pub holdup: bool,
+}
+
+/// What a successful method returns.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EspResult {
+    /// Hello accepted.
+    Welcome { node_id: String },
+    Started {
+        instance_id: String,
+        participant_id: String,
+    },
+    Stopped { instance_id: String },
+    DataSent { instance_id: String },
+    Status { bots: Vec<BotStatus> },
+}
+
+/// The answer to one ESP request: a result on success; a stable `code`, a human `message` and,
+/// for `not_primary`, the `primary` to ask instead, on failure.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EspResponse {
-    #[serde(default)]
     pub request_id: u64,
     pub status: EspStatus,
-    #[serde(default)]
-    pub result: KeyValues,
-    #[serde(default)]
+    pub result: Option<EspResult>,
+    /// Userdata keys the request changed.
     pub userdata: KeyValues,
-    #[serde(default)]
     pub code: Option<String>,
-    #[serde(default)]
     pub message: Option<String>,
-    #[serde(default)]
     pub primary: Option<String>,
 }
 
 impl EspResponse {
-    pub fn ok(request_id: u64, result: KeyValues) -> Self {
+    pub fn ok(request_id: u64, result: EspResult) -> Self {
         Self {
             request_id,
             status: EspStatus::Ok,
-            result,
+            result: Some(result),
             userdata: KeyValues::new(),
             code: None,
             message: None,
@@ -78,7 +114,7 @@ impl EspResponse {
         Self {
             request_id,
             status: EspStatus::Error,
-            result: KeyValues::new(),
+            result: None,
             userdata: KeyValues::new(),
             code: Some(code.to_string()),
             message: Some(message.into()),
@@ -100,16 +136,23 @@ mod tests {
         let request: EspRequest = serde_json::from_str(json).unwrap();
         assert_eq!(request.request_id, 0);
         assert_eq!(request.parameters["ChatBotID"], "echo");
-        let back: EspRequest = decode(&encode(&request).unwrap()).unwrap();
-        assert_eq!(back, request);
+        let framed = EspClientFrame::Request(request);
+        let back: EspClientFrame = decode(&encode(&framed).unwrap()).unwrap();
+        assert_eq!(back, framed);
     }
 
     #[test]
     fn response_round_trips() {
-        let result = KeyValues::from([("BotInstanceId".to_string(), "b-1".to_string())]);
-        let ok = EspResponse::ok(9, result);
+        let ok = EspResponse::ok(
+            9,
+            EspResult::Started {
+                instance_id: "b-1".into(),
+                participant_id: "p-1".into(),
+            },
+        );
         assert_eq!(decode::<EspResponse>(&encode(&ok).unwrap()).unwrap(), ok);
         let err = EspResponse::error(10, "already_running", "bot echo already runs");
+        assert_eq!(decode::<EspResponse>(&encode(&err).unwrap()).unwrap(), err);
         let json = serde_json::to_value(&err).unwrap();
         assert_eq!(json["status"], "error");
         assert_eq!(json["code"], "already_running");

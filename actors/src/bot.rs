@@ -1,0 +1,261 @@
+//! The bot API: what a plugin implements and what a bot can do. docs/PLUGINS.md is the guide.
+//!
+//! A plugin is a [`BotFactory`] with a fixed bot id (the `ChatBotID` of StartBot). It creates one
+//! [`Bot`] per StartBot. The gateway calls the bot's [`Bot::handle`] with one [`BotInput`] at a
+//! time, in order: `Start`, then the chat events it may see and the data sent by ESP, then `Stop`.
+//! While handling, the bot acts through its [`BotContext`]: post, notice, typing, userdata, leave,
+//! save its context. The gateway carries the actions out when the handler returns, in order.
+//!
+//! A handler may do async work (call a web service); it may not take longer than the configured
+//! handling time. A handler that returns an error, panics or overruns stops the bot with reason
+//! `error`; the node and the session go on.
+
+use std::fmt;
+
+use bgs_proto::chat::{ChatEvent, UserdataChanges, Visibility};
+use bgs_proto::esp::KeyValues;
+use futures_util::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+
+/// Why a bot stopped. The string forms are stable: reports, GetBotStatus and metrics use them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    /// StopBot received.
+    StopRequested,
+    /// Every participant but bots, system and external users has left.
+    ParticipantsLeft,
+    /// The bot asked to leave.
+    BotLeft,
+    /// An agent joined after the bot, and StopBotOnAgentArrival was true.
+    AgentArrived,
+    /// The customer left after the bot joined, and StopBotOnCustomerLeft was true.
+    CustomerLeft,
+    /// The Chat Server removed the bot (for example after a detach grace period).
+    RemovedByChatServer,
+    /// The chat session closed (a force-close, no agents left, idle control...).
+    SessionClosed,
+    /// The gateway lost its Chat Server connection and could not get it back.
+    ChatServerLost,
+    /// The gateway shut down.
+    Shutdown,
+    /// The bot failed: an error, a panic, a handler that overran, or a backlog it could not keep up with.
+    Error,
+}
+
+impl StopReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StopReason::StopRequested => "stop_requested",
+            StopReason::ParticipantsLeft => "participants_left",
+            StopReason::BotLeft => "bot_left",
+            StopReason::AgentArrived => "agent_arrived",
+            StopReason::CustomerLeft => "customer_left",
+            StopReason::RemovedByChatServer => "removed_by_chat_server",
+            StopReason::SessionClosed => "session_closed",
+            StopReason::ChatServerLost => "chat_server_lost",
+            StopReason::Shutdown => "shutdown",
+            StopReason::Error => "error",
+        }
+    }
+
+    /// Whether the gateway sends a leave (keep-alive) for the bot when it stops for this reason.
+    pub fn sends_leave(self) -> bool {
+        matches!(
+            self,
+            StopReason::StopRequested
+                | StopReason::ParticipantsLeft
+                | StopReason::BotLeft
+                | StopReason::AgentArrived
+                | StopReason::CustomerLeft
+                | StopReason::Error
+        )
+    }
+
+    /// Abnormal ends (reported as such).
+    pub fn is_abnormal(self) -> bool {
+        matches!(self, StopReason::ChatServerLost | StopReason::Error)
+    }
+
+    /// Who ended the bot session, for reports: `workflow`, `bot`, `customer`, `agent`, `system`.
+    pub fn ended_by(self) -> &'static str {
+        match self {
+            StopReason::StopRequested => "workflow",
+            StopReason::BotLeft | StopReason::Error => "bot",
+            StopReason::CustomerLeft | StopReason::ParticipantsLeft => "customer",
+            StopReason::AgentArrived => "agent",
+            _ => "system",
+        }
+    }
+}
+
+impl fmt::Display for StopReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What a bot is started with.
+#[derive(Debug, Clone)]
+pub struct BotStart {
+    /// Every StartBot parameter that is not one of the gateway's own.
+    pub parameters: KeyValues,
+    /// The StartBot request's userdata.
+    pub userdata: KeyValues,
+    /// Events of the session before the bot joined that the bot may see (the customer's first
+    /// message, for example).
+    pub history: Vec<ChatEvent>,
+    /// The context the bot saved before a switchover; `None` on a first start.
+    pub restored: Option<Vec<u8>>,
+}
+
+/// One thing for a bot to handle.
+#[derive(Debug, Clone)]
+pub enum BotInput {
+    Start(BotStart),
+    /// A chat event the bot may see, after its own join.
+    Event(ChatEvent),
+    /// Data sent by SendDataToBot (its parameters and userdata, merged; parameters win).
+    Data(KeyValues),
+    /// The last input: the bot is being stopped.
+    Stop(StopReason),
+}
+
+/// What a bot asked for while handling one input, carried out in order afterwards.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BotAction {
+    Post {
+        kind: bgs_proto::chat::PostKind,
+        text: String,
+        visibility: Visibility,
+    },
+    Userdata(UserdataChanges),
+    Leave,
+    SaveContext(Vec<u8>),
+}
+
+/// Who the bot is, and the outbox of its current handler.
+#[derive(Debug)]
+pub struct BotContext {
+    pub instance_id: String,
+    pub interaction_id: String,
+    pub bot_id: String,
+    pub bot_name: String,
+    pub nickname: String,
+    pub visibility: Visibility,
+    actions: Vec<BotAction>,
+}
+
+impl BotContext {
+    pub fn new(
+        instance_id: String,
+        interaction_id: String,
+        bot_id: String,
+        bot_name: String,
+        nickname: String,
+        visibility: Visibility,
+    ) -> Self {
+        Self {
+            instance_id,
+            interaction_id,
+            bot_id,
+            bot_name,
+            nickname,
+            visibility,
+            actions: Vec::new(),
+        }
+    }
+
+    fn post_kind(&mut self, kind: bgs_proto::chat::PostKind, text: String) {
+        let visibility = self.visibility;
+        self.actions.push(BotAction::Post {
+            kind,
+            text,
+            visibility,
+        });
+    }
+
+    /// Posts a message with the bot's own visibility.
+    pub fn say(&mut self, text: impl Into<String>) {
+        self.post_kind(bgs_proto::chat::PostKind::Message, text.into());
+    }
+
+    /// Posts a message narrowed to `visibility` (a wider one is narrowed to the bot's own).
+    pub fn say_with(&mut self, text: impl Into<String>, visibility: Visibility) {
+        self.actions.push(BotAction::Post {
+            kind: bgs_proto::chat::PostKind::Message,
+            text: text.into(),
+            visibility: self.visibility.narrow(visibility),
+        });
+    }
+
+    pub fn notice(&mut self, text: impl Into<String>) {
+        self.post_kind(bgs_proto::chat::PostKind::Notice, text.into());
+    }
+
+    pub fn typing(&mut self) {
+        self.post_kind(bgs_proto::chat::PostKind::Typing, String::new());
+    }
+
+    /// Sets (Some) or removes (None) userdata keys of the interaction.
+    pub fn set_userdata(&mut self, changes: UserdataChanges) {
+        self.actions.push(BotAction::Userdata(changes));
+    }
+
+    /// Asks to leave the chat (keep-alive: the chat goes on). The bot then gets `Stop(BotLeft)`.
+    pub fn leave(&mut self) {
+        self.actions.push(BotAction::Leave);
+    }
+
+    /// Saves the bot's context: what a switchover restores (`BotStart::restored`).
+    pub fn save_context(&mut self, bytes: Vec<u8>) {
+        self.actions.push(BotAction::SaveContext(bytes));
+    }
+
+    /// Takes the actions recorded so far.
+    pub fn take_actions(&mut self) -> Vec<BotAction> {
+        std::mem::take(&mut self.actions)
+    }
+}
+
+/// The error a bot handler returns; it stops the bot with reason `error`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct BotError(pub String);
+
+impl BotError {
+    pub fn new(message: impl Into<String>) -> Self {
+        BotError(message.into())
+    }
+}
+
+/// One bot instance.
+pub trait Bot: Send + 'static {
+    /// Handles one input; act through `ctx`. Inputs come one at a time, in order.
+    fn handle<'a>(
+        &'a mut self,
+        ctx: &'a mut BotContext,
+        input: BotInput,
+    ) -> BoxFuture<'a, Result<(), BotError>>;
+}
+
+/// What a plugin's factory is asked to create a bot from.
+#[derive(Debug, Clone)]
+pub struct CreateBot {
+    /// `ChatBotName`: which external bot, for connector plugins (may be empty).
+    pub bot_name: String,
+    pub parameters: KeyValues,
+}
+
+/// A plugin: creates one bot per StartBot.
+pub trait BotFactory: Send + Sync + 'static {
+    /// The fixed bot id (`ChatBotID`).
+    fn bot_id(&self) -> &str;
+    /// Creates a bot, or says why not (for example an unknown `ChatBotName`): StartBot answers
+    /// `bad_parameter` with the message.
+    fn create(&self, request: &CreateBot) -> Result<Box<dyn Bot>, BotError>;
+    /// Checks a StartBot before the gateway joins the chat (cheap, no I/O). Default: accept.
+    fn check(&self, _request: &CreateBot) -> Result<(), BotError> {
+        Ok(())
+    }
+}

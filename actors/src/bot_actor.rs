@@ -1,0 +1,410 @@
+//! BotActor: one per bot instance. Calls the plugin one input at a time, in order, and carries
+//! out what the bot asked for (posts with client keys, userdata, context saves) before it takes
+//! the next input. A handler's error, panic or overrun stops the bot with reason `error`.
+
+use std::panic::AssertUnwindSafe;
+use std::time::Duration;
+
+use actix::prelude::*;
+use bgs_proto::chat::{
+    AfterAction, ChatEvent, ChatRequest, EventKind, LeaveRequest, PostKind, PostRequest,
+    UserdataChanges,
+};
+use bgs_proto::esp::KeyValues;
+use futures_util::FutureExt;
+use tokio::sync::oneshot;
+
+use crate::bot::{Bot, BotAction, BotContext, BotInput, BotStart, StopReason};
+use crate::chat_link::{ChatCall, ChatLink};
+use crate::esp::StartSpec;
+use crate::now_ms;
+use crate::report::BotReport;
+
+/// Most inputs waiting for one bot; beyond it the bot is stopped (it cannot keep up).
+pub const BOT_MAILBOX: usize = 1024;
+
+/// Everything a BotActor starts with.
+pub struct BotSetup {
+    pub spec: StartSpec,
+    pub instance_id: String,
+    pub session_id: String,
+    pub participant_id: String,
+    pub joined_seq: u64,
+    pub bot: Box<dyn Bot>,
+    pub history: Vec<ChatEvent>,
+    pub restored: Option<Vec<u8>>,
+    pub link: Addr<ChatLink>,
+    pub notices: Recipient<BotNotice>,
+    pub handling_timeout: Duration,
+    pub started_ms: u64,
+}
+
+/// An input for the bot.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub enum Deliver {
+    Event(ChatEvent),
+    Data(KeyValues),
+}
+
+/// Stop the bot: runs its stop handler, writes the waiting-mode outcome, leaves if the reason
+/// says so, then reports `BotNotice::Finished`.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct StopBotActor {
+    pub reason: StopReason,
+    pub done: Option<oneshot::Sender<()>>,
+}
+
+/// What a bot tells its SessionActor.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub enum BotNotice {
+    WantsToLeave { participant_id: String },
+    Failed { participant_id: String, error: String },
+    Finished { participant_id: String, report: BotReport },
+}
+
+pub struct BotActor {
+    setup_spec: StartSpec,
+    instance_id: String,
+    session_id: String,
+    participant_id: String,
+    link: Addr<ChatLink>,
+    notices: Recipient<BotNotice>,
+    handling_timeout: Duration,
+    bot: Option<Box<dyn Bot>>,
+    start: Option<BotStart>,
+    joined_seq: u64,
+    last_seq: u64,
+    data_count: u64,
+    sent: u64,
+    received: u64,
+    started_ms: u64,
+    error: Option<String>,
+    stopping: bool,
+    /// The last saved context and the event sequence it covers (what HA replicates).
+    pub saved: Option<(Vec<u8>, u64)>,
+    waiters: Vec<oneshot::Sender<()>>,
+}
+
+#[derive(Default)]
+struct Outcome {
+    sent: u64,
+    leave: bool,
+    saved: Option<Vec<u8>>,
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
+/// Runs one handler: returns the bot (unless it panicked or overran), its error, its actions.
+async fn call(
+    mut bot: Box<dyn Bot>,
+    mut ctx: BotContext,
+    input: BotInput,
+    timeout: Duration,
+) -> (Option<Box<dyn Bot>>, Option<String>, Vec<BotAction>) {
+    let result = tokio::time::timeout(
+        timeout,
+        AssertUnwindSafe(bot.handle(&mut ctx, input)).catch_unwind(),
+    )
+    .await;
+    let actions = ctx.take_actions();
+    match result {
+        Ok(Ok(Ok(()))) => (Some(bot), None, actions),
+        Ok(Ok(Err(e))) => (Some(bot), Some(format!("bot error: {e}")), Vec::new()),
+        Ok(Err(panic)) => (None, Some(format!("bot panicked: {}", panic_message(&*panic))), Vec::new()),
+        Err(_) => (None, Some(format!("bot handler took longer than {} ms", timeout.as_millis())), Vec::new()),
+    }
+}
+
+/// Where a bot's posts and userdata go, and how their client keys are made.
+#[derive(Clone)]
+struct Outbox {
+    link: Addr<ChatLink>,
+    session_id: String,
+    participant_id: String,
+    instance_id: String,
+}
+
+impl Outbox {
+    async fn post(&self, kind: PostKind, text: String, visibility: bgs_proto::chat::Visibility, key: String) {
+        let request = ChatRequest::Post(PostRequest {
+            session_id: self.session_id.clone(),
+            participant_id: self.participant_id.clone(),
+            kind,
+            text,
+            visibility,
+            key: Some(key),
+        });
+        if let Err(e) = self.call(request).await {
+            tracing::warn!(error = %e, "bot post not accepted");
+        }
+    }
+
+    async fn userdata(&self, changes: UserdataChanges) {
+        let request = ChatRequest::UpdateUserdata {
+            session_id: self.session_id.clone(),
+            participant_id: self.participant_id.clone(),
+            changes,
+        };
+        if let Err(e) = self.call(request).await {
+            tracing::warn!(error = %e, "bot userdata update not accepted");
+        }
+    }
+
+    async fn leave(&self) {
+        let request = ChatRequest::Leave(LeaveRequest {
+            session_id: self.session_id.clone(),
+            participant_id: self.participant_id.clone(),
+            after_action: AfterAction::KeepAlive,
+        });
+        if let Err(e) = self.call(request).await {
+            tracing::warn!(error = %e, "bot leave not accepted");
+        }
+    }
+
+    async fn call(&self, request: ChatRequest) -> Result<(), String> {
+        match self.link.send(ChatCall { request, follow: None }).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Carries out a handler's actions in order. `label` makes the client keys: the same input
+    /// replayed after a reconnect or a switchover produces the same keys, so nothing posts twice.
+    async fn execute(&self, actions: Vec<BotAction>, label: &str) -> Outcome {
+        let mut outcome = Outcome::default();
+        for (index, action) in actions.into_iter().enumerate() {
+            match action {
+                BotAction::Post { kind, text, visibility } => {
+                    let key = format!("{}:{label}:{index}", self.instance_id);
+                    if kind == PostKind::Message {
+                        outcome.sent += 1;
+                    }
+                    self.post(kind, text, visibility, key).await;
+                }
+                BotAction::Userdata(changes) => self.userdata(changes).await,
+                BotAction::Leave => outcome.leave = true,
+                BotAction::SaveContext(bytes) => outcome.saved = Some(bytes),
+            }
+        }
+        outcome
+    }
+}
+
+impl BotActor {
+    pub fn new(setup: BotSetup) -> Self {
+        let start = BotStart {
+            parameters: setup.spec.parameters.clone(),
+            userdata: setup.spec.userdata.clone(),
+            history: setup.history,
+            restored: setup.restored,
+        };
+        BotActor {
+            instance_id: setup.instance_id,
+            session_id: setup.session_id,
+            participant_id: setup.participant_id,
+            link: setup.link,
+            notices: setup.notices,
+            handling_timeout: setup.handling_timeout,
+            bot: Some(setup.bot),
+            start: Some(start),
+            joined_seq: setup.joined_seq,
+            last_seq: setup.joined_seq,
+            data_count: 0,
+            sent: 0,
+            received: 0,
+            started_ms: setup.started_ms,
+            error: None,
+            stopping: false,
+            saved: None,
+            waiters: Vec::new(),
+            setup_spec: setup.spec,
+        }
+    }
+
+    fn context(&self) -> BotContext {
+        BotContext::new(
+            self.instance_id.clone(),
+            self.setup_spec.key.interaction_id.clone(),
+            self.setup_spec.key.bot_id.clone(),
+            self.setup_spec.key.bot_name.clone(),
+            self.setup_spec.nickname.clone(),
+            self.setup_spec.visibility,
+        )
+    }
+
+    fn outbox(&self) -> Outbox {
+        Outbox {
+            link: self.link.clone(),
+            session_id: self.session_id.clone(),
+            participant_id: self.participant_id.clone(),
+            instance_id: self.instance_id.clone(),
+        }
+    }
+
+    /// Runs one input exclusively: the next input waits until this one's actions are done.
+    fn run(&mut self, input: BotInput, label: String, ctx: &mut Context<Self>) {
+        let Some(bot) = self.bot.take() else { return };
+        let bctx = self.context();
+        let timeout = self.handling_timeout;
+        let outbox = self.outbox();
+        let covered = self.last_seq;
+        let fut = async move {
+            let (bot, error, actions) = call(bot, bctx, input, timeout).await;
+            let outcome = outbox.execute(actions, &label).await;
+            (bot, error, outcome)
+        };
+        ctx.wait(fut.into_actor(self).map(move |(bot, error, outcome), act, _ctx| {
+            act.bot = bot;
+            act.sent += outcome.sent;
+            if let Some(bytes) = outcome.saved {
+                act.saved = Some((bytes, covered));
+            }
+            if let Some(error) = error {
+                tracing::warn!(bot_instance = %act.instance_id, %error, "bot failed");
+                act.error = Some(error.clone());
+                act.notices.do_send(BotNotice::Failed {
+                    participant_id: act.participant_id.clone(),
+                    error,
+                });
+            } else if outcome.leave {
+                act.notices.do_send(BotNotice::WantsToLeave {
+                    participant_id: act.participant_id.clone(),
+                });
+            }
+        }));
+    }
+
+    fn report(&self, reason: StopReason, ended_ms: u64) -> BotReport {
+        let spec = &self.setup_spec;
+        BotReport {
+            instance_id: self.instance_id.clone(),
+            interaction_id: spec.key.interaction_id.clone(),
+            bot_id: spec.key.bot_id.clone(),
+            bot_name: spec.key.bot_name.clone(),
+            category: spec.category.clone(),
+            function: spec.function.clone(),
+            nickname: spec.nickname.clone(),
+            visibility: spec.visibility.to_string(),
+            holdup: spec.holdup,
+            started_ms: self.started_ms,
+            ended_ms,
+            duration_ms: ended_ms.saturating_sub(self.started_ms),
+            messages_sent: self.sent,
+            messages_received: self.received,
+            ended_by: reason.ended_by().into(),
+            end_reason: reason.as_str().into(),
+            abnormal: reason.is_abnormal(),
+            error: self.error.clone(),
+        }
+    }
+}
+
+impl Actor for BotActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.set_mailbox_capacity(BOT_MAILBOX);
+        if let Some(start) = self.start.take() {
+            let label = format!("{}s", self.joined_seq);
+            self.run(BotInput::Start(start), label, ctx);
+        }
+    }
+}
+
+impl Handler<Deliver> for BotActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: Deliver, ctx: &mut Context<Self>) {
+        if self.stopping || self.bot.is_none() {
+            return;
+        }
+        match msg {
+            Deliver::Event(event) => {
+                if event.seq <= self.last_seq {
+                    return; // already handled (a replay overlap)
+                }
+                self.last_seq = event.seq;
+                if event.kind == EventKind::Message && event.participant_id != self.participant_id {
+                    self.received += 1;
+                }
+                let label = event.seq.to_string();
+                self.run(BotInput::Event(event), label, ctx);
+            }
+            Deliver::Data(data) => {
+                self.data_count += 1;
+                let label = format!("{}d{}", self.last_seq, self.data_count);
+                self.run(BotInput::Data(data), label, ctx);
+            }
+        }
+    }
+}
+
+impl Handler<StopBotActor> for BotActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: StopBotActor, ctx: &mut Context<Self>) {
+        self.waiters.extend(msg.done);
+        if self.stopping {
+            return;
+        }
+        self.stopping = true;
+        let reason = msg.reason;
+        let bot = self.bot.take();
+        let bctx = self.context();
+        let timeout = self.handling_timeout;
+        let outbox = self.outbox();
+        let holdup = self.setup_spec.holdup;
+        let instance_id = self.instance_id.clone();
+        let fut = async move {
+            let mut error = None;
+            let mut sent = 0;
+            if let Some(bot) = bot {
+                let (_, e, actions) = call(bot, bctx, BotInput::Stop(reason), timeout).await;
+                error = e;
+                // Posting needs the bot still in the chat: only when the gateway removes it.
+                if reason.sends_leave() {
+                    sent = outbox.execute(actions, "stop").await.sent;
+                }
+            }
+            let ended_ms = now_ms();
+            if reason.sends_leave() {
+                if holdup {
+                    let changes: UserdataChanges = [
+                        ("ChatBotResult".to_string(), Some(reason.as_str().to_string())),
+                        ("ChatBotEndedAt".to_string(), Some(ended_ms.to_string())),
+                        ("ChatBotInstanceId".to_string(), Some(instance_id)),
+                    ]
+                    .into();
+                    outbox.userdata(changes).await;
+                }
+                outbox.leave().await;
+            }
+            (error, sent, ended_ms)
+        };
+        ctx.wait(fut.into_actor(self).map(move |(error, sent, ended_ms), act, ctx| {
+            act.sent += sent;
+            if act.error.is_none() {
+                act.error = error;
+            }
+            let report = act.report(reason, ended_ms);
+            act.notices.do_send(BotNotice::Finished {
+                participant_id: act.participant_id.clone(),
+                report,
+            });
+            for w in act.waiters.drain(..) {
+                let _ = w.send(());
+            }
+            ctx.stop();
+        }));
+    }
+}

@@ -1,0 +1,540 @@
+//! ChatLink: one actor per Chat Server connection. Multiplexes every session and bot of the node
+//! over one connection, routes each participant's events to its SessionActor, and survives a
+//! lost connection: it reconnects every `reconnect_delay` up to `reconnect_attempts` times,
+//! resumes every participant with since_seq = the last event it routed, and re-sends the requests
+//! that were in flight (bot posts carry client keys, so a re-send cannot post twice).
+//!
+//! The socket and its framing live in `src` (a [`ChatConnector`]); this actor sees typed frames.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix::prelude::*;
+use bgs_proto::chat::{
+    ChatError, ChatErrorCode, ChatEvent, ChatRequest, ChatResponse, ClientFrame, ClientRole, Hello,
+    ResumeRequest, ServerFrame, CHAT_PROTOCOL_VERSION,
+};
+use futures_util::future::BoxFuture;
+use tokio::sync::{mpsc, oneshot};
+
+/// A connection to a Chat Server, as typed frames.
+pub struct ChatConnection {
+    pub outbound: mpsc::Sender<ClientFrame>,
+    pub inbound: mpsc::Receiver<ServerFrame>,
+}
+
+/// How a ChatLink reaches its Chat Server (TCP and the proto codec, provided by `src`).
+pub trait ChatConnector: Send + Sync + 'static {
+    fn connect(&self, address: &str) -> BoxFuture<'static, io::Result<ChatConnection>>;
+}
+
+/// Why a chat call failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChatCallError {
+    /// The Chat Server refused the request.
+    #[error("chat server refused: {0}")]
+    Refused(ChatError),
+    /// The Chat Server cannot be reached (after every reconnect attempt), or the link stopped.
+    #[error("chat server unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Events of one followed participant.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ParticipantEvents {
+    pub session_id: String,
+    pub participant_id: String,
+    pub events: Vec<ChatEvent>,
+}
+
+/// A followed participant's feed ended without an event saying so.
+#[derive(Message, Debug, Clone)]
+#[rtype(result = "()")]
+pub struct FeedLost {
+    pub session_id: String,
+    pub participant_id: String,
+    /// True: the Chat Server no longer knows the participant; false: the Chat Server is gone.
+    pub removed: bool,
+}
+
+/// A request to the Chat Server. With `follow`, a successful Join routes the new participant's
+/// events to that recipient from the first one on.
+#[derive(Message)]
+#[rtype(result = "Result<ChatResponse, ChatCallError>")]
+pub struct ChatCall {
+    pub request: ChatRequest,
+    pub follow: Option<Follower>,
+}
+
+#[derive(Clone)]
+pub struct Follower {
+    pub events: Recipient<ParticipantEvents>,
+    pub lost: Recipient<FeedLost>,
+}
+
+/// Stops routing a participant's events (its bot is gone).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Unfollow {
+    pub session_id: String,
+    pub participant_id: String,
+}
+
+/// Whether the link is up, for status and readiness.
+#[derive(Message)]
+#[rtype(result = "LinkStatus")]
+pub struct GetLinkStatus;
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct LinkStatus {
+    pub address: String,
+    pub connected: bool,
+    pub reconnects: u64,
+    pub participants: usize,
+}
+
+struct Route {
+    follower: Follower,
+    last_seq: u64,
+}
+
+struct Pending {
+    request: ChatRequest,
+    follow: Option<Follower>,
+    reply: oneshot::Sender<Result<ChatResponse, ChatCallError>>,
+    /// Sent on the current connection (else queued for the next one).
+    sent: bool,
+}
+
+enum State {
+    Down,
+    /// Connected, waiting for Welcome and resumes.
+    Handshaking(mpsc::Sender<ClientFrame>),
+    Up(mpsc::Sender<ClientFrame>),
+}
+
+pub struct ChatLinkConfig {
+    pub address: String,
+    pub role: ClientRole,
+    pub reconnect_delay: Duration,
+    pub reconnect_attempts: u32,
+    /// Requests queued while the link is down, beyond which calls fail at once.
+    pub max_queued: usize,
+}
+
+pub struct ChatLink {
+    config: ChatLinkConfig,
+    connector: Arc<dyn ChatConnector>,
+    state: State,
+    generation: u64,
+    /// Failed attempts since the link was last up.
+    failures: u32,
+    /// The attempts are exhausted: the followed bots were given up.
+    gave_up: bool,
+    reconnects: u64,
+    next_id: u64,
+    pending: BTreeMap<u64, Pending>,
+    /// Internal requests (Hello, Resume) of the current handshake.
+    handshake: HashMap<u64, Handshake>,
+    routes: HashMap<(String, String), Route>,
+}
+
+enum Handshake {
+    Hello,
+    Resume(String, String),
+}
+
+impl ChatLink {
+    pub fn new(config: ChatLinkConfig, connector: Arc<dyn ChatConnector>) -> Self {
+        Self {
+            config,
+            connector,
+            state: State::Down,
+            generation: 0,
+            failures: 0,
+            gave_up: false,
+            reconnects: 0,
+            next_id: 1,
+            pending: BTreeMap::new(),
+            handshake: HashMap::new(),
+            routes: HashMap::new(),
+        }
+    }
+
+    fn connect(&mut self, ctx: &mut Context<Self>) {
+        self.generation += 1;
+        let generation = self.generation;
+        let connect = self.connector.connect(&self.config.address);
+        ctx.spawn(connect.into_actor(self).map(move |result, act, ctx| {
+            if act.generation != generation {
+                return;
+            }
+            match result {
+                Ok(conn) => act.connected(conn, ctx),
+                Err(e) => {
+                    tracing::warn!(address = %act.config.address, error = %e, "cannot connect to the chat server");
+                    act.lost(ctx);
+                }
+            }
+        }));
+    }
+
+    fn connected(&mut self, conn: ChatConnection, ctx: &mut Context<Self>) {
+        let ChatConnection { outbound, inbound } = conn;
+        let generation = self.generation;
+        self.handshake.clear();
+        let id = self.take_id();
+        self.handshake.insert(id, Handshake::Hello);
+        let hello = ClientFrame {
+            id,
+            request: ChatRequest::Hello(Hello {
+                version: CHAT_PROTOCOL_VERSION,
+                role: self.config.role.clone(),
+                client_name: "bgs".into(),
+            }),
+        };
+        if outbound.try_send(hello).is_err() {
+            self.lost(ctx);
+            return;
+        }
+        self.state = State::Handshaking(outbound);
+        ctx.add_stream(InboundStream {
+            generation,
+            inner: inbound,
+        });
+    }
+
+    fn take_id(&mut self) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        id
+    }
+
+    /// The connection is gone (or could not be made): retry later, or give up on the bots.
+    fn lost(&mut self, ctx: &mut Context<Self>) {
+        let was_up = matches!(self.state, State::Up(_));
+        self.state = State::Down;
+        self.generation += 1;
+        self.handshake.clear();
+        if was_up {
+            self.failures = 0;
+            tracing::warn!(address = %self.config.address, "chat server connection lost; reconnecting");
+        } else {
+            self.failures += 1;
+        }
+        if self.failures >= self.config.reconnect_attempts && !self.gave_up {
+            self.give_up();
+        }
+        ctx.run_later(self.config.reconnect_delay, |act, ctx| {
+            if matches!(act.state, State::Down) {
+                act.reconnects += 1;
+                act.connect(ctx);
+            }
+        });
+    }
+
+    /// Every attempt failed: the followed bots end (chat_server_lost), calls fail.
+    fn give_up(&mut self) {
+        self.gave_up = true;
+        tracing::error!(
+            address = %self.config.address,
+            attempts = self.config.reconnect_attempts,
+            "chat server unreachable after every reconnect attempt; bots on it are stopped"
+        );
+        for ((session_id, participant_id), route) in self.routes.drain() {
+            let _ = route.follower.lost.do_send(FeedLost {
+                session_id,
+                participant_id,
+                removed: false,
+            });
+        }
+        for (_, p) in std::mem::take(&mut self.pending) {
+            let _ = p.reply.send(Err(ChatCallError::Unavailable(
+                "the chat server cannot be reached".into(),
+            )));
+        }
+    }
+
+    fn send_frame(&mut self, id: u64) -> bool {
+        let tx = match &self.state {
+            State::Up(tx) => tx.clone(),
+            _ => return false,
+        };
+        let Some(p) = self.pending.get_mut(&id) else { return false };
+        let frame = ClientFrame {
+            id,
+            request: p.request.clone(),
+        };
+        match tx.try_send(frame) {
+            Ok(()) => {
+                p.sent = true;
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    fn on_frame(&mut self, frame: ServerFrame, ctx: &mut Context<Self>) {
+        match frame {
+            ServerFrame::Reply { id, result } => {
+                if let Some(h) = self.handshake.remove(&id) {
+                    self.on_handshake_reply(h, result, ctx);
+                } else if let Some(p) = self.pending.remove(&id) {
+                    let since = match &p.request {
+                        ChatRequest::Join(r) => r.since_seq,
+                        ChatRequest::Resume(r) => r.since_seq,
+                        _ => 0,
+                    };
+                    if let (
+                        Ok(ChatResponse::Joined {
+                            session_id,
+                            participant_id,
+                            ..
+                        }),
+                        Some(follower),
+                    ) = (&result, p.follow)
+                    {
+                        self.routes.insert(
+                            (session_id.clone(), participant_id.clone()),
+                            Route {
+                                follower,
+                                last_seq: since,
+                            },
+                        );
+                    }
+                    let _ = p.reply.send(result.map_err(ChatCallError::Refused));
+                }
+            }
+            ServerFrame::Events {
+                session_id,
+                participant_id,
+                events,
+            } => self.route(session_id, participant_id, events, ctx),
+            ServerFrame::Fenced { cluster_id, epoch } => {
+                tracing::error!(cluster_id, epoch, "the chat server fenced this node: a newer epoch of the cluster is connected");
+            }
+            ServerFrame::Goodbye(e) => {
+                tracing::warn!(code = e.code.as_str(), message = %e.message, "the chat server closed the connection");
+            }
+        }
+    }
+
+    fn route(&mut self, session_id: String, participant_id: String, events: Vec<ChatEvent>, ctx: &mut Context<Self>) {
+        let key = (session_id, participant_id);
+        let Some(route) = self.routes.get_mut(&key) else {
+            tracing::debug!(session_id = %key.0, participant_id = %key.1, "events for a participant nobody follows");
+            return;
+        };
+        let Some(last) = events.last().map(|e| e.seq) else { return };
+        // A replay after a reconnect may overlap what was routed already.
+        let fresh: Vec<ChatEvent> = events.into_iter().filter(|e| e.seq > route.last_seq).collect();
+        route.last_seq = route.last_seq.max(last);
+        if fresh.is_empty() {
+            return;
+        }
+        let msg = ParticipantEvents {
+            session_id: key.0.clone(),
+            participant_id: key.1.clone(),
+            events: fresh,
+        };
+        match route.follower.events.try_send(msg) {
+            Ok(()) => {}
+            Err(SendError::Full(msg)) => {
+                // Backpressure: the link waits for the session (and so stops reading the socket).
+                let recipient = route.follower.events.clone();
+                ctx.wait(
+                    async move {
+                        let _ = recipient.send(msg).await;
+                    }
+                    .into_actor(self),
+                );
+            }
+            Err(SendError::Closed(_)) => {
+                self.routes.remove(&key);
+            }
+        }
+    }
+
+    fn on_handshake_reply(
+        &mut self,
+        step: Handshake,
+        result: Result<ChatResponse, ChatError>,
+        ctx: &mut Context<Self>,
+    ) {
+        match (step, result) {
+            (Handshake::Hello, Ok(_)) => {
+                let tx = match &self.state {
+                    State::Handshaking(tx) => tx.clone(),
+                    _ => return,
+                };
+                // Resume every followed participant from the last event routed to it.
+                let resumes: Vec<(String, String, u64)> = self
+                    .routes
+                    .iter()
+                    .map(|((s, p), r)| (s.clone(), p.clone(), r.last_seq))
+                    .collect();
+                for (session_id, participant_id, since_seq) in resumes {
+                    let id = self.take_id();
+                    self.handshake
+                        .insert(id, Handshake::Resume(session_id.clone(), participant_id.clone()));
+                    let frame = ClientFrame {
+                        id,
+                        request: ChatRequest::Resume(ResumeRequest {
+                            session_id,
+                            participant_id,
+                            since_seq,
+                        }),
+                    };
+                    if tx.try_send(frame).is_err() {
+                        self.lost(ctx);
+                        return;
+                    }
+                }
+                self.up(tx);
+            }
+            (Handshake::Hello, Err(e)) => {
+                tracing::error!(code = e.code.as_str(), message = %e.message, "the chat server refused the handshake");
+                if let Some(State::Handshaking(_)) = Some(&self.state) {
+                    self.lost(ctx);
+                }
+            }
+            (Handshake::Resume(..), Ok(_)) => {}
+            (Handshake::Resume(session_id, participant_id), Err(e)) => {
+                tracing::warn!(%session_id, %participant_id, code = e.code.as_str(), "cannot resume a participant");
+                if let Some(route) = self.routes.remove(&(session_id.clone(), participant_id.clone())) {
+                    let _ = route.follower.lost.do_send(FeedLost {
+                        session_id,
+                        participant_id,
+                        removed: e.code != ChatErrorCode::Fenced,
+                    });
+                }
+            }
+        }
+    }
+
+    fn up(&mut self, tx: mpsc::Sender<ClientFrame>) {
+        self.state = State::Up(tx);
+        if self.failures > 0 || self.reconnects > 0 {
+            tracing::info!(address = %self.config.address, "chat server connection restored");
+        }
+        self.failures = 0;
+        self.gave_up = false;
+        // Re-send what was in flight or queued, in order (joins cannot be re-sent safely).
+        let ids: Vec<u64> = self.pending.keys().copied().collect();
+        for id in ids {
+            // A join sent on the lost connection may or may not have happened: fail it (the
+            // workflow may retry); everything else is idempotent or keyed, so send it again.
+            let join_in_doubt = self
+                .pending
+                .get(&id)
+                .is_some_and(|p| matches!(p.request, ChatRequest::Join(_)) && p.sent);
+            if join_in_doubt {
+                if let Some(p) = self.pending.remove(&id) {
+                    let _ = p.reply.send(Err(ChatCallError::Unavailable("connection lost during join".into())));
+                }
+                continue;
+            }
+            self.send_frame(id);
+        }
+    }
+}
+
+impl Actor for ChatLink {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.set_mailbox_capacity(1024);
+        self.connect(ctx);
+    }
+}
+
+struct InboundStream {
+    generation: u64,
+    inner: mpsc::Receiver<ServerFrame>,
+}
+
+struct Inbound {
+    generation: u64,
+    frame: ServerFrame,
+}
+
+impl futures_util::Stream for InboundStream {
+    type Item = Inbound;
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Inbound>> {
+        let generation = self.generation;
+        self.inner
+            .poll_recv(cx)
+            .map(|f| f.map(|frame| Inbound { generation, frame }))
+    }
+}
+
+impl StreamHandler<Inbound> for ChatLink {
+    fn handle(&mut self, item: Inbound, ctx: &mut Context<Self>) {
+        if item.generation == self.generation {
+            self.on_frame(item.frame, ctx);
+        }
+    }
+
+    fn finished(&mut self, ctx: &mut Context<Self>) {
+        // Only the current connection's end matters; `lost` bumps the generation.
+        if !matches!(self.state, State::Down) {
+            self.lost(ctx);
+        }
+    }
+}
+
+impl Handler<ChatCall> for ChatLink {
+    type Result = ResponseFuture<Result<ChatResponse, ChatCallError>>;
+
+    fn handle(&mut self, msg: ChatCall, _ctx: &mut Context<Self>) -> Self::Result {
+        let (tx, rx) = oneshot::channel();
+        let down = !matches!(self.state, State::Up(_));
+        if down && (self.gave_up || self.pending.len() >= self.config.max_queued) {
+            return Box::pin(async {
+                Err(ChatCallError::Unavailable("the chat server cannot be reached".into()))
+            });
+        }
+        let id = self.take_id();
+        self.pending.insert(
+            id,
+            Pending {
+                request: msg.request,
+                follow: msg.follow,
+                reply: tx,
+                sent: false,
+            },
+        );
+        self.send_frame(id);
+        Box::pin(async move {
+            rx.await
+                .unwrap_or_else(|_| Err(ChatCallError::Unavailable("the chat link stopped".into())))
+        })
+    }
+}
+
+impl Handler<Unfollow> for ChatLink {
+    type Result = ();
+
+    fn handle(&mut self, msg: Unfollow, _ctx: &mut Context<Self>) {
+        self.routes.remove(&(msg.session_id, msg.participant_id));
+    }
+}
+
+impl Handler<GetLinkStatus> for ChatLink {
+    type Result = MessageResult<GetLinkStatus>;
+
+    fn handle(&mut self, _: GetLinkStatus, _ctx: &mut Context<Self>) -> Self::Result {
+        MessageResult(LinkStatus {
+            address: self.config.address.clone(),
+            connected: matches!(self.state, State::Up(_)),
+            reconnects: self.reconnects,
+            participants: self.routes.len(),
+        })
+    }
+}

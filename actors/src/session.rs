@@ -1,0 +1,514 @@
+//! SessionActor: one per chat session (interaction) with bots on this node. Joins bots to the
+//! session, holds each bot's view of who is present, applies the end conditions of SPEC section 3,
+//! and relays each bot's events to its BotActor.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use actix::prelude::*;
+use bgs_proto::chat::{
+    ChatErrorCode, ChatEvent, ChatRequest, ChatResponse, EventKind, JoinRequest, ParticipantType,
+    Style,
+};
+use bgs_proto::esp::KeyValues;
+use tokio::sync::oneshot;
+
+use crate::bot::{Bot, StopReason};
+use crate::bot_actor::{BotActor, BotNotice, BotSetup, Deliver, StopBotActor};
+use crate::chat_link::{ChatCall, ChatCallError, ChatLink, FeedLost, Follower, ParticipantEvents, Unfollow};
+use crate::esp::{BotKey, EspError, StartSpec};
+use crate::now_ms;
+use crate::report::BotReport;
+
+/// Inputs a SessionActor may have queued before it must shed load.
+pub const SESSION_MAILBOX: usize = 256;
+
+/// Start a bot in this session.
+#[derive(Message)]
+#[rtype(result = "Result<Started, EspError>")]
+pub struct StartInSession {
+    pub spec: StartSpec,
+    pub instance_id: String,
+    pub bot: Box<dyn Bot>,
+    pub restored: Option<Vec<u8>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Started {
+    pub instance_id: String,
+    pub participant_id: String,
+}
+
+/// Stop one bot (StopBot); answers once it has left and is disposed of.
+#[derive(Message)]
+#[rtype(result = "Result<String, EspError>")]
+pub struct StopInSession {
+    pub key: BotKey,
+    pub reason: StopReason,
+}
+
+/// Deliver ESP data to one bot.
+#[derive(Message)]
+#[rtype(result = "Result<String, EspError>")]
+pub struct DataInSession {
+    pub key: BotKey,
+    pub data: KeyValues,
+}
+
+/// Stop every bot (shutdown); answers when all are done.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct StopAll {
+    pub reason: StopReason,
+}
+
+/// Told to the Supervisor when a bot has finished.
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct BotFinished {
+    pub key: BotKey,
+    pub report: BotReport,
+}
+
+/// Told to the Supervisor when the session actor stops (no bots left).
+#[derive(Message, Debug)]
+#[rtype(result = "()")]
+pub struct SessionEnded {
+    pub interaction_id: String,
+}
+
+/// Who a bot sees in the session (from its own feed).
+#[derive(Default)]
+struct Roster {
+    present: HashMap<String, (ParticipantType, Style)>,
+}
+
+impl Roster {
+    fn apply(&mut self, e: &ChatEvent) {
+        match e.kind {
+            EventKind::Joined => {
+                self.present
+                    .insert(e.participant_id.clone(), (e.participant_type, e.style));
+            }
+            EventKind::Left => {
+                self.present.remove(&e.participant_id);
+            }
+            EventKind::Closed => self.present.clear(),
+            _ => {}
+        }
+    }
+
+    /// Anyone left who is not a bot, the system or an external user?
+    fn has_people(&self) -> bool {
+        self.present.values().any(|(t, s)| {
+            *s != Style::Bot && !matches!(t, ParticipantType::System | ParticipantType::External)
+        })
+    }
+}
+
+struct Slot {
+    spec: StartSpec,
+    instance_id: String,
+    joined_seq: u64,
+    roster: Roster,
+    /// Until the bot's own join event has arrived: the events before it, and what starts the bot.
+    pending: Option<PendingStart>,
+    addr: Option<Addr<BotActor>>,
+    stopping: bool,
+    waiters: Vec<oneshot::Sender<()>>,
+}
+
+struct PendingStart {
+    history: Vec<ChatEvent>,
+    bot: Box<dyn Bot>,
+    restored: Option<Vec<u8>>,
+    reply: oneshot::Sender<Result<Started, EspError>>,
+}
+
+pub struct SessionActor {
+    interaction_id: String,
+    link: Addr<ChatLink>,
+    finished: Recipient<BotFinished>,
+    ended: Recipient<SessionEnded>,
+    handling_timeout: Duration,
+    bots: HashMap<String, Slot>,
+    /// Events for participants whose join reply this actor has not processed yet.
+    early: HashMap<String, Vec<ChatEvent>>,
+    joining: usize,
+}
+
+fn chat_error(e: ChatCallError) -> EspError {
+    match e {
+        ChatCallError::Refused(e) => match e.code {
+            ChatErrorCode::UnknownSession | ChatErrorCode::SessionClosed => EspError::new(
+                "no_such_session",
+                format!("the chat server has no open session for this interaction ({})", e.message),
+            ),
+            ChatErrorCode::LimitExceeded => EspError::new("busy", e.message),
+            ChatErrorCode::Fenced => EspError::new("chat_server_unavailable", e.message),
+            _ => EspError::new("internal", format!("the chat server refused the join: {e}")),
+        },
+        ChatCallError::Unavailable(m) => EspError::new("chat_server_unavailable", m),
+    }
+}
+
+impl SessionActor {
+    pub fn new(
+        interaction_id: String,
+        link: Addr<ChatLink>,
+        finished: Recipient<BotFinished>,
+        ended: Recipient<SessionEnded>,
+        handling_timeout: Duration,
+    ) -> Self {
+        Self {
+            interaction_id,
+            link,
+            finished,
+            ended,
+            handling_timeout,
+            bots: HashMap::new(),
+            early: HashMap::new(),
+            joining: 0,
+        }
+    }
+
+    fn pid_of(&self, key: &BotKey) -> Option<String> {
+        self.bots
+            .iter()
+            .find(|(_, s)| s.spec.key == *key && !s.stopping)
+            .map(|(pid, _)| pid.clone())
+    }
+
+    fn on_events(&mut self, pid: &str, events: Vec<ChatEvent>, ctx: &mut Context<Self>) {
+        let Some(slot) = self.bots.get_mut(pid) else {
+            if self.joining > 0 {
+                self.early.entry(pid.to_string()).or_default().extend(events);
+            }
+            return;
+        };
+        let mut live = Vec::new();
+        for e in events {
+            if e.seq < slot.joined_seq {
+                slot.roster.apply(&e);
+                if let Some(p) = slot.pending.as_mut() {
+                    p.history.push(e);
+                }
+            } else if e.seq == slot.joined_seq {
+                slot.roster.apply(&e);
+            } else {
+                live.push(e);
+            }
+        }
+        let joined_seen = slot.roster.present.contains_key(pid) || !live.is_empty();
+        if joined_seen {
+            if let Some(p) = slot.pending.take() {
+                self.start_bot(pid, p, ctx);
+            }
+        }
+        for e in live {
+            self.on_live_event(pid, e);
+        }
+    }
+
+    fn start_bot(&mut self, pid: &str, p: PendingStart, ctx: &mut Context<Self>) {
+        let Some(slot) = self.bots.get_mut(pid) else { return };
+        let setup = BotSetup {
+            spec: slot.spec.clone(),
+            instance_id: slot.instance_id.clone(),
+            session_id: self.interaction_id.clone(),
+            participant_id: pid.to_string(),
+            joined_seq: slot.joined_seq,
+            bot: p.bot,
+            history: p.history,
+            restored: p.restored,
+            link: self.link.clone(),
+            notices: ctx.address().recipient(),
+            handling_timeout: self.handling_timeout,
+            started_ms: now_ms(),
+        };
+        slot.addr = Some(BotActor::new(setup).start());
+        tracing::info!(
+            interaction_id = %self.interaction_id,
+            bot_id = %slot.spec.key.bot_id,
+            bot_instance = %slot.instance_id,
+            participant_id = %pid,
+            "bot started"
+        );
+        let _ = p.reply.send(Ok(Started {
+            instance_id: slot.instance_id.clone(),
+            participant_id: pid.to_string(),
+        }));
+    }
+
+    /// One event after the bot's join: relay it, then apply the end conditions.
+    fn on_live_event(&mut self, pid: &str, e: ChatEvent) {
+        let Some(slot) = self.bots.get_mut(pid) else { return };
+        if slot.stopping {
+            return;
+        }
+        slot.roster.apply(&e);
+        let human_agent = e.participant_type == ParticipantType::Agent && e.style != Style::Bot;
+        let stop = match e.kind {
+            EventKind::Closed => Some(StopReason::SessionClosed),
+            EventKind::Left if e.participant_id == pid => Some(StopReason::RemovedByChatServer),
+            EventKind::Joined if human_agent && slot.spec.stop_on_agent_arrival => {
+                Some(StopReason::AgentArrived)
+            }
+            EventKind::Left
+                if e.participant_type == ParticipantType::Customer
+                    && slot.spec.stop_on_customer_left =>
+            {
+                Some(StopReason::CustomerLeft)
+            }
+            EventKind::Left if !slot.roster.has_people() => Some(StopReason::ParticipantsLeft),
+            _ => None,
+        };
+        if let Some(addr) = &slot.addr {
+            if let Err(SendError::Full(_)) = addr.try_send(Deliver::Event(e)) {
+                tracing::warn!(bot_instance = %slot.instance_id, "bot cannot keep up with its chat; stopping it");
+                self.stop(pid, StopReason::Error, None);
+                return;
+            }
+        }
+        if let Some(reason) = stop {
+            self.stop(pid, reason, None);
+        }
+    }
+
+    fn stop(&mut self, pid: &str, reason: StopReason, done: Option<oneshot::Sender<()>>) {
+        let Some(slot) = self.bots.get_mut(pid) else {
+            if let Some(d) = done {
+                let _ = d.send(());
+            }
+            return;
+        };
+        slot.waiters.extend(done);
+        if slot.stopping {
+            return;
+        }
+        slot.stopping = true;
+        tracing::info!(
+            interaction_id = %self.interaction_id,
+            bot_instance = %slot.instance_id,
+            reason = reason.as_str(),
+            "stopping bot"
+        );
+        match &slot.addr {
+            Some(addr) => addr.do_send(StopBotActor { reason, done: None }),
+            None => {
+                // Still waiting for its join event: it never started.
+                if let Some(p) = slot.pending.take() {
+                    let _ = p.reply.send(Err(EspError::new(
+                        "no_such_session",
+                        format!("the session ended while the bot was joining ({reason})"),
+                    )));
+                }
+                self.bots.remove(pid);
+            }
+        }
+    }
+
+    fn maybe_end(&mut self, ctx: &mut Context<Self>) {
+        if self.bots.is_empty() && self.joining == 0 {
+            ctx.stop();
+        }
+    }
+}
+
+impl Actor for SessionActor {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        ctx.set_mailbox_capacity(SESSION_MAILBOX);
+    }
+
+    fn stopped(&mut self, _ctx: &mut Context<Self>) {
+        self.ended.do_send(SessionEnded {
+            interaction_id: self.interaction_id.clone(),
+        });
+    }
+}
+
+impl Handler<StartInSession> for SessionActor {
+    type Result = ResponseActFuture<Self, Result<Started, EspError>>;
+
+    fn handle(&mut self, msg: StartInSession, ctx: &mut Context<Self>) -> Self::Result {
+        self.joining += 1;
+        let spec = msg.spec;
+        let join = ChatCall {
+            request: ChatRequest::Join(JoinRequest {
+                session_id: self.interaction_id.clone(),
+                nickname: spec.nickname.clone(),
+                participant_type: ParticipantType::Agent,
+                style: Style::Bot,
+                visibility: spec.visibility,
+                since_seq: 0,
+            }),
+            follow: Some(Follower {
+                events: ctx.address().recipient(),
+                lost: ctx.address().recipient(),
+            }),
+        };
+        let (reply, started) = oneshot::channel();
+        let pending = PendingStart {
+            history: Vec::new(),
+            bot: msg.bot,
+            restored: msg.restored,
+            reply,
+        };
+        let instance_id = msg.instance_id;
+        let joined = self
+            .link
+            .send(join)
+            .into_actor(self)
+            .map(move |result, act, ctx| {
+                act.joining -= 1;
+                let outcome = match result {
+                    Ok(Ok(ChatResponse::Joined { participant_id, seq, .. })) => Ok((participant_id, seq)),
+                    Ok(Ok(other)) => Err(EspError::new("internal", format!("unexpected join answer {other:?}"))),
+                    Ok(Err(e)) => Err(chat_error(e)),
+                    Err(e) => Err(EspError::new("internal", format!("chat link: {e}"))),
+                };
+                match outcome {
+                    Ok((pid, seq)) => {
+                        act.bots.insert(
+                            pid.clone(),
+                            Slot {
+                                spec,
+                                instance_id,
+                                joined_seq: seq,
+                                roster: Roster::default(),
+                                pending: Some(pending),
+                                addr: None,
+                                stopping: false,
+                                waiters: Vec::new(),
+                            },
+                        );
+                        let early = act.early.remove(&pid).unwrap_or_default();
+                        if act.joining == 0 {
+                            act.early.clear();
+                        }
+                        if !early.is_empty() {
+                            act.on_events(&pid, early, ctx);
+                        }
+                    }
+                    Err(e) => {
+                        let _ = pending.reply.send(Err(e));
+                        act.maybe_end(ctx);
+                    }
+                }
+            })
+            .then(move |(), _act, _ctx| {
+                actix::fut::wrap_future(async move {
+                    started
+                        .await
+                        .unwrap_or_else(|_| Err(EspError::new("internal", "the session stopped while starting the bot")))
+                })
+            });
+        Box::pin(joined)
+    }
+}
+
+impl Handler<ParticipantEvents> for SessionActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: ParticipantEvents, ctx: &mut Context<Self>) {
+        self.on_events(&msg.participant_id, msg.events, ctx);
+    }
+}
+
+impl Handler<FeedLost> for SessionActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: FeedLost, _ctx: &mut Context<Self>) {
+        let reason = if msg.removed {
+            StopReason::RemovedByChatServer
+        } else {
+            StopReason::ChatServerLost
+        };
+        self.stop(&msg.participant_id, reason, None);
+    }
+}
+
+impl Handler<BotNotice> for SessionActor {
+    type Result = ();
+
+    fn handle(&mut self, msg: BotNotice, ctx: &mut Context<Self>) {
+        match msg {
+            BotNotice::WantsToLeave { participant_id } => self.stop(&participant_id, StopReason::BotLeft, None),
+            BotNotice::Failed { participant_id, .. } => self.stop(&participant_id, StopReason::Error, None),
+            BotNotice::Finished { participant_id, report } => {
+                if let Some(slot) = self.bots.remove(&participant_id) {
+                    self.link.do_send(Unfollow {
+                        session_id: self.interaction_id.clone(),
+                        participant_id,
+                    });
+                    self.finished.do_send(BotFinished {
+                        key: slot.spec.key.clone(),
+                        report,
+                    });
+                    for w in slot.waiters {
+                        let _ = w.send(());
+                    }
+                }
+                self.maybe_end(ctx);
+            }
+        }
+    }
+}
+
+impl Handler<StopInSession> for SessionActor {
+    type Result = ResponseFuture<Result<String, EspError>>;
+
+    fn handle(&mut self, msg: StopInSession, _ctx: &mut Context<Self>) -> Self::Result {
+        let Some(pid) = self.pid_of(&msg.key) else {
+            let key = msg.key;
+            return Box::pin(async move { Err(EspError::new("no_such_instance", format!("no running bot {key}"))) });
+        };
+        let instance_id = self.bots.get(&pid).map(|s| s.instance_id.clone()).unwrap_or_default();
+        let (tx, rx) = oneshot::channel();
+        self.stop(&pid, msg.reason, Some(tx));
+        Box::pin(async move {
+            let _ = rx.await;
+            Ok(instance_id)
+        })
+    }
+}
+
+impl Handler<DataInSession> for SessionActor {
+    type Result = Result<String, EspError>;
+
+    fn handle(&mut self, msg: DataInSession, _ctx: &mut Context<Self>) -> Self::Result {
+        let found = self.pid_of(&msg.key).and_then(|pid| self.bots.get(&pid));
+        let Some(slot) = found else {
+            return Err(EspError::new("no_such_instance", format!("no running bot {}", msg.key)));
+        };
+        let Some(addr) = &slot.addr else {
+            return Err(EspError::new("no_such_instance", format!("bot {} is still starting", msg.key)));
+        };
+        match addr.try_send(Deliver::Data(msg.data)) {
+            Ok(()) => Ok(slot.instance_id.clone()),
+            Err(SendError::Full(_)) => Err(EspError::new("busy", "the bot has too many inputs waiting")),
+            Err(SendError::Closed(_)) => Err(EspError::new("no_such_instance", "the bot has stopped")),
+        }
+    }
+}
+
+impl Handler<StopAll> for SessionActor {
+    type Result = ResponseFuture<()>;
+
+    fn handle(&mut self, msg: StopAll, _ctx: &mut Context<Self>) -> Self::Result {
+        let pids: Vec<String> = self.bots.keys().cloned().collect();
+        let mut waits = Vec::new();
+        for pid in pids {
+            let (tx, rx) = oneshot::channel();
+            self.stop(&pid, msg.reason, Some(tx));
+            waits.push(rx);
+        }
+        Box::pin(async move {
+            for w in waits {
+                let _ = w.await;
+            }
+        })
+    }
+}
