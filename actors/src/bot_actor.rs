@@ -60,9 +60,17 @@ pub struct StopBotActor {
 #[derive(Message, Debug)]
 #[rtype(result = "()")]
 pub enum BotNotice {
-    WantsToLeave { participant_id: String },
-    Failed { participant_id: String, error: String },
-    Finished { participant_id: String, report: BotReport },
+    WantsToLeave {
+        participant_id: String,
+    },
+    Failed {
+        participant_id: String,
+        error: String,
+    },
+    Finished {
+        participant_id: String,
+        report: BotReport,
+    },
 }
 
 pub struct BotActor {
@@ -119,8 +127,19 @@ async fn call(
     match result {
         Ok(Ok(Ok(()))) => (Some(bot), None, actions),
         Ok(Ok(Err(e))) => (Some(bot), Some(format!("bot error: {e}")), Vec::new()),
-        Ok(Err(panic)) => (None, Some(format!("bot panicked: {}", panic_message(&*panic))), Vec::new()),
-        Err(_) => (None, Some(format!("bot handler took longer than {} ms", timeout.as_millis())), Vec::new()),
+        Ok(Err(panic)) => (
+            None,
+            Some(format!("bot panicked: {}", panic_message(&*panic))),
+            Vec::new(),
+        ),
+        Err(_) => (
+            None,
+            Some(format!(
+                "bot handler took longer than {} ms",
+                timeout.as_millis()
+            )),
+            Vec::new(),
+        ),
     }
 }
 
@@ -134,7 +153,13 @@ struct Outbox {
 }
 
 impl Outbox {
-    async fn post(&self, kind: PostKind, text: String, visibility: bgs_proto::chat::Visibility, key: String) {
+    async fn post(
+        &self,
+        kind: PostKind,
+        text: String,
+        visibility: bgs_proto::chat::Visibility,
+        key: String,
+    ) {
         let request = ChatRequest::Post(PostRequest {
             session_id: self.session_id.clone(),
             participant_id: self.participant_id.clone(),
@@ -171,7 +196,14 @@ impl Outbox {
     }
 
     async fn call(&self, request: ChatRequest) -> Result<(), String> {
-        match self.link.send(ChatCall { request, follow: None }).await {
+        match self
+            .link
+            .send(ChatCall {
+                request,
+                follow: None,
+            })
+            .await
+        {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(e)) => Err(e.to_string()),
             Err(e) => Err(e.to_string()),
@@ -184,7 +216,11 @@ impl Outbox {
         let mut outcome = Outcome::default();
         for (index, action) in actions.into_iter().enumerate() {
             match action {
-                BotAction::Post { kind, text, visibility } => {
+                BotAction::Post {
+                    kind,
+                    text,
+                    visibility,
+                } => {
                     let key = format!("{}:{label}:{index}", self.instance_id);
                     if kind == PostKind::Message {
                         outcome.sent += 1;
@@ -263,25 +299,28 @@ impl BotActor {
             let outcome = outbox.execute(actions, &label).await;
             (bot, error, outcome)
         };
-        ctx.wait(fut.into_actor(self).map(move |(bot, error, outcome), act, _ctx| {
-            act.bot = bot;
-            act.sent += outcome.sent;
-            if let Some(bytes) = outcome.saved {
-                act.saved = Some((bytes, covered));
-            }
-            if let Some(error) = error {
-                tracing::warn!(bot_instance = %act.instance_id, %error, "bot failed");
-                act.error = Some(error.clone());
-                act.notices.do_send(BotNotice::Failed {
-                    participant_id: act.participant_id.clone(),
-                    error,
-                });
-            } else if outcome.leave {
-                act.notices.do_send(BotNotice::WantsToLeave {
-                    participant_id: act.participant_id.clone(),
-                });
-            }
-        }));
+        ctx.wait(
+            fut.into_actor(self)
+                .map(move |(bot, error, outcome), act, _ctx| {
+                    act.bot = bot;
+                    act.sent += outcome.sent;
+                    if let Some(bytes) = outcome.saved {
+                        act.saved = Some((bytes, covered));
+                    }
+                    if let Some(error) = error {
+                        tracing::warn!(bot_instance = %act.instance_id, %error, "bot failed");
+                        act.error = Some(error.clone());
+                        act.notices.do_send(BotNotice::Failed {
+                            participant_id: act.participant_id.clone(),
+                            error,
+                        });
+                    } else if outcome.leave {
+                        act.notices.do_send(BotNotice::WantsToLeave {
+                            participant_id: act.participant_id.clone(),
+                        });
+                    }
+                }),
+        );
     }
 
     fn report(&self, reason: StopReason, ended_ms: u64) -> BotReport {
@@ -380,7 +419,10 @@ impl Handler<StopBotActor> for BotActor {
             if reason.sends_leave() {
                 if holdup {
                     let changes: UserdataChanges = [
-                        ("ChatBotResult".to_string(), Some(reason.as_str().to_string())),
+                        (
+                            "ChatBotResult".to_string(),
+                            Some(reason.as_str().to_string()),
+                        ),
                         ("ChatBotEndedAt".to_string(), Some(ended_ms.to_string())),
                         ("ChatBotInstanceId".to_string(), Some(instance_id)),
                     ]
@@ -391,20 +433,23 @@ impl Handler<StopBotActor> for BotActor {
             }
             (error, sent, ended_ms)
         };
-        ctx.wait(fut.into_actor(self).map(move |(error, sent, ended_ms), act, ctx| {
-            act.sent += sent;
-            if act.error.is_none() {
-                act.error = error;
-            }
-            let report = act.report(reason, ended_ms);
-            act.notices.do_send(BotNotice::Finished {
-                participant_id: act.participant_id.clone(),
-                report,
-            });
-            for w in act.waiters.drain(..) {
-                let _ = w.send(());
-            }
-            ctx.stop();
-        }));
+        ctx.wait(
+            fut.into_actor(self)
+                .map(move |(error, sent, ended_ms), act, ctx| {
+                    act.sent += sent;
+                    if act.error.is_none() {
+                        act.error = error;
+                    }
+                    let report = act.report(reason, ended_ms);
+                    act.notices.do_send(BotNotice::Finished {
+                        participant_id: act.participant_id.clone(),
+                        report,
+                    });
+                    for w in act.waiters.drain(..) {
+                        let _ = w.send(());
+                    }
+                    ctx.stop();
+                }),
+        );
     }
 }

@@ -263,7 +263,9 @@ impl ChatLink {
             State::Up(tx) => tx.clone(),
             _ => return false,
         };
-        let Some(p) = self.pending.get_mut(&id) else { return false };
+        let Some(p) = self.pending.get_mut(&id) else {
+            return false;
+        };
         let frame = ClientFrame {
             id,
             request: p.request.clone(),
@@ -314,7 +316,11 @@ impl ChatLink {
                 events,
             } => self.route(session_id, participant_id, events, ctx),
             ServerFrame::Fenced { cluster_id, epoch } => {
-                tracing::error!(cluster_id, epoch, "the chat server fenced this node: a newer epoch of the cluster is connected");
+                tracing::error!(
+                    cluster_id,
+                    epoch,
+                    "the chat server fenced this node: a newer epoch of the cluster is connected"
+                );
             }
             ServerFrame::Goodbye(e) => {
                 tracing::warn!(code = e.code.as_str(), message = %e.message, "the chat server closed the connection");
@@ -322,15 +328,26 @@ impl ChatLink {
         }
     }
 
-    fn route(&mut self, session_id: String, participant_id: String, events: Vec<ChatEvent>, ctx: &mut Context<Self>) {
+    fn route(
+        &mut self,
+        session_id: String,
+        participant_id: String,
+        events: Vec<ChatEvent>,
+        ctx: &mut Context<Self>,
+    ) {
         let key = (session_id, participant_id);
         let Some(route) = self.routes.get_mut(&key) else {
             tracing::debug!(session_id = %key.0, participant_id = %key.1, "events for a participant nobody follows");
             return;
         };
-        let Some(last) = events.last().map(|e| e.seq) else { return };
+        let Some(last) = events.last().map(|e| e.seq) else {
+            return;
+        };
         // A replay after a reconnect may overlap what was routed already.
-        let fresh: Vec<ChatEvent> = events.into_iter().filter(|e| e.seq > route.last_seq).collect();
+        let fresh: Vec<ChatEvent> = events
+            .into_iter()
+            .filter(|e| e.seq > route.last_seq)
+            .collect();
         route.last_seq = route.last_seq.max(last);
         if fresh.is_empty() {
             return;
@@ -378,8 +395,10 @@ impl ChatLink {
                     .collect();
                 for (session_id, participant_id, since_seq) in resumes {
                     let id = self.take_id();
-                    self.handshake
-                        .insert(id, Handshake::Resume(session_id.clone(), participant_id.clone()));
+                    self.handshake.insert(
+                        id,
+                        Handshake::Resume(session_id.clone(), participant_id.clone()),
+                    );
                     let frame = ClientFrame {
                         id,
                         request: ChatRequest::Resume(ResumeRequest {
@@ -404,7 +423,10 @@ impl ChatLink {
             (Handshake::Resume(..), Ok(_)) => {}
             (Handshake::Resume(session_id, participant_id), Err(e)) => {
                 tracing::warn!(%session_id, %participant_id, code = e.code.as_str(), "cannot resume a participant");
-                if let Some(route) = self.routes.remove(&(session_id.clone(), participant_id.clone())) {
+                if let Some(route) = self
+                    .routes
+                    .remove(&(session_id.clone(), participant_id.clone()))
+                {
                     let _ = route.follower.lost.do_send(FeedLost {
                         session_id,
                         participant_id,
@@ -433,7 +455,9 @@ impl ChatLink {
                 .is_some_and(|p| matches!(p.request, ChatRequest::Join(_)) && p.sent);
             if join_in_doubt {
                 if let Some(p) = self.pending.remove(&id) {
-                    let _ = p.reply.send(Err(ChatCallError::Unavailable("connection lost during join".into())));
+                    let _ = p.reply.send(Err(ChatCallError::Unavailable(
+                        "connection lost during join".into(),
+                    )));
                 }
                 continue;
             }
@@ -497,7 +521,9 @@ impl Handler<ChatCall> for ChatLink {
         let down = !matches!(self.state, State::Up(_));
         if down && (self.gave_up || self.pending.len() >= self.config.max_queued) {
             return Box::pin(async {
-                Err(ChatCallError::Unavailable("the chat server cannot be reached".into()))
+                Err(ChatCallError::Unavailable(
+                    "the chat server cannot be reached".into(),
+                ))
             });
         }
         let id = self.take_id();

@@ -45,29 +45,97 @@ impl EspError {
 
 /// Every ESP error code with its HTTP status and meaning (docs/ESP.md repeats this table).
 pub const ERROR_CODES: &[(&str, u16, &str)] = &[
-    ("bad_request", 400, "the request is not a valid ESP request (body, JSON, frame)"),
+    (
+        "bad_request",
+        400,
+        "the request is not a valid ESP request (body, JSON, frame)",
+    ),
     ("unknown_service", 400, "service is not ChatBotPlatform"),
-    ("unknown_method", 400, "method is not StartBot, StopBot, SendDataToBot or GetBotStatus"),
-    ("missing_parameter", 400, "a required parameter is absent or empty"),
-    ("unknown_parameter", 400, "a parameter the method does not take"),
+    (
+        "unknown_method",
+        400,
+        "method is not StartBot, StopBot, SendDataToBot or GetBotStatus",
+    ),
+    (
+        "missing_parameter",
+        400,
+        "a required parameter is absent or empty",
+    ),
+    (
+        "unknown_parameter",
+        400,
+        "a parameter the method does not take",
+    ),
     ("bad_channel", 400, "_umsChannel is not channel-chatbot"),
-    ("missing_interaction", 400, "userdata carries no InteractionId"),
-    ("name_too_long", 400, "ChatBotID and ChatBotName together have 49 characters or more"),
-    ("label_too_long", 400, "ChatBotCategory or ChatBotFunction has more than 50 characters"),
-    ("bad_boolean", 400, "a boolean parameter is not true or false"),
+    (
+        "missing_interaction",
+        400,
+        "userdata carries no InteractionId",
+    ),
+    (
+        "name_too_long",
+        400,
+        "ChatBotID and ChatBotName together have 49 characters or more",
+    ),
+    (
+        "label_too_long",
+        400,
+        "ChatBotCategory or ChatBotFunction has more than 50 characters",
+    ),
+    (
+        "bad_boolean",
+        400,
+        "a boolean parameter is not true or false",
+    ),
     ("bad_visibility", 400, "Visibility is not ALL, INT or VIP"),
-    ("bad_parameter", 400, "the plugin refused a parameter (for example an unknown ChatBotName)"),
-    ("unknown_chat_server", 400, "userdata ChatServer names a Chat Server this node does not know"),
-    ("unauthorized", 401, "a token is configured and the request lacks it"),
+    (
+        "bad_parameter",
+        400,
+        "the plugin refused a parameter (for example an unknown ChatBotName)",
+    ),
+    (
+        "unknown_chat_server",
+        400,
+        "userdata ChatServer names a Chat Server this node does not know",
+    ),
+    (
+        "unauthorized",
+        401,
+        "a token is configured and the request lacks it",
+    ),
     ("unknown_bot", 404, "no plugin has this ChatBotID"),
     ("no_such_instance", 404, "no running bot instance matches"),
-    ("no_such_session", 404, "the Chat Server has no open session for the interaction"),
-    ("already_running", 409, "the same (interaction, ChatBotID, ChatBotName) is already running"),
+    (
+        "no_such_session",
+        404,
+        "the Chat Server has no open session for the interaction",
+    ),
+    (
+        "already_running",
+        409,
+        "the same (interaction, ChatBotID, ChatBotName) is already running",
+    ),
     ("busy", 503, "the node is overloaded; retry later"),
-    ("chat_server_unavailable", 503, "the Chat Server cannot be reached"),
-    ("not_primary", 503, "this node is a backup; the answer names the primary"),
-    ("draining", 503, "a switchover is in progress; retry shortly"),
-    ("timeout", 504, "the request was not processed within esp-proc-timeout"),
+    (
+        "chat_server_unavailable",
+        503,
+        "the Chat Server cannot be reached",
+    ),
+    (
+        "not_primary",
+        503,
+        "this node is a backup; the answer names the primary",
+    ),
+    (
+        "draining",
+        503,
+        "a switchover is in progress; retry shortly",
+    ),
+    (
+        "timeout",
+        504,
+        "the request was not processed within esp-proc-timeout",
+    ),
     ("internal", 500, "an internal error; the log has details"),
 ];
 
@@ -91,7 +159,11 @@ impl fmt::Display for BotKey {
         if self.bot_name.is_empty() {
             write!(f, "{} in {}", self.bot_id, self.interaction_id)
         } else {
-            write!(f, "{}/{} in {}", self.bot_id, self.bot_name, self.interaction_id)
+            write!(
+                f,
+                "{}/{} in {}",
+                self.bot_id, self.bot_name, self.interaction_id
+            )
         }
     }
 }
@@ -116,7 +188,10 @@ pub struct StartSpec {
 pub enum EspCommand {
     Start(StartSpec),
     Stop(BotKey),
-    SendData { key: BotKey, data: KeyValues },
+    SendData {
+        key: BotKey,
+        data: KeyValues,
+    },
     Status {
         interaction_id: String,
         bot_id: Option<String>,
@@ -152,7 +227,10 @@ const START_KEYS: &[&str] = &[
 fn required<'a>(p: &'a KeyValues, key: &str) -> Result<&'a str, EspError> {
     match p.get(key).map(String::as_str) {
         Some(v) if !v.is_empty() => Ok(v),
-        _ => Err(EspError::new("missing_parameter", format!("parameter {key} is required"))),
+        _ => Err(EspError::new(
+            "missing_parameter",
+            format!("parameter {key} is required"),
+        )),
     }
 }
 
@@ -198,7 +276,9 @@ fn bot_key(p: &KeyValues, interaction_id: String) -> Result<BotKey, EspError> {
     if n >= 49 {
         return Err(EspError::new(
             "name_too_long",
-            format!("ChatBotID and ChatBotName have {n} characters together; fewer than 49 are allowed"),
+            format!(
+                "ChatBotID and ChatBotName have {n} characters together; fewer than 49 are allowed"
+            ),
         ));
     }
     Ok(BotKey {
@@ -212,7 +292,10 @@ fn no_other_parameters(p: &KeyValues, allowed: &[&str]) -> Result<(), EspError> 
     match p.keys().find(|k| !allowed.contains(&k.as_str())) {
         Some(k) => Err(EspError::new(
             "unknown_parameter",
-            format!("parameter {k} is not taken by this method (it takes {})", allowed.join(", ")),
+            format!(
+                "parameter {k} is not taken by this method (it takes {})",
+                allowed.join(", ")
+            ),
         )),
         None => Ok(()),
     }
@@ -231,7 +314,10 @@ pub fn parse(request: &EspRequest, chat_server: &str) -> Result<EspCommand, EspE
     match p.get("_umsChannel").map(String::as_str) {
         Some(CHANNEL) => {}
         None | Some("") => {
-            return Err(EspError::new("missing_parameter", "parameter _umsChannel is required"))
+            return Err(EspError::new(
+                "missing_parameter",
+                "parameter _umsChannel is required",
+            ))
         }
         Some(other) => {
             return Err(EspError::new(
@@ -253,7 +339,9 @@ pub fn parse(request: &EspRequest, chat_server: &str) -> Result<EspCommand, EspE
             let key = bot_key(p, interaction(&request.userdata)?)?;
             let visibility = match p.get("Visibility").map(String::as_str) {
                 None | Some("") => Visibility::All,
-                Some(v) => v.parse().map_err(|e: String| EspError::new("bad_visibility", e))?,
+                Some(v) => v
+                    .parse()
+                    .map_err(|e: String| EspError::new("bad_visibility", e))?,
             };
             let nickname = match p.get("Nickname") {
                 Some(n) if !n.is_empty() => n.clone(),
@@ -261,7 +349,10 @@ pub fn parse(request: &EspRequest, chat_server: &str) -> Result<EspCommand, EspE
                 _ => key.bot_id.clone(),
             };
             if nickname.len() > 128 {
-                return Err(EspError::new("bad_parameter", "Nickname is longer than 128 bytes"));
+                return Err(EspError::new(
+                    "bad_parameter",
+                    "Nickname is longer than 128 bytes",
+                ));
             }
             let parameters = p
                 .iter()
@@ -283,7 +374,10 @@ pub fn parse(request: &EspRequest, chat_server: &str) -> Result<EspCommand, EspE
         }
         "StopBot" => {
             no_other_parameters(p, &["ChatBotID", "ChatBotName", "_umsChannel"])?;
-            Ok(EspCommand::Stop(bot_key(p, interaction(&request.userdata)?)?))
+            Ok(EspCommand::Stop(bot_key(
+                p,
+                interaction(&request.userdata)?,
+            )?))
         }
         "SendDataToBot" => {
             let key = bot_key(p, interaction(&request.userdata)?)?;
@@ -305,7 +399,9 @@ pub fn parse(request: &EspRequest, chat_server: &str) -> Result<EspCommand, EspE
         }
         other => Err(EspError::new(
             "unknown_method",
-            format!("method {other:?} is not one of StartBot, StopBot, SendDataToBot, GetBotStatus"),
+            format!(
+                "method {other:?} is not one of StartBot, StopBot, SendDataToBot, GetBotStatus"
+            ),
         )),
     }
 }
@@ -319,7 +415,10 @@ mod tests {
             request_id: 1,
             service: ESP_SERVICE.into(),
             method: method.into(),
-            parameters: params.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            parameters: params
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             userdata: [("InteractionId".to_string(), "i-1".to_string())].into(),
         }
     }
@@ -341,19 +440,37 @@ mod tests {
         assert_eq!(s.nickname, "echo");
         assert_eq!(s.visibility, Visibility::All);
         assert!(s.stop_on_agent_arrival && !s.stop_on_customer_left && !s.holdup);
-        assert_eq!(s.parameters, [("Greeting".to_string(), "hi".to_string())].into());
+        assert_eq!(
+            s.parameters,
+            [("Greeting".to_string(), "hi".to_string())].into()
+        );
     }
 
     #[test]
     fn every_rule_has_its_code() {
-        assert_eq!(code("StartBot", &[("_umsChannel", "channel-chatbot")]), "missing_parameter");
-        assert_eq!(code("StartBot", &[("ChatBotID", "echo")]), "missing_parameter");
-        assert_eq!(code("StartBot", &[("ChatBotID", "echo"), ("_umsChannel", "chat")]), "bad_channel");
+        assert_eq!(
+            code("StartBot", &[("_umsChannel", "channel-chatbot")]),
+            "missing_parameter"
+        );
+        assert_eq!(
+            code("StartBot", &[("ChatBotID", "echo")]),
+            "missing_parameter"
+        );
+        assert_eq!(
+            code(
+                "StartBot",
+                &[("ChatBotID", "echo"), ("_umsChannel", "chat")]
+            ),
+            "bad_channel"
+        );
         let id48 = "x".repeat(44);
         let mut p = OK.to_vec();
         p[0] = ("ChatBotID", &id48);
         p.push(("ChatBotName", "abcd"));
-        assert!(parse(&request("StartBot", &p), "default").is_ok(), "48 characters are fine");
+        assert!(
+            parse(&request("StartBot", &p), "default").is_ok(),
+            "48 characters are fine"
+        );
         p[2] = ("ChatBotName", "abcde");
         assert_eq!(code("StartBot", &p), "name_too_long");
         let l50 = "c".repeat(50);
@@ -375,12 +492,18 @@ mod tests {
         assert_eq!(code("Launch", OK), "unknown_method");
         let mut r = request("StartBot", OK);
         r.userdata.clear();
-        assert_eq!(parse(&r, "default").unwrap_err().code, "missing_interaction");
+        assert_eq!(
+            parse(&r, "default").unwrap_err().code,
+            "missing_interaction"
+        );
         r.service = "Chat".into();
         assert_eq!(parse(&r, "default").unwrap_err().code, "unknown_service");
         let mut r = request("StartBot", OK);
         r.userdata.insert("ChatServer".into(), "other".into());
-        assert_eq!(parse(&r, "default").unwrap_err().code, "unknown_chat_server");
+        assert_eq!(
+            parse(&r, "default").unwrap_err().code,
+            "unknown_chat_server"
+        );
     }
 
     #[test]

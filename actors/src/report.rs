@@ -49,7 +49,12 @@ pub struct Registry {
 
 impl Registry {
     /// Every instance of an interaction, running first, optionally filtered by id and name.
-    pub fn status(&self, interaction_id: &str, bot_id: Option<&str>, bot_name: Option<&str>) -> Vec<BotStatus> {
+    pub fn status(
+        &self,
+        interaction_id: &str,
+        bot_id: Option<&str>,
+        bot_name: Option<&str>,
+    ) -> Vec<BotStatus> {
         let matches = |s: &BotStatus| {
             bot_id.is_none_or(|id| s.bot_id == id) && bot_name.is_none_or(|n| s.bot_name == n)
         };

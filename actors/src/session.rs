@@ -15,7 +15,9 @@ use tokio::sync::oneshot;
 
 use crate::bot::{Bot, StopReason};
 use crate::bot_actor::{BotActor, BotNotice, BotSetup, Deliver, StopBotActor};
-use crate::chat_link::{ChatCall, ChatCallError, ChatLink, FeedLost, Follower, ParticipantEvents, Unfollow};
+use crate::chat_link::{
+    ChatCall, ChatCallError, ChatLink, FeedLost, Follower, ParticipantEvents, Unfollow,
+};
 use crate::esp::{BotKey, EspError, StartSpec};
 use crate::now_ms;
 use crate::report::BotReport;
@@ -142,7 +144,10 @@ fn chat_error(e: ChatCallError) -> EspError {
         ChatCallError::Refused(e) => match e.code {
             ChatErrorCode::UnknownSession | ChatErrorCode::SessionClosed => EspError::new(
                 "no_such_session",
-                format!("the chat server has no open session for this interaction ({})", e.message),
+                format!(
+                    "the chat server has no open session for this interaction ({})",
+                    e.message
+                ),
             ),
             ChatErrorCode::LimitExceeded => EspError::new("busy", e.message),
             ChatErrorCode::Fenced => EspError::new("chat_server_unavailable", e.message),
@@ -182,7 +187,10 @@ impl SessionActor {
     fn on_events(&mut self, pid: &str, events: Vec<ChatEvent>, ctx: &mut Context<Self>) {
         let Some(slot) = self.bots.get_mut(pid) else {
             if self.joining > 0 {
-                self.early.entry(pid.to_string()).or_default().extend(events);
+                self.early
+                    .entry(pid.to_string())
+                    .or_default()
+                    .extend(events);
             }
             return;
         };
@@ -211,7 +219,9 @@ impl SessionActor {
     }
 
     fn start_bot(&mut self, pid: &str, p: PendingStart, ctx: &mut Context<Self>) {
-        let Some(slot) = self.bots.get_mut(pid) else { return };
+        let Some(slot) = self.bots.get_mut(pid) else {
+            return;
+        };
         let setup = BotSetup {
             spec: slot.spec.clone(),
             instance_id: slot.instance_id.clone(),
@@ -242,7 +252,9 @@ impl SessionActor {
 
     /// One event after the bot's join: relay it, then apply the end conditions.
     fn on_live_event(&mut self, pid: &str, e: ChatEvent) {
-        let Some(slot) = self.bots.get_mut(pid) else { return };
+        let Some(slot) = self.bots.get_mut(pid) else {
+            return;
+        };
         if slot.stopping {
             return;
         }
@@ -364,8 +376,15 @@ impl Handler<StartInSession> for SessionActor {
             .map(move |result, act, ctx| {
                 act.joining -= 1;
                 let outcome = match result {
-                    Ok(Ok(ChatResponse::Joined { participant_id, seq, .. })) => Ok((participant_id, seq)),
-                    Ok(Ok(other)) => Err(EspError::new("internal", format!("unexpected join answer {other:?}"))),
+                    Ok(Ok(ChatResponse::Joined {
+                        participant_id,
+                        seq,
+                        ..
+                    })) => Ok((participant_id, seq)),
+                    Ok(Ok(other)) => Err(EspError::new(
+                        "internal",
+                        format!("unexpected join answer {other:?}"),
+                    )),
                     Ok(Err(e)) => Err(chat_error(e)),
                     Err(e) => Err(EspError::new("internal", format!("chat link: {e}"))),
                 };
@@ -400,9 +419,12 @@ impl Handler<StartInSession> for SessionActor {
             })
             .then(move |(), _act, _ctx| {
                 actix::fut::wrap_future(async move {
-                    started
-                        .await
-                        .unwrap_or_else(|_| Err(EspError::new("internal", "the session stopped while starting the bot")))
+                    started.await.unwrap_or_else(|_| {
+                        Err(EspError::new(
+                            "internal",
+                            "the session stopped while starting the bot",
+                        ))
+                    })
                 })
             });
         Box::pin(joined)
@@ -435,9 +457,16 @@ impl Handler<BotNotice> for SessionActor {
 
     fn handle(&mut self, msg: BotNotice, ctx: &mut Context<Self>) {
         match msg {
-            BotNotice::WantsToLeave { participant_id } => self.stop(&participant_id, StopReason::BotLeft, None),
-            BotNotice::Failed { participant_id, .. } => self.stop(&participant_id, StopReason::Error, None),
-            BotNotice::Finished { participant_id, report } => {
+            BotNotice::WantsToLeave { participant_id } => {
+                self.stop(&participant_id, StopReason::BotLeft, None)
+            }
+            BotNotice::Failed { participant_id, .. } => {
+                self.stop(&participant_id, StopReason::Error, None)
+            }
+            BotNotice::Finished {
+                participant_id,
+                report,
+            } => {
                 if let Some(slot) = self.bots.remove(&participant_id) {
                     self.link.do_send(Unfollow {
                         session_id: self.interaction_id.clone(),
@@ -463,9 +492,18 @@ impl Handler<StopInSession> for SessionActor {
     fn handle(&mut self, msg: StopInSession, _ctx: &mut Context<Self>) -> Self::Result {
         let Some(pid) = self.pid_of(&msg.key) else {
             let key = msg.key;
-            return Box::pin(async move { Err(EspError::new("no_such_instance", format!("no running bot {key}"))) });
+            return Box::pin(async move {
+                Err(EspError::new(
+                    "no_such_instance",
+                    format!("no running bot {key}"),
+                ))
+            });
         };
-        let instance_id = self.bots.get(&pid).map(|s| s.instance_id.clone()).unwrap_or_default();
+        let instance_id = self
+            .bots
+            .get(&pid)
+            .map(|s| s.instance_id.clone())
+            .unwrap_or_default();
         let (tx, rx) = oneshot::channel();
         self.stop(&pid, msg.reason, Some(tx));
         Box::pin(async move {
@@ -481,15 +519,25 @@ impl Handler<DataInSession> for SessionActor {
     fn handle(&mut self, msg: DataInSession, _ctx: &mut Context<Self>) -> Self::Result {
         let found = self.pid_of(&msg.key).and_then(|pid| self.bots.get(&pid));
         let Some(slot) = found else {
-            return Err(EspError::new("no_such_instance", format!("no running bot {}", msg.key)));
+            return Err(EspError::new(
+                "no_such_instance",
+                format!("no running bot {}", msg.key),
+            ));
         };
         let Some(addr) = &slot.addr else {
-            return Err(EspError::new("no_such_instance", format!("bot {} is still starting", msg.key)));
+            return Err(EspError::new(
+                "no_such_instance",
+                format!("bot {} is still starting", msg.key),
+            ));
         };
         match addr.try_send(Deliver::Data(msg.data)) {
             Ok(()) => Ok(slot.instance_id.clone()),
-            Err(SendError::Full(_)) => Err(EspError::new("busy", "the bot has too many inputs waiting")),
-            Err(SendError::Closed(_)) => Err(EspError::new("no_such_instance", "the bot has stopped")),
+            Err(SendError::Full(_)) => {
+                Err(EspError::new("busy", "the bot has too many inputs waiting"))
+            }
+            Err(SendError::Closed(_)) => {
+                Err(EspError::new("no_such_instance", "the bot has stopped"))
+            }
         }
     }
 }

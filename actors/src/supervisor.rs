@@ -65,7 +65,10 @@ impl Supervisor {
         };
         let arbiters = (0..n).map(|_| Arbiter::new().handle()).collect();
         Self {
-            plugins: plugins.into_iter().map(|p| (p.bot_id().to_string(), p)).collect(),
+            plugins: plugins
+                .into_iter()
+                .map(|p| (p.bot_id().to_string(), p))
+                .collect(),
             config,
             link,
             sessions: HashMap::new(),
@@ -90,11 +93,17 @@ impl Supervisor {
         let addr = SessionActor::start_in_arbiter(arbiter, move |_| {
             SessionActor::new(id, link, me.clone().recipient(), me.recipient(), timeout)
         });
-        self.sessions.insert(interaction_id.to_string(), addr.clone());
+        self.sessions
+            .insert(interaction_id.to_string(), addr.clone());
         addr
     }
 
-    fn start(&mut self, request_id: u64, spec: StartSpec, ctx: &mut Context<Self>) -> ResponseActFuture<Self, EspResponse> {
+    fn start(
+        &mut self,
+        request_id: u64,
+        spec: StartSpec,
+        ctx: &mut Context<Self>,
+    ) -> ResponseActFuture<Self, EspResponse> {
         let fail = |e: EspError| -> ResponseActFuture<Self, EspResponse> {
             Box::pin(actix::fut::ready(e.into_response(request_id)))
         };
@@ -102,17 +111,27 @@ impl Supervisor {
             let known: Vec<&str> = self.plugins.keys().map(String::as_str).collect();
             return fail(EspError::new(
                 "unknown_bot",
-                format!("no plugin has ChatBotID {:?} (this node has {})", spec.key.bot_id, known.join(", ")),
+                format!(
+                    "no plugin has ChatBotID {:?} (this node has {})",
+                    spec.key.bot_id,
+                    known.join(", ")
+                ),
             ));
         };
         if self.registry.running.contains_key(&spec.key) {
-            return fail(EspError::new("already_running", format!("bot {} is already running", spec.key)));
+            return fail(EspError::new(
+                "already_running",
+                format!("bot {} is already running", spec.key),
+            ));
         }
         let create = CreateBot {
             bot_name: spec.key.bot_name.clone(),
             parameters: spec.parameters.clone(),
         };
-        let bot = match factory.check(&create).and_then(|()| factory.create(&create)) {
+        let bot = match factory
+            .check(&create)
+            .and_then(|()| factory.create(&create))
+        {
             Ok(bot) => bot,
             Err(e) => return fail(EspError::new("bad_parameter", e.0)),
         };
@@ -186,7 +205,9 @@ impl Handler<Esp> for Supervisor {
 
     fn handle(&mut self, Esp(request): Esp, ctx: &mut Context<Self>) -> Self::Result {
         let id = request.request_id;
-        let ready = |r: EspResponse| -> ResponseActFuture<Self, EspResponse> { Box::pin(actix::fut::ready(r)) };
+        let ready = |r: EspResponse| -> ResponseActFuture<Self, EspResponse> {
+            Box::pin(actix::fut::ready(r))
+        };
         let command = match esp::parse(&request, &self.config.chat_server_name) {
             Ok(c) => c,
             Err(e) => return ready(e.into_response(id)),
@@ -198,31 +219,61 @@ impl Handler<Esp> for Supervisor {
             EspCommand::Start(spec) => self.start(id, spec, ctx),
             EspCommand::Stop(key) => {
                 let Some(session) = self.sessions.get(&key.interaction_id).cloned() else {
-                    return ready(EspError::new("no_such_instance", format!("no running bot {key}")).into_response(id));
+                    return ready(
+                        EspError::new("no_such_instance", format!("no running bot {key}"))
+                            .into_response(id),
+                    );
                 };
                 Box::pin(
                     session
-                        .send(StopInSession { key, reason: StopReason::StopRequested })
+                        .send(StopInSession {
+                            key,
+                            reason: StopReason::StopRequested,
+                        })
                         .into_actor(self)
                         .map(move |r, _, _| match r {
-                            Ok(Ok(instance_id)) => EspResponse::ok(id, EspResult::Stopped { instance_id }),
+                            Ok(Ok(instance_id)) => {
+                                EspResponse::ok(id, EspResult::Stopped { instance_id })
+                            }
                             Ok(Err(e)) => e.into_response(id),
-                            Err(_) => EspError::new("no_such_instance", "the bot's session has ended").into_response(id),
+                            Err(_) => {
+                                EspError::new("no_such_instance", "the bot's session has ended")
+                                    .into_response(id)
+                            }
                         }),
                 )
             }
             EspCommand::SendData { key, data } => {
                 let Some(session) = self.sessions.get(&key.interaction_id).cloned() else {
-                    return ready(EspError::new("no_such_instance", format!("no running bot {key}")).into_response(id));
+                    return ready(
+                        EspError::new("no_such_instance", format!("no running bot {key}"))
+                            .into_response(id),
+                    );
                 };
-                Box::pin(session.send(DataInSession { key, data }).into_actor(self).map(move |r, _, _| match r {
-                    Ok(Ok(instance_id)) => EspResponse::ok(id, EspResult::DataSent { instance_id }),
-                    Ok(Err(e)) => e.into_response(id),
-                    Err(_) => EspError::new("no_such_instance", "the bot's session has ended").into_response(id),
-                }))
+                Box::pin(
+                    session
+                        .send(DataInSession { key, data })
+                        .into_actor(self)
+                        .map(move |r, _, _| match r {
+                            Ok(Ok(instance_id)) => {
+                                EspResponse::ok(id, EspResult::DataSent { instance_id })
+                            }
+                            Ok(Err(e)) => e.into_response(id),
+                            Err(_) => {
+                                EspError::new("no_such_instance", "the bot's session has ended")
+                                    .into_response(id)
+                            }
+                        }),
+                )
             }
-            EspCommand::Status { interaction_id, bot_id, bot_name } => {
-                let bots = self.registry.status(&interaction_id, bot_id.as_deref(), bot_name.as_deref());
+            EspCommand::Status {
+                interaction_id,
+                bot_id,
+                bot_name,
+            } => {
+                let bots =
+                    self.registry
+                        .status(&interaction_id, bot_id.as_deref(), bot_name.as_deref());
                 ready(EspResponse::ok(id, EspResult::Status { bots }))
             }
         }
@@ -252,7 +303,11 @@ impl Handler<SessionEnded> for Supervisor {
     type Result = ();
 
     fn handle(&mut self, msg: SessionEnded, _ctx: &mut Context<Self>) {
-        if self.sessions.get(&msg.interaction_id).is_some_and(|a| !a.connected()) {
+        if self
+            .sessions
+            .get(&msg.interaction_id)
+            .is_some_and(|a| !a.connected())
+        {
             self.sessions.remove(&msg.interaction_id);
         }
     }
@@ -266,7 +321,11 @@ impl Handler<Shutdown> for Supervisor {
         let sessions: Vec<Addr<SessionActor>> = self.sessions.values().cloned().collect();
         Box::pin(async move {
             for s in sessions {
-                let _ = s.send(StopAll { reason: StopReason::Shutdown }).await;
+                let _ = s
+                    .send(StopAll {
+                        reason: StopReason::Shutdown,
+                    })
+                    .await;
             }
         })
     }

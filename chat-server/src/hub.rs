@@ -631,7 +631,8 @@ impl Hub {
         conn.check_live()?;
         let session = self.session(session_id)?;
         let mut st = session.lock();
-        let last = st.last_seq();
+        // What is readable now (an event still on its way to disk is not a safe checkpoint).
+        let last = st.visible_seq;
         let Some(p) = st.participant_mut(participant_id) else {
             return refuse(
                 ChatErrorCode::UnknownParticipant,
@@ -839,7 +840,7 @@ impl Hub {
                 format!("no participant {participant_id} in session {}", session.id),
             );
         };
-        let (events, last) = st.read_for(&p.info, since, 1000, 1 << 20);
+        let (events, last) = st.read_for(p, since, 1000, 1 << 20);
         Ok((events, last.max(since.min(st.visible_seq)), st.is_closed()))
     }
 
@@ -1065,8 +1066,11 @@ pub async fn follow<F, Fut>(
                     return;
                 }
             }
-            let (events, scanned) =
-                st.read_for(&p.info, since, FEED_BATCH_EVENTS, FEED_BATCH_BYTES);
+            let (events, scanned) = st.read_for(p, since, FEED_BATCH_EVENTS, FEED_BATCH_BYTES);
+            // Past the event that removed the participant there is nothing more for it.
+            if events.is_empty() && p.ended_at.is_some_and(|end| scanned >= end) {
+                return;
+            }
             (events, scanned, scanned < st.visible_seq)
         };
         since = scanned;

@@ -59,6 +59,8 @@ struct Entry {
 
 /// The append side of the journal. Dropping it lets the writer finish what is queued and stop.
 pub struct Journal {
+    /// Held for the life of the journal: one server per data dir.
+    _lock: File,
     tx: std_mpsc::Sender<Entry>,
     writer: std::sync::Mutex<Option<JoinHandle<()>>>,
 }
@@ -114,16 +116,44 @@ pub fn read(dir: &Path) -> Result<Vec<JournalRecord>> {
                 at += used;
             }
             None => {
+                // A torn tail (a crash mid-write) is expected; a bad record with intact data
+                // after it is not, and dropping what follows would lose acknowledged events.
+                let declared = (rest.len() >= 4)
+                    .then(|| u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize);
+                if declared.is_some_and(|len| 8 + len < rest.len()) {
+                    return Err(ChatServerError::Journal(format!(
+                        "{} has a corrupt record at byte {at} followed by more data; refusing to start \
+                         (move the file aside to start empty, or restore a backup)",
+                        path.display()
+                    )));
+                }
                 tracing::warn!(
                     offset = at,
                     dropped_bytes = bytes.len() - at,
-                    "journal ends with a torn or corrupt record; it is cut off"
+                    "journal ends with a torn record (a crash mid-write); it is cut off"
                 );
                 break;
             }
         }
     }
     Ok(records)
+}
+
+/// Takes the data dir's lock file, so two servers never write one journal.
+pub fn lock_dir(dir: &Path) -> Result<File> {
+    fs::create_dir_all(dir)?;
+    let lock = OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("lock"))?;
+    lock.try_lock().map_err(|_| {
+        ChatServerError::Journal(format!(
+            "{} is in use by another bgs-chat-server",
+            dir.display()
+        ))
+    })?;
+    Ok(lock)
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
@@ -136,6 +166,7 @@ impl Journal {
     /// directory) and starts the writer that appends to it.
     pub fn create(dir: &Path, records: &[JournalRecord]) -> Result<Journal> {
         fs::create_dir_all(dir)?;
+        let lock = lock_dir(dir)?;
         let tmp = dir.join(format!("{FILE}.tmp"));
         {
             let mut f = File::create(&tmp)?;
@@ -155,6 +186,7 @@ impl Journal {
             .name("journal".into())
             .spawn(move || write_loop(file, path, rx))?;
         Ok(Journal {
+            _lock: lock,
             tx,
             writer: std::sync::Mutex::new(Some(writer)),
         })
@@ -258,7 +290,10 @@ mod tests {
             .unwrap()
             .await
             .unwrap();
+        // One server per data dir.
+        assert!(Journal::create(&dir, &[]).is_err());
         journal.close();
+        drop(journal);
         assert_eq!(read(&dir).unwrap(), vec![epoch(1), epoch(2), epoch(3)]);
         // A crash in the middle of a record: half of one more record at the end.
         let extra = frame(&epoch(4)).unwrap();
@@ -276,6 +311,11 @@ mod tests {
         bad[last] ^= 0xff;
         fs::write(dir.join(FILE), &bad).unwrap();
         assert_eq!(read(&dir).unwrap(), vec![epoch(1), epoch(2)]);
+        // A flipped byte in the first record, with intact records after it: refuse, lose nothing.
+        let mut bad = fs::read(dir.join(FILE)).unwrap();
+        bad[MAGIC.len() + 8] ^= 0xff;
+        fs::write(dir.join(FILE), &bad).unwrap();
+        assert!(read(&dir).is_err());
         fs::write(dir.join(FILE), b"not a journal").unwrap();
         assert!(read(&dir).is_err());
         let _ = fs::remove_dir_all(&dir);

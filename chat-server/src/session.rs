@@ -51,6 +51,8 @@ pub struct ParticipantState {
     pub attached: Option<u64>,
     /// When it lost its connection; the grace period runs from here.
     pub detached_since: Option<Instant>,
+    /// The event that removed it (its own `left`, or the session's `closed`): it sees nothing later.
+    pub ended_at: Option<u64>,
     keys: HashMap<String, u64>,
 }
 
@@ -225,6 +227,7 @@ impl SessionState {
                         present: true,
                         attached: None,
                         detached_since,
+                        ended_at: None,
                         keys: HashMap::new(),
                     },
                 );
@@ -234,6 +237,7 @@ impl SessionState {
                     p.present = false;
                     p.attached = None;
                     p.detached_since = None;
+                    p.ended_at = Some(event.seq);
                 }
             }
             EventKind::Message | EventKind::Notice | EventKind::Typing => {
@@ -254,6 +258,9 @@ impl SessionState {
             EventKind::Closed => {
                 self.closed = Some((event.reason.unwrap_or(Reason::Server), event.ts_ms));
                 for p in self.participants.values_mut() {
+                    if p.present {
+                        p.ended_at = Some(event.seq);
+                    }
                     p.present = false;
                     p.attached = None;
                     p.detached_since = None;
@@ -451,25 +458,38 @@ impl SessionState {
 
     /// Readable events after `since` for `viewer`, at most `max_events` and about `max_bytes` of
     /// text; and the last sequence number examined (the next `since`).
+    /// A participant that has left (or whose session closed) reads nothing after that event.
     pub fn read_for(
         &self,
-        viewer: &Participant,
+        viewer: &ParticipantState,
         since: u64,
         max_events: usize,
         max_bytes: usize,
     ) -> (Vec<ChatEvent>, u64) {
         let mut out = Vec::new();
         let mut bytes = 0;
-        let mut scanned = since.min(self.visible_seq);
+        let limit = viewer
+            .ended_at
+            .map_or(self.visible_seq, |e| e.min(self.visible_seq));
+        let mut scanned = since.min(limit);
         let start = scanned as usize;
-        let end = self.visible_seq as usize;
+        let end = limit as usize;
+        let viewer = &viewer.info;
         for event in &self.events[start..end] {
             if out.len() >= max_events || (bytes >= max_bytes && !out.is_empty()) {
                 break;
             }
             scanned = event.seq;
             if Self::may_view(viewer, event) {
-                bytes += 128 + event.text.as_ref().map_or(0, String::len) + event.nickname.len();
+                bytes += 128
+                    + event.text.as_ref().map_or(0, String::len)
+                    + event.nickname.len()
+                    + event
+                        .userdata
+                        .iter()
+                        .flatten()
+                        .map(|(k, v)| k.len() + v.as_ref().map_or(0, String::len) + 8)
+                        .sum::<usize>();
                 out.push(event.clone());
             }
         }
@@ -539,8 +559,8 @@ mod tests {
     }
 
     fn seen_by(s: &SessionState, who: &str) -> Vec<u64> {
-        let viewer = s.participant(who).unwrap().info.clone();
-        s.read_for(&viewer, 0, 1000, usize::MAX)
+        let viewer = s.participant(who).unwrap();
+        s.read_for(viewer, 0, 1000, usize::MAX)
             .0
             .iter()
             .map(|e| e.seq)

@@ -213,12 +213,16 @@ async fn handshake(
                 server_id: hub.server_id.clone(),
                 max_frame: max_frame_u32(hub.config.max_frame),
             };
-            tx.send(ServerFrame::Reply {
-                id,
-                result: Ok(welcome),
-            })
-            .await
-            .ok()?;
+            let sent = tx
+                .send(ServerFrame::Reply {
+                    id,
+                    result: Ok(welcome),
+                })
+                .await;
+            if sent.is_err() {
+                hub.connection_closed(&conn);
+                return None;
+            }
             Some(conn)
         }
         Err(e) => {

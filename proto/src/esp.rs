@@ -73,14 +73,22 @@ pub struct BotStatus {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum EspResult {
     /// Hello accepted.
-    Welcome { node_id: String },
+    Welcome {
+        node_id: String,
+    },
     Started {
         instance_id: String,
         participant_id: String,
     },
-    Stopped { instance_id: String },
-    DataSent { instance_id: String },
-    Status { bots: Vec<BotStatus> },
+    Stopped {
+        instance_id: String,
+    },
+    DataSent {
+        instance_id: String,
+    },
+    Status {
+        bots: Vec<BotStatus>,
+    },
 }
 
 /// The answer to one ESP request: a result on success; a stable `code`, a human `message` and,
