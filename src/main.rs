@@ -1,1 +1,154 @@
-fn main() {}
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use bgs::config::Config;
+use bgs::esp_client;
+use bgs_proto::esp::{EspRequest, EspStatus, ESP_SERVICE};
+use clap::{Args, Parser, Subcommand};
+
+/// bgs, the Bot Gateway Server: attaches chat bots to contact-centre chat sessions.
+#[derive(Parser)]
+#[command(name = "bgs", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run one gateway node (defaults for every key; see docs/CONFIG.md).
+    Serve {
+        /// The TOML configuration file.
+        #[arg(long, value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Send one ESP request as a workflow would, and print the answer (exit 1 on an error answer).
+    Esp(EspArgs),
+}
+
+#[derive(Args)]
+struct EspArgs {
+    /// StartBot, StopBot, SendDataToBot or GetBotStatus.
+    method: String,
+    /// A request parameter (repeatable). `_umsChannel=channel-chatbot` is added when absent.
+    #[arg(long = "param", short = 'p', value_name = "K=V", value_parser = key_value)]
+    params: Vec<(String, String)>,
+    /// A userdata pair (repeatable).
+    #[arg(long = "userdata", short = 'u', value_name = "K=V", value_parser = key_value)]
+    userdata: Vec<(String, String)>,
+    /// Shorthand for `--userdata InteractionId=ID`.
+    #[arg(long, short = 'i', value_name = "ID")]
+    interaction: Option<String>,
+    /// The node's HTTP base URL.
+    #[arg(long, default_value = "http://127.0.0.1:7080", env = "BGS_URL")]
+    url: String,
+    /// Use framed ESP over TCP at this address instead of HTTP.
+    #[arg(long, value_name = "ADDR")]
+    tcp: Option<String>,
+    /// The node's auth.token.
+    #[arg(long, env = "BGS_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Seconds to wait for the answer.
+    #[arg(long, default_value_t = 70)]
+    timeout: u64,
+}
+
+fn key_value(s: &str) -> Result<(String, String), String> {
+    s.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .filter(|(k, _)| !k.is_empty())
+        .ok_or_else(|| format!("expected KEY=VALUE, got {s:?}"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve { config } => match serve(config) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("bgs: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Esp(args) => esp(args),
+    }
+}
+
+fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
+    let config =
+        Config::load(path.as_deref(), |k| std::env::var(k).ok()).context("configuration")?;
+    bgs::telemetry::init(config.log.json, &config.log.level);
+    bgs::telemetry::install_panic_hook();
+    let system = actix_rt::System::new();
+    system.block_on(async move {
+        let node = bgs::serve::start(config).await?;
+        println!("bgs listening http={} esp={}", node.http, node.esp);
+        wait_for_signal().await;
+        tracing::info!("shutting down");
+        node.shutdown().await;
+        anyhow::Ok(())
+    })
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+}
+
+fn esp(args: EspArgs) -> ExitCode {
+    let mut parameters: BTreeMap<String, String> = args.params.into_iter().collect();
+    parameters
+        .entry("_umsChannel".into())
+        .or_insert_with(|| "channel-chatbot".into());
+    let mut userdata: BTreeMap<String, String> = args.userdata.into_iter().collect();
+    if let Some(i) = args.interaction {
+        userdata.insert("InteractionId".into(), i);
+    }
+    let request = EspRequest {
+        request_id: 1,
+        service: ESP_SERVICE.into(),
+        method: args.method,
+        parameters,
+        userdata,
+    };
+    let timeout = Duration::from_secs(args.timeout);
+    let outcome = match &args.tcp {
+        Some(addr) => {
+            esp_client::over_tcp(addr, args.token.as_deref(), request, timeout).map(|r| {
+                let ok = r.status == EspStatus::Ok;
+                (ok, bgs::http::esp_json(&r).1)
+            })
+        }
+        None => esp_client::over_http(&args.url, args.token.as_deref(), &request, timeout),
+    };
+    match outcome {
+        Ok((ok, answer)) => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&answer).unwrap_or_default()
+            );
+            if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            }
+        }
+        Err(e) => {
+            eprintln!("bgs esp: {e}");
+            ExitCode::from(2)
+        }
+    }
+}

@@ -111,6 +111,32 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "unknown panic".into())
 }
 
+thread_local! {
+    static IN_PLUGIN: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// True while plugin code runs on this thread: a panic hook uses it to tell a plugin's panic
+/// (caught, the bot stops) from the gateway's own (the process exits).
+pub fn in_plugin() -> bool {
+    IN_PLUGIN.with(|f| f.get())
+}
+
+/// Marks every poll of the wrapped plugin future as plugin code.
+struct PluginCode<F>(F);
+
+impl<F: std::future::Future + Unpin> std::future::Future for PluginCode<F> {
+    type Output = F::Output;
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<F::Output> {
+        let before = IN_PLUGIN.with(|f| f.replace(true));
+        let out = std::pin::Pin::new(&mut self.0).poll(cx);
+        IN_PLUGIN.with(|f| f.set(before));
+        out
+    }
+}
+
 /// Runs one handler: returns the bot (unless it panicked or overran), its error, its actions.
 async fn call(
     mut bot: Box<dyn Bot>,
@@ -120,7 +146,7 @@ async fn call(
 ) -> (Option<Box<dyn Bot>>, Option<String>, Vec<BotAction>) {
     let result = tokio::time::timeout(
         timeout,
-        AssertUnwindSafe(bot.handle(&mut ctx, input)).catch_unwind(),
+        AssertUnwindSafe(PluginCode(bot.handle(&mut ctx, input))).catch_unwind(),
     )
     .await;
     let actions = ctx.take_actions();

@@ -139,7 +139,8 @@ pub const ERROR_CODES: &[(&str, u16, &str)] = &[
     ("internal", 500, "an internal error; the log has details"),
 ];
 
-fn status_of(code: &str) -> u16 {
+/// The HTTP status that goes with an error code (500 for an unknown one).
+pub fn status_of(code: &str) -> u16 {
     ERROR_CODES
         .iter()
         .find(|(c, _, _)| *c == code)

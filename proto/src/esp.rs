@@ -21,6 +21,8 @@ pub type KeyValues = BTreeMap<String, String>;
 pub struct EspHello {
     pub version: u16,
     pub client_name: String,
+    /// The node's `auth.token`, when it has one.
+    pub token: Option<String>,
 }
 
 /// What an ESP client sends over TCP: one Hello, then requests.

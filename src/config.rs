@@ -1,0 +1,486 @@
+//! Configuration of a gateway node: a TOML file, every key with a default, `BGS_...` environment
+//! variables overriding keys, and checks whose messages name the key. docs/CONFIG.md documents
+//! every key; option names of the original product are kept (`[channel-chatbot]`, `[settings]`).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Parse(String),
+    #[error("bad value for {key}: {reason}")]
+    Invalid { key: String, reason: String },
+}
+
+fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        reason: reason.into(),
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Config {
+    pub node: NodeConfig,
+    pub ha: HaConfig,
+    pub chat_server: ChatServerConfig,
+    pub channel_chatbot: ChannelChatbotConfig,
+    pub settings: SettingsConfig,
+    pub auth: AuthConfig,
+    pub bots: BotsConfig,
+    pub reporting: ReportingConfig,
+    pub log: LogConfig,
+    pub plugins: PluginsConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct NodeConfig {
+    pub id: String,
+    pub cluster_id: String,
+    pub role: String,
+    pub http_listen: SocketAddr,
+    pub esp_listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct HaConfig {
+    pub listen: SocketAddr,
+    pub peer: Option<String>,
+    pub peer_http: Option<String>,
+    pub secret: String,
+    pub heartbeat_interval_ms: u64,
+    pub failover_after_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ChatServerConfig {
+    pub address: String,
+    /// The name workflows may give in userdata `ChatServer`.
+    pub name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ChannelChatbotConfig {
+    /// Seconds between reconnect attempts after a Chat Server loss (fractions allowed).
+    pub ha_chat_reconnecting_delay: f64,
+    pub ha_chat_reconnecting_attempts: u32,
+    pub ha_bot_recovery_batch: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct SettingsConfig {
+    /// Seconds an ESP request may take before it gets a negative answer (5..3600).
+    pub esp_proc_timeout: u64,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct AuthConfig {
+    /// When set, ESP and admin requests need `Authorization: Bearer <token>`.
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct BotsConfig {
+    /// Longest time a bot may take to handle one input before it is stopped with reason `error`.
+    pub handling_timeout_ms: u64,
+    /// Seconds finished bot instances stay visible to GetBotStatus.
+    pub finished_retention: u64,
+    /// Threads (actix arbiters) for sessions and bots; 0: one per core.
+    pub arbiters: usize,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ReportingConfig {
+    /// JSON-lines file for per-bot-session reports; absent: reports go to the log only.
+    pub file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct LogConfig {
+    pub json: bool,
+    /// A tracing filter (`info`, `bgs=debug,actix=warn`); `RUST_LOG` wins when set.
+    pub level: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct PluginsConfig {
+    pub scripted: ScriptedConfig,
+    pub faulty: FaultyConfig,
+    /// External webhook bots (a later release ships the connector; accepted so configs can hold them).
+    pub webhook: ConnectorConfig,
+    pub botframework: ConnectorConfig,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ScriptedConfig {
+    /// Script name (the StartBot `ChatBotName`) to a TOML script file. `demo` is built in.
+    pub scripts: BTreeMap<String, PathBuf>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct FaultyConfig {
+    /// Enables the `faulty` diagnostic bot (panics, errors or stalls on command).
+    pub enabled: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ConnectorConfig {
+    pub endpoints: BTreeMap<String, toml::Table>,
+    pub bots: BTreeMap<String, toml::Table>,
+}
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap_or(SocketAddr::from(([127, 0, 0, 1], 0)))
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            id: "bgs-a".into(),
+            cluster_id: "bgs".into(),
+            role: "primary".into(),
+            http_listen: addr("127.0.0.1:7080"),
+            esp_listen: addr("127.0.0.1:7010"),
+        }
+    }
+}
+
+impl Default for HaConfig {
+    fn default() -> Self {
+        Self {
+            listen: addr("127.0.0.1:7090"),
+            peer: None,
+            peer_http: None,
+            secret: "change-me".into(),
+            heartbeat_interval_ms: 100,
+            failover_after_ms: 1000,
+        }
+    }
+}
+
+impl Default for ChatServerConfig {
+    fn default() -> Self {
+        Self {
+            address: "127.0.0.1:7100".into(),
+            name: "ChatServer".into(),
+        }
+    }
+}
+
+impl Default for ChannelChatbotConfig {
+    fn default() -> Self {
+        Self {
+            ha_chat_reconnecting_delay: 10.0,
+            ha_chat_reconnecting_attempts: 15,
+            ha_bot_recovery_batch: 100,
+        }
+    }
+}
+
+impl Default for SettingsConfig {
+    fn default() -> Self {
+        Self {
+            esp_proc_timeout: 60,
+        }
+    }
+}
+
+impl Default for BotsConfig {
+    fn default() -> Self {
+        Self {
+            handling_timeout_ms: 10_000,
+            finished_retention: 3600,
+            arbiters: 0,
+        }
+    }
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            node: NodeConfig::default(),
+            ha: HaConfig::default(),
+            chat_server: ChatServerConfig::default(),
+            channel_chatbot: ChannelChatbotConfig::default(),
+            settings: SettingsConfig::default(),
+            auth: AuthConfig::default(),
+            bots: BotsConfig::default(),
+            reporting: ReportingConfig::default(),
+            log: LogConfig {
+                json: false,
+                level: "info".into(),
+            },
+            plugins: PluginsConfig::default(),
+        }
+    }
+}
+
+/// The environment variable that overrides `section.key`: `BGS_` + upper case, `-` and `.` as `_`.
+pub fn env_name(section: &str, key: &str) -> String {
+    format!("BGS_{section}_{key}")
+        .to_uppercase()
+        .replace(['-', '.'], "_")
+}
+
+/// A value from the environment as TOML: a number, boolean or quoted string if it parses as one,
+/// else the raw text as a string.
+fn env_value(raw: &str) -> toml::Value {
+    toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()))
+}
+
+impl Config {
+    /// Reads `path` (or only defaults), applies `BGS_...` overrides from `env`, checks the result.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let text = match path {
+            Some(p) => std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                path: p.to_path_buf(),
+                source,
+            })?,
+            None => String::new(),
+        };
+        Self::from_toml(&text, env)
+    }
+
+    pub fn from_toml(
+        text: &str,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let mut table: toml::Table =
+            toml::from_str(text).map_err(|e| ConfigError::Parse(e.to_string()))?;
+        // Every scalar key of the defaults can be overridden from the environment.
+        let defaults = toml::Table::try_from(Config::default())
+            .map_err(|e| ConfigError::Parse(e.to_string()))?;
+        let mut keys: Vec<(String, String)> = Vec::new();
+        for (section, value) in &defaults {
+            if let toml::Value::Table(t) = value {
+                for key in t.keys() {
+                    keys.push((section.clone(), key.clone()));
+                }
+            }
+        }
+        // Optional keys are absent from the serialized defaults; list them too.
+        for (section, key) in [
+            ("ha", "peer"),
+            ("ha", "peer-http"),
+            ("auth", "token"),
+            ("reporting", "file"),
+        ] {
+            keys.push((section.into(), key.into()));
+        }
+        for (section, key) in keys {
+            if let Some(raw) = env(&env_name(&section, &key)) {
+                let entry = table
+                    .entry(section.clone())
+                    .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+                if let toml::Value::Table(t) = entry {
+                    let value = match key.as_str() {
+                        // Addresses, ids and paths stay strings even when they look like numbers.
+                        "id" | "cluster-id" | "role" | "address" | "name" | "secret" | "token"
+                        | "file" | "peer" | "peer-http" | "level" => toml::Value::String(raw),
+                        _ => env_value(&raw),
+                    };
+                    t.insert(key, value);
+                }
+            }
+        }
+        let config: Config = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.node.id.is_empty() {
+            return Err(invalid("node.id", "must not be empty"));
+        }
+        if self.node.cluster_id.is_empty() {
+            return Err(invalid("node.cluster-id", "must not be empty"));
+        }
+        match self.node.role.as_str() {
+            "primary" => {}
+            "backup" => {
+                return Err(invalid(
+                    "node.role",
+                    "backup needs the HA link, which this release does not have yet; use primary",
+                ))
+            }
+            other => {
+                return Err(invalid(
+                    "node.role",
+                    format!("must be primary or backup, not {other:?}"),
+                ))
+            }
+        }
+        if !(5..=3600).contains(&self.settings.esp_proc_timeout) {
+            return Err(invalid(
+                "settings.esp-proc-timeout",
+                format!(
+                    "must be 5 to 3600 seconds, not {}",
+                    self.settings.esp_proc_timeout
+                ),
+            ));
+        }
+        let delay = self.channel_chatbot.ha_chat_reconnecting_delay;
+        if !(delay.is_finite() && (0.01..=3600.0).contains(&delay)) {
+            return Err(invalid(
+                "channel-chatbot.ha-chat-reconnecting-delay",
+                format!("must be 0.01 to 3600 seconds, not {delay}"),
+            ));
+        }
+        if self.channel_chatbot.ha_chat_reconnecting_attempts == 0 {
+            return Err(invalid(
+                "channel-chatbot.ha-chat-reconnecting-attempts",
+                "must be at least 1",
+            ));
+        }
+        if self.channel_chatbot.ha_bot_recovery_batch == 0 {
+            return Err(invalid(
+                "channel-chatbot.ha-bot-recovery-batch",
+                "must be at least 1",
+            ));
+        }
+        if self.chat_server.address.is_empty() {
+            return Err(invalid("chat-server.address", "must not be empty"));
+        }
+        if self.bots.handling_timeout_ms < 10 {
+            return Err(invalid("bots.handling-timeout-ms", "must be at least 10"));
+        }
+        if self.auth.token.as_deref() == Some("") {
+            return Err(invalid(
+                "auth.token",
+                "must not be empty when set (remove the key to disable)",
+            ));
+        }
+        if self.ha.heartbeat_interval_ms == 0
+            || self.ha.failover_after_ms <= self.ha.heartbeat_interval_ms
+        {
+            return Err(invalid(
+                "ha.failover-after-ms",
+                "must be larger than ha.heartbeat-interval-ms, which must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn reconnect_delay(&self) -> Duration {
+        Duration::from_secs_f64(self.channel_chatbot.ha_chat_reconnecting_delay)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    #[test]
+    fn defaults_need_no_file() {
+        let c = Config::from_toml("", no_env).unwrap();
+        assert_eq!(c, Config::default());
+        assert_eq!(c.settings.esp_proc_timeout, 60);
+        assert_eq!(c.channel_chatbot.ha_chat_reconnecting_attempts, 15);
+    }
+
+    #[test]
+    fn environment_overrides_keys() {
+        let env = |k: &str| match k {
+            "BGS_SETTINGS_ESP_PROC_TIMEOUT" => Some("120".to_string()),
+            "BGS_CHANNEL_CHATBOT_HA_CHAT_RECONNECTING_DELAY" => Some("0.5".to_string()),
+            "BGS_NODE_ID" => Some("42".to_string()),
+            "BGS_AUTH_TOKEN" => Some("s3cret".to_string()),
+            _ => None,
+        };
+        let c = Config::from_toml("[settings]\nesp-proc-timeout = 30\n", env).unwrap();
+        assert_eq!(c.settings.esp_proc_timeout, 120);
+        assert_eq!(c.channel_chatbot.ha_chat_reconnecting_delay, 0.5);
+        assert_eq!(c.node.id, "42");
+        assert_eq!(c.auth.token.as_deref(), Some("s3cret"));
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = Config::from_toml("[settings]\nesp-proc-timeout = 2\n", no_env).unwrap_err();
+        assert!(e.to_string().contains("settings.esp-proc-timeout"), "{e}");
+        let e = Config::from_toml("[settings]\nesp-proc-timout = 20\n", no_env).unwrap_err();
+        assert!(e.to_string().contains("esp-proc-timout"), "{e}");
+        let e = Config::from_toml(
+            "[channel-chatbot]\nha-chat-reconnecting-attempts = \"x\"\n",
+            no_env,
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("ha-chat-reconnecting-attempts"),
+            "{e}"
+        );
+        let e = Config::from_toml("[node]\nrole = \"leader\"\n", no_env).unwrap_err();
+        assert!(e.to_string().contains("node.role"), "{e}");
+    }
+
+    #[test]
+    fn the_spec_sample_parses() {
+        let sample = r#"
+[node]
+id = "bgs-a"
+cluster-id = "bgs"
+role = "primary"
+http-listen = "127.0.0.1:7080"
+esp-listen = "127.0.0.1:7010"
+[ha]
+listen = "127.0.0.1:7090"
+peer = "127.0.0.1:7091"
+peer-http = "http://127.0.0.1:7081"
+secret = "change-me"
+heartbeat-interval-ms = 100
+failover-after-ms = 1000
+[chat-server]
+address = "127.0.0.1:7100"
+[channel-chatbot]
+ha-chat-reconnecting-delay = 10
+ha-chat-reconnecting-attempts = 15
+[settings]
+esp-proc-timeout = 60
+[auth]
+token = "abc"
+[plugins.webhook.endpoints.faq]
+url = "http://127.0.0.1:5005/webhooks/rest/webhook"
+[plugins.botframework.bots.helpdesk]
+endpoint = "http://127.0.0.1:3978/api/messages"
+"#;
+        let c = Config::from_toml(sample, no_env).unwrap();
+        assert_eq!(c.channel_chatbot.ha_chat_reconnecting_delay, 10.0);
+        assert_eq!(c.ha.peer.as_deref(), Some("127.0.0.1:7091"));
+    }
+}

@@ -1,0 +1,108 @@
+//! A small blocking ESP client for `bgs esp`: HTTP/JSON (`POST /esp`) or framed TCP.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use bgs_proto::codec::{decode, encode_frame, DEFAULT_MAX_FRAME};
+use bgs_proto::esp::{
+    EspClientFrame, EspHello, EspRequest, EspResponse, EspStatus, ESP_PROTOCOL_VERSION,
+};
+use serde_json::Value;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("{0}")]
+    Usage(String),
+    #[error("cannot reach {addr}: {source}")]
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("bad answer: {0}")]
+    BadAnswer(String),
+}
+
+/// Sends one request over HTTP; returns whether it succeeded and the JSON answer.
+pub fn over_http(
+    url: &str,
+    token: Option<&str>,
+    request: &EspRequest,
+    timeout: Duration,
+) -> Result<(bool, Value), ClientError> {
+    let rest = url.strip_prefix("http://").ok_or_else(|| {
+        ClientError::Usage(format!("--url must start with http:// (got {url:?})"))
+    })?;
+    let host = rest.split('/').next().unwrap_or(rest);
+    let mut stream = TcpStream::connect(host).map_err(|source| ClientError::Connect {
+        addr: host.to_string(),
+        source,
+    })?;
+    stream.set_read_timeout(Some(timeout))?;
+    let body = serde_json::to_string(request).map_err(|e| ClientError::Usage(e.to_string()))?;
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    write!(
+        stream,
+        "POST /esp HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut raw = Vec::new();
+    stream.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, payload) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| ClientError::BadAnswer("no HTTP header".into()))?;
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| ClientError::BadAnswer("no HTTP status".into()))?;
+    let value: Value = serde_json::from_str(payload)
+        .map_err(|e| ClientError::BadAnswer(format!("{e}: {payload}")))?;
+    Ok((status == 200, value))
+}
+
+fn read_frame(stream: &mut TcpStream) -> Result<EspResponse, ClientError> {
+    let mut len = [0u8; 4];
+    stream.read_exact(&mut len)?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > DEFAULT_MAX_FRAME {
+        return Err(ClientError::BadAnswer(format!("frame of {len} bytes")));
+    }
+    let mut payload = vec![0u8; len];
+    stream.read_exact(&mut payload)?;
+    decode(&payload).map_err(|e| ClientError::BadAnswer(e.to_string()))
+}
+
+/// Sends one request over framed TCP; returns the answer.
+pub fn over_tcp(
+    addr: &str,
+    token: Option<&str>,
+    request: EspRequest,
+    timeout: Duration,
+) -> Result<EspResponse, ClientError> {
+    let mut stream = TcpStream::connect(addr).map_err(|source| ClientError::Connect {
+        addr: addr.to_string(),
+        source,
+    })?;
+    stream.set_read_timeout(Some(timeout))?;
+    let hello = EspClientFrame::Hello(EspHello {
+        version: ESP_PROTOCOL_VERSION,
+        client_name: "bgs esp".into(),
+        token: token.map(str::to_string),
+    });
+    let frame = |f: &EspClientFrame| {
+        encode_frame(f, DEFAULT_MAX_FRAME).map_err(|e| ClientError::Usage(e.to_string()))
+    };
+    stream.write_all(&frame(&hello)?)?;
+    let welcome = read_frame(&mut stream)?;
+    if welcome.status == EspStatus::Error {
+        return Ok(welcome);
+    }
+    stream.write_all(&frame(&EspClientFrame::Request(request))?)?;
+    read_frame(&mut stream)
+}

@@ -1,0 +1,132 @@
+//! The node's HTTP API: `POST /esp` (ESP over JSON), `/healthz`, `/readyz`, `/status`.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use actix::Addr;
+use actix_web::http::StatusCode;
+use actix_web::{web, HttpRequest, HttpResponse};
+use bgs_actors::chat_link::{ChatLink, GetLinkStatus};
+use bgs_actors::esp::{status_of, EspError};
+use bgs_actors::report::Registry;
+use bgs_proto::esp::{EspRequest, EspResponse, EspResult, EspStatus};
+use serde_json::{json, Value};
+
+use crate::intake::Intake;
+
+pub struct HttpState {
+    pub intake: Arc<Intake>,
+    pub registry: Arc<Registry>,
+    pub link: Addr<ChatLink>,
+    pub cluster_id: String,
+    pub role: String,
+    pub started: Instant,
+}
+
+/// The JSON form of an ESP answer and its HTTP status (docs/ESP.md).
+pub fn esp_json(r: &EspResponse) -> (StatusCode, Value) {
+    if r.status == EspStatus::Error {
+        let code = r.code.clone().unwrap_or_else(|| "internal".into());
+        let status =
+            StatusCode::from_u16(status_of(&code)).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        let mut body = json!({"status": "error", "code": code, "message": r.message});
+        if let Some(p) = &r.primary {
+            body["primary"] = json!(p);
+        }
+        return (status, body);
+    }
+    let result = match &r.result {
+        Some(EspResult::Started {
+            instance_id,
+            participant_id,
+        }) => {
+            json!({"BotInstanceId": instance_id, "ParticipantId": participant_id})
+        }
+        Some(EspResult::Stopped { instance_id }) | Some(EspResult::DataSent { instance_id }) => {
+            json!({"BotInstanceId": instance_id})
+        }
+        Some(EspResult::Status { bots }) => json!({"bots": bots}),
+        Some(EspResult::Welcome { node_id }) => json!({"node": node_id}),
+        None => json!({}),
+    };
+    (
+        StatusCode::OK,
+        json!({"status": "ok", "result": result, "userdata": r.userdata}),
+    )
+}
+
+fn bearer(req: &HttpRequest) -> Option<&str> {
+    req.headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+}
+
+fn error(e: EspError) -> HttpResponse {
+    let (status, body) = esp_json(&e.into_response(0));
+    HttpResponse::build(status).json(body)
+}
+
+async fn esp(state: web::Data<HttpState>, req: HttpRequest, body: web::Bytes) -> HttpResponse {
+    if let Err(e) = state.intake.authorize(bearer(&req)) {
+        return error(e);
+    }
+    let request: EspRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return error(EspError::new("bad_request", format!("bad ESP JSON: {e}"))),
+    };
+    let response = state.intake.dispatch(request).await;
+    let (status, body) = esp_json(&response);
+    HttpResponse::build(status).json(body)
+}
+
+async fn healthz() -> HttpResponse {
+    HttpResponse::Ok().json(json!({"status": "alive"}))
+}
+
+async fn readyz(state: web::Data<HttpState>) -> HttpResponse {
+    match state.link.send(GetLinkStatus).await {
+        Ok(link) if link.connected => {
+            HttpResponse::Ok().json(json!({"ready": true, "chat_server": link}))
+        }
+        Ok(link) => HttpResponse::ServiceUnavailable().json(
+            json!({"ready": false, "reason": "chat server not connected", "chat_server": link}),
+        ),
+        Err(_) => HttpResponse::ServiceUnavailable()
+            .json(json!({"ready": false, "reason": "chat link stopped"})),
+    }
+}
+
+async fn status(state: web::Data<HttpState>) -> HttpResponse {
+    let link = state.link.send(GetLinkStatus).await.ok();
+    let mut by_plugin = std::collections::BTreeMap::<String, u64>::new();
+    let mut sessions = std::collections::BTreeSet::new();
+    for e in state.registry.running.iter() {
+        *by_plugin.entry(e.value().bot_id.clone()).or_default() += 1;
+        sessions.insert(e.key().interaction_id.clone());
+    }
+    HttpResponse::Ok().json(json!({
+        "node": state.intake.node_id,
+        "cluster": state.cluster_id,
+        "role": state.role,
+        "uptime_seconds": state.started.elapsed().as_secs(),
+        "sessions": sessions.len(),
+        "bots": by_plugin,
+        "chat_servers": link.into_iter().collect::<Vec<_>>(),
+    }))
+}
+
+async fn not_found(req: HttpRequest) -> HttpResponse {
+    HttpResponse::NotFound().json(json!({
+        "status": "error", "code": "not_found", "message": format!("no route {} {}", req.method(), req.path())
+    }))
+}
+
+pub fn configure(cfg: &mut web::ServiceConfig) {
+    cfg.app_data(web::PayloadConfig::new(1 << 20))
+        .route("/esp", web::post().to(esp))
+        .route("/healthz", web::get().to(healthz))
+        .route("/readyz", web::get().to(readyz))
+        .route("/status", web::get().to(status))
+        .default_service(web::to(not_found));
+}

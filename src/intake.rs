@@ -1,0 +1,58 @@
+//! ESP intake shared by the HTTP and TCP transports: authorization, the processing timeout
+//! (`settings.esp-proc-timeout`) and the hand-over to the Supervisor.
+
+use std::time::Duration;
+
+use actix::Addr;
+use bgs_actors::esp::EspError;
+use bgs_actors::supervisor::{Esp, Supervisor};
+use bgs_proto::esp::{EspRequest, EspResponse};
+
+pub struct Intake {
+    pub node_id: String,
+    pub supervisor: Addr<Supervisor>,
+    pub timeout: Duration,
+    pub token: Option<String>,
+}
+
+impl Intake {
+    /// Checks a client's token against `auth.token`.
+    pub fn authorize(&self, token: Option<&str>) -> Result<(), EspError> {
+        match (&self.token, token) {
+            (None, _) => Ok(()),
+            (Some(want), Some(got)) if constant_time_eq(want.as_bytes(), got.as_bytes()) => Ok(()),
+            (Some(_), _) => Err(EspError::new(
+                "unauthorized",
+                "a valid bearer token is required",
+            )),
+        }
+    }
+
+    /// Hands a request to the Supervisor; a request not answered within the timeout gets
+    /// `timeout`, a full Supervisor mailbox waits (bounded by the same timeout).
+    pub async fn dispatch(&self, request: EspRequest) -> EspResponse {
+        let id = request.request_id;
+        let method = request.method.clone();
+        match tokio::time::timeout(self.timeout, self.supervisor.send(Esp(request))).await {
+            Ok(Ok(response)) => response,
+            Ok(Err(e)) => {
+                EspError::new("internal", format!("supervisor unavailable: {e}")).into_response(id)
+            }
+            Err(_) => {
+                tracing::warn!(%method, timeout_secs = self.timeout.as_secs(), "ESP request timed out");
+                EspError::new(
+                    "timeout",
+                    format!(
+                        "not processed within esp-proc-timeout ({} s)",
+                        self.timeout.as_secs()
+                    ),
+                )
+                .into_response(id)
+            }
+        }
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

@@ -1,0 +1,12 @@
+//! bgs, the Bot Gateway Server: wiring of configuration, CLI, HTTP, sockets and plugins around the
+//! actors of `bgs-actors`. docs/ARCHITECTURE.md is the map.
+
+pub mod config;
+pub mod esp_client;
+pub mod http;
+pub mod intake;
+pub mod net;
+pub mod plugins;
+pub mod report;
+pub mod serve;
+pub mod telemetry;

@@ -1,0 +1,189 @@
+//! Sockets: the TCP connection to the Chat Server (for the ChatLink actor) and the framed ESP
+//! listener. One tokio task per direction owns each socket half and its codec.
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bgs_actors::chat_link::{ChatConnection, ChatConnector};
+use bgs_actors::esp::EspError;
+use bgs_proto::chat::{ChatRequest, ClientFrame, ServerFrame};
+use bgs_proto::codec::{FrameCodec, DEFAULT_MAX_FRAME};
+use bgs_proto::esp::{EspClientFrame, EspResponse, EspResult, ESP_PROTOCOL_VERSION};
+use futures_util::future::BoxFuture;
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::codec::{FramedRead, FramedWrite};
+
+use crate::intake::Intake;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// The Chat Server disconnects silent clients; ping well before its read timeout.
+const PING_EVERY: Duration = Duration::from_secs(30);
+/// Frames buffered each way between the ChatLink and the socket.
+const LINK_BUFFER: usize = 1024;
+
+/// Connects to the Chat Server over TCP with the proto codec.
+pub struct TcpChatConnector;
+
+impl ChatConnector for TcpChatConnector {
+    fn connect(&self, address: &str) -> BoxFuture<'static, io::Result<ChatConnection>> {
+        let address = address.to_string();
+        Box::pin(async move {
+            let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&address))
+                .await
+                .map_err(|_| {
+                    io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("connecting to {address} timed out"),
+                    )
+                })??;
+            stream.set_nodelay(true)?;
+            let (rd, wr) = stream.into_split();
+            let (out_tx, mut out_rx) = mpsc::channel::<ClientFrame>(LINK_BUFFER);
+            let (in_tx, in_rx) = mpsc::channel::<ServerFrame>(LINK_BUFFER);
+            tokio::spawn(async move {
+                let mut sink = FramedWrite::new(
+                    wr,
+                    FrameCodec::<ServerFrame, ClientFrame>::new(DEFAULT_MAX_FRAME),
+                );
+                loop {
+                    let frame = match tokio::time::timeout(PING_EVERY, out_rx.recv()).await {
+                        Ok(Some(f)) => f,
+                        Ok(None) => break,
+                        Err(_) => ClientFrame {
+                            id: 0,
+                            request: ChatRequest::Ping,
+                        },
+                    };
+                    if let Err(e) = sink.send(frame).await {
+                        tracing::warn!(error = %e, "chat server write failed");
+                        break;
+                    }
+                }
+            });
+            tokio::spawn(async move {
+                let mut frames = FramedRead::new(
+                    rd,
+                    FrameCodec::<ServerFrame, ClientFrame>::new(bgs_proto::MAX_FRAME_LIMIT),
+                );
+                while let Some(frame) = frames.next().await {
+                    match frame {
+                        Ok(f) => {
+                            if in_tx.send(f).await.is_err() {
+                                break;
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "bad frame from the chat server; dropping the connection");
+                            break;
+                        }
+                    }
+                }
+            });
+            Ok(ChatConnection {
+                outbound: out_tx,
+                inbound: in_rx,
+            })
+        })
+    }
+}
+
+/// Requests one ESP connection may have in flight.
+const ESP_IN_FLIGHT: usize = 256;
+
+/// Serves framed ESP: a Hello, then pipelined requests answered (in any order) by request id.
+pub async fn serve_esp(listener: TcpListener, intake: Arc<Intake>) {
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "esp accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let intake = intake.clone();
+        tokio::spawn(async move {
+            if let Err(e) = esp_connection(stream, intake).await {
+                tracing::info!(%peer, error = %e, "esp connection ended");
+            }
+        });
+    }
+}
+
+async fn esp_connection(stream: TcpStream, intake: Arc<Intake>) -> io::Result<()> {
+    let (rd, wr) = stream.into_split();
+    let mut frames = FramedRead::new(rd, FrameCodec::<EspClientFrame, EspResponse>::default());
+    let (tx, mut rx) = mpsc::channel::<EspResponse>(ESP_IN_FLIGHT);
+    let writer = tokio::spawn(async move {
+        let mut sink = FramedWrite::new(wr, FrameCodec::<EspClientFrame, EspResponse>::default());
+        while let Some(r) = rx.recv().await {
+            if sink.send(r).await.is_err() {
+                break;
+            }
+        }
+    });
+    let hello = tokio::time::timeout(Duration::from_secs(10), frames.next()).await;
+    let answer = match hello {
+        Ok(Some(Ok(EspClientFrame::Hello(h)))) if h.version != ESP_PROTOCOL_VERSION => Err(EspError::new(
+            "bad_request",
+            format!("ESP protocol version {} is not supported (this node speaks {ESP_PROTOCOL_VERSION})", h.version),
+        )),
+        Ok(Some(Ok(EspClientFrame::Hello(h)))) => intake.authorize(h.token.as_deref()),
+        Ok(Some(Err(e))) => Err(EspError::new("bad_request", format!("bad frame: {e}"))),
+        _ => Err(EspError::new("bad_request", "the first frame must be an EspHello")),
+    };
+    let ok = answer.is_ok();
+    let reply = match answer {
+        Ok(()) => EspResponse::ok(
+            0,
+            EspResult::Welcome {
+                node_id: intake.node_id.clone(),
+            },
+        ),
+        Err(e) => e.into_response(0),
+    };
+    let _ = tx.send(reply).await;
+    if ok {
+        let permits = Arc::new(Semaphore::new(ESP_IN_FLIGHT));
+        while let Some(frame) = frames.next().await {
+            match frame {
+                Ok(EspClientFrame::Request(request)) => {
+                    let Ok(permit) = permits.clone().acquire_owned().await else {
+                        break;
+                    };
+                    let intake = intake.clone();
+                    let tx = tx.clone();
+                    tokio::spawn(async move {
+                        let response = intake.dispatch(request).await;
+                        let _ = tx.send(response).await;
+                        drop(permit);
+                    });
+                }
+                Ok(EspClientFrame::Hello(_)) => {
+                    let _ = tx
+                        .send(
+                            EspError::new("bad_request", "Hello was already received")
+                                .into_response(0),
+                        )
+                        .await;
+                }
+                Err(e) => {
+                    let _ = tx
+                        .send(
+                            EspError::new("bad_request", format!("bad frame: {e}"))
+                                .into_response(0),
+                        )
+                        .await;
+                    break;
+                }
+            }
+        }
+    }
+    drop(tx);
+    let _ = writer.await;
+    Ok(())
+}

@@ -1,0 +1,31 @@
+//! Logging through `tracing` (human or JSON lines) and the panic policy.
+
+/// Logs to stderr. `RUST_LOG` wins over `level`.
+pub fn init(json: bool, level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        let _ = builder.json().try_init();
+    } else {
+        let _ = builder.try_init();
+    }
+}
+
+/// A plugin's panic stops that bot only (the bot actor catches it); a panic in the gateway's own
+/// code is a bug: log it and exit, so a supervisor restarts the node (and a backup takes over).
+pub fn install_panic_hook() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        if bgs_actors::bot_actor::in_plugin() {
+            tracing::warn!(panic = %info, "a bot plugin panicked; the bot is stopped");
+            return;
+        }
+        tracing::error!(panic = %info, "bgs panicked; exiting");
+        default(info);
+        std::process::exit(101);
+    }));
+}
