@@ -69,7 +69,7 @@ pub enum BotNotice {
     },
     Finished {
         participant_id: String,
-        report: BotReport,
+        report: Box<BotReport>,
     },
 }
 
@@ -469,7 +469,7 @@ impl Handler<StopBotActor> for BotActor {
                     let report = act.report(reason, ended_ms);
                     act.notices.do_send(BotNotice::Finished {
                         participant_id: act.participant_id.clone(),
-                        report,
+                        report: Box::new(report),
                     });
                     for w in act.waiters.drain(..) {
                         let _ = w.send(());

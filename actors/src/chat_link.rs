@@ -245,7 +245,7 @@ impl ChatLink {
             "chat server unreachable after every reconnect attempt; bots on it are stopped"
         );
         for ((session_id, participant_id), route) in self.routes.drain() {
-            let _ = route.follower.lost.do_send(FeedLost {
+            route.follower.lost.do_send(FeedLost {
                 session_id,
                 participant_id,
                 removed: false,
@@ -427,7 +427,7 @@ impl ChatLink {
                     .routes
                     .remove(&(session_id.clone(), participant_id.clone()))
                 {
-                    let _ = route.follower.lost.do_send(FeedLost {
+                    route.follower.lost.do_send(FeedLost {
                         session_id,
                         participant_id,
                         removed: e.code != ChatErrorCode::Fenced,

@@ -64,7 +64,7 @@ impl Registry {
             .filter(|e| e.key().interaction_id == interaction_id && matches(e.value()))
             .map(|e| e.value().clone())
             .collect();
-        out.sort_by(|a, b| a.started_ms.cmp(&b.started_ms));
+        out.sort_by_key(|s| s.started_ms);
         if let Some(done) = self.finished.get(interaction_id) {
             out.extend(done.iter().rev().filter(|s| matches(s)).cloned());
         }

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use actix::prelude::*;
 use bgs_proto::chat::{
-    ChatErrorCode, ChatEvent, ChatRequest, ChatResponse, EventKind, JoinRequest, ParticipantType,
-    Style,
+    AfterAction, ChatErrorCode, ChatEvent, ChatRequest, ChatResponse, EventKind, JoinRequest,
+    ParticipantType, Style,
 };
 use bgs_proto::esp::KeyValues;
 use tokio::sync::oneshot;
@@ -98,6 +98,12 @@ impl Roster {
             EventKind::Closed => self.present.clear(),
             _ => {}
         }
+    }
+
+    fn has_human_agent(&self) -> bool {
+        self.present
+            .values()
+            .any(|(t, s)| *t == ParticipantType::Agent && *s != Style::Bot)
     }
 
     /// Anyone left who is not a bot, the system or an external user?
@@ -260,9 +266,17 @@ impl SessionActor {
         }
         slot.roster.apply(&e);
         let human_agent = e.participant_type == ParticipantType::Agent && e.style != Style::Bot;
+        // A leave that closes the session: wait for `closed` rather than leave ourselves.
+        let closes = e.kind == EventKind::Left
+            && match e.after_action {
+                Some(AfterAction::ForceClose) => true,
+                Some(AfterAction::CloseIfNoAgents) => !slot.roster.has_human_agent(),
+                _ => false,
+            };
         let stop = match e.kind {
             EventKind::Closed => Some(StopReason::SessionClosed),
             EventKind::Left if e.participant_id == pid => Some(StopReason::RemovedByChatServer),
+            EventKind::Left if closes => None,
             EventKind::Joined if human_agent && slot.spec.stop_on_agent_arrival => {
                 Some(StopReason::AgentArrived)
             }
@@ -474,7 +488,7 @@ impl Handler<BotNotice> for SessionActor {
                     });
                     self.finished.do_send(BotFinished {
                         key: slot.spec.key.clone(),
-                        report,
+                        report: *report,
                     });
                     for w in slot.waiters {
                         let _ = w.send(());

@@ -21,17 +21,17 @@ impl Server {
     /// Starts the server with `--http-listen/--tcp-listen 127.0.0.1:0` and `args`; waits for the
     /// line that names the bound ports.
     pub fn start(args: &[&str]) -> Server {
+        Self::start_at("127.0.0.1:0", "127.0.0.1:0", args)
+    }
+
+    /// Starts the server on given addresses (to restart it where its clients expect it).
+    pub fn start_at(http: &str, tcp: &str, args: &[&str]) -> Server {
         let mut child = Command::new(env!("CARGO_BIN_EXE_bgs-chat-server"))
-            .args([
-                "--http-listen",
-                "127.0.0.1:0",
-                "--tcp-listen",
-                "127.0.0.1:0",
-            ])
+            .args(["--http-listen", http, "--tcp-listen", tcp])
             .args(args)
             .env(
                 "RUST_LOG",
-                std::env::var("BGS_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+                std::env::var("BGS_TEST_LOG").unwrap_or_else(|_| "error".into()),
             )
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())

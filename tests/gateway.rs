@@ -1,0 +1,738 @@
+//! End-to-end tests of a gateway node: the real `bgs` and `bgs-chat-server` processes, real
+//! sockets, a customer over HTTP and workflows over ESP (HTTP and TCP).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::time::Duration;
+
+use bgs_chat_server::client::ChatClient;
+use bgs_proto::chat::{ClientRole, EventKind, ParticipantType, ServerFrame, Style, Visibility};
+use bgs_proto::codec::FrameCodec;
+use bgs_proto::esp::{
+    EspClientFrame, EspHello, EspRequest, EspResponse, EspResult, EspStatus, ESP_PROTOCOL_VERSION,
+};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::json;
+use support::{messages, ChatServer, Customer, Gateway};
+
+fn esp_request(id: u64, method: &str, interaction: &str, params: &[(&str, &str)]) -> EspRequest {
+    let mut parameters: std::collections::BTreeMap<String, String> = params
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    parameters.insert("_umsChannel".into(), "channel-chatbot".into());
+    EspRequest {
+        request_id: id,
+        service: "ChatBotPlatform".into(),
+        method: method.into(),
+        parameters,
+        userdata: [("InteractionId".to_string(), interaction.to_string())].into(),
+    }
+}
+
+type EspFramed =
+    tokio_util::codec::Framed<tokio::net::TcpStream, FrameCodec<EspResponse, EspClientFrame>>;
+
+async fn esp_tcp(gw: &Gateway) -> EspFramed {
+    let stream = tokio::net::TcpStream::connect(gw.esp).await.unwrap();
+    let mut framed = tokio_util::codec::Framed::new(
+        stream,
+        FrameCodec::<EspResponse, EspClientFrame>::default(),
+    );
+    framed
+        .send(EspClientFrame::Hello(EspHello {
+            version: ESP_PROTOCOL_VERSION,
+            client_name: "test".into(),
+            token: None,
+        }))
+        .await
+        .unwrap();
+    let welcome = framed.next().await.unwrap().unwrap();
+    assert_eq!(welcome.status, EspStatus::Ok, "{welcome:?}");
+    framed
+}
+
+#[tokio::test]
+async fn echo_bot_lifecycle_over_http_and_tcp_esp() {
+    let chat = ChatServer::start(&[]);
+    let gw = Gateway::start(chat.tcp, "");
+
+    // StartBot over HTTP; the echo bot answers and counts.
+    let mut ann = Customer::open(&chat, "echo-http").await;
+    let started = gw
+        .start_bot("echo-http", &[("ChatBotID", "echo"), ("Nickname", "Echo")])
+        .await;
+    let instance = started["BotInstanceId"].as_str().unwrap().to_string();
+    ann.say("hello").await;
+    assert_eq!(ann.next_reply().await, "1: hello");
+    ann.say("again").await;
+    assert_eq!(ann.next_reply().await, "2: again");
+
+    // The same bot twice: 409.
+    let (status, dup) = gw
+        .esp("StartBot", "echo-http", &[("ChatBotID", "echo")])
+        .await;
+    assert_eq!(
+        (status, dup["code"].as_str()),
+        (409, Some("already_running"))
+    );
+    // The same plugin under another name is another instance.
+    let (status, other) = gw
+        .esp(
+            "StartBot",
+            "echo-http",
+            &[("ChatBotID", "echo"), ("ChatBotName", "second")],
+        )
+        .await;
+    assert_eq!(status, 200, "{other}");
+    let (status, _) = gw
+        .esp(
+            "StopBot",
+            "echo-http",
+            &[("ChatBotID", "echo"), ("ChatBotName", "second")],
+        )
+        .await;
+    assert_eq!(status, 200);
+
+    // Data sent by ESP reaches the running bot, in order with its chat events.
+    let (status, sent) = gw
+        .esp(
+            "SendDataToBot",
+            "echo-http",
+            &[("ChatBotID", "echo"), ("Topic", "billing")],
+        )
+        .await;
+    assert_eq!(status, 200, "{sent}");
+    assert_eq!(
+        ann.next_reply().await,
+        "data: InteractionId=echo-http, Topic=billing"
+    );
+
+    let (_, st) = gw.esp("GetBotStatus", "echo-http", &[]).await;
+    let bots = st["result"]["bots"].as_array().unwrap();
+    assert!(
+        bots.iter()
+            .any(|b| b["instance_id"] == instance.as_str() && b["state"] == "running"),
+        "{st}"
+    );
+
+    // StopBot: the bot leaves, the chat goes on.
+    let (status, stopped) = gw
+        .esp("StopBot", "echo-http", &[("ChatBotID", "echo")])
+        .await;
+    assert_eq!(status, 200, "{stopped}");
+    assert_eq!(stopped["result"]["BotInstanceId"], instance.as_str());
+    let report = gw.report_of(&instance).await;
+    assert_eq!(report["end_reason"], "stop_requested");
+    assert_eq!(report["ended_by"], "workflow");
+    assert_eq!(report["abnormal"], false);
+    assert_eq!(report["messages_received"], 2);
+    assert_eq!(report["messages_sent"], 3);
+    let t = ann.transcript().await;
+    assert_eq!(t["closed"], false, "the chat goes on");
+    let (status, gone) = gw
+        .esp("StopBot", "echo-http", &[("ChatBotID", "echo")])
+        .await;
+    assert_eq!(
+        (status, gone["code"].as_str()),
+        (404, Some("no_such_instance"))
+    );
+
+    // GetBotStatus shows the finished instance and why it finished.
+    let (_, st) = gw
+        .esp("GetBotStatus", "echo-http", &[("ChatBotID", "echo")])
+        .await;
+    let mine = st["result"]["bots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["instance_id"] == instance.as_str())
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        (mine["state"].as_str(), mine["reason"].as_str()),
+        (Some("finished"), Some("stop_requested"))
+    );
+
+    // The chat is handed back to a bot: a new instance starts counting afresh.
+    gw.start_bot("echo-http", &[("ChatBotID", "echo")]).await;
+    ann.say("back").await;
+    assert_eq!(ann.next_reply().await, "1: back");
+
+    // StartBot over framed TCP, pipelined with a status request.
+    let mut bob = Customer::open(&chat, "echo-tcp").await;
+    let mut esp = esp_tcp(&gw).await;
+    esp.send(EspClientFrame::Request(esp_request(
+        7,
+        "StartBot",
+        "echo-tcp",
+        &[("ChatBotID", "echo")],
+    )))
+    .await
+    .unwrap();
+    esp.send(EspClientFrame::Request(esp_request(
+        8,
+        "StartBot",
+        "nowhere",
+        &[("ChatBotID", "nobot")],
+    )))
+    .await
+    .unwrap();
+    let mut answers = [
+        esp.next().await.unwrap().unwrap(),
+        esp.next().await.unwrap().unwrap(),
+    ];
+    answers.sort_by_key(|a| a.request_id);
+    assert!(
+        matches!(answers[0].result, Some(EspResult::Started { .. })),
+        "{:?}",
+        answers[0]
+    );
+    assert_eq!(answers[1].code.as_deref(), Some("unknown_bot"));
+    bob.say("over tcp").await;
+    assert_eq!(bob.next_reply().await, "1: over tcp");
+}
+
+#[tokio::test]
+async fn visibility_and_the_scripted_bot_hand_off() {
+    let chat = ChatServer::start(&[]);
+    let gw = Gateway::start(chat.tcp, "");
+
+    // An INT bot: the customer never sees it; agents do.
+    let ann = Customer::open(&chat, "coach").await;
+    let bot = gw
+        .start_bot("coach", &[("ChatBotID", "echo"), ("Visibility", "INT")])
+        .await;
+    ann.say("secret question").await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let t = ann.transcript().await;
+        if messages(&t).contains(&"1: secret question".to_string()) {
+            let answer = t["events"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|e| e["text"] == "1: secret question")
+                .cloned()
+                .unwrap();
+            assert_eq!(answer["visibility"], "INT");
+            assert_eq!(answer["style"], "bot");
+            assert_eq!(answer["participant_type"], "agent");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no INT answer");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let seen = ann.visible().await;
+    assert!(
+        !seen
+            .iter()
+            .any(|e| e["participant_id"] == bot["ParticipantId"]),
+        "the customer saw the INT bot: {seen:?}"
+    );
+
+    // The scripted demo bot: greeting, an FAQ answer, a fallback, then a hand-off in waiting mode.
+    let mut carl = Customer::open(&chat, "faq").await;
+    let started = gw
+        .start_bot(
+            "faq",
+            &[
+                ("ChatBotID", "scripted"),
+                ("ChatBotName", "demo"),
+                ("ChatBotHoldup", "true"),
+                ("Nickname", "Assistant"),
+            ],
+        )
+        .await;
+    assert!(carl
+        .next_reply()
+        .await
+        .starts_with("Hello, I am the demo assistant"));
+    carl.say("When are you open?").await;
+    assert_eq!(
+        carl.next_reply().await,
+        "We are open from 8:00 to 20:00, Monday to Saturday."
+    );
+    carl.say("blah").await;
+    assert!(carl
+        .next_reply()
+        .await
+        .starts_with("Sorry, I did not get that"));
+    carl.say("I want a human please").await;
+    assert_eq!(
+        carl.next_reply().await,
+        "I am transferring you to an agent now."
+    );
+    let report = gw
+        .report_of(started["BotInstanceId"].as_str().unwrap())
+        .await;
+    assert_eq!(report["end_reason"], "bot_left");
+    assert_eq!(report["holdup"], true);
+    let (_, ud) = chat.get("/sessions/faq/userdata").await;
+    assert_eq!(ud["RouteTo"], "support");
+    assert_eq!(ud["ChatBotHandoff"], "true");
+    assert_eq!(ud["ChatBotResult"], "bot_left");
+    assert_eq!(ud["ChatBotInstanceId"], started["BotInstanceId"]);
+    let t = carl.transcript().await;
+    assert_eq!(t["closed"], false, "the customer waits for an agent");
+    let left = t["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["kind"] == "left" && e["participant_id"] == started["ParticipantId"]);
+    assert!(left, "the bot left the chat");
+    // An unknown script is refused before anything joins.
+    let (status, e) = gw
+        .esp(
+            "StartBot",
+            "faq",
+            &[("ChatBotID", "scripted"), ("ChatBotName", "nope")],
+        )
+        .await;
+    assert_eq!(
+        (status, e["code"].as_str()),
+        (400, Some("bad_parameter")),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn every_end_condition_removes_the_bot_with_its_reason() {
+    let chat = ChatServer::start(&[]);
+    let gw = Gateway::start(chat.tcp, "[bots]\nhandling-timeout-ms = 500\n");
+
+    // An agent arrives and StopBotOnAgentArrival=true.
+    let ann = Customer::open(&chat, "agent-arrives").await;
+    let b = gw
+        .start_bot(
+            "agent-arrives",
+            &[("ChatBotID", "echo"), ("StopBotOnAgentArrival", "true")],
+        )
+        .await;
+    // Another bot joining is not an agent arriving.
+    gw.start_bot(
+        "agent-arrives",
+        &[("ChatBotID", "echo"), ("ChatBotName", "other")],
+    )
+    .await;
+    chat.post(
+        "/sessions/agent-arrives/participants",
+        json!({"nickname": "Agent", "type": "agent"}),
+    )
+    .await;
+    let r = gw.report_of(b["BotInstanceId"].as_str().unwrap()).await;
+    assert_eq!(
+        (r["end_reason"].as_str(), r["ended_by"].as_str()),
+        (Some("agent_arrived"), Some("agent"))
+    );
+    let _ = ann;
+
+    // The customer leaves and StopBotOnCustomerLeft=true.
+    let ann = Customer::open(&chat, "customer-leaves").await;
+    chat.post(
+        "/sessions/customer-leaves/participants",
+        json!({"nickname": "Agent", "type": "agent"}),
+    )
+    .await;
+    let b = gw
+        .start_bot(
+            "customer-leaves",
+            &[("ChatBotID", "echo"), ("StopBotOnCustomerLeft", "true")],
+        )
+        .await;
+    ann.leave("keep-alive").await;
+    assert_eq!(
+        gw.report_of(b["BotInstanceId"].as_str().unwrap()).await["end_reason"],
+        "customer_left"
+    );
+
+    // Everyone but bots has left.
+    let ann = Customer::open(&chat, "all-left").await;
+    let b = gw.start_bot("all-left", &[("ChatBotID", "echo")]).await;
+    ann.leave("keep-alive").await;
+    assert_eq!(
+        gw.report_of(b["BotInstanceId"].as_str().unwrap()).await["end_reason"],
+        "participants_left"
+    );
+
+    // The session closes (force-close): the bot is disposed of, no leave is sent.
+    let ann = Customer::open(&chat, "closed").await;
+    let b = gw.start_bot("closed", &[("ChatBotID", "echo")]).await;
+    ann.leave("force-close").await;
+    assert_eq!(
+        gw.report_of(b["BotInstanceId"].as_str().unwrap()).await["end_reason"],
+        "session_closed"
+    );
+    let t = ann.transcript().await;
+    let bot_left = t["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e["kind"] == "left" && e["participant_id"] == b["ParticipantId"]);
+    assert!(!bot_left, "no leave after the session closed");
+
+    // A panicking bot is stopped (error); another bot in the same node and session keeps answering.
+    let mut ann = Customer::open(&chat, "faults").await;
+    let faulty = gw.start_bot("faults", &[("ChatBotID", "faulty")]).await;
+    gw.start_bot("faults", &[("ChatBotID", "echo")]).await;
+    ann.say("panic").await;
+    let r = gw
+        .report_of(faulty["BotInstanceId"].as_str().unwrap())
+        .await;
+    assert_eq!(
+        (r["end_reason"].as_str(), r["abnormal"].as_bool()),
+        (Some("error"), Some(true))
+    );
+    assert!(r["error"].as_str().unwrap().contains("panicked"), "{r}");
+    assert_eq!(ann.next_reply().await, "1: panic");
+    ann.say("still there?").await;
+    assert_eq!(ann.next_reply().await, "2: still there?");
+    // An error and a stall (longer than bots.handling-timeout-ms) end the same way.
+    for (word, expect) in [
+        ("error", "asked to fail"),
+        ("stall", "took longer than 500 ms"),
+    ] {
+        let name = format!("f-{word}");
+        let f = gw
+            .start_bot("faults", &[("ChatBotID", "faulty"), ("ChatBotName", &name)])
+            .await;
+        ann.say(word).await;
+        let r = gw.report_of(f["BotInstanceId"].as_str().unwrap()).await;
+        assert_eq!(r["end_reason"], "error");
+        assert!(r["error"].as_str().unwrap().contains(expect), "{r}");
+    }
+}
+
+#[tokio::test]
+async fn invalid_requests_get_stable_codes() {
+    let chat = ChatServer::start(&[]);
+    let gw = Gateway::start(chat.tcp, "");
+    let _ann = Customer::open(&chat, "v").await;
+    let long44 = "x".repeat(44);
+    let c51 = "c".repeat(51);
+    type Case<'a> = (&'a str, Vec<(&'a str, &'a str)>, u16, &'a str);
+    let cases: Vec<Case> = vec![
+        ("StartBot", vec![], 400, "missing_parameter"),
+        ("StartBot", vec![("ChatBotID", "nobot")], 404, "unknown_bot"),
+        (
+            "StartBot",
+            vec![("ChatBotID", "echo"), ("_umsChannel", "voice")],
+            400,
+            "bad_channel",
+        ),
+        (
+            "StartBot",
+            vec![("ChatBotID", &long44), ("ChatBotName", "abcde")],
+            400,
+            "name_too_long",
+        ),
+        (
+            "StartBot",
+            vec![("ChatBotID", "echo"), ("ChatBotCategory", &c51)],
+            400,
+            "label_too_long",
+        ),
+        (
+            "StartBot",
+            vec![("ChatBotID", "echo"), ("ChatBotFunction", &c51)],
+            400,
+            "label_too_long",
+        ),
+        (
+            "StartBot",
+            vec![("ChatBotID", "echo"), ("ChatBotHoldup", "maybe")],
+            400,
+            "bad_boolean",
+        ),
+        (
+            "StartBot",
+            vec![("ChatBotID", "echo"), ("StopBotOnAgentArrival", "1")],
+            400,
+            "bad_boolean",
+        ),
+        (
+            "StartBot",
+            vec![("ChatBotID", "echo"), ("Visibility", "PUBLIC")],
+            400,
+            "bad_visibility",
+        ),
+        (
+            "StopBot",
+            vec![("ChatBotID", "echo"), ("Extra", "x")],
+            400,
+            "unknown_parameter",
+        ),
+        (
+            "StopBot",
+            vec![("ChatBotID", "echo")],
+            404,
+            "no_such_instance",
+        ),
+        (
+            "SendDataToBot",
+            vec![("ChatBotID", "echo")],
+            404,
+            "no_such_instance",
+        ),
+        (
+            "RestartBot",
+            vec![("ChatBotID", "echo")],
+            400,
+            "unknown_method",
+        ),
+    ];
+    for (method, params, status, code) in cases {
+        let (got, answer) = gw.esp(method, "v", &params).await;
+        assert_eq!(
+            (got, answer["code"].as_str()),
+            (status, Some(code)),
+            "{method} {params:?}: {answer}"
+        );
+        assert_eq!(answer["status"], "error");
+        assert!(answer["message"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+    // A session that does not exist on the Chat Server.
+    let (status, a) = gw
+        .esp("StartBot", "no-such-chat", &[("ChatBotID", "echo")])
+        .await;
+    assert_eq!(
+        (status, a["code"].as_str()),
+        (404, Some("no_such_session")),
+        "{a}"
+    );
+    // No interaction id in userdata; a wrong service; garbage JSON.
+    let body = json!({"service": "ChatBotPlatform", "method": "StartBot", "parameters": {"ChatBotID": "echo", "_umsChannel": "channel-chatbot"}});
+    let (status, a) = support::http(gw.http, "POST", "/esp", Some(body)).await;
+    assert_eq!(
+        (status, a["code"].as_str()),
+        (400, Some("missing_interaction"))
+    );
+    let body = json!({"service": "Chat", "method": "StartBot", "userdata": {"InteractionId": "v"}});
+    let (status, a) = support::http(gw.http, "POST", "/esp", Some(body)).await;
+    assert_eq!((status, a["code"].as_str()), (400, Some("unknown_service")));
+    let (status, a) = support::http(gw.http, "POST", "/esp", Some(json!("not an object"))).await;
+    assert_eq!((status, a["code"].as_str()), (400, Some("bad_request")));
+    // 48 characters are fine; 50 characters of category are fine.
+    let id44 = "e".repeat(44);
+    let c50 = "c".repeat(50);
+    let (status, a) = gw
+        .esp(
+            "StartBot",
+            "v",
+            &[
+                ("ChatBotID", &id44),
+                ("ChatBotName", "abcd"),
+                ("ChatBotCategory", &c50),
+            ],
+        )
+        .await;
+    assert_eq!(
+        (status, a["code"].as_str()),
+        (404, Some("unknown_bot")),
+        "only the unknown id is wrong: {a}"
+    );
+}
+
+#[tokio::test]
+async fn a_token_protects_esp() {
+    let chat = ChatServer::start(&[]);
+    let gw = Gateway::start(chat.tcp, "[auth]\ntoken = \"s3cret\"\n");
+    let (status, a) = gw.esp("GetBotStatus", "x", &[]).await;
+    assert_eq!((status, a["code"].as_str()), (401, Some("unauthorized")));
+    let stream = tokio::net::TcpStream::connect(gw.esp).await.unwrap();
+    let mut framed = tokio_util::codec::Framed::new(
+        stream,
+        FrameCodec::<EspResponse, EspClientFrame>::default(),
+    );
+    let hello = EspHello {
+        version: ESP_PROTOCOL_VERSION,
+        client_name: "t".into(),
+        token: Some("s3cret".into()),
+    };
+    framed.send(EspClientFrame::Hello(hello)).await.unwrap();
+    assert_eq!(framed.next().await.unwrap().unwrap().status, EspStatus::Ok);
+    framed
+        .send(EspClientFrame::Request(esp_request(
+            2,
+            "GetBotStatus",
+            "x",
+            &[],
+        )))
+        .await
+        .unwrap();
+    assert_eq!(framed.next().await.unwrap().unwrap().status, EspStatus::Ok);
+}
+
+#[tokio::test]
+async fn chat_server_kill_9_and_restart_mid_chat() {
+    let dir = support::TempDir::new("chat-data");
+    let data = dir.path().to_str().unwrap().to_string();
+    let chat = ChatServer::start(&["--data-dir", &data]);
+    let (http, tcp) = (chat.http.to_string(), chat.tcp.to_string());
+    let gw = Gateway::start(chat.tcp, "");
+    let mut ann = Customer::open(&chat, "restart").await;
+    let (customer, session) = (ann.id.clone(), ann.session.clone());
+    let bot = gw.start_bot("restart", &[("ChatBotID", "echo")]).await;
+    ann.say("one").await;
+    assert_eq!(ann.next_reply().await, "1: one");
+    let since = ann.since;
+    drop(ann);
+    chat.kill9();
+
+    // The Chat Server comes back where it was; the customer writes while the gateway is away.
+    let chat = ChatServer::start_at(&http, &tcp, &["--data-dir", &data]);
+    let mut ann = Customer {
+        chat: &chat,
+        session,
+        id: customer,
+        since,
+    };
+    ann.say("two").await;
+    assert_eq!(
+        ann.next_reply().await,
+        "2: two",
+        "the bot answers what it missed"
+    );
+    ann.say("three").await;
+    assert_eq!(ann.next_reply().await, "3: three");
+    let t = ann.transcript().await;
+    assert_eq!(
+        messages(&t).iter().filter(|m| *m == "2: two").count(),
+        1,
+        "answered once: {t}"
+    );
+    let (_, st) = gw.esp("GetBotStatus", "restart", &[]).await;
+    assert_eq!(st["result"]["bots"][0]["instance_id"], bot["BotInstanceId"]);
+    assert_eq!(st["result"]["bots"][0]["state"], "running");
+
+    // A Chat Server that lost its data (no data dir): the bot is gone there, so it ends.
+    drop(chat);
+    let chat = ChatServer::start_at(&http, &tcp, &[]);
+    let r = gw.report_of(bot["BotInstanceId"].as_str().unwrap()).await;
+    assert_eq!(r["end_reason"], "removed_by_chat_server");
+    drop(chat);
+}
+
+#[tokio::test]
+async fn losing_the_chat_server_for_good_and_shutting_down() {
+    let chat = ChatServer::start(&[]);
+    let mut gw = Gateway::start(
+        chat.tcp,
+        "[channel-chatbot]\nha-chat-reconnecting-attempts = 3\n",
+    );
+    let _ann = Customer::open(&chat, "lost").await;
+    let bot = gw.start_bot("lost", &[("ChatBotID", "echo")]).await;
+    chat.kill9();
+    let r = gw.report_of(bot["BotInstanceId"].as_str().unwrap()).await;
+    assert_eq!(
+        (r["end_reason"].as_str(), r["abnormal"].as_bool()),
+        (Some("chat_server_lost"), Some(true))
+    );
+
+    // The Chat Server returns: new bots work again; SIGTERM stops them with reason shutdown.
+    let chat = ChatServer::start(&[]);
+    let mut gw2 = Gateway::start(chat.tcp, "");
+    let _bob = Customer::open(&chat, "shutdown").await;
+    let bot = gw2.start_bot("shutdown", &[("ChatBotID", "echo")]).await;
+    let status = gw2.terminate();
+    assert!(status.success(), "clean exit: {status:?}");
+    let r = gw2.report_of(bot["BotInstanceId"].as_str().unwrap()).await;
+    assert_eq!(r["end_reason"], "shutdown");
+    let _ = gw.terminate();
+}
+
+#[tokio::test]
+async fn a_thousand_concurrent_bot_sessions_on_one_node() {
+    const N: usize = 1000;
+    let chat = ChatServer::start(&["--max-connections", "64"]);
+    let gw = Gateway::start(chat.tcp, "");
+    let mut customers = Vec::new();
+    for i in 0..N {
+        let (status, v) = chat
+            .post(
+                "/sessions",
+                json!({"interaction_id": format!("load-{i}"), "nickname": "C"}),
+            )
+            .await;
+        assert_eq!(status, 201);
+        customers.push(v["participant_id"].as_str().unwrap().to_string());
+    }
+    // Start every bot over one pipelined ESP connection.
+    let mut esp = esp_tcp(&gw).await;
+    for i in 0..N {
+        let req = esp_request(
+            i as u64 + 1,
+            "StartBot",
+            &format!("load-{i}"),
+            &[("ChatBotID", "echo")],
+        );
+        esp.feed(EspClientFrame::Request(req)).await.unwrap();
+    }
+    esp.flush().await.unwrap();
+    for _ in 0..N {
+        let a = tokio::time::timeout(Duration::from_secs(60), esp.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(a.status, EspStatus::Ok, "{a:?}");
+    }
+    // A supervisor watches every session over one connection while each customer writes once.
+    let mut watcher = ChatClient::connect(chat.tcp, ClientRole::Agent)
+        .await
+        .unwrap();
+    for i in 0..N {
+        watcher
+            .join(
+                &format!("load-{i}"),
+                "Watcher",
+                ParticipantType::Supervisor,
+                Style::Regular,
+                Visibility::Vip,
+                u64::MAX,
+            )
+            .await
+            .unwrap();
+    }
+    let posts = futures_util::stream::iter(customers.iter().enumerate())
+        .map(|(i, c)| {
+            let chat = &chat;
+            async move {
+                let (status, _) = chat
+                    .post(
+                        &format!("/sessions/load-{i}/messages"),
+                        json!({"participant_id": c, "text": "ping"}),
+                    )
+                    .await;
+                assert_eq!(status, 200);
+            }
+        })
+        .buffer_unordered(32)
+        .collect::<Vec<_>>();
+    posts.await;
+    let mut answered = std::collections::HashSet::new();
+    while answered.len() < N {
+        match tokio::time::timeout(Duration::from_secs(60), watcher.next_frame())
+            .await
+            .unwrap()
+            .unwrap()
+        {
+            ServerFrame::Events {
+                session_id, events, ..
+            } => {
+                if events
+                    .iter()
+                    .any(|e| e.kind == EventKind::Message && e.text.as_deref() == Some("1: ping"))
+                {
+                    answered.insert(session_id);
+                }
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let (_, status) = support::http(gw.http, "GET", "/status", None).await;
+    assert_eq!(status["bots"]["echo"], N);
+    assert!(gw.reports().iter().all(|r| r["abnormal"] == false));
+}

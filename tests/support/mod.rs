@@ -1,0 +1,268 @@
+//! Test support for the gateway: the real `bgs` and `bgs-chat-server` binaries on free ports.
+
+#![allow(dead_code)]
+
+#[path = "../../chat-server/tests/support/mod.rs"]
+mod chat;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+pub use chat::{http, Server as ChatServer, TempDir};
+use serde_json::{json, Value};
+
+pub struct Gateway {
+    child: Option<Child>,
+    pub http: SocketAddr,
+    pub esp: SocketAddr,
+    pub dir: TempDir,
+}
+
+impl Gateway {
+    /// Starts `bgs serve` against a Chat Server at `chat_tcp`; `extra` is appended to the config.
+    pub fn start(chat_tcp: SocketAddr, extra: &str) -> Gateway {
+        let dir = TempDir::new("gateway");
+        let config = format!(
+            r#"
+[node]
+http-listen = "127.0.0.1:0"
+esp-listen = "127.0.0.1:0"
+[chat-server]
+address = "{chat_tcp}"
+[channel-chatbot]
+ha-chat-reconnecting-delay = 0.1
+ha-chat-reconnecting-attempts = 100
+[settings]
+esp-proc-timeout = 10
+[reporting]
+file = "{reports}"
+[plugins.faulty]
+enabled = true
+"#,
+            reports = dir.path().join("reports.jsonl").display()
+        );
+        // `extra` overrides keys of the base configuration, section by section.
+        let mut base: toml::Table = toml::from_str(&config).expect("base config");
+        let extra: toml::Table = toml::from_str(extra).expect("extra config");
+        for (section, value) in extra {
+            match (base.get_mut(&section), value) {
+                (Some(toml::Value::Table(b)), toml::Value::Table(e)) => b.extend(e),
+                (_, v) => {
+                    base.insert(section, v);
+                }
+            }
+        }
+        let config = toml::to_string(&base).expect("config");
+        let path = dir.path().join("bgs.toml");
+        std::fs::write(&path, config).expect("write config");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_bgs"))
+            .args(["serve", "--config"])
+            .arg(&path)
+            .env(
+                "RUST_LOG",
+                std::env::var("BGS_TEST_LOG").unwrap_or_else(|_| "error".into()),
+            )
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start bgs");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("bgs printed its listening line");
+        let addr = |key: &str| -> SocketAddr {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(key))
+                .unwrap_or_else(|| panic!("no {key} in {line:?}"))
+                .parse()
+                .expect("address")
+        };
+        Gateway {
+            http: addr("http="),
+            esp: addr("esp="),
+            child: Some(child),
+            dir,
+        }
+    }
+
+    pub fn reports_path(&self) -> PathBuf {
+        self.dir.path().join("reports.jsonl")
+    }
+
+    /// Sends an ESP request over HTTP: (HTTP status, answer).
+    pub async fn esp(
+        &self,
+        method: &str,
+        interaction: &str,
+        params: &[(&str, &str)],
+    ) -> (u16, Value) {
+        let mut parameters: serde_json::Map<String, Value> = params
+            .iter()
+            .map(|(k, v)| (k.to_string(), json!(v)))
+            .collect();
+        parameters
+            .entry("_umsChannel")
+            .or_insert(json!("channel-chatbot"));
+        let body = json!({
+            "service": "ChatBotPlatform", "method": method,
+            "parameters": parameters, "userdata": {"InteractionId": interaction}
+        });
+        http(self.http, "POST", "/esp", Some(body)).await
+    }
+
+    /// StartBot that must succeed; returns the answer's result.
+    pub async fn start_bot(&self, interaction: &str, params: &[(&str, &str)]) -> Value {
+        let (status, answer) = self.esp("StartBot", interaction, params).await;
+        assert_eq!(status, 200, "StartBot failed: {answer}");
+        answer["result"].clone()
+    }
+
+    /// The report records written so far.
+    pub fn reports(&self) -> Vec<Value> {
+        std::fs::read_to_string(self.reports_path())
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// Waits for the report record of a bot instance.
+    pub async fn report_of(&self, instance_id: &str) -> Value {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(r) = self
+                .reports()
+                .into_iter()
+                .find(|r| r["instance_id"] == instance_id)
+            {
+                return r;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no report for {instance_id}: {:?}",
+                self.reports()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// SIGTERM, then wait for the process to exit.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        child.wait().expect("wait")
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// A customer of a session, over HTTP.
+pub struct Customer<'a> {
+    pub chat: &'a ChatServer,
+    pub session: String,
+    pub id: String,
+    pub since: u64,
+}
+
+impl<'a> Customer<'a> {
+    pub async fn open(chat: &'a ChatServer, interaction: &str) -> Customer<'a> {
+        let (session, id) = chat.create_session(interaction).await;
+        Customer {
+            chat,
+            session,
+            id,
+            since: 0,
+        }
+    }
+
+    pub async fn say(&self, text: &str) -> u64 {
+        let (status, v) = self
+            .chat
+            .post(
+                &format!("/sessions/{}/messages", self.session),
+                json!({"participant_id": self.id, "text": text}),
+            )
+            .await;
+        assert_eq!(status, 200, "{v}");
+        v["seq"].as_u64().expect("seq")
+    }
+
+    /// Waits for the next message (not the customer's own) that the customer sees; returns its text.
+    pub async fn next_reply(&mut self) -> String {
+        let id = self.id.clone();
+        let events = self
+            .chat
+            .events_until(&self.session, &self.id, self.since, |e| {
+                e["kind"] == "message" && e["participant_id"] != id.as_str()
+            })
+            .await;
+        let last = events.last().expect("an event");
+        self.since = last["seq"].as_u64().expect("seq");
+        last["text"].as_str().unwrap_or_default().to_string()
+    }
+
+    /// Everything the customer may see.
+    pub async fn visible(&self) -> Vec<Value> {
+        let (_, v) = self
+            .chat
+            .get(&format!(
+                "/sessions/{}/events?participant_id={}&since=0",
+                self.session, self.id
+            ))
+            .await;
+        v["events"].as_array().cloned().unwrap_or_default()
+    }
+
+    pub async fn leave(&self, after_action: &str) {
+        let (status, v) = self
+            .chat
+            .post(
+                &format!("/sessions/{}/leave", self.session),
+                json!({"participant_id": self.id, "after_action": after_action}),
+            )
+            .await;
+        assert_eq!(status, 200, "{v}");
+    }
+
+    pub async fn transcript(&self) -> Value {
+        self.chat
+            .get(&format!("/sessions/{}/transcript", self.session))
+            .await
+            .1
+    }
+}
+
+/// Texts of the messages in a transcript.
+pub fn messages(transcript: &Value) -> Vec<String> {
+    transcript["events"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter(|e| e["kind"] == "message")
+                .map(|e| e["text"].as_str().unwrap_or_default().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
