@@ -63,6 +63,8 @@ pub struct HaConfig {
     pub secret: String,
     pub heartbeat_interval_ms: u64,
     pub failover_after_ms: u64,
+    /// `async` (a bot's save counts at once) or `sync` (it counts when the backup has it).
+    pub mode: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -178,6 +180,7 @@ impl Default for HaConfig {
             secret: "change-me".into(),
             heartbeat_interval_ms: 100,
             failover_after_ms: 1000,
+            mode: "async".into(),
         }
     }
 }

@@ -8,8 +8,10 @@ use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
 use bgs_actors::chat_link::{ChatLink, GetLinkStatus};
 use bgs_actors::esp::{status_of, EspError};
+use bgs_actors::ha::{GetHaStatus, HaCoordinator, Switchover};
 use bgs_actors::report::Registry;
 use bgs_proto::esp::{EspRequest, EspResponse, EspResult, EspStatus};
+use bgs_proto::ha::HaRole;
 use serde_json::{json, Value};
 
 use crate::intake::Intake;
@@ -18,6 +20,7 @@ pub struct HttpState {
     pub intake: Arc<Intake>,
     pub registry: Arc<Registry>,
     pub link: Addr<ChatLink>,
+    pub ha: Addr<HaCoordinator>,
     pub cluster_id: String,
     pub role: String,
     pub started: Instant,
@@ -85,6 +88,15 @@ async fn healthz() -> HttpResponse {
 }
 
 async fn readyz(state: web::Data<HttpState>) -> HttpResponse {
+    if let Ok(ha) = state.ha.send(GetHaStatus).await {
+        if ha.role == HaRole::Backup {
+            return if ha.in_sync {
+                HttpResponse::Ok().json(json!({"ready": true, "role": "backup"}))
+            } else {
+                HttpResponse::ServiceUnavailable().json(json!({"ready": false, "role": "backup", "reason": "not in sync with the primary"}))
+            };
+        }
+    }
     match state.link.send(GetLinkStatus).await {
         Ok(link) if link.connected => {
             HttpResponse::Ok().json(json!({"ready": true, "chat_server": link}))
@@ -99,6 +111,7 @@ async fn readyz(state: web::Data<HttpState>) -> HttpResponse {
 
 async fn status(state: web::Data<HttpState>) -> HttpResponse {
     let link = state.link.send(GetLinkStatus).await.ok();
+    let ha = state.ha.send(GetHaStatus).await.ok();
     let mut by_plugin = std::collections::BTreeMap::<String, u64>::new();
     let mut sessions = std::collections::BTreeSet::new();
     for e in state.registry.running.iter() {
@@ -108,12 +121,32 @@ async fn status(state: web::Data<HttpState>) -> HttpResponse {
     HttpResponse::Ok().json(json!({
         "node": state.intake.node_id,
         "cluster": state.cluster_id,
-        "role": state.role,
+        "role": ha.as_ref().map_or(state.role.clone(), |h| format!("{:?}", h.role).to_lowercase()),
+        "epoch": ha.as_ref().map(|h| h.epoch),
+        "ha": ha,
         "uptime_seconds": state.started.elapsed().as_secs(),
         "sessions": sessions.len(),
         "bots": by_plugin,
         "chat_servers": link.into_iter().collect::<Vec<_>>(),
     }))
+}
+
+/// `POST /admin/switchover`: hands the primary role to the backup; answers when done.
+async fn switchover(state: web::Data<HttpState>, req: HttpRequest) -> HttpResponse {
+    if let Err(e) = state.intake.authorize(bearer(&req)) {
+        return error(e);
+    }
+    let started = Instant::now();
+    match state.ha.send(Switchover).await {
+        Ok(Ok(report)) => HttpResponse::Ok().json(json!({
+            "status": "ok", "new_epoch": report.new_epoch, "bots": report.bots,
+            "drain_ms": report.drain_ms, "elapsed_ms": started.elapsed().as_millis() as u64,
+        })),
+        Ok(Err(reason)) => HttpResponse::Conflict()
+            .json(json!({"status": "error", "code": "switchover_refused", "message": reason})),
+        Err(e) => HttpResponse::InternalServerError()
+            .json(json!({"status": "error", "code": "internal", "message": e.to_string()})),
+    }
 }
 
 async fn not_found(req: HttpRequest) -> HttpResponse {
@@ -128,5 +161,6 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/healthz", web::get().to(healthz))
         .route("/readyz", web::get().to(readyz))
         .route("/status", web::get().to(status))
+        .route("/admin/switchover", web::post().to(switchover))
         .default_service(web::to(not_found));
 }

@@ -85,7 +85,10 @@ fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
     let system = actix_rt::System::new();
     system.block_on(async move {
         let node = bgs::serve::start(config).await?;
-        println!("bgs listening http={} esp={}", node.http, node.esp);
+        match node.ha {
+            Some(ha) => println!("bgs listening http={} esp={} ha={ha}", node.http, node.esp),
+            None => println!("bgs listening http={} esp={}", node.http, node.esp),
+        }
         wait_for_signal().await;
         tracing::info!("shutting down");
         node.shutdown().await;

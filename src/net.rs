@@ -17,11 +17,84 @@ use tokio::sync::{mpsc, Semaphore};
 use tokio_util::codec::{FramedRead, FramedWrite};
 
 use crate::intake::Intake;
+use actix::Addr;
+use bgs_actors::ha::{Accepted, HaConnection, HaCoordinator, HaDialer};
+use bgs_proto::ha::HaFrame;
+
+/// Frames buffered each way on the HA link (a snapshot is one frame).
+const HA_BUFFER: usize = 4096;
+
+fn ha_connection(stream: TcpStream) -> HaConnection {
+    let _ = stream.set_nodelay(true);
+    let (rd, wr) = stream.into_split();
+    let (out_tx, mut out_rx) = mpsc::channel::<HaFrame>(HA_BUFFER);
+    let (in_tx, in_rx) = mpsc::channel::<HaFrame>(HA_BUFFER);
+    tokio::spawn(async move {
+        let mut sink = FramedWrite::new(
+            wr,
+            FrameCodec::<HaFrame, HaFrame>::new(bgs_proto::MAX_FRAME_LIMIT),
+        );
+        while let Some(f) = out_rx.recv().await {
+            if let Err(e) = sink.send(f).await {
+                tracing::debug!(error = %e, "HA link write failed");
+                break;
+            }
+        }
+    });
+    tokio::spawn(async move {
+        let mut frames = FramedRead::new(
+            rd,
+            FrameCodec::<HaFrame, HaFrame>::new(bgs_proto::MAX_FRAME_LIMIT),
+        );
+        while let Some(Ok(f)) = frames.next().await {
+            if in_tx.send(f).await.is_err() {
+                break;
+            }
+        }
+    });
+    HaConnection {
+        outbound: out_tx,
+        inbound: in_rx,
+    }
+}
+
+/// Dials the HA peer over TCP.
+pub struct TcpHaDialer;
+
+impl HaDialer for TcpHaDialer {
+    fn dial(&self, address: &str) -> BoxFuture<'static, io::Result<HaConnection>> {
+        let address = address.to_string();
+        Box::pin(async move {
+            let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&address))
+                .await
+                .map_err(|_| {
+                    io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("connecting to {address} timed out"),
+                    )
+                })??;
+            Ok(ha_connection(stream))
+        })
+    }
+}
+
+/// Accepts HA links from the peer and hands them to the coordinator.
+pub async fn serve_ha(listener: TcpListener, coordinator: Addr<HaCoordinator>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => coordinator.do_send(Accepted(ha_connection(stream))),
+            Err(e) => {
+                tracing::warn!(error = %e, "HA accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
 
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The Chat Server disconnects silent clients; ping well before its read timeout.
 const PING_EVERY: Duration = Duration::from_secs(30);
-/// Frames buffered each way between the ChatLink and the socket.
+/// Frames buffered from the socket to the ChatLink.
 const LINK_BUFFER: usize = 1024;
 
 /// Connects to the Chat Server over TCP with the proto codec.
@@ -41,7 +114,7 @@ impl ChatConnector for TcpChatConnector {
                 })??;
             stream.set_nodelay(true)?;
             let (rd, wr) = stream.into_split();
-            let (out_tx, mut out_rx) = mpsc::channel::<ClientFrame>(LINK_BUFFER);
+            let (out_tx, mut out_rx) = mpsc::unbounded_channel::<ClientFrame>();
             let (in_tx, in_rx) = mpsc::channel::<ServerFrame>(LINK_BUFFER);
             tokio::spawn(async move {
                 let mut sink = FramedWrite::new(

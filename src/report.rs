@@ -11,31 +11,45 @@ use bgs_actors::report::{BotReport, ReportSink};
 /// Records queued for the writer before new ones are dropped (and logged).
 const QUEUE: usize = 4096;
 
+enum Item {
+    Report(Box<BotReport>),
+    Flush(std::sync::mpsc::Sender<()>),
+}
+
 pub struct FileReports {
-    tx: SyncSender<BotReport>,
+    tx: SyncSender<Item>,
 }
 
 impl FileReports {
     pub fn open(path: &Path) -> std::io::Result<FileReports> {
         let file = OpenOptions::new().create(true).append(true).open(path)?;
-        let (tx, rx) = sync_channel::<BotReport>(QUEUE);
+        let (tx, rx) = sync_channel::<Item>(QUEUE);
         let path: PathBuf = path.to_path_buf();
         std::thread::Builder::new().name("reports".into()).spawn(move || {
             let mut out = BufWriter::new(file);
-            while let Ok(report) = rx.recv() {
-                let mut batch = vec![report];
+            while let Ok(first) = rx.recv() {
+                let mut batch = vec![first];
                 while let Ok(r) = rx.try_recv() {
                     batch.push(r);
                 }
                 let mut result = Ok(());
-                for r in &batch {
-                    result = result.and_then(|()| {
-                        serde_json::to_writer(&mut out, r).map_err(std::io::Error::other)?;
-                        out.write_all(b"\n")
-                    });
+                let mut flushed = Vec::new();
+                for item in batch {
+                    match item {
+                        Item::Report(r) => {
+                            result = result.and_then(|()| {
+                                serde_json::to_writer(&mut out, &r).map_err(std::io::Error::other)?;
+                                out.write_all(b"\n")
+                            })
+                        }
+                        Item::Flush(done) => flushed.push(done),
+                    }
                 }
                 if let Err(e) = result.and_then(|()| out.flush()) {
                     tracing::error!(path = %path.display(), error = %e, "cannot write bot reports");
+                }
+                for done in flushed {
+                    let _ = done.send(());
                 }
             }
         })?;
@@ -45,12 +59,19 @@ impl FileReports {
 
 impl ReportSink for FileReports {
     fn write(&self, report: &BotReport) {
-        match self.tx.try_send(report.clone()) {
+        match self.tx.try_send(Item::Report(Box::new(report.clone()))) {
             Ok(()) => {}
-            Err(TrySendError::Full(r)) => {
-                tracing::error!(bot_instance = %r.instance_id, "report queue full; record dropped")
+            Err(TrySendError::Full(_)) => {
+                tracing::error!(bot_instance = %report.instance_id, "report queue full; record dropped")
             }
             Err(TrySendError::Disconnected(_)) => {}
+        }
+    }
+
+    fn flush(&self) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        if self.tx.send(Item::Flush(tx)).is_ok() {
+            let _ = rx.recv_timeout(std::time::Duration::from_secs(5));
         }
     }
 }

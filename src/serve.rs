@@ -7,22 +7,27 @@ use std::time::{Duration, Instant};
 use actix::{Actor, Addr};
 use actix_web::{web, App, HttpServer};
 use bgs_actors::chat_link::{ChatLink, ChatLinkConfig};
+use bgs_actors::ha::{Attach, HaCoordinator, HaSettings};
 use bgs_actors::report::{Registry, ReportSink};
-use bgs_actors::supervisor::{Shutdown, Supervisor, SupervisorConfig};
+use bgs_actors::supervisor::{Barrier, Shutdown, Supervisor, SupervisorConfig};
 use bgs_proto::chat::ClientRole;
+use bgs_proto::ha::HaRole;
 
 use crate::config::Config;
 use crate::http::HttpState;
 use crate::intake::Intake;
-use crate::net::{serve_esp, TcpChatConnector};
+use crate::net::{serve_esp, serve_ha, TcpChatConnector, TcpHaDialer};
 use crate::report::{FileReports, LogReports};
 
 /// A running node.
 pub struct Node {
     pub http: SocketAddr,
     pub esp: SocketAddr,
+    /// The HA listener, in a pair.
+    pub ha: Option<SocketAddr>,
     supervisor: Addr<Supervisor>,
     http_server: actix_web::dev::ServerHandle,
+    reports: Arc<dyn ReportSink>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -83,8 +88,48 @@ pub async fn start(config: Config) -> Result<Node, ServeError> {
             source,
         })?;
 
+    // The HA coordinator first: the chat link tells it about fencing, bots tell it their saves.
+    let role = if config.node.role == "backup" {
+        HaRole::Backup
+    } else {
+        HaRole::Primary
+    };
+    let ha_listener = match &config.ha.peer {
+        Some(_) => Some(
+            tokio::net::TcpListener::bind(config.ha.listen)
+                .await
+                .map_err(|source| ServeError::Listen {
+                    what: "ha.listen",
+                    addr: config.ha.listen,
+                    source,
+                })?,
+        ),
+        None => None,
+    };
+    let ha_addr = ha_listener.as_ref().and_then(|l| l.local_addr().ok());
+    let coordinator = HaCoordinator::new(
+        HaSettings {
+            node_id: config.node.id.clone(),
+            cluster_id: config.node.cluster_id.clone(),
+            role,
+            peer: config.ha.peer.clone(),
+            secret: config.ha.secret.clone(),
+            heartbeat: Duration::from_millis(config.ha.heartbeat_interval_ms),
+            failover_after: Duration::from_millis(config.ha.failover_after_ms),
+            sync: config.ha.mode == "sync",
+            http_url: format!("http://{http}"),
+            peer_http: config.ha.peer_http.clone(),
+        },
+        1,
+        Arc::new(TcpHaDialer),
+    )
+    .start();
+    if let Some(l) = ha_listener {
+        actix_rt::spawn(serve_ha(l, coordinator.clone()));
+    }
     let link = ChatLink::new(
         ChatLinkConfig {
+            on_fenced: Some(coordinator.clone().recipient()),
             address: config.chat_server.address.clone(),
             role: ClientRole::Gateway {
                 cluster_id: config.node.cluster_id.clone(),
@@ -106,13 +151,19 @@ pub async fn start(config: Config) -> Result<Node, ServeError> {
             handling_timeout: Duration::from_millis(config.bots.handling_timeout_ms),
             finished_retention: Duration::from_secs(config.bots.finished_retention),
             arbiters: config.bots.arbiters,
+            recovery_batch: config.channel_chatbot.ha_bot_recovery_batch as usize,
         },
         plugins,
         link.clone(),
         registry.clone(),
-        reports,
+        reports.clone(),
+        coordinator.clone().recipient(),
     )
     .start();
+    coordinator.do_send(Attach {
+        supervisor: supervisor.clone(),
+        link: link.clone(),
+    });
     let intake = Arc::new(Intake {
         node_id: config.node.id.clone(),
         supervisor: supervisor.clone(),
@@ -124,6 +175,7 @@ pub async fn start(config: Config) -> Result<Node, ServeError> {
         intake,
         registry,
         link,
+        ha: coordinator,
         cluster_id: config.node.cluster_id.clone(),
         role: config.node.role.clone(),
         started: Instant::now(),
@@ -149,8 +201,10 @@ pub async fn start(config: Config) -> Result<Node, ServeError> {
     Ok(Node {
         http,
         esp,
+        ha: ha_addr,
         supervisor,
         http_server,
+        reports,
     })
 }
 
@@ -158,6 +212,10 @@ impl Node {
     /// Stops taking ESP, stops every bot (reason `shutdown`, no leave), stops HTTP.
     pub async fn shutdown(self) {
         let _ = tokio::time::timeout(Duration::from_secs(10), self.supervisor.send(Shutdown)).await;
+        let _ = self.supervisor.send(Barrier).await;
         self.http_server.stop(true).await;
+        // The last reports (reason shutdown) reach the file before the process ends.
+        let reports = self.reports.clone();
+        let _ = tokio::task::spawn_blocking(move || reports.flush()).await;
     }
 }

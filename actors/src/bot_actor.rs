@@ -17,8 +17,10 @@ use tokio::sync::oneshot;
 use crate::bot::{Bot, BotAction, BotContext, BotInput, BotStart, StopReason};
 use crate::chat_link::{ChatCall, ChatLink};
 use crate::esp::StartSpec;
+use crate::ha::Replicate;
 use crate::now_ms;
 use crate::report::BotReport;
+use bgs_proto::ha::HaOp;
 
 /// Most inputs waiting for one bot; beyond it the bot is stopped (it cannot keep up).
 pub const BOT_MAILBOX: usize = 1024;
@@ -35,9 +37,22 @@ pub struct BotSetup {
     pub restored: Option<Vec<u8>>,
     pub link: Addr<ChatLink>,
     pub notices: Recipient<BotNotice>,
+    pub ha: Recipient<Replicate>,
     pub handling_timeout: Duration,
     pub started_ms: u64,
+    /// The last event already handled (its join, or for a restored bot its checkpoint).
+    pub checkpoint: u64,
 }
+
+/// Answers once every input given before it has been handled (switchover drain).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct FlushBot;
+
+/// Stop at once: no stop handler, no leave, no report (the bot goes on at the new primary).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct AbandonBot;
 
 /// An input for the bot.
 #[derive(Message)]
@@ -80,7 +95,10 @@ pub struct BotActor {
     participant_id: String,
     link: Addr<ChatLink>,
     notices: Recipient<BotNotice>,
+    ha: Recipient<Replicate>,
     handling_timeout: Duration,
+    /// Makes data labels of this incarnation unique (data is not replayed after a switchover).
+    incarnation: u32,
     bot: Option<Box<dyn Bot>>,
     start: Option<BotStart>,
     joined_seq: u64,
@@ -90,6 +108,8 @@ pub struct BotActor {
     received: u64,
     started_ms: u64,
     error: Option<String>,
+    /// The bot failed or asked to leave: it takes no more inputs (its stop is on the way).
+    halted: bool,
     stopping: bool,
     /// The last saved context and the event sequence it covers (what HA replicates).
     pub saved: Option<(Vec<u8>, u64)>,
@@ -137,6 +157,18 @@ impl<F: std::future::Future + Unpin> std::future::Future for PluginCode<F> {
     }
 }
 
+/// Runs plugin code that is not a future (factories, the synchronous part of `handle`),
+/// catching a panic and marking the thread as in plugin code meanwhile.
+pub fn plugin_call<R>(f: impl FnOnce() -> R) -> Result<R, String> {
+    let before = IN_PLUGIN.with(|flag| flag.replace(true));
+    let result = std::panic::catch_unwind(AssertUnwindSafe(f));
+    IN_PLUGIN.with(|flag| flag.set(before));
+    result.map_err(|p| panic_message(&*p))
+}
+
+/// Longest text a bot may post (bytes); longer posts are refused and logged.
+pub const MAX_POST: usize = 16 * 1024;
+
 /// Runs one handler: returns the bot (unless it panicked or overran), its error, its actions.
 async fn call(
     mut bot: Box<dyn Bot>,
@@ -144,11 +176,12 @@ async fn call(
     input: BotInput,
     timeout: Duration,
 ) -> (Option<Box<dyn Bot>>, Option<String>, Vec<BotAction>) {
-    let result = tokio::time::timeout(
-        timeout,
-        AssertUnwindSafe(PluginCode(bot.handle(&mut ctx, input))).catch_unwind(),
-    )
-    .await;
+    let result = match plugin_call(|| bot.handle(&mut ctx, input)) {
+        Ok(future) => {
+            tokio::time::timeout(timeout, AssertUnwindSafe(PluginCode(future)).catch_unwind()).await
+        }
+        Err(panic) => return (None, Some(format!("bot panicked: {panic}")), Vec::new()),
+    };
     let actions = ctx.take_actions();
     match result {
         Ok(Ok(Ok(()))) => (Some(bot), None, actions),
@@ -276,16 +309,19 @@ impl BotActor {
             participant_id: setup.participant_id,
             link: setup.link,
             notices: setup.notices,
+            ha: setup.ha,
+            incarnation: uuid::Uuid::new_v4().as_u128() as u32,
             handling_timeout: setup.handling_timeout,
             bot: Some(setup.bot),
             start: Some(start),
             joined_seq: setup.joined_seq,
-            last_seq: setup.joined_seq,
+            last_seq: setup.checkpoint.max(setup.joined_seq),
             data_count: 0,
             sent: 0,
             received: 0,
             started_ms: setup.started_ms,
             error: None,
+            halted: false,
             stopping: false,
             saved: None,
             waiters: Vec::new(),
@@ -320,9 +356,21 @@ impl BotActor {
         let timeout = self.handling_timeout;
         let outbox = self.outbox();
         let covered = self.last_seq;
+        let ha = self.ha.clone();
+        let instance_id = self.instance_id.clone();
         let fut = async move {
             let (bot, error, actions) = call(bot, bctx, input, timeout).await;
             let outcome = outbox.execute(actions, &label).await;
+            // Posts first, then the save: a failover before the save replays the input, and the
+            // replayed posts carry the same client keys.
+            if let Some(bytes) = &outcome.saved {
+                let op = HaOp::Saved {
+                    instance_id,
+                    context: bytes.clone(),
+                    checkpoint_seq: covered,
+                };
+                let _ = ha.send(Replicate(op)).await;
+            }
             (bot, error, outcome)
         };
         ctx.wait(
@@ -335,12 +383,14 @@ impl BotActor {
                     }
                     if let Some(error) = error {
                         tracing::warn!(bot_instance = %act.instance_id, %error, "bot failed");
+                        act.halted = true;
                         act.error = Some(error.clone());
                         act.notices.do_send(BotNotice::Failed {
                             participant_id: act.participant_id.clone(),
                             error,
                         });
                     } else if outcome.leave {
+                        act.halted = true;
                         act.notices.do_send(BotNotice::WantsToLeave {
                             participant_id: act.participant_id.clone(),
                         });
@@ -390,7 +440,7 @@ impl Handler<Deliver> for BotActor {
     type Result = ();
 
     fn handle(&mut self, msg: Deliver, ctx: &mut Context<Self>) {
-        if self.stopping || self.bot.is_none() {
+        if self.stopping || self.halted || self.bot.is_none() {
             return;
         }
         match msg {
@@ -407,10 +457,28 @@ impl Handler<Deliver> for BotActor {
             }
             Deliver::Data(data) => {
                 self.data_count += 1;
-                let label = format!("{}d{}", self.last_seq, self.data_count);
+                let label = format!(
+                    "{}d{:08x}-{}",
+                    self.last_seq, self.incarnation, self.data_count
+                );
                 self.run(BotInput::Data(data), label, ctx);
             }
         }
+    }
+}
+
+impl Handler<FlushBot> for BotActor {
+    type Result = ();
+
+    fn handle(&mut self, _: FlushBot, _ctx: &mut Context<Self>) {}
+}
+
+impl Handler<AbandonBot> for BotActor {
+    type Result = ();
+
+    fn handle(&mut self, _: AbandonBot, ctx: &mut Context<Self>) {
+        self.stopping = true;
+        ctx.stop();
     }
 }
 

@@ -19,9 +19,11 @@ use bgs_proto::chat::{
 use futures_util::future::BoxFuture;
 use tokio::sync::{mpsc, oneshot};
 
-/// A connection to a Chat Server, as typed frames.
+/// A connection to a Chat Server, as typed frames. The outbound side is unbounded because the
+/// link bounds what it sends itself (`max_queued` requests, one resume per followed bot) and
+/// must never block or drop a frame.
 pub struct ChatConnection {
-    pub outbound: mpsc::Sender<ClientFrame>,
+    pub outbound: mpsc::UnboundedSender<ClientFrame>,
     pub inbound: mpsc::Receiver<ServerFrame>,
 }
 
@@ -83,6 +85,28 @@ pub struct Unfollow {
     pub participant_id: String,
 }
 
+/// Connect (or reconnect) as the primary of the cluster with this epoch.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Activate {
+    pub epoch: u64,
+}
+
+/// Drop the connection and every route: this node is no longer the primary.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Deactivate;
+
+/// Stop routing chat events (a switchover is draining); requests still go out.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct PauseEvents;
+
+/// Route chat events again (a switchover was abandoned).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ResumeEvents;
+
 /// Whether the link is up, for status and readiness.
 #[derive(Message)]
 #[rtype(result = "LinkStatus")]
@@ -112,13 +136,16 @@ struct Pending {
 enum State {
     Down,
     /// Connected, waiting for Welcome and resumes.
-    Handshaking(mpsc::Sender<ClientFrame>),
-    Up(mpsc::Sender<ClientFrame>),
+    Handshaking(mpsc::UnboundedSender<ClientFrame>),
+    Up(mpsc::UnboundedSender<ClientFrame>),
 }
 
 pub struct ChatLinkConfig {
     pub address: String,
+    /// The gateway role; its epoch is replaced by the one [`Activate`] gives.
     pub role: ClientRole,
+    /// Told when the Chat Server fences this node.
+    pub on_fenced: Option<Recipient<crate::ha::ChatFenced>>,
     pub reconnect_delay: Duration,
     pub reconnect_attempts: u32,
     /// Requests queued while the link is down, beyond which calls fail at once.
@@ -127,6 +154,9 @@ pub struct ChatLinkConfig {
 
 pub struct ChatLink {
     config: ChatLinkConfig,
+    /// Only the primary is connected; a backup's link is inactive.
+    active: bool,
+    paused: bool,
     connector: Arc<dyn ChatConnector>,
     state: State,
     generation: u64,
@@ -151,6 +181,8 @@ impl ChatLink {
     pub fn new(config: ChatLinkConfig, connector: Arc<dyn ChatConnector>) -> Self {
         Self {
             config,
+            active: false,
+            paused: false,
             connector,
             state: State::Down,
             generation: 0,
@@ -196,7 +228,7 @@ impl ChatLink {
                 client_name: "bgs".into(),
             }),
         };
-        if outbound.try_send(hello).is_err() {
+        if outbound.send(hello).is_err() {
             self.lost(ctx);
             return;
         }
@@ -225,11 +257,14 @@ impl ChatLink {
         } else {
             self.failures += 1;
         }
+        if !self.active {
+            return;
+        }
         if self.failures >= self.config.reconnect_attempts && !self.gave_up {
             self.give_up();
         }
         ctx.run_later(self.config.reconnect_delay, |act, ctx| {
-            if matches!(act.state, State::Down) {
+            if act.active && matches!(act.state, State::Down) {
                 act.reconnects += 1;
                 act.connect(ctx);
             }
@@ -270,7 +305,7 @@ impl ChatLink {
             id,
             request: p.request.clone(),
         };
-        match tx.try_send(frame) {
+        match tx.send(frame) {
             Ok(()) => {
                 p.sent = true;
                 true
@@ -407,18 +442,20 @@ impl ChatLink {
                             since_seq,
                         }),
                     };
-                    if tx.try_send(frame).is_err() {
+                    if tx.send(frame).is_err() {
                         self.lost(ctx);
                         return;
                     }
                 }
                 self.up(tx);
             }
+            (Handshake::Hello, Err(e)) if e.code == ChatErrorCode::Fenced => {
+                tracing::error!(message = %e.message, "the chat server refused this node's epoch");
+                self.fenced(ctx);
+            }
             (Handshake::Hello, Err(e)) => {
                 tracing::error!(code = e.code.as_str(), message = %e.message, "the chat server refused the handshake");
-                if let Some(State::Handshaking(_)) = Some(&self.state) {
-                    self.lost(ctx);
-                }
+                self.lost(ctx);
             }
             (Handshake::Resume(..), Ok(_)) => {}
             (Handshake::Resume(session_id, participant_id), Err(e)) => {
@@ -437,7 +474,28 @@ impl ChatLink {
         }
     }
 
-    fn up(&mut self, tx: mpsc::Sender<ClientFrame>) {
+    fn fenced(&mut self, ctx: &mut Context<Self>) {
+        if let Some(r) = &self.config.on_fenced {
+            r.do_send(crate::ha::ChatFenced);
+        }
+        self.deactivate(ctx);
+    }
+
+    fn deactivate(&mut self, _ctx: &mut Context<Self>) {
+        self.active = false;
+        self.paused = false;
+        self.state = State::Down;
+        self.generation += 1;
+        self.handshake.clear();
+        self.routes.clear();
+        for (_, p) in std::mem::take(&mut self.pending) {
+            let _ = p.reply.send(Err(ChatCallError::Unavailable(
+                "this node is not the primary".into(),
+            )));
+        }
+    }
+
+    fn up(&mut self, tx: mpsc::UnboundedSender<ClientFrame>) {
         self.state = State::Up(tx);
         if self.failures > 0 || self.reconnects > 0 {
             tracing::info!(address = %self.config.address, "chat server connection restored");
@@ -471,7 +529,6 @@ impl Actor for ChatLink {
 
     fn started(&mut self, ctx: &mut Context<Self>) {
         ctx.set_mailbox_capacity(1024);
-        self.connect(ctx);
     }
 }
 
@@ -519,6 +576,13 @@ impl Handler<ChatCall> for ChatLink {
     fn handle(&mut self, msg: ChatCall, _ctx: &mut Context<Self>) -> Self::Result {
         let (tx, rx) = oneshot::channel();
         let down = !matches!(self.state, State::Up(_));
+        if !self.active {
+            return Box::pin(async {
+                Err(ChatCallError::Unavailable(
+                    "this node is not the primary".into(),
+                ))
+            });
+        }
         if down && (self.gave_up || self.pending.len() >= self.config.max_queued) {
             return Box::pin(async {
                 Err(ChatCallError::Unavailable(
@@ -541,6 +605,49 @@ impl Handler<ChatCall> for ChatLink {
             rx.await
                 .unwrap_or_else(|_| Err(ChatCallError::Unavailable("the chat link stopped".into())))
         })
+    }
+}
+
+impl Handler<Activate> for ChatLink {
+    type Result = ();
+
+    fn handle(&mut self, msg: Activate, ctx: &mut Context<Self>) {
+        if let ClientRole::Gateway { epoch, .. } = &mut self.config.role {
+            *epoch = msg.epoch;
+        }
+        self.active = true;
+        self.paused = false;
+        self.gave_up = false;
+        self.failures = 0;
+        // A connection of an older epoch is replaced.
+        self.state = State::Down;
+        self.handshake.clear();
+        tracing::info!(epoch = msg.epoch, address = %self.config.address, "connecting to the chat server as primary");
+        self.connect(ctx);
+    }
+}
+
+impl Handler<Deactivate> for ChatLink {
+    type Result = ();
+
+    fn handle(&mut self, _: Deactivate, ctx: &mut Context<Self>) {
+        self.deactivate(ctx);
+    }
+}
+
+impl Handler<PauseEvents> for ChatLink {
+    type Result = ();
+
+    fn handle(&mut self, _: PauseEvents, _ctx: &mut Context<Self>) {
+        self.paused = true;
+    }
+}
+
+impl Handler<ResumeEvents> for ChatLink {
+    type Result = ();
+
+    fn handle(&mut self, _: ResumeEvents, _ctx: &mut Context<Self>) {
+        self.paused = false;
     }
 }
 

@@ -8,6 +8,7 @@ pub mod bot;
 pub mod bot_actor;
 pub mod chat_link;
 pub mod esp;
+pub mod ha;
 pub mod report;
 pub mod session;
 pub mod supervisor;

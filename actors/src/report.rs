@@ -34,6 +34,8 @@ pub struct BotReport {
 /// Where report records go (a JSON-lines file in `bgs serve`; a vector in tests).
 pub trait ReportSink: Send + Sync + 'static {
     fn write(&self, report: &BotReport);
+    /// Waits until every record written so far is stored (at shutdown).
+    fn flush(&self) {}
 }
 
 /// Finished instances kept per interaction for GetBotStatus.

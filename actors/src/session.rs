@@ -14,13 +14,18 @@ use bgs_proto::esp::KeyValues;
 use tokio::sync::oneshot;
 
 use crate::bot::{Bot, StopReason};
-use crate::bot_actor::{BotActor, BotNotice, BotSetup, Deliver, StopBotActor};
+use crate::bot_actor::{
+    AbandonBot, BotActor, BotNotice, BotSetup, Deliver, FlushBot, StopBotActor,
+};
 use crate::chat_link::{
     ChatCall, ChatCallError, ChatLink, FeedLost, Follower, ParticipantEvents, Unfollow,
 };
 use crate::esp::{BotKey, EspError, StartSpec};
+use crate::ha::Replicate;
 use crate::now_ms;
 use crate::report::BotReport;
+use bgs_proto::chat::{LeaveRequest, ResumeRequest};
+use bgs_proto::ha::{HaOp, ReplicatedBot};
 
 /// Inputs a SessionActor may have queued before it must shed load.
 pub const SESSION_MAILBOX: usize = 256;
@@ -57,6 +62,25 @@ pub struct DataInSession {
     pub data: KeyValues,
 }
 
+/// Bring back a bot replicated from the old primary: resume its participant, replay what it
+/// missed after its checkpoint, start it with its saved context.
+#[derive(Message)]
+#[rtype(result = "Result<Started, EspError>")]
+pub struct RestoreInSession {
+    pub replica: ReplicatedBot,
+    pub bot: Box<dyn Bot>,
+}
+
+/// Drop every bot at once: no leave, no report (the bots go on at the new primary).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Abandon;
+
+/// Answer when every bot has handled what it was given (switchover drain).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Quiesce;
+
 /// Stop every bot (shutdown); answers when all are done.
 #[derive(Message)]
 #[rtype(result = "()")]
@@ -77,6 +101,7 @@ pub struct BotFinished {
 #[rtype(result = "()")]
 pub struct SessionEnded {
     pub interaction_id: String,
+    pub addr: Addr<SessionActor>,
 }
 
 /// Who a bot sees in the session (from its own feed).
@@ -118,6 +143,9 @@ struct Slot {
     spec: StartSpec,
     instance_id: String,
     joined_seq: u64,
+    /// Events up to here only build the roster; later ones go to the bot (its join for a new
+    /// bot, its checkpoint for a restored one).
+    deliver_after: u64,
     roster: Roster,
     /// Until the bot's own join event has arrived: the events before it, and what starts the bot.
     pending: Option<PendingStart>,
@@ -127,6 +155,8 @@ struct Slot {
 }
 
 struct PendingStart {
+    /// A new bot (not a restored one): its start is replicated.
+    new: bool,
     history: Vec<ChatEvent>,
     bot: Box<dyn Bot>,
     restored: Option<Vec<u8>>,
@@ -138,6 +168,7 @@ pub struct SessionActor {
     link: Addr<ChatLink>,
     finished: Recipient<BotFinished>,
     ended: Recipient<SessionEnded>,
+    ha: Recipient<Replicate>,
     handling_timeout: Duration,
     bots: HashMap<String, Slot>,
     /// Events for participants whose join reply this actor has not processed yet.
@@ -169,6 +200,7 @@ impl SessionActor {
         link: Addr<ChatLink>,
         finished: Recipient<BotFinished>,
         ended: Recipient<SessionEnded>,
+        ha: Recipient<Replicate>,
         handling_timeout: Duration,
     ) -> Self {
         Self {
@@ -176,6 +208,7 @@ impl SessionActor {
             link,
             finished,
             ended,
+            ha,
             handling_timeout,
             bots: HashMap::new(),
             early: HashMap::new(),
@@ -202,13 +235,13 @@ impl SessionActor {
         };
         let mut live = Vec::new();
         for e in events {
-            if e.seq < slot.joined_seq {
+            if e.seq <= slot.deliver_after {
                 slot.roster.apply(&e);
-                if let Some(p) = slot.pending.as_mut() {
-                    p.history.push(e);
+                if e.seq < slot.joined_seq {
+                    if let Some(p) = slot.pending.as_mut() {
+                        p.history.push(e);
+                    }
                 }
-            } else if e.seq == slot.joined_seq {
-                slot.roster.apply(&e);
             } else {
                 live.push(e);
             }
@@ -220,7 +253,7 @@ impl SessionActor {
             }
         }
         for e in live {
-            self.on_live_event(pid, e);
+            self.on_live_event(pid, e, ctx);
         }
     }
 
@@ -228,6 +261,11 @@ impl SessionActor {
         let Some(slot) = self.bots.get_mut(pid) else {
             return;
         };
+        if p.new {
+            // A new bot: replicate its start before it can save anything.
+            let replica = replica_of(&slot.spec, &slot.instance_id, pid, slot.joined_seq);
+            self.ha.do_send(Replicate(HaOp::Started(Box::new(replica))));
+        }
         let setup = BotSetup {
             spec: slot.spec.clone(),
             instance_id: slot.instance_id.clone(),
@@ -239,8 +277,10 @@ impl SessionActor {
             restored: p.restored,
             link: self.link.clone(),
             notices: ctx.address().recipient(),
+            ha: self.ha.clone(),
             handling_timeout: self.handling_timeout,
             started_ms: now_ms(),
+            checkpoint: slot.deliver_after,
         };
         slot.addr = Some(BotActor::new(setup).start());
         tracing::info!(
@@ -257,7 +297,7 @@ impl SessionActor {
     }
 
     /// One event after the bot's join: relay it, then apply the end conditions.
-    fn on_live_event(&mut self, pid: &str, e: ChatEvent) {
+    fn on_live_event(&mut self, pid: &str, e: ChatEvent, ctx: &mut Context<Self>) {
         let Some(slot) = self.bots.get_mut(pid) else {
             return;
         };
@@ -292,16 +332,22 @@ impl SessionActor {
         if let Some(addr) = &slot.addr {
             if let Err(SendError::Full(_)) = addr.try_send(Deliver::Event(e)) {
                 tracing::warn!(bot_instance = %slot.instance_id, "bot cannot keep up with its chat; stopping it");
-                self.stop(pid, StopReason::Error, None);
+                self.stop(pid, StopReason::Error, None, ctx);
                 return;
             }
         }
         if let Some(reason) = stop {
-            self.stop(pid, reason, None);
+            self.stop(pid, reason, None, ctx);
         }
     }
 
-    fn stop(&mut self, pid: &str, reason: StopReason, done: Option<oneshot::Sender<()>>) {
+    fn stop(
+        &mut self,
+        pid: &str,
+        reason: StopReason,
+        done: Option<oneshot::Sender<()>>,
+        ctx: &mut Context<Self>,
+    ) {
         let Some(slot) = self.bots.get_mut(pid) else {
             if let Some(d) = done {
                 let _ = d.send(());
@@ -322,14 +368,34 @@ impl SessionActor {
         match &slot.addr {
             Some(addr) => addr.do_send(StopBotActor { reason, done: None }),
             None => {
-                // Still waiting for its join event: it never started.
+                // Still waiting for its join event: it never started. Leave if it should, stop
+                // following it, and answer the StartBot that is waiting.
                 if let Some(p) = slot.pending.take() {
                     let _ = p.reply.send(Err(EspError::new(
                         "no_such_session",
-                        format!("the session ended while the bot was joining ({reason})"),
+                        format!("the bot was stopped while joining ({reason})"),
                     )));
                 }
-                self.bots.remove(pid);
+                if reason.sends_leave() {
+                    self.link.do_send(ChatCall {
+                        request: ChatRequest::Leave(LeaveRequest {
+                            session_id: self.interaction_id.clone(),
+                            participant_id: pid.to_string(),
+                            after_action: AfterAction::KeepAlive,
+                        }),
+                        follow: None,
+                    });
+                }
+                self.link.do_send(Unfollow {
+                    session_id: self.interaction_id.clone(),
+                    participant_id: pid.to_string(),
+                });
+                if let Some(slot) = self.bots.remove(pid) {
+                    for w in slot.waiters {
+                        let _ = w.send(());
+                    }
+                }
+                self.maybe_end(ctx);
             }
         }
     }
@@ -348,9 +414,10 @@ impl Actor for SessionActor {
         ctx.set_mailbox_capacity(SESSION_MAILBOX);
     }
 
-    fn stopped(&mut self, _ctx: &mut Context<Self>) {
+    fn stopped(&mut self, ctx: &mut Context<Self>) {
         self.ended.do_send(SessionEnded {
             interaction_id: self.interaction_id.clone(),
+            addr: ctx.address(),
         });
     }
 }
@@ -377,6 +444,7 @@ impl Handler<StartInSession> for SessionActor {
         };
         let (reply, started) = oneshot::channel();
         let pending = PendingStart {
+            new: true,
             history: Vec::new(),
             bot: msg.bot,
             restored: msg.restored,
@@ -410,6 +478,7 @@ impl Handler<StartInSession> for SessionActor {
                                 spec,
                                 instance_id,
                                 joined_seq: seq,
+                                deliver_after: seq,
                                 roster: Roster::default(),
                                 pending: Some(pending),
                                 addr: None,
@@ -456,13 +525,13 @@ impl Handler<ParticipantEvents> for SessionActor {
 impl Handler<FeedLost> for SessionActor {
     type Result = ();
 
-    fn handle(&mut self, msg: FeedLost, _ctx: &mut Context<Self>) {
+    fn handle(&mut self, msg: FeedLost, ctx: &mut Context<Self>) {
         let reason = if msg.removed {
             StopReason::RemovedByChatServer
         } else {
             StopReason::ChatServerLost
         };
-        self.stop(&msg.participant_id, reason, None);
+        self.stop(&msg.participant_id, reason, None, ctx);
     }
 }
 
@@ -472,16 +541,19 @@ impl Handler<BotNotice> for SessionActor {
     fn handle(&mut self, msg: BotNotice, ctx: &mut Context<Self>) {
         match msg {
             BotNotice::WantsToLeave { participant_id } => {
-                self.stop(&participant_id, StopReason::BotLeft, None)
+                self.stop(&participant_id, StopReason::BotLeft, None, ctx)
             }
             BotNotice::Failed { participant_id, .. } => {
-                self.stop(&participant_id, StopReason::Error, None)
+                self.stop(&participant_id, StopReason::Error, None, ctx)
             }
             BotNotice::Finished {
                 participant_id,
                 report,
             } => {
                 if let Some(slot) = self.bots.remove(&participant_id) {
+                    self.ha.do_send(Replicate(HaOp::Removed {
+                        instance_id: slot.instance_id.clone(),
+                    }));
                     self.link.do_send(Unfollow {
                         session_id: self.interaction_id.clone(),
                         participant_id,
@@ -503,7 +575,7 @@ impl Handler<BotNotice> for SessionActor {
 impl Handler<StopInSession> for SessionActor {
     type Result = ResponseFuture<Result<String, EspError>>;
 
-    fn handle(&mut self, msg: StopInSession, _ctx: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, msg: StopInSession, ctx: &mut Context<Self>) -> Self::Result {
         let Some(pid) = self.pid_of(&msg.key) else {
             let key = msg.key;
             return Box::pin(async move {
@@ -519,7 +591,7 @@ impl Handler<StopInSession> for SessionActor {
             .map(|s| s.instance_id.clone())
             .unwrap_or_default();
         let (tx, rx) = oneshot::channel();
-        self.stop(&pid, msg.reason, Some(tx));
+        self.stop(&pid, msg.reason, Some(tx), ctx);
         Box::pin(async move {
             let _ = rx.await;
             Ok(instance_id)
@@ -556,15 +628,171 @@ impl Handler<DataInSession> for SessionActor {
     }
 }
 
+impl Handler<RestoreInSession> for SessionActor {
+    type Result = ResponseActFuture<Self, Result<Started, EspError>>;
+
+    fn handle(&mut self, msg: RestoreInSession, ctx: &mut Context<Self>) -> Self::Result {
+        let r = msg.replica;
+        let resume = ChatCall {
+            // From the start: events up to the checkpoint rebuild who is present.
+            request: ChatRequest::Resume(ResumeRequest {
+                session_id: self.interaction_id.clone(),
+                participant_id: r.participant_id.clone(),
+                since_seq: 0,
+            }),
+            follow: Some(Follower {
+                events: ctx.address().recipient(),
+                lost: ctx.address().recipient(),
+            }),
+        };
+        self.joining += 1;
+        let bot = msg.bot;
+        Box::pin(
+            self.link
+                .send(resume)
+                .into_actor(self)
+                .map(move |result, act, ctx| {
+                    act.joining -= 1;
+                    let outcome = match result {
+                        Ok(Ok(_)) => Ok(()),
+                        Ok(Err(e)) => Err(chat_error(e)),
+                        Err(e) => Err(EspError::new("internal", format!("chat link: {e}"))),
+                    };
+                    if let Err(e) = outcome {
+                        act.maybe_end(ctx);
+                        return Err(e);
+                    }
+                    let pid = r.participant_id.clone();
+                    let spec = spec_of(&r);
+                    act.bots.insert(
+                        pid.clone(),
+                        Slot {
+                            spec,
+                            instance_id: r.instance_id.clone(),
+                            joined_seq: r.joined_seq,
+                            deliver_after: r.checkpoint_seq.max(r.joined_seq),
+                            roster: Roster::default(),
+                            pending: None,
+                            addr: None,
+                            stopping: false,
+                            waiters: Vec::new(),
+                        },
+                    );
+                    let (reply, _started) = oneshot::channel();
+                    act.start_bot(
+                        &pid,
+                        PendingStart {
+                            new: false,
+                            history: Vec::new(),
+                            bot,
+                            restored: Some(r.context.clone().unwrap_or_default())
+                                .filter(|_| r.context.is_some()),
+                            reply,
+                        },
+                        ctx,
+                    );
+                    let early = act.early.remove(&pid).unwrap_or_default();
+                    if act.joining == 0 {
+                        act.early.clear();
+                    }
+                    if !early.is_empty() {
+                        act.on_events(&pid, early, ctx);
+                    }
+                    Ok(Started {
+                        instance_id: r.instance_id,
+                        participant_id: pid,
+                    })
+                }),
+        )
+    }
+}
+
+impl Handler<Abandon> for SessionActor {
+    type Result = ();
+
+    fn handle(&mut self, _: Abandon, ctx: &mut Context<Self>) {
+        for (pid, slot) in self.bots.drain() {
+            if let Some(addr) = slot.addr {
+                addr.do_send(AbandonBot);
+            }
+            self.link.do_send(Unfollow {
+                session_id: self.interaction_id.clone(),
+                participant_id: pid,
+            });
+        }
+        ctx.stop();
+    }
+}
+
+impl Handler<Quiesce> for SessionActor {
+    type Result = ResponseFuture<()>;
+
+    fn handle(&mut self, _: Quiesce, _ctx: &mut Context<Self>) -> Self::Result {
+        let addrs: Vec<Addr<BotActor>> =
+            self.bots.values().filter_map(|s| s.addr.clone()).collect();
+        Box::pin(async move {
+            futures_util::future::join_all(addrs.iter().map(|a| a.send(FlushBot))).await;
+        })
+    }
+}
+
+/// What the HA link carries for a bot.
+fn replica_of(
+    spec: &StartSpec,
+    instance_id: &str,
+    participant_id: &str,
+    joined_seq: u64,
+) -> ReplicatedBot {
+    ReplicatedBot {
+        instance_id: instance_id.to_string(),
+        interaction_id: spec.key.interaction_id.clone(),
+        bot_id: spec.key.bot_id.clone(),
+        bot_name: spec.key.bot_name.clone(),
+        nickname: spec.nickname.clone(),
+        visibility: spec.visibility,
+        stop_on_agent_arrival: spec.stop_on_agent_arrival,
+        stop_on_customer_left: spec.stop_on_customer_left,
+        holdup: spec.holdup,
+        category: spec.category.clone(),
+        function: spec.function.clone(),
+        parameters: spec.parameters.clone(),
+        userdata: spec.userdata.clone(),
+        participant_id: participant_id.to_string(),
+        joined_seq,
+        started_ms: now_ms(),
+        context: None,
+        checkpoint_seq: joined_seq,
+    }
+}
+
+fn spec_of(r: &ReplicatedBot) -> StartSpec {
+    StartSpec {
+        key: BotKey {
+            interaction_id: r.interaction_id.clone(),
+            bot_id: r.bot_id.clone(),
+            bot_name: r.bot_name.clone(),
+        },
+        nickname: r.nickname.clone(),
+        visibility: r.visibility,
+        stop_on_agent_arrival: r.stop_on_agent_arrival,
+        stop_on_customer_left: r.stop_on_customer_left,
+        holdup: r.holdup,
+        category: r.category.clone(),
+        function: r.function.clone(),
+        parameters: r.parameters.clone(),
+        userdata: r.userdata.clone(),
+    }
+}
+
 impl Handler<StopAll> for SessionActor {
     type Result = ResponseFuture<()>;
 
-    fn handle(&mut self, msg: StopAll, _ctx: &mut Context<Self>) -> Self::Result {
+    fn handle(&mut self, msg: StopAll, ctx: &mut Context<Self>) -> Self::Result {
         let pids: Vec<String> = self.bots.keys().cloned().collect();
         let mut waits = Vec::new();
         for pid in pids {
             let (tx, rx) = oneshot::channel();
-            self.stop(&pid, msg.reason, Some(tx));
+            self.stop(&pid, msg.reason, Some(tx), ctx);
             waits.push(rx);
         }
         Box::pin(async move {

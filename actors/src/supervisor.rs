@@ -11,17 +11,53 @@ use bgs_proto::esp::{BotStatus, EspRequest, EspResponse, EspResult};
 
 use crate::bot::{BotFactory, CreateBot, StopReason};
 use crate::chat_link::ChatLink;
+use crate::esp::BotKey;
 use crate::esp::{self, EspCommand, EspError, StartSpec};
+use crate::ha::Replicate;
 use crate::now_ms;
 use crate::report::{Registry, ReportSink};
 use crate::session::{
-    BotFinished, DataInSession, SessionActor, SessionEnded, StartInSession, StopAll, StopInSession,
+    Abandon, BotFinished, DataInSession, Quiesce, RestoreInSession, SessionActor, SessionEnded,
+    StartInSession, StopAll, StopInSession,
 };
+use bgs_proto::ha::ReplicatedBot;
 
 /// One ESP request; the answer carries the request id.
 #[derive(Message)]
 #[rtype(result = "EspResponse")]
 pub struct Esp(pub EspRequest);
+
+/// Answers after every message sent before it (a barrier: reports of finished bots are out).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Barrier;
+
+/// The node's HA role, from the HaCoordinator.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SetRole {
+    pub primary: bool,
+    pub draining: bool,
+    /// Where the primary answers, for `not_primary` answers.
+    pub primary_url: Option<String>,
+}
+
+/// This node became the primary: bring every replicated bot back.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct BecomePrimary {
+    pub bots: Vec<ReplicatedBot>,
+}
+
+/// This node became a backup: drop every bot without a leave (they go on at the primary).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct BecomeBackup;
+
+/// Switchover: let every bot finish what it has, then answer.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Drain;
 
 /// Stop every bot (no leave: the node is going away) and answer when they are all done.
 #[derive(Message)]
@@ -37,6 +73,8 @@ pub struct SupervisorConfig {
     pub finished_retention: Duration,
     /// Arbiters (threads) to spread sessions and bots over; 0: one per core.
     pub arbiters: usize,
+    /// Bots restored at once after a promotion (`ha-bot-recovery-batch`).
+    pub recovery_batch: usize,
 }
 
 pub struct Supervisor {
@@ -48,6 +86,10 @@ pub struct Supervisor {
     reports: Arc<dyn ReportSink>,
     arbiters: Vec<ArbiterHandle>,
     shutting_down: bool,
+    ha: Recipient<Replicate>,
+    primary: bool,
+    draining: bool,
+    primary_url: Option<String>,
 }
 
 impl Supervisor {
@@ -57,6 +99,7 @@ impl Supervisor {
         link: Addr<ChatLink>,
         registry: Arc<Registry>,
         reports: Arc<dyn ReportSink>,
+        ha: Recipient<Replicate>,
     ) -> Self {
         let n = if config.arbiters == 0 {
             std::thread::available_parallelism().map_or(2, |n| n.get())
@@ -76,6 +119,10 @@ impl Supervisor {
             reports,
             arbiters,
             shutting_down: false,
+            ha,
+            primary: false,
+            draining: false,
+            primary_url: None,
         }
     }
 
@@ -90,8 +137,16 @@ impl Supervisor {
         let me = ctx.address();
         let id = interaction_id.to_string();
         let timeout = self.config.handling_timeout;
+        let ha = self.ha.clone();
         let addr = SessionActor::start_in_arbiter(arbiter, move |_| {
-            SessionActor::new(id, link, me.clone().recipient(), me.recipient(), timeout)
+            SessionActor::new(
+                id,
+                link,
+                me.clone().recipient(),
+                me.recipient(),
+                ha,
+                timeout,
+            )
         });
         self.sessions
             .insert(interaction_id.to_string(), addr.clone());
@@ -215,6 +270,20 @@ impl Handler<Esp> for Supervisor {
         if self.shutting_down {
             return ready(EspError::new("draining", "the node is shutting down").into_response(id));
         }
+        if !self.primary {
+            let mut e = EspError::new(
+                "not_primary",
+                "this node is a backup; send ESP to the primary",
+            );
+            e.primary = self.primary_url.clone();
+            return ready(e.into_response(id));
+        }
+        if self.draining {
+            return ready(
+                EspError::new("draining", "a switchover is in progress; retry shortly")
+                    .into_response(id),
+            );
+        }
         match command {
             EspCommand::Start(spec) => self.start(id, spec, ctx),
             EspCommand::Stop(key) => {
@@ -310,6 +379,158 @@ impl Handler<SessionEnded> for Supervisor {
         {
             self.sessions.remove(&msg.interaction_id);
         }
+    }
+}
+
+impl Handler<Barrier> for Supervisor {
+    type Result = ();
+
+    fn handle(&mut self, _: Barrier, _ctx: &mut Context<Self>) {}
+}
+
+impl Handler<SetRole> for Supervisor {
+    type Result = ();
+
+    fn handle(&mut self, msg: SetRole, _ctx: &mut Context<Self>) {
+        self.primary = msg.primary;
+        self.draining = msg.draining;
+        self.primary_url = msg.primary_url;
+    }
+}
+
+impl Handler<BecomeBackup> for Supervisor {
+    type Result = ();
+
+    fn handle(&mut self, _: BecomeBackup, _ctx: &mut Context<Self>) {
+        for (_, s) in self.sessions.drain() {
+            s.do_send(Abandon);
+        }
+        self.registry.running.clear();
+    }
+}
+
+impl Handler<Drain> for Supervisor {
+    type Result = ResponseFuture<()>;
+
+    fn handle(&mut self, _: Drain, _ctx: &mut Context<Self>) -> Self::Result {
+        let sessions: Vec<Addr<SessionActor>> = self.sessions.values().cloned().collect();
+        Box::pin(async move {
+            let waits = sessions.iter().map(|s| s.send(Quiesce));
+            futures_util::future::join_all(waits).await;
+        })
+    }
+}
+
+impl Handler<BecomePrimary> for Supervisor {
+    type Result = ResponseActFuture<Self, ()>;
+
+    fn handle(&mut self, msg: BecomePrimary, ctx: &mut Context<Self>) -> Self::Result {
+        // Respawn in batches of `ha-bot-recovery-batch`: each batch re-joins its sessions before
+        // the next starts, so a big node does not stampede the Chat Server.
+        let mut batches: Vec<Vec<(Addr<SessionActor>, RestoreInSession)>> = Vec::new();
+        let total = msg.bots.len();
+        for bot in msg.bots {
+            let key = BotKey {
+                interaction_id: bot.interaction_id.clone(),
+                bot_id: bot.bot_id.clone(),
+                bot_name: bot.bot_name.clone(),
+            };
+            let Some(factory) = self.plugins.get(&bot.bot_id).cloned() else {
+                tracing::error!(bot = %key, "cannot restore a bot: its plugin is not on this node");
+                continue;
+            };
+            let create = CreateBot {
+                bot_name: bot.bot_name.clone(),
+                parameters: bot.parameters.clone(),
+            };
+            let instance = match crate::bot_actor::plugin_call(|| factory.create(&create)) {
+                Ok(Ok(b)) => b,
+                Ok(Err(e)) => {
+                    tracing::error!(bot = %key, error = %e, "cannot restore a bot: its plugin refused");
+                    continue;
+                }
+                Err(e) => {
+                    tracing::error!(bot = %key, error = %e, "cannot restore a bot: its plugin refused");
+                    continue;
+                }
+            };
+            self.registry
+                .running
+                .insert(key.clone(), status_of_replica(&bot));
+            let session = self.session(&key.interaction_id, ctx);
+            if batches
+                .last()
+                .is_none_or(|b| b.len() >= self.config.recovery_batch.max(1))
+            {
+                batches.push(Vec::new());
+            }
+            if let Some(b) = batches.last_mut() {
+                b.push((
+                    session,
+                    RestoreInSession {
+                        replica: bot,
+                        bot: instance,
+                    },
+                ));
+            }
+        }
+        let registry = self.registry.clone();
+        let started = std::time::Instant::now();
+        Box::pin(
+            async move {
+                let mut restored = 0usize;
+                for batch in batches {
+                    let results =
+                        futures_util::future::join_all(batch.into_iter().map(|(s, r)| {
+                            let key = BotKey {
+                                interaction_id: r.replica.interaction_id.clone(),
+                                bot_id: r.replica.bot_id.clone(),
+                                bot_name: r.replica.bot_name.clone(),
+                            };
+                            async move { (key, s.send(r).await) }
+                        }))
+                        .await;
+                    for (key, r) in results {
+                        match r {
+                            Ok(Ok(_)) => restored += 1,
+                            Ok(Err(e)) => {
+                                tracing::warn!(bot = %key, error = %e, "bot not restored");
+                                registry.running.remove(&key);
+                            }
+                            Err(e) => {
+                                tracing::warn!(bot = %key, error = %e, "bot not restored");
+                                registry.running.remove(&key);
+                            }
+                        }
+                    }
+                }
+                tracing::info!(
+                    restored,
+                    total,
+                    elapsed_ms = started.elapsed().as_millis() as u64,
+                    "bots restored"
+                );
+            }
+            .into_actor(self),
+        )
+    }
+}
+
+fn status_of_replica(b: &ReplicatedBot) -> BotStatus {
+    BotStatus {
+        instance_id: b.instance_id.clone(),
+        interaction_id: b.interaction_id.clone(),
+        bot_id: b.bot_id.clone(),
+        bot_name: b.bot_name.clone(),
+        state: "running".into(),
+        reason: None,
+        started_ms: b.started_ms,
+        ended_ms: None,
+        nickname: b.nickname.clone(),
+        visibility: b.visibility.to_string(),
+        category: b.category.clone(),
+        function: b.function.clone(),
+        holdup: b.holdup,
     }
 }
 

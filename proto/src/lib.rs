@@ -6,6 +6,7 @@
 //!
 //! - [`chat`]: the chat protocol between a gateway (or an agent tool) and the Chat Server.
 //! - [`esp`]: ESP requests and responses (the workflow's control channel to the gateway).
+//! - [`ha`]: the HA link between the two nodes of a pair.
 //! - [`codec`]: `u32` big-endian length prefix + bincode payload, with a maximum frame size.
 //!
 //! Every type here also has a JSON form through serde (the HTTP transports use it).
@@ -13,5 +14,6 @@
 pub mod chat;
 pub mod codec;
 pub mod esp;
+pub mod ha;
 
 pub use codec::{CodecError, FrameCodec, DEFAULT_MAX_FRAME, MAX_FRAME_LIMIT};

@@ -22,6 +22,12 @@ pub fn load(config: &Config) -> Result<Vec<Arc<dyn BotFactory>>, String> {
     if config.plugins.faulty.enabled {
         plugins.push(Arc::new(faulty::FaultyFactory));
     }
+    let mut ids = std::collections::BTreeSet::new();
+    for p in &plugins {
+        if !ids.insert(p.bot_id().to_string()) {
+            return Err(format!("two plugins have the bot id {:?}", p.bot_id()));
+        }
+    }
     let connectors =
         config.plugins.webhook.endpoints.len() + config.plugins.botframework.bots.len();
     if connectors > 0 {

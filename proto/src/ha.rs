@@ -1,0 +1,162 @@
+//! The HA link between the two nodes of a pair: handshake, heartbeats, and the replication
+//! stream of bot starts, context saves and removals (docs/HA.md).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::chat::Visibility;
+
+/// Version of the HA link protocol, declared in [`HaFrame::Hello`].
+pub const HA_PROTOCOL_VERSION: u16 = 1;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HaRole {
+    Primary,
+    Backup,
+}
+
+/// Everything needed to bring a bot back on the other node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReplicatedBot {
+    pub instance_id: String,
+    pub interaction_id: String,
+    pub bot_id: String,
+    pub bot_name: String,
+    pub nickname: String,
+    pub visibility: Visibility,
+    pub stop_on_agent_arrival: bool,
+    pub stop_on_customer_left: bool,
+    pub holdup: bool,
+    pub category: String,
+    pub function: String,
+    pub parameters: BTreeMap<String, String>,
+    pub userdata: BTreeMap<String, String>,
+    /// The participant the bot joined as, and the sequence number of its join.
+    pub participant_id: String,
+    pub joined_seq: u64,
+    pub started_ms: u64,
+    /// The last saved context and the last event sequence it covers.
+    pub context: Option<Vec<u8>>,
+    pub checkpoint_seq: u64,
+}
+
+/// One replicated change.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HaOp {
+    Started(Box<ReplicatedBot>),
+    Saved {
+        instance_id: String,
+        context: Vec<u8>,
+        checkpoint_seq: u64,
+    },
+    Removed {
+        instance_id: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HaFrame {
+    /// Sent by the accepting node first: a nonce the dialer proves its secret with.
+    Challenge {
+        nonce: [u8; 32],
+    },
+    /// The dialer's handshake; `proof` = HMAC-SHA256(secret, nonce ‖ cluster_id ‖ node_id).
+    Hello {
+        version: u16,
+        cluster_id: String,
+        node_id: String,
+        role: HaRole,
+        epoch: u64,
+        proof: Vec<u8>,
+        /// Where this node answers HTTP (for `not_primary` answers).
+        http: String,
+    },
+    /// The accepting node's answer: its role and epoch.
+    Welcome {
+        node_id: String,
+        role: HaRole,
+        epoch: u64,
+        http: String,
+    },
+    /// The handshake failed; the link closes.
+    Refused {
+        reason: String,
+    },
+    Heartbeat {
+        epoch: u64,
+    },
+    /// The primary's whole state; ops after `upto_op` follow.
+    Snapshot {
+        epoch: u64,
+        upto_op: u64,
+        bots: Vec<ReplicatedBot>,
+    },
+    /// Ops numbered from `first_op`, in order.
+    Ops {
+        epoch: u64,
+        first_op: u64,
+        ops: Vec<HaOp>,
+    },
+    /// The backup has applied every op up to `upto_op`.
+    Ack {
+        upto_op: u64,
+    },
+    /// Switchover: the primary has stopped, everything up to `upto_op` is acknowledged; the
+    /// backup takes over as primary with `epoch`.
+    HandOver {
+        epoch: u64,
+        upto_op: u64,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{decode, encode};
+
+    #[test]
+    fn frames_round_trip() {
+        let bot = ReplicatedBot {
+            instance_id: "b".into(),
+            interaction_id: "i".into(),
+            bot_id: "echo".into(),
+            bot_name: String::new(),
+            nickname: "Echo".into(),
+            visibility: Visibility::Int,
+            stop_on_agent_arrival: true,
+            stop_on_customer_left: false,
+            holdup: false,
+            category: "c".into(),
+            function: "f".into(),
+            parameters: BTreeMap::new(),
+            userdata: [("InteractionId".to_string(), "i".to_string())].into(),
+            participant_id: "p".into(),
+            joined_seq: 2,
+            started_ms: 1,
+            context: Some(b"3".to_vec()),
+            checkpoint_seq: 9,
+        };
+        for f in [
+            HaFrame::Snapshot {
+                epoch: 2,
+                upto_op: 7,
+                bots: vec![bot.clone()],
+            },
+            HaFrame::Ops {
+                epoch: 2,
+                first_op: 8,
+                ops: vec![
+                    HaOp::Started(Box::new(bot)),
+                    HaOp::Removed {
+                        instance_id: "b".into(),
+                    },
+                ],
+            },
+            HaFrame::Challenge { nonce: [7; 32] },
+        ] {
+            assert_eq!(decode::<HaFrame>(&encode(&f).unwrap()).unwrap(), f);
+        }
+    }
+}
