@@ -309,7 +309,9 @@ impl Config {
                     let value = match key.as_str() {
                         // Addresses, ids and paths stay strings even when they look like numbers.
                         "id" | "cluster-id" | "role" | "address" | "name" | "secret" | "token"
-                        | "file" | "peer" | "peer-http" | "level" => toml::Value::String(raw),
+                        | "file" | "peer" | "peer-http" | "level" | "mode" => {
+                            toml::Value::String(raw)
+                        }
                         _ => env_value(&raw),
                     };
                     t.insert(key, value);
@@ -332,10 +334,11 @@ impl Config {
         }
         match self.node.role.as_str() {
             "primary" => {}
+            "backup" if self.ha.peer.is_some() => {}
             "backup" => {
                 return Err(invalid(
                     "node.role",
-                    "backup needs the HA link, which this release does not have yet; use primary",
+                    "backup needs ha.peer (the primary's HA address)",
                 ))
             }
             other => {
@@ -344,6 +347,18 @@ impl Config {
                     format!("must be primary or backup, not {other:?}"),
                 ))
             }
+        }
+        if !matches!(self.ha.mode.as_str(), "async" | "sync") {
+            return Err(invalid(
+                "ha.mode",
+                format!("must be async or sync, not {:?}", self.ha.mode),
+            ));
+        }
+        if self.ha.peer.is_some() && self.ha.secret.is_empty() {
+            return Err(invalid(
+                "ha.secret",
+                "must not be empty when ha.peer is set",
+            ));
         }
         if !(5..=3600).contains(&self.settings.esp_proc_timeout) {
             return Err(invalid(

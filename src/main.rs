@@ -42,9 +42,15 @@ struct EspArgs {
     /// Shorthand for `--userdata InteractionId=ID`.
     #[arg(long, short = 'i', value_name = "ID")]
     interaction: Option<String>,
-    /// The node's HTTP base URL.
-    #[arg(long, default_value = "http://127.0.0.1:7080", env = "BGS_URL")]
-    url: String,
+    /// A node's HTTP base URL; give both nodes of a pair (repeat the flag): a backup's
+    /// `not_primary` answer is followed to the primary.
+    #[arg(
+        long,
+        default_value = "http://127.0.0.1:7080",
+        env = "BGS_URL",
+        value_delimiter = ','
+    )]
+    url: Vec<String>,
     /// Use framed ESP over TCP at this address instead of HTTP.
     #[arg(long, value_name = "ADDR")]
     tcp: Option<String>,
@@ -111,6 +117,35 @@ async fn wait_for_signal() {
     }
 }
 
+/// Asks the given nodes in turn; a `not_primary` answer is followed to the primary it names.
+fn over_http_following(
+    urls: &[String],
+    token: Option<&str>,
+    request: &EspRequest,
+    timeout: Duration,
+) -> Result<(bool, serde_json::Value), esp_client::ClientError> {
+    let mut queue: Vec<String> = urls.to_vec();
+    let mut tried = Vec::new();
+    let mut last = None;
+    while let Some(url) = (!queue.is_empty()).then(|| queue.remove(0)) {
+        if tried.contains(&url) || tried.len() >= 4 {
+            continue;
+        }
+        tried.push(url.clone());
+        match esp_client::over_http(&url, token, request, timeout) {
+            Ok((false, answer)) if answer["code"] == "not_primary" => {
+                if let Some(p) = answer["primary"].as_str() {
+                    queue.insert(0, p.to_string());
+                }
+                last = Some(Ok((false, answer)));
+            }
+            Err(e) if !queue.is_empty() => last = Some(Err(e)),
+            other => return other,
+        }
+    }
+    last.unwrap_or_else(|| Err(esp_client::ClientError::Usage("no --url given".into())))
+}
+
 fn esp(args: EspArgs) -> ExitCode {
     let mut parameters: BTreeMap<String, String> = args.params.into_iter().collect();
     parameters
@@ -135,7 +170,7 @@ fn esp(args: EspArgs) -> ExitCode {
                 (ok, bgs::http::esp_json(&r).1)
             })
         }
-        None => esp_client::over_http(&args.url, args.token.as_deref(), &request, timeout),
+        None => over_http_following(&args.url, args.token.as_deref(), &request, timeout),
     };
     match outcome {
         Ok((ok, answer)) => {

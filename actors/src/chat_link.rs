@@ -356,6 +356,7 @@ impl ChatLink {
                     epoch,
                     "the chat server fenced this node: a newer epoch of the cluster is connected"
                 );
+                self.fenced(ctx);
             }
             ServerFrame::Goodbye(e) => {
                 tracing::warn!(code = e.code.as_str(), message = %e.message, "the chat server closed the connection");
@@ -370,6 +371,10 @@ impl ChatLink {
         events: Vec<ChatEvent>,
         ctx: &mut Context<Self>,
     ) {
+        if self.paused {
+            // Draining for a switchover: the next primary replays these from the checkpoints.
+            return;
+        }
         let key = (session_id, participant_id);
         let Some(route) = self.routes.get_mut(&key) else {
             tracing::debug!(session_id = %key.0, participant_id = %key.1, "events for a participant nobody follows");

@@ -270,6 +270,7 @@ impl HaCoordinator {
         ctx.add_stream(LinkStream {
             generation,
             inner: conn.inbound,
+            ended: false,
         });
     }
 
@@ -579,7 +580,9 @@ impl HaCoordinator {
         tracing::warn!(epoch = self.epoch, fenced, node = %self.s.node_id, "this node is now a backup");
         self.role = HaRole::Backup;
         self.draining = false;
-        self.wait_for_peer = fenced;
+        // Another node is (or is becoming) the primary: do not fail over to ourselves before we
+        // have heard from it.
+        self.wait_for_peer = true;
         self.in_sync = false;
         self.store.clear();
         self.outbox.clear();
@@ -670,11 +673,13 @@ impl Actor for HaCoordinator {
 struct LinkStream {
     generation: u64,
     inner: mpsc::Receiver<HaFrame>,
+    ended: bool,
 }
 
 struct LinkFrame {
     generation: u64,
-    frame: HaFrame,
+    /// `None`: the connection ended.
+    frame: Option<HaFrame>,
 }
 
 impl futures_util::Stream for LinkStream {
@@ -683,10 +688,24 @@ impl futures_util::Stream for LinkStream {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<LinkFrame>> {
+        if self.ended {
+            return std::task::Poll::Ready(None);
+        }
         let generation = self.generation;
-        self.inner
-            .poll_recv(cx)
-            .map(|f| f.map(|frame| LinkFrame { generation, frame }))
+        match self.inner.poll_recv(cx) {
+            std::task::Poll::Ready(Some(frame)) => std::task::Poll::Ready(Some(LinkFrame {
+                generation,
+                frame: Some(frame),
+            })),
+            std::task::Poll::Ready(None) => {
+                self.ended = true;
+                std::task::Poll::Ready(Some(LinkFrame {
+                    generation,
+                    frame: None,
+                }))
+            }
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
     }
 }
 
@@ -697,7 +716,10 @@ impl StreamHandler<LinkFrame> for HaCoordinator {
             .as_ref()
             .is_some_and(|l| l.generation == item.generation)
         {
-            self.on_frame(item.frame, ctx);
+            match item.frame {
+                Some(frame) => self.on_frame(frame, ctx),
+                None => self.drop_link("connection closed"),
+            }
         }
     }
 
@@ -887,6 +909,7 @@ impl Handler<Switchover> for HaCoordinator {
                     let peer_http = act.s.peer_http.clone();
                     act.epoch = new_epoch;
                     act.demote(false, ctx);
+                    act.drop_link("hand-over sent");
                     act.primary_http = peer_http;
                     act.refresh_supervisor();
                     Ok(SwitchoverReport {

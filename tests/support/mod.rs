@@ -18,6 +18,8 @@ pub struct Gateway {
     child: Option<Child>,
     pub http: SocketAddr,
     pub esp: SocketAddr,
+    /// The HA listener, for a node of a pair.
+    pub ha: Option<SocketAddr>,
     pub dir: TempDir,
 }
 
@@ -58,15 +60,16 @@ enabled = true
         let config = toml::to_string(&base).expect("config");
         let path = dir.path().join("bgs.toml");
         std::fs::write(&path, config).expect("write config");
+        let log = std::fs::File::create(dir.path().join("bgs.log")).expect("log file");
         let mut child = Command::new(env!("CARGO_BIN_EXE_bgs"))
             .args(["serve", "--config"])
             .arg(&path)
             .env(
                 "RUST_LOG",
-                std::env::var("BGS_TEST_LOG").unwrap_or_else(|_| "error".into()),
+                std::env::var("BGS_TEST_LOG").unwrap_or_else(|_| "info".into()),
             )
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::from(log))
             .spawn()
             .expect("start bgs");
         let stdout = child.stdout.take().expect("stdout");
@@ -86,9 +89,14 @@ enabled = true
                 .parse()
                 .expect("address")
         };
+        let ha = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("ha="))
+            .and_then(|a| a.parse().ok());
         Gateway {
             http: addr("http="),
             esp: addr("esp="),
+            ha,
             child: Some(child),
             dir,
         }
@@ -175,7 +183,69 @@ impl Drop for Gateway {
             let _ = c.kill();
             let _ = c.wait();
         }
+        if std::thread::panicking() {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            eprintln!("--- last lines of {} ---", self.dir.path().display());
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
     }
+}
+
+impl Gateway {
+    /// What the node logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("bgs.log")).unwrap_or_default()
+    }
+
+    /// SIGKILL, no chance to do anything.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// `GET /status`.
+    pub async fn status(&self) -> Value {
+        http(self.http, "GET", "/status", None).await.1
+    }
+
+    /// Waits until `/status` satisfies `ok`.
+    pub async fn wait_status(&self, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let s = self.status().await;
+            if ok(&s) {
+                return s;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{what}: status stayed {s}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// The configuration of one node of a pair: every port chosen by the system, the peer reached
+/// through `peer` (a [`LinkProxy`], whose target is set once the peer is up).
+pub fn pair_config(id: &str, role: &str, peer: SocketAddr, secret: &str) -> String {
+    format!(
+        r#"
+[node]
+id = "{id}"
+role = "{role}"
+[ha]
+listen = "127.0.0.1:0"
+peer = "{peer}"
+secret = "{secret}"
+heartbeat-interval-ms = 50
+failover-after-ms = 500
+"#
+    )
 }
 
 /// A customer of a session, over HTTP.
@@ -265,4 +335,96 @@ pub fn messages(transcript: &Value) -> Vec<String> {
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// A loopback TCP proxy that can cut a link without closing it (a dead cable: both sides keep
+/// their sockets, nothing gets through) and heal it (existing connections are closed, new ones
+/// pass).
+pub struct LinkProxy {
+    pub addr: SocketAddr,
+    target: std::sync::Arc<std::sync::Mutex<Option<SocketAddr>>>,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl LinkProxy {
+    /// A proxy whose target is set later ([`LinkProxy::set_target`]); until then connections
+    /// are closed at once.
+    pub async fn start() -> LinkProxy {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("proxy bind");
+        let addr = listener.local_addr().expect("proxy addr");
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let target = std::sync::Arc::new(std::sync::Mutex::new(None::<SocketAddr>));
+        let (cut2, conns2, target2) = (cut.clone(), conns.clone(), target.clone());
+        let accept = tokio::spawn(async move {
+            while let Ok((inbound, _)) = listener.accept().await {
+                let cut = cut2.clone();
+                let Some(to) = *target2.lock().expect("target") else {
+                    continue;
+                };
+                let task = tokio::spawn(async move {
+                    let Ok(outbound) = tokio::net::TcpStream::connect(to).await else {
+                        return;
+                    };
+                    let (ri, wi) = inbound.into_split();
+                    let (ro, wo) = outbound.into_split();
+                    let pump = |mut r: tokio::net::tcp::OwnedReadHalf, mut w: tokio::net::tcp::OwnedWriteHalf, cut: std::sync::Arc<std::sync::atomic::AtomicBool>| async move {
+                        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                        let mut buf = vec![0u8; 16 * 1024];
+                        loop {
+                            let n = match r.read(&mut buf).await {
+                                Ok(0) | Err(_) => return,
+                                Ok(n) => n,
+                            };
+                            if !cut.load(Ordering::SeqCst) && w.write_all(&buf[..n]).await.is_err() {
+                                return;
+                            }
+                        }
+                    };
+                    // Either direction ending ends both (dropping the halves closes the sockets).
+                    tokio::select! {
+                        _ = pump(ri, wo, cut.clone()) => {}
+                        _ = pump(ro, wi, cut) => {}
+                    }
+                });
+                conns2.lock().expect("conns").push(task.abort_handle());
+            }
+        });
+        LinkProxy {
+            addr,
+            target,
+            cut,
+            conns,
+            accept,
+        }
+    }
+
+    pub fn set_target(&self, to: SocketAddr) {
+        *self.target.lock().expect("target") = Some(to);
+    }
+
+    /// Nothing gets through any more; both sides keep their connections.
+    pub fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Closes the connections that saw the cut; new connections pass.
+    pub fn heal(&self) {
+        for c in self.conns.lock().expect("conns").drain(..) {
+            c.abort();
+        }
+        self.cut.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for LinkProxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        self.heal();
+    }
 }

@@ -1,0 +1,304 @@
+//! High availability end to end: a real Chat Server and two real `bgs serve` processes.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use support::{messages, pair_config, ChatServer, Customer, Gateway, LinkProxy};
+
+/// Node a (primary) and node b (backup), each reaching the other through a proxy.
+struct Pair {
+    a: Gateway,
+    b: Gateway,
+    a_cfg: String,
+    b_cfg: String,
+    /// a dials b through `to_b`; b dials a through `to_a`.
+    to_a: LinkProxy,
+    to_b: LinkProxy,
+}
+
+async fn start_pair(chat: &ChatServer) -> Pair {
+    let (to_a, to_b) = (LinkProxy::start().await, LinkProxy::start().await);
+    let a_cfg = pair_config("bgs-a", "primary", to_b.addr, "s3cret");
+    let b_cfg = pair_config("bgs-b", "backup", to_a.addr, "s3cret");
+    let a = Gateway::start(chat.tcp, &a_cfg);
+    to_a.set_target(a.ha.unwrap());
+    let b = Gateway::start(chat.tcp, &b_cfg);
+    to_b.set_target(b.ha.unwrap());
+    Pair {
+        a,
+        b,
+        a_cfg,
+        b_cfg,
+        to_a,
+        to_b,
+    }
+}
+
+fn role(s: &Value) -> &str {
+    s["role"].as_str().unwrap_or("")
+}
+
+async fn in_sync_backup(g: &Gateway, bots: u64) {
+    g.wait_status("backup in sync", |s| {
+        role(s) == "backup" && s["ha"]["in_sync"] == true && s["ha"]["replicated_bots"] == bots
+    })
+    .await;
+}
+
+/// Opens `n` chats with an echo bot each, and has every customer say `one`.
+async fn chats<'a>(
+    chat: &'a ChatServer,
+    primary: &Gateway,
+    prefix: &str,
+    n: usize,
+) -> Vec<Customer<'a>> {
+    let mut customers = Vec::new();
+    for i in 0..n {
+        let id = format!("{prefix}-{i}");
+        let mut c = Customer::open(chat, &id).await;
+        primary.start_bot(&id, &[("ChatBotID", "echo")]).await;
+        c.say("one").await;
+        assert_eq!(c.next_reply().await, "1: one");
+        customers.push(c);
+    }
+    customers
+}
+
+/// Every message answered once, numbered without gaps: nothing lost, nothing twice.
+async fn check_exactly_once(c: &Customer<'_>, said: &[&str]) {
+    let t = c.transcript().await;
+    let mut want = Vec::new();
+    for (i, s) in said.iter().enumerate() {
+        want.push(s.to_string());
+        want.push(format!("{}: {s}", i + 1));
+    }
+    assert_eq!(messages(&t), want, "session {}", c.session);
+}
+
+#[tokio::test]
+async fn failover_after_kill_9_resumes_every_bot_with_its_context() {
+    let chat = ChatServer::start(&[]);
+    let mut pair = start_pair(&chat).await;
+    pair.a
+        .wait_status("a primary", |s| role(s) == "primary")
+        .await;
+    let mut customers = chats(&chat, &pair.a, "fo", 12).await;
+    in_sync_backup(&pair.b, 12).await;
+
+    pair.a.kill9();
+    let killed = Instant::now();
+    // Customers write during the gap.
+    for c in &customers {
+        c.say("two").await;
+    }
+    pair.b
+        .wait_status("b took over", |s| {
+            role(s) == "primary" && s["bots"]["echo"] == 12
+        })
+        .await;
+    let took = killed.elapsed();
+    assert!(took < Duration::from_secs(5), "failover took {took:?}");
+    for c in customers.iter_mut() {
+        assert_eq!(
+            c.next_reply().await,
+            "2: two",
+            "the count goes on from the saved context"
+        );
+        c.say("three").await;
+        assert_eq!(c.next_reply().await, "3: three");
+    }
+    for c in &customers {
+        check_exactly_once(c, &["one", "two", "three"]).await;
+    }
+    let st = pair.b.status().await;
+    assert_eq!(st["epoch"], 2);
+    assert_eq!(st["ha"]["switchovers_failover"], 1);
+
+    // The old primary comes back: the Chat Server fences its epoch, it becomes a backup and
+    // catches up by snapshot.
+    let a = Gateway::start(chat.tcp, &pair.a_cfg);
+    pair.to_a.set_target(a.ha.unwrap());
+    in_sync_backup(&a, 12).await;
+    assert!(
+        a.log().contains("fenced"),
+        "the old primary says it was fenced"
+    );
+    for c in customers.iter_mut() {
+        c.say("four").await;
+        assert_eq!(c.next_reply().await, "4: four");
+    }
+    // ESP at the backup is refused with the primary's address, and `bgs esp` follows it.
+    let (status, answer) = a.esp("GetBotStatus", "fo-0", &[]).await;
+    assert_eq!(
+        (status, answer["code"].as_str()),
+        (503, Some("not_primary"))
+    );
+    assert_eq!(answer["primary"], format!("http://{}", pair.b.http));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_bgs"))
+        .args([
+            "esp",
+            "GetBotStatus",
+            "-i",
+            "fo-0",
+            "--url",
+            &format!("http://{}", a.http),
+            "--url",
+            &format!("http://{}", pair.b.http),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[tokio::test]
+async fn manual_switchover_under_traffic_loses_nothing_and_posts_nothing_twice() {
+    let chat = ChatServer::start(&[]);
+    let pair = start_pair(&chat).await;
+    pair.a
+        .wait_status("a primary", |s| role(s) == "primary")
+        .await;
+    let mut customers = chats(&chat, &pair.a, "so", 8).await;
+    in_sync_backup(&pair.b, 8).await;
+
+    let words = ["one", "two", "three", "four", "five", "six"];
+    for (round, word) in words.iter().enumerate().skip(1) {
+        for c in &customers {
+            c.say(word).await;
+        }
+        if round == 2 {
+            // Switch over while these messages are in flight.
+            let (status, report) =
+                support::http(pair.a.http, "POST", "/admin/switchover", None).await;
+            assert_eq!(status, 200, "{report}");
+            assert_eq!(report["new_epoch"], 2);
+        }
+        for c in customers.iter_mut() {
+            assert_eq!(c.next_reply().await, format!("{}: {word}", round + 1));
+        }
+    }
+    for c in &customers {
+        check_exactly_once(c, &words).await;
+    }
+    pair.b
+        .wait_status("b primary", |s| role(s) == "primary" && s["epoch"] == 2)
+        .await;
+    in_sync_backup(&pair.a, 8).await;
+    let (status, answer) = pair
+        .a
+        .esp(
+            "StartBot",
+            "so-0",
+            &[("ChatBotID", "echo"), ("ChatBotName", "x")],
+        )
+        .await;
+    assert_eq!(
+        (status, answer["code"].as_str()),
+        (503, Some("not_primary"))
+    );
+    // A second switchover goes back.
+    let (status, report) = support::http(pair.b.http, "POST", "/admin/switchover", None).await;
+    assert_eq!(status, 200, "{report}");
+    pair.a
+        .wait_status("a primary again", |s| {
+            role(s) == "primary" && s["epoch"] == 3
+        })
+        .await;
+    for c in customers.iter_mut() {
+        c.say("seven").await;
+        assert_eq!(c.next_reply().await, "7: seven");
+    }
+}
+
+#[tokio::test]
+async fn a_cut_ha_link_never_lets_two_nodes_post() {
+    let chat = ChatServer::start(&[]);
+    let Pair {
+        a, b, to_a, to_b, ..
+    } = start_pair(&chat).await;
+    a.wait_status("a primary", |s| role(s) == "primary").await;
+    let mut customers = chats(&chat, &a, "cut", 4).await;
+    in_sync_backup(&b, 4).await;
+
+    to_a.cut();
+    to_b.cut();
+    // b hears nothing, promotes, and fences a at the Chat Server; a steps down.
+    b.wait_status("b promoted", |s| role(s) == "primary").await;
+    a.wait_status("a stepped down", |s| role(s) == "backup")
+        .await;
+    for c in customers.iter_mut() {
+        c.say("two").await;
+        assert_eq!(c.next_reply().await, "2: two");
+    }
+    to_a.heal();
+    to_b.heal();
+    in_sync_backup(&a, 4).await;
+    let (sa, sb) = (a.status().await, b.status().await);
+    assert_eq!((role(&sa), role(&sb)), ("backup", "primary"));
+    for c in customers.iter_mut() {
+        c.say("three").await;
+        assert_eq!(c.next_reply().await, "3: three");
+    }
+    for c in &customers {
+        check_exactly_once(c, &["one", "two", "three"]).await;
+    }
+}
+
+#[tokio::test]
+async fn an_empty_backup_catches_up_by_snapshot_and_a_wrong_secret_is_refused() {
+    let chat = ChatServer::start(&[]);
+    let mut pair = start_pair(&chat).await;
+    pair.a
+        .wait_status("a primary", |s| role(s) == "primary")
+        .await;
+    let mut customers = chats(&chat, &pair.a, "snap", 5).await;
+    in_sync_backup(&pair.b, 5).await;
+
+    // The backup dies; bots start while it is away; it comes back empty.
+    pair.b.kill9();
+    let mut late = Customer::open(&chat, "snap-late").await;
+    pair.a
+        .start_bot("snap-late", &[("ChatBotID", "echo")])
+        .await;
+    late.say("one").await;
+    assert_eq!(late.next_reply().await, "1: one");
+    let b = Gateway::start(chat.tcp, &pair.b_cfg);
+    pair.to_b.set_target(b.ha.unwrap());
+    in_sync_backup(&b, 6).await;
+    // ... and can take over.
+    pair.a.kill9();
+    b.wait_status("b took over", |s| {
+        role(s) == "primary" && s["bots"]["echo"] == 6
+    })
+    .await;
+    customers.push(late);
+    for c in customers.iter_mut() {
+        c.say("two").await;
+        assert_eq!(c.next_reply().await, "2: two");
+    }
+
+    // A node with the wrong secret is refused and says so.
+    let to_b_again = LinkProxy::start().await;
+    to_b_again.set_target(b.ha.unwrap());
+    let wrong = pair_config("bgs-x", "backup", to_b_again.addr, "guess");
+    let x = Gateway::start(chat.tcp, &wrong);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !b.log().contains("wrong secret") {
+        assert!(
+            Instant::now() < deadline,
+            "the primary did not log the refusal"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let st = x.status().await;
+    assert_eq!(role(&st), "backup");
+    assert_eq!(st["ha"]["in_sync"], false);
+}
