@@ -199,7 +199,7 @@ impl Default for ChannelChatbotConfig {
         Self {
             ha_chat_reconnecting_delay: 10.0,
             ha_chat_reconnecting_attempts: 15,
-            ha_bot_recovery_batch: 100,
+            ha_bot_recovery_batch: 200,
         }
     }
 }
@@ -370,22 +370,22 @@ impl Config {
             ));
         }
         let delay = self.channel_chatbot.ha_chat_reconnecting_delay;
-        if !(delay.is_finite() && (0.01..=3600.0).contains(&delay)) {
+        if !(delay.is_finite() && (0.0..=86400.0).contains(&delay)) {
             return Err(invalid(
                 "channel-chatbot.ha-chat-reconnecting-delay",
-                format!("must be 0.01 to 3600 seconds, not {delay}"),
+                format!("must be 0 to 86400 seconds, not {delay}"),
             ));
         }
-        if self.channel_chatbot.ha_chat_reconnecting_attempts == 0 {
+        if self.channel_chatbot.ha_chat_reconnecting_attempts > 1_000_000 {
             return Err(invalid(
                 "channel-chatbot.ha-chat-reconnecting-attempts",
-                "must be at least 1",
+                "must be 0 to 1000000",
             ));
         }
-        if self.channel_chatbot.ha_bot_recovery_batch == 0 {
+        if !(1..=1_000_000).contains(&self.channel_chatbot.ha_bot_recovery_batch) {
             return Err(invalid(
                 "channel-chatbot.ha-bot-recovery-batch",
-                "must be at least 1",
+                "must be 1 to 1000000",
             ));
         }
         if self.chat_server.address.is_empty() {
