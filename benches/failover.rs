@@ -7,6 +7,7 @@
 //! - a failover after kill -9: time to detect (the backup reports itself primary), time until
 //!   every bot had re-joined, and time until a sample of customers who wrote during the gap were
 //!   answered.
+//!
 //! Figures are printed; nothing is asserted (timing goals live here, not in tests).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
