@@ -394,6 +394,9 @@ impl Config {
         if self.bots.handling_timeout_ms < 10 {
             return Err(invalid("bots.handling-timeout-ms", "must be at least 10"));
         }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
+            return Err(invalid("log.level", format!("not a tracing filter: {e}")));
+        }
         if self.auth.token.as_deref() == Some("") {
             return Err(invalid(
                 "auth.token",

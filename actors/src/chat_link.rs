@@ -342,7 +342,13 @@ impl ChatLink {
                             },
                         );
                     }
+                    let fenced = matches!(&result, Err(e) if e.code == ChatErrorCode::Fenced);
                     let _ = p.reply.send(result.map_err(ChatCallError::Refused));
+                    if fenced {
+                        // The Fenced notice may have been missed; a refused request says the same.
+                        self.fenced(ctx);
+                        return;
+                    }
                 }
             }
             ServerFrame::Events {

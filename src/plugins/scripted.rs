@@ -104,7 +104,8 @@ impl Script {
             .collect();
         self.rules.iter().find(|r| {
             r.keywords.iter().any(|k| {
-                if k.contains(' ') {
+                // Whole words for plain keywords; "e-mail" or "opening hours" as written.
+                if k.contains(|c: char| !c.is_alphanumeric()) {
                     lower.contains(k.as_str())
                 } else {
                     words.contains(&k.as_str())
