@@ -131,6 +131,17 @@ async fn status(state: web::Data<HttpState>) -> HttpResponse {
     }))
 }
 
+/// `GET /metrics`: the Prometheus text format.
+async fn prometheus(state: web::Data<HttpState>) -> HttpResponse {
+    let mut active = std::collections::BTreeMap::<String, u64>::new();
+    for e in state.registry.running.iter() {
+        *active.entry(e.value().bot_id.clone()).or_default() += 1;
+    }
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(bgs_actors::metrics::metrics().render(&active))
+}
+
 /// `POST /admin/switchover`: hands the primary role to the backup; answers when done.
 async fn switchover(state: web::Data<HttpState>, req: HttpRequest) -> HttpResponse {
     if let Err(e) = state.intake.authorize(bearer(&req)) {
@@ -161,6 +172,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/healthz", web::get().to(healthz))
         .route("/readyz", web::get().to(readyz))
         .route("/status", web::get().to(status))
+        .route("/metrics", web::get().to(prometheus))
         .route("/admin/switchover", web::post().to(switchover))
         .default_service(web::to(not_found));
 }

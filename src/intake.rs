@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use actix::Addr;
 use bgs_actors::esp::EspError;
+use bgs_actors::metrics::{metrics, Kind};
 use bgs_actors::supervisor::{Esp, Supervisor};
 use bgs_proto::esp::{EspRequest, EspResponse};
 
@@ -33,6 +34,22 @@ impl Intake {
     pub async fn dispatch(&self, request: EspRequest) -> EspResponse {
         let id = request.request_id;
         let method = request.method.clone();
+        let started = std::time::Instant::now();
+        let response = self.hand_over(request, id, &method).await;
+        let m = metrics();
+        // Only the four methods become label values; anything else is counted as "other".
+        let label = match method.as_str() {
+            "StartBot" | "StopBot" | "SendDataToBot" | "GetBotStatus" => method.as_str(),
+            _ => "other",
+        };
+        let result = response.code.as_deref().unwrap_or("ok");
+        m.esp_requests.inc(&[label, result]);
+        m.esp_seconds.observe(label, started.elapsed());
+        response
+    }
+
+    async fn hand_over(&self, request: EspRequest, id: u64, method: &str) -> EspResponse {
+        metrics().queued(Kind::Supervisor);
         match tokio::time::timeout(self.timeout, self.supervisor.send(Esp(request))).await {
             Ok(Ok(response)) => response,
             Ok(Err(e)) => {

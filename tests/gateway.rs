@@ -736,3 +736,109 @@ async fn a_thousand_concurrent_bot_sessions_on_one_node() {
     assert_eq!(status["bots"]["echo"], N);
     assert!(gw.reports().iter().all(|r| r["abnormal"] == false));
 }
+
+#[tokio::test]
+async fn metrics_move_with_traffic_and_pass_promtool() {
+    let chat = ChatServer::start(&[]);
+    let gw = Gateway::start(chat.tcp, "");
+    let scrape = || async {
+        let (status, body) = support::http(gw.http, "GET", "/metrics", None).await;
+        assert_eq!(status, 200);
+        body.as_str().unwrap_or_default().to_string()
+    };
+    let value = |text: &str, series: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+            .unwrap_or(0.0)
+    };
+    let before = scrape().await;
+    let mut ann = Customer::open(&chat, "metrics").await;
+    gw.start_bot(
+        "metrics",
+        &[
+            ("ChatBotID", "echo"),
+            ("ChatBotCategory", "Dialog"),
+            ("ChatBotFunction", "Echo"),
+        ],
+    )
+    .await;
+    gw.esp("StartBot", "metrics", &[("ChatBotID", "echo")])
+        .await; // 409
+    ann.say("hello").await;
+    assert_eq!(ann.next_reply().await, "1: hello");
+    let during = scrape().await;
+    assert_eq!(value(&during, "bgs_bots_active{plugin=\"echo\"}"), 1.0);
+    assert_eq!(
+        value(
+            &during,
+            "bgs_esp_requests_total{method=\"StartBot\",result=\"ok\"}"
+        ) - value(
+            &before,
+            "bgs_esp_requests_total{method=\"StartBot\",result=\"ok\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        value(
+            &during,
+            "bgs_esp_requests_total{method=\"StartBot\",result=\"already_running\"}"
+        ),
+        1.0
+    );
+    assert!(
+        value(&during, "bgs_actor_handler_seconds_count{kind=\"bot\"}") >= 2.0,
+        "start and one message were handled"
+    );
+    assert!(
+        value(
+            &during,
+            "bgs_chat_events_total{direction=\"in\",kind=\"message\"}"
+        ) >= 1.0
+    );
+    assert!(
+        value(
+            &during,
+            "bgs_chat_events_total{direction=\"out\",kind=\"message\"}"
+        ) >= 1.0
+    );
+    assert_eq!(value(&during, "bgs_actors{kind=\"bot\"}"), 1.0);
+    assert_eq!(value(&during, "bgs_ha_role"), 1.0);
+    gw.esp("StopBot", "metrics", &[("ChatBotID", "echo")]).await;
+    let after = scrape().await;
+    assert_eq!(value(&after, "bgs_bots_active{plugin=\"echo\"}"), 0.0);
+    assert_eq!(
+        value(&after, "bgs_bots_stopped_total{plugin=\"echo\",reason=\"stop_requested\",category=\"Dialog\",function=\"Echo\"}"),
+        1.0
+    );
+    assert_eq!(value(&after, "bgs_actors{kind=\"bot\"}"), 0.0);
+
+    // promtool (Debian's prometheus package; .ci/run installs it) must accept the exposition.
+    match std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+    {
+        Ok(mut child) => {
+            use std::io::Write;
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(after.as_bytes())
+                .unwrap();
+            let out = child.wait_with_output().unwrap();
+            assert!(
+                out.status.success(),
+                "promtool: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Err(e) if std::env::var_os("CI_REQUIRE_PROMTOOL").is_some() => {
+            panic!("promtool is required: {e}")
+        }
+        Err(e) => eprintln!("promtool not installed ({e}); skipping its check"),
+    }
+}

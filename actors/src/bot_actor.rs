@@ -18,6 +18,7 @@ use crate::bot::{Bot, BotAction, BotContext, BotInput, BotStart, StopReason};
 use crate::chat_link::{ChatCall, ChatLink};
 use crate::esp::StartSpec;
 use crate::ha::Replicate;
+use crate::metrics::{metrics, Kind};
 use crate::now_ms;
 use crate::report::BotReport;
 use bgs_proto::ha::HaOp;
@@ -227,6 +228,12 @@ impl Outbox {
             visibility,
             key: Some(key),
         });
+        let kind_label = match kind {
+            PostKind::Message => "message",
+            PostKind::Notice => "notice",
+            PostKind::Typing => "typing",
+        };
+        metrics().chat_events.inc(&["out", kind_label]);
         if let Err(e) = self.call(request).await {
             tracing::warn!(error = %e, "bot post not accepted");
         }
@@ -358,6 +365,7 @@ impl BotActor {
         let covered = self.last_seq;
         let ha = self.ha.clone();
         let instance_id = self.instance_id.clone();
+        let started = std::time::Instant::now();
         let fut = async move {
             let (bot, error, actions) = call(bot, bctx, input, timeout).await;
             let outcome = outbox.execute(actions, &label).await;
@@ -376,6 +384,7 @@ impl BotActor {
         ctx.wait(
             fut.into_actor(self)
                 .map(move |(bot, error, outcome), act, _ctx| {
+                    metrics().handled(Kind::Bot, started.elapsed());
                     act.bot = bot;
                     act.sent += outcome.sent;
                     if let Some(bytes) = outcome.saved {
@@ -384,6 +393,7 @@ impl BotActor {
                     if let Some(error) = error {
                         tracing::warn!(bot_instance = %act.instance_id, %error, "bot failed");
                         act.halted = true;
+                        metrics().failed(Kind::Bot);
                         act.error = Some(error.clone());
                         act.notices.do_send(BotNotice::Failed {
                             participant_id: act.participant_id.clone(),
@@ -427,7 +437,12 @@ impl BotActor {
 impl Actor for BotActor {
     type Context = Context<Self>;
 
+    fn stopped(&mut self, _ctx: &mut Context<Self>) {
+        self.gone();
+    }
+
     fn started(&mut self, ctx: &mut Context<Self>) {
+        metrics().actor_started(Kind::Bot);
         ctx.set_mailbox_capacity(BOT_MAILBOX);
         if let Some(start) = self.start.take() {
             let label = format!("{}s", self.joined_seq);
@@ -436,10 +451,17 @@ impl Actor for BotActor {
     }
 }
 
+impl BotActor {
+    fn gone(&self) {
+        metrics().actor_stopped(Kind::Bot);
+    }
+}
+
 impl Handler<Deliver> for BotActor {
     type Result = ();
 
     fn handle(&mut self, msg: Deliver, ctx: &mut Context<Self>) {
+        metrics().dequeued(Kind::Bot);
         if self.stopping || self.halted || self.bot.is_none() {
             return;
         }

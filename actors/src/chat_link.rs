@@ -17,6 +17,21 @@ use bgs_proto::chat::{
     ResumeRequest, ServerFrame, CHAT_PROTOCOL_VERSION,
 };
 use futures_util::future::BoxFuture;
+
+use crate::metrics::{metrics, Kind};
+
+fn event_kind(k: bgs_proto::chat::EventKind) -> &'static str {
+    use bgs_proto::chat::EventKind::*;
+    match k {
+        Joined => "joined",
+        Left => "left",
+        Message => "message",
+        Notice => "notice",
+        Typing => "typing",
+        Userdata => "userdata",
+        Closed => "closed",
+    }
+}
 use tokio::sync::{mpsc, oneshot};
 
 /// A connection to a Chat Server, as typed frames. The outbound side is unbounded because the
@@ -266,6 +281,9 @@ impl ChatLink {
         ctx.run_later(self.config.reconnect_delay, |act, ctx| {
             if act.active && matches!(act.state, State::Down) {
                 act.reconnects += 1;
+                metrics()
+                    .chat_reconnects
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 act.connect(ctx);
             }
         });
@@ -398,6 +416,10 @@ impl ChatLink {
         if fresh.is_empty() {
             return;
         }
+        for e in &fresh {
+            metrics().chat_events.inc(&["in", event_kind(e.kind)]);
+        }
+        metrics().queued(Kind::Session);
         let msg = ParticipantEvents {
             session_id: key.0.clone(),
             participant_id: key.1.clone(),
@@ -539,7 +561,12 @@ impl Actor for ChatLink {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
+        metrics().actor_started(Kind::ChatLink);
         ctx.set_mailbox_capacity(1024);
+    }
+
+    fn stopped(&mut self, _ctx: &mut Context<Self>) {
+        metrics().actor_stopped(Kind::ChatLink);
     }
 }
 
@@ -569,7 +596,9 @@ impl futures_util::Stream for InboundStream {
 impl StreamHandler<Inbound> for ChatLink {
     fn handle(&mut self, item: Inbound, ctx: &mut Context<Self>) {
         if item.generation == self.generation {
+            let started = std::time::Instant::now();
             self.on_frame(item.frame, ctx);
+            metrics().handled(Kind::ChatLink, started.elapsed());
         }
     }
 

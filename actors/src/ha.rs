@@ -19,6 +19,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::chat_link::{Activate, ChatLink, Deactivate, PauseEvents};
+use crate::metrics::{metrics, Kind};
 use crate::supervisor::{BecomeBackup, BecomePrimary, Drain, Supervisor};
 
 /// A link to the peer as typed frames.
@@ -482,6 +483,7 @@ impl HaCoordinator {
                 }
                 tracing::info!(epoch, "switchover: taking over as primary");
                 self.switchovers_manual += 1;
+                metrics().switchovers.inc(&["manual"]);
                 self.drop_link("hand-over");
                 self.promote(epoch, ctx);
             }
@@ -566,6 +568,7 @@ impl HaCoordinator {
         if let Some(chat) = &self.chat {
             chat.do_send(Activate { epoch });
         }
+        self.publish_metrics();
         self.refresh_supervisor();
         if let Some(sup) = &self.supervisor {
             sup.do_send(BecomePrimary { bots });
@@ -593,13 +596,30 @@ impl HaCoordinator {
         if let Some(chat) = &self.chat {
             chat.do_send(Deactivate);
         }
+        self.publish_metrics();
         if let Some(sup) = &self.supervisor {
             sup.do_send(BecomeBackup);
         }
         self.refresh_supervisor();
     }
 
+    fn publish_metrics(&self) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let m = metrics();
+        m.ha_role_primary
+            .store(i64::from(self.role == HaRole::Primary), Relaxed);
+        m.ha_epoch.store(self.epoch as i64, Relaxed);
+        m.ha_peer_connected
+            .store(i64::from(self.link_up()), Relaxed);
+        m.ha_pending.store(self.unacked.len() as i64, Relaxed);
+        let lag = self.unacked.front().map_or(0, |(_, _, at)| {
+            Instant::now().duration_since(*at).as_micros() as i64
+        });
+        m.ha_lag_micros.store(lag, Relaxed);
+    }
+
     fn tick(&mut self, ctx: &mut Context<Self>) {
+        self.publish_metrics();
         let now = Instant::now();
         if let Some(l) = &self.link {
             if now.duration_since(l.last_seen) > self.s.failover_after {
@@ -624,6 +644,7 @@ impl HaCoordinator {
                         "the primary is silent; failing over"
                     );
                     self.switchovers_failover += 1;
+                    metrics().switchovers.inc(&["failover"]);
                     let epoch = self.epoch + 1;
                     self.promote(epoch, ctx);
                 }
@@ -661,6 +682,8 @@ impl Actor for HaCoordinator {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
+        metrics().actor_started(Kind::HaCoordinator);
+        self.publish_metrics();
         ctx.set_mailbox_capacity(4096);
         let every = self.s.heartbeat;
         ctx.run_interval(every, |act, ctx| act.tick(ctx));
@@ -716,10 +739,12 @@ impl StreamHandler<LinkFrame> for HaCoordinator {
             .as_ref()
             .is_some_and(|l| l.generation == item.generation)
         {
+            let started = std::time::Instant::now();
             match item.frame {
                 Some(frame) => self.on_frame(frame, ctx),
                 None => self.drop_link("connection closed"),
             }
+            metrics().handled(Kind::HaCoordinator, started.elapsed());
         }
     }
 

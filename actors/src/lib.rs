@@ -9,6 +9,7 @@ pub mod bot_actor;
 pub mod chat_link;
 pub mod esp;
 pub mod ha;
+pub mod metrics;
 pub mod report;
 pub mod session;
 pub mod supervisor;

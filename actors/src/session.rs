@@ -22,6 +22,7 @@ use crate::chat_link::{
 };
 use crate::esp::{BotKey, EspError, StartSpec};
 use crate::ha::Replicate;
+use crate::metrics::{metrics, Kind};
 use crate::now_ms;
 use crate::report::BotReport;
 use bgs_proto::chat::{LeaveRequest, ResumeRequest};
@@ -330,7 +331,11 @@ impl SessionActor {
             _ => None,
         };
         if let Some(addr) = &slot.addr {
-            if let Err(SendError::Full(_)) = addr.try_send(Deliver::Event(e)) {
+            let sent = addr.try_send(Deliver::Event(e));
+            if sent.is_ok() {
+                metrics().queued(Kind::Bot);
+            }
+            if let Err(SendError::Full(_)) = sent {
                 tracing::warn!(bot_instance = %slot.instance_id, "bot cannot keep up with its chat; stopping it");
                 self.stop(pid, StopReason::Error, None, ctx);
                 return;
@@ -411,10 +416,12 @@ impl Actor for SessionActor {
     type Context = Context<Self>;
 
     fn started(&mut self, ctx: &mut Context<Self>) {
+        metrics().actor_started(Kind::Session);
         ctx.set_mailbox_capacity(SESSION_MAILBOX);
     }
 
     fn stopped(&mut self, ctx: &mut Context<Self>) {
+        metrics().actor_stopped(Kind::Session);
         self.ended.do_send(SessionEnded {
             interaction_id: self.interaction_id.clone(),
             addr: ctx.address(),
@@ -518,7 +525,10 @@ impl Handler<ParticipantEvents> for SessionActor {
     type Result = ();
 
     fn handle(&mut self, msg: ParticipantEvents, ctx: &mut Context<Self>) {
+        let started = std::time::Instant::now();
+        metrics().dequeued(Kind::Session);
         self.on_events(&msg.participant_id, msg.events, ctx);
+        metrics().handled(Kind::Session, started.elapsed());
     }
 }
 
@@ -617,7 +627,10 @@ impl Handler<DataInSession> for SessionActor {
             ));
         };
         match addr.try_send(Deliver::Data(msg.data)) {
-            Ok(()) => Ok(slot.instance_id.clone()),
+            Ok(()) => {
+                metrics().queued(Kind::Bot);
+                Ok(slot.instance_id.clone())
+            }
             Err(SendError::Full(_)) => {
                 Err(EspError::new("busy", "the bot has too many inputs waiting"))
             }

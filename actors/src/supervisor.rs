@@ -14,6 +14,7 @@ use crate::chat_link::ChatLink;
 use crate::esp::BotKey;
 use crate::esp::{self, EspCommand, EspError, StartSpec};
 use crate::ha::Replicate;
+use crate::metrics::{metrics, Kind};
 use crate::now_ms;
 use crate::report::{Registry, ReportSink};
 use crate::session::{
@@ -223,6 +224,7 @@ impl Supervisor {
                 Ok(started) => {
                     if let Some(mut s) = act.registry.running.get_mut(&key) {
                         s.state = "running".into();
+                        metrics().bots_started.inc(&[&s.bot_id, &s.category, &s.function]);
                     }
                     EspResponse::ok(
                         request_id,
@@ -245,7 +247,12 @@ impl Supervisor {
 impl Actor for Supervisor {
     type Context = Context<Self>;
 
+    fn stopped(&mut self, _ctx: &mut Context<Self>) {
+        metrics().actor_stopped(Kind::Supervisor);
+    }
+
     fn started(&mut self, ctx: &mut Context<Self>) {
+        metrics().actor_started(Kind::Supervisor);
         ctx.set_mailbox_capacity(1024);
         let retention = self.config.finished_retention;
         ctx.run_interval(Duration::from_secs(10), move |act, _| {
@@ -259,6 +266,20 @@ impl Handler<Esp> for Supervisor {
     type Result = ResponseActFuture<Self, EspResponse>;
 
     fn handle(&mut self, Esp(request): Esp, ctx: &mut Context<Self>) -> Self::Result {
+        metrics().dequeued(Kind::Supervisor);
+        let started = std::time::Instant::now();
+        let result = self.esp(request, ctx);
+        metrics().handled(Kind::Supervisor, started.elapsed());
+        result
+    }
+}
+
+impl Supervisor {
+    fn esp(
+        &mut self,
+        request: EspRequest,
+        ctx: &mut Context<Self>,
+    ) -> ResponseActFuture<Self, EspResponse> {
         let id = request.request_id;
         let ready = |r: EspResponse| -> ResponseActFuture<Self, EspResponse> {
             Box::pin(actix::fut::ready(r))
@@ -364,6 +385,9 @@ impl Handler<BotFinished> for Supervisor {
             "bot finished"
         );
         self.registry.finish(&msg.key, &r.end_reason, r.ended_ms);
+        metrics()
+            .bots_stopped
+            .inc(&[&r.bot_id, &r.end_reason, &r.category, &r.function]);
         self.reports.write(r);
     }
 }
