@@ -365,7 +365,6 @@ impl ChatLink {
                     if fenced {
                         // The Fenced notice may have been missed; a refused request says the same.
                         self.fenced(ctx);
-                        return;
                     }
                 }
             }
