@@ -32,8 +32,22 @@ pub fn over_http(
     request: &EspRequest,
     timeout: Duration,
 ) -> Result<(bool, Value), ClientError> {
+    let body = serde_json::to_string(request).map_err(|e| ClientError::Usage(e.to_string()))?;
+    let (status, value) = call(url, "POST", "/esp", Some(&body), token, timeout)?;
+    Ok((status == 200, value))
+}
+
+/// One HTTP/1.1 request to a node (`http://host:port` only); returns the status and the JSON.
+pub fn call(
+    url: &str,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    token: Option<&str>,
+    timeout: Duration,
+) -> Result<(u16, Value), ClientError> {
     let rest = url.strip_prefix("http://").ok_or_else(|| {
-        ClientError::Usage(format!("--url must start with http:// (got {url:?})"))
+        ClientError::Usage(format!("a URL must start with http:// (got {url:?})"))
     })?;
     let host = rest.split('/').next().unwrap_or(rest);
     let mut stream = TcpStream::connect(host).map_err(|source| ClientError::Connect {
@@ -41,13 +55,13 @@ pub fn over_http(
         source,
     })?;
     stream.set_read_timeout(Some(timeout))?;
-    let body = serde_json::to_string(request).map_err(|e| ClientError::Usage(e.to_string()))?;
+    let body = body.unwrap_or("");
     let auth = token
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
     write!(
         stream,
-        "POST /esp HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\n\r\n{body}",
         body.len()
     )?;
     let mut raw = Vec::new();
@@ -63,7 +77,7 @@ pub fn over_http(
         .ok_or_else(|| ClientError::BadAnswer("no HTTP status".into()))?;
     let value: Value = serde_json::from_str(payload)
         .map_err(|e| ClientError::BadAnswer(format!("{e}: {payload}")))?;
-    Ok((status == 200, value))
+    Ok((status, value))
 }
 
 fn read_frame(stream: &mut TcpStream) -> Result<EspResponse, ClientError> {

@@ -131,6 +131,43 @@ async fn status(state: web::Data<HttpState>) -> HttpResponse {
     }))
 }
 
+/// `GET /admin/bots`: the bots running on this node (`plugin`, `interaction` filter).
+async fn bots(
+    state: web::Data<HttpState>,
+    req: HttpRequest,
+    q: web::Query<BotsQuery>,
+) -> HttpResponse {
+    if let Err(e) = state.intake.authorize(bearer(&req)) {
+        return error(e);
+    }
+    let mut bots: Vec<bgs_proto::esp::BotStatus> = state
+        .registry
+        .running
+        .iter()
+        .filter(|e| q.plugin.as_deref().is_none_or(|p| e.value().bot_id == p))
+        .filter(|e| {
+            q.interaction
+                .as_deref()
+                .is_none_or(|i| e.key().interaction_id == i)
+        })
+        .map(|e| e.value().clone())
+        .collect();
+    bots.sort_by(|a, b| {
+        (&a.interaction_id, &a.bot_id, &a.bot_name).cmp(&(
+            &b.interaction_id,
+            &b.bot_id,
+            &b.bot_name,
+        ))
+    });
+    HttpResponse::Ok().json(json!({"node": state.intake.node_id, "bots": bots}))
+}
+
+#[derive(serde::Deserialize)]
+pub struct BotsQuery {
+    plugin: Option<String>,
+    interaction: Option<String>,
+}
+
 /// `GET /metrics`: the Prometheus text format.
 async fn prometheus(state: web::Data<HttpState>) -> HttpResponse {
     let mut active = std::collections::BTreeMap::<String, u64>::new();
@@ -173,6 +210,7 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/readyz", web::get().to(readyz))
         .route("/status", web::get().to(status))
         .route("/metrics", web::get().to(prometheus))
+        .route("/admin/bots", web::get().to(bots))
         .route("/admin/switchover", web::post().to(switchover))
         .default_service(web::to(not_found));
 }

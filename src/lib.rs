@@ -2,6 +2,7 @@
 //! actors of `bgs-actors`. docs/ARCHITECTURE.md is the map.
 
 pub mod config;
+pub mod ctl;
 pub mod esp_client;
 pub mod http;
 pub mod intake;

@@ -27,6 +27,41 @@ enum Command {
     },
     /// Send one ESP request as a workflow would, and print the answer (exit 1 on an error answer).
     Esp(EspArgs),
+    /// Operate a pair: status, bots, switchover.
+    Ctl {
+        #[command(subcommand)]
+        command: CtlCommand,
+        /// The nodes' HTTP base URLs (repeat or comma-separate; default: both default ports).
+        #[arg(
+            long,
+            global = true,
+            env = "BGS_URL",
+            value_delimiter = ',',
+            default_value = "http://127.0.0.1:7080,http://127.0.0.1:7081"
+        )]
+        url: Vec<String>,
+        /// The nodes' auth.token.
+        #[arg(long, global = true, env = "BGS_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// Print JSON instead of a table.
+        #[arg(long, global = true)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum CtlCommand {
+    /// Role, epoch, sync state, sessions and bots of each node.
+    Status,
+    /// Running bots, optionally of one plugin or interaction.
+    Bots {
+        #[arg(long)]
+        plugin: Option<String>,
+        #[arg(long)]
+        interaction: Option<String>,
+    },
+    /// Hand the primary role to the backup; waits and prints how long ESP was unavailable.
+    Switchover,
 }
 
 #[derive(Args)]
@@ -80,6 +115,83 @@ fn main() -> ExitCode {
             }
         },
         Command::Esp(args) => esp(args),
+        Command::Ctl {
+            command,
+            url,
+            token,
+            json,
+        } => ctl(command, &url, token.as_deref(), json),
+    }
+}
+
+fn ctl(command: CtlCommand, urls: &[String], token: Option<&str>, json: bool) -> ExitCode {
+    use bgs::ctl;
+    match command {
+        CtlCommand::Status => {
+            let rows = ctl::status(urls, token);
+            if json {
+                let v: Vec<serde_json::Value> = rows
+                    .iter()
+                    .map(|(u, r)| match r {
+                        Ok(s) => serde_json::json!({"url": u, "status": s}),
+                        Err(e) => serde_json::json!({"url": u, "error": e}),
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+            } else {
+                print!("{}", ctl::status_table(&rows));
+            }
+            if rows.iter().any(|(_, r)| r.is_ok()) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(2)
+            }
+        }
+        CtlCommand::Bots {
+            plugin,
+            interaction,
+        } => match ctl::bots(urls, token, plugin.as_deref(), interaction.as_deref()) {
+            Ok(bots) => {
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&bots).unwrap_or_default()
+                    );
+                } else {
+                    print!("{}", ctl::bots_table(&bots));
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("bgs ctl bots: {e}");
+                ExitCode::from(2)
+            }
+        },
+        CtlCommand::Switchover => match ctl::switchover(urls, token) {
+            Ok(outcome) => {
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&outcome).unwrap_or_default()
+                    );
+                } else {
+                    println!(
+                        "switchover done: {} -> {} (epoch {}), {} bots, drained in {} ms, ESP unavailable {} ms",
+                        outcome["old_primary"].as_str().unwrap_or("?"),
+                        outcome["new_primary"].as_str().unwrap_or("?"),
+                        outcome["new_epoch"],
+                        outcome["bots"],
+                        outcome["drain_ms"],
+                        outcome["esp_unavailable_ms"]
+                    );
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("bgs ctl switchover: {e}");
+                ExitCode::from(1)
+            }
+        },
     }
 }
 

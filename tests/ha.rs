@@ -204,9 +204,38 @@ async fn manual_switchover_under_traffic_loses_nothing_and_posts_nothing_twice()
         (status, answer["code"].as_str()),
         (503, Some("not_primary"))
     );
-    // A second switchover goes back.
-    let (status, report) = support::http(pair.b.http, "POST", "/admin/switchover", None).await;
-    assert_eq!(status, 200, "{report}");
+    // The operator's view, then a second switchover back with `bgs ctl`.
+    let urls = format!("http://{},http://{}", pair.a.http, pair.b.http);
+    let ctl = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_bgs"))
+            .arg("ctl")
+            .args(args)
+            .args(["--url", &urls])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "bgs ctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let table = ctl(&["status"]);
+    assert!(
+        table.contains("bgs-a") && table.contains("backup") && table.contains("primary"),
+        "{table}"
+    );
+    let bots: Value = serde_json::from_str(&ctl(&["bots", "--plugin", "echo", "--json"])).unwrap();
+    assert_eq!(bots.as_array().unwrap().len(), 8);
+    assert!(bots
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|b| b["node"] == "bgs-b"));
+    let outcome: Value = serde_json::from_str(&ctl(&["switchover", "--json"])).unwrap();
+    assert_eq!(outcome["new_epoch"], 3);
+    assert_eq!(outcome["new_primary"], format!("http://{}", pair.a.http));
+    assert!(outcome["esp_unavailable_ms"].as_u64().is_some());
     pair.a
         .wait_status("a primary again", |s| {
             role(s) == "primary" && s["epoch"] == 3
