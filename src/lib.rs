@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod ctl;
+pub mod demo;
 pub mod esp_client;
 pub mod http;
 pub mod intake;

@@ -27,6 +27,13 @@ enum Command {
     },
     /// Send one ESP request as a workflow would, and print the answer (exit 1 on an error answer).
     Esp(EspArgs),
+    /// A Chat Server, a primary and a backup on free local ports; a customer chats with the
+    /// scripted bot, the pair switches over, the bot carries on. Ctrl-C stops everything.
+    Demo {
+        /// Stop after the switchover instead of running until Ctrl-C (exit 0 when it worked).
+        #[arg(long)]
+        once: bool,
+    },
     /// Operate a pair: status, bots, switchover.
     Ctl {
         #[command(subcommand)]
@@ -115,6 +122,13 @@ fn main() -> ExitCode {
             }
         },
         Command::Esp(args) => esp(args),
+        Command::Demo { once } => match bgs::demo::run(once) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("bgs demo: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Ctl {
             command,
             url,

@@ -842,3 +842,26 @@ async fn metrics_move_with_traffic_and_pass_promtool() {
         Err(e) => eprintln!("promtool not installed ({e}); skipping its check"),
     }
 }
+
+#[test]
+fn bgs_demo_once_runs_to_the_switchover() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_bgs"))
+        .args(["demo", "--once"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("We are open from 8:00 to 20:00"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("Switchover"), "{stdout}");
+    assert!(
+        stdout.contains("Delivery takes two to three working days"),
+        "{stdout}"
+    );
+}

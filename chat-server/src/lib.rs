@@ -31,6 +31,29 @@ const SWEEP_EVERY: Duration = Duration::from_millis(200);
 /// Runs the server until `shutdown` is cancelled. Prints one line to stdout once both listeners
 /// are bound: `bgs-chat-server listening http=ADDR tcp=ADDR` (tools and tests read the ports).
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let print = tokio::spawn(async move {
+        if let Ok((http_addr, tcp_addr)) = rx.await {
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(
+                out,
+                "bgs-chat-server listening http={http_addr} tcp={tcp_addr}"
+            );
+            let _ = out.flush();
+        }
+    });
+    let result = run_ready(config, shutdown, tx).await;
+    let _ = print.await;
+    result
+}
+
+/// Runs the server until `shutdown`; `ready` receives the bound (HTTP, TCP) addresses once both
+/// listeners are up (for embedding the server, as `bgs demo` does).
+pub async fn run_ready(
+    config: Config,
+    shutdown: CancellationToken,
+    ready: tokio::sync::oneshot::Sender<(std::net::SocketAddr, std::net::SocketAddr)>,
+) -> Result<()> {
     let hub = Hub::open(config.clone())?;
     let tcp = tokio::net::TcpListener::bind(config.tcp_listen).await?;
     let http_listener = std::net::TcpListener::bind(config.http_listen)?;
@@ -68,13 +91,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<()> {
     });
 
     tracing::info!(%http_addr, %tcp_addr, data_dir = ?config.data_dir, "bgs-chat-server started");
-    let mut out = std::io::stdout().lock();
-    writeln!(
-        out,
-        "bgs-chat-server listening http={http_addr} tcp={tcp_addr}"
-    )?;
-    out.flush()?;
-    drop(out);
+    let _ = ready.send((http_addr, tcp_addr));
 
     shutdown.cancelled().await;
     tracing::info!("shutting down");
