@@ -865,3 +865,65 @@ fn bgs_demo_once_runs_to_the_switchover() {
         "{stdout}"
     );
 }
+
+#[test]
+fn the_deploy_kit_is_valid() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
+    for (file, role) in [
+        ("bgs-primary.toml", "primary"),
+        ("bgs-backup.toml", "backup"),
+    ] {
+        let config = bgs::config::Config::load(Some(&root.join(file)), |_| None)
+            .unwrap_or_else(|e| panic!("{file}: {e}"));
+        assert_eq!(config.node.role, role);
+        assert!(config.ha.peer.is_some(), "{file} is a node of a pair");
+    }
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root.join("grafana/bgs-dashboard.json")).unwrap(),
+    )
+    .unwrap();
+    let exprs: Vec<String> = dashboard["panels"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|p| {
+            p["targets"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t["expr"].as_str().unwrap().to_string())
+        })
+        .collect();
+    assert!(
+        exprs.iter().any(|e| e.contains("bgs_ha_role"))
+            && exprs.iter().any(|e| e.contains("bgs_esp_requests_total"))
+    );
+    match std::process::Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(root.join("prometheus/bgs-alerts.yml"))
+        .output()
+    {
+        Ok(out) => assert!(
+            out.status.success(),
+            "promtool: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+        Err(e) if std::env::var_os("CI_REQUIRE_PROMTOOL").is_some() => {
+            panic!("promtool is required: {e}")
+        }
+        Err(e) => eprintln!("promtool not installed ({e}); skipping the rules check"),
+    }
+    let out = std::process::Command::new("promtool")
+        .args(["check", "config"])
+        .arg(root.join("prometheus/prometheus.yml"))
+        .output();
+    if let Ok(out) = out {
+        assert!(
+            out.status.success(),
+            "promtool: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
