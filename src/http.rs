@@ -118,7 +118,7 @@ async fn status(state: web::Data<HttpState>) -> HttpResponse {
         *by_plugin.entry(e.value().bot_id.clone()).or_default() += 1;
         sessions.insert(e.key().interaction_id.clone());
     }
-    HttpResponse::Ok().json(json!({
+    HttpResponse::Ok().insert_header(("Access-Control-Allow-Origin", "*")).json(json!({
         "node": state.intake.node_id,
         "cluster": state.cluster_id,
         "role": ha.as_ref().map_or(state.role.clone(), |h| format!("{:?}", h.role).to_lowercase()),
@@ -168,6 +168,25 @@ pub struct BotsQuery {
     interaction: Option<String>,
 }
 
+/// `GET /`: the operator page (both nodes, sync state, recent role changes, a switchover button).
+async fn page() -> HttpResponse {
+    HttpResponse::Ok()
+        .content_type("text/html; charset=utf-8")
+        .body(include_str!("page.html"))
+}
+
+/// CORS preflight for the operator page of the other node.
+async fn preflight() -> HttpResponse {
+    HttpResponse::NoContent()
+        .insert_header(("Access-Control-Allow-Origin", "*"))
+        .insert_header(("Access-Control-Allow-Methods", "POST, GET"))
+        .insert_header((
+            "Access-Control-Allow-Headers",
+            "authorization, content-type",
+        ))
+        .finish()
+}
+
 /// `GET /metrics`: the Prometheus text format.
 async fn prometheus(state: web::Data<HttpState>) -> HttpResponse {
     let mut active = std::collections::BTreeMap::<String, u64>::new();
@@ -186,11 +205,14 @@ async fn switchover(state: web::Data<HttpState>, req: HttpRequest) -> HttpRespon
     }
     let started = Instant::now();
     match state.ha.send(Switchover).await {
-        Ok(Ok(report)) => HttpResponse::Ok().json(json!({
-            "status": "ok", "new_epoch": report.new_epoch, "bots": report.bots,
-            "drain_ms": report.drain_ms, "elapsed_ms": started.elapsed().as_millis() as u64,
-        })),
+        Ok(Ok(report)) => HttpResponse::Ok()
+            .insert_header(("Access-Control-Allow-Origin", "*"))
+            .json(json!({
+                "status": "ok", "new_epoch": report.new_epoch, "bots": report.bots,
+                "drain_ms": report.drain_ms, "elapsed_ms": started.elapsed().as_millis() as u64,
+            })),
         Ok(Err(reason)) => HttpResponse::Conflict()
+            .insert_header(("Access-Control-Allow-Origin", "*"))
             .json(json!({"status": "error", "code": "switchover_refused", "message": reason})),
         Err(e) => HttpResponse::InternalServerError()
             .json(json!({"status": "error", "code": "internal", "message": e.to_string()})),
@@ -212,5 +234,10 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/metrics", web::get().to(prometheus))
         .route("/admin/bots", web::get().to(bots))
         .route("/admin/switchover", web::post().to(switchover))
+        .route(
+            "/admin/switchover",
+            web::method(actix_web::http::Method::OPTIONS).to(preflight),
+        )
+        .route("/", web::get().to(page))
         .default_service(web::to(not_found));
 }

@@ -90,7 +90,23 @@ pub struct HaStatus {
     pub replicated_bots: usize,
     pub switchovers_manual: u64,
     pub switchovers_failover: u64,
+    /// The peer's HTTP base URL (configured, or learned in the handshake).
+    pub peer_http: Option<String>,
+    /// The last role changes of this node, newest last.
+    pub recent: Vec<RoleChange>,
 }
+
+/// One role change of this node, for operators.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct RoleChange {
+    pub at_ms: u64,
+    /// `failover`, `switchover` (handed over or taken over), `fenced`, `stepped_down`.
+    pub kind: String,
+    pub role: HaRole,
+    pub epoch: u64,
+}
+
+const RECENT_CHANGES: usize = 10;
 
 pub struct HaSettings {
     pub node_id: String,
@@ -155,6 +171,8 @@ pub struct HaCoordinator {
     primary_http: Option<String>,
     switchovers_manual: u64,
     switchovers_failover: u64,
+    peer_http: Option<String>,
+    recent: VecDeque<RoleChange>,
 }
 
 type HmacSha256 = Hmac<Sha256>;
@@ -225,6 +243,8 @@ impl HaCoordinator {
             last_primary: Instant::now(),
             switchovers_manual: 0,
             switchovers_failover: 0,
+            peer_http: None,
+            recent: VecDeque::new(),
         }
     }
 
@@ -361,7 +381,7 @@ impl HaCoordinator {
                 if let Some(l) = self.link.as_mut() {
                     l.peer_node = Some(node_id.clone());
                 }
-                let _ = http;
+                self.peer_http = Some(http);
                 tracing::info!(peer = %node_id, "HA backup connected; sending a snapshot");
                 self.send(HaFrame::Welcome {
                     node_id: self.s.node_id.clone(),
@@ -389,6 +409,7 @@ impl HaCoordinator {
                     l.peer_node = Some(node_id);
                 }
                 self.epoch = self.epoch.max(epoch);
+                self.peer_http = Some(http.clone());
                 self.primary_http = Some(http);
                 self.wait_for_peer = false;
                 self.last_primary = Instant::now();
@@ -486,6 +507,7 @@ impl HaCoordinator {
                 metrics().switchovers.inc(&["manual"]);
                 self.drop_link("hand-over");
                 self.promote(epoch, ctx);
+                self.remember("switchover");
             }
             HaFrame::Ack { upto_op } if self.role == HaRole::Primary => {
                 self.acked = self.acked.max(upto_op);
@@ -603,6 +625,18 @@ impl HaCoordinator {
         self.refresh_supervisor();
     }
 
+    fn remember(&mut self, kind: &str) {
+        self.recent.push_back(RoleChange {
+            at_ms: crate::now_ms(),
+            kind: kind.to_string(),
+            role: self.role,
+            epoch: self.epoch,
+        });
+        while self.recent.len() > RECENT_CHANGES {
+            self.recent.pop_front();
+        }
+    }
+
     fn publish_metrics(&self) {
         use std::sync::atomic::Ordering::Relaxed;
         let m = metrics();
@@ -647,6 +681,7 @@ impl HaCoordinator {
                     metrics().switchovers.inc(&["failover"]);
                     let epoch = self.epoch + 1;
                     self.promote(epoch, ctx);
+                    self.remember("failover");
                 }
                 if self.link_up() && self.in_sync {
                     let upto_op = self.applied;
@@ -819,6 +854,7 @@ impl Handler<ChatFenced> for HaCoordinator {
                 "the Chat Server fenced this node; becoming backup"
             );
             self.demote(true, ctx);
+            self.remember("fenced");
         }
     }
 }
@@ -863,6 +899,8 @@ impl Handler<GetHaStatus> for HaCoordinator {
             replicated_bots: self.store.len(),
             switchovers_manual: self.switchovers_manual,
             switchovers_failover: self.switchovers_failover,
+            peer_http: self.peer_http.clone().or_else(|| self.s.peer_http.clone()),
+            recent: self.recent.iter().cloned().collect(),
         })
     }
 }
@@ -934,6 +972,7 @@ impl Handler<Switchover> for HaCoordinator {
                     let peer_http = act.s.peer_http.clone();
                     act.epoch = new_epoch;
                     act.demote(false, ctx);
+                    act.remember("switchover");
                     act.drop_link("hand-over sent");
                     act.primary_http = peer_http;
                     act.refresh_supervisor();
