@@ -225,6 +225,18 @@ async fn not_found(req: HttpRequest) -> HttpResponse {
     }))
 }
 
+/// Every route [`configure`] serves (docs/openapi.json documents each; a test checks both).
+pub const ROUTES: &[&str] = &[
+    "POST /esp",
+    "GET /healthz",
+    "GET /readyz",
+    "GET /status",
+    "GET /metrics",
+    "POST /admin/switchover",
+    "GET /admin/bots",
+    "GET /",
+];
+
 pub fn configure(cfg: &mut web::ServiceConfig) {
     cfg.app_data(web::PayloadConfig::new(1 << 20))
         .route("/esp", web::post().to(esp))
