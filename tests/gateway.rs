@@ -930,15 +930,24 @@ fn the_deploy_kit_is_valid() {
 
 #[tokio::test]
 async fn the_openapi_document_matches_the_routes() {
-    let doc: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/openapi.json")).unwrap())
-            .unwrap();
+    let doc: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/openapi.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
     let chat = ChatServer::start(&[]);
     let gw = Gateway::start(chat.tcp, "");
     let mut documented = Vec::new();
     for (path, item) in doc["paths"].as_object().unwrap() {
         for (method, op) in item.as_object().unwrap() {
-            let statuses: Vec<u16> = op["responses"].as_object().unwrap().keys().map(|k| k.parse().unwrap()).collect();
+            let statuses: Vec<u16> = op["responses"]
+                .as_object()
+                .unwrap()
+                .keys()
+                .map(|k| k.parse().unwrap())
+                .collect();
             let body = (method == "post").then(|| {
                 if path == "/esp" {
                     json!({"service": "ChatBotPlatform", "method": "GetBotStatus", "parameters": {"_umsChannel": "channel-chatbot"}, "userdata": {"InteractionId": "x"}})
@@ -947,14 +956,24 @@ async fn the_openapi_document_matches_the_routes() {
                 }
             });
             let (status, answer) = support::http(gw.http, &method.to_uppercase(), path, body).await;
-            assert!(statuses.contains(&status), "{} {path} answered {status} (documented {statuses:?}): {answer}", method.to_uppercase());
-            assert_ne!(answer["code"], "not_found", "{path} is documented but not served");
+            assert!(
+                statuses.contains(&status),
+                "{} {path} answered {status} (documented {statuses:?}): {answer}",
+                method.to_uppercase()
+            );
+            assert_ne!(
+                answer["code"], "not_found",
+                "{path} is documented but not served"
+            );
             documented.push(format!("{} {path}", method.to_uppercase()));
         }
     }
     // Every route the node serves is documented (the list in src/http.rs).
     for route in bgs::http::ROUTES {
-        assert!(documented.contains(&route.to_string()), "{route} is served but not in docs/openapi.json");
+        assert!(
+            documented.contains(&route.to_string()),
+            "{route} is served but not in docs/openapi.json"
+        );
     }
     assert_eq!(documented.len(), bgs::http::ROUTES.len());
 }

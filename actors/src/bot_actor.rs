@@ -22,6 +22,7 @@ use crate::metrics::{metrics, Kind};
 use crate::now_ms;
 use crate::report::BotReport;
 use bgs_proto::ha::HaOp;
+use tracing::Instrument;
 
 /// Most inputs waiting for one bot; beyond it the bot is stopped (it cannot keep up).
 pub const BOT_MAILBOX: usize = 1024;
@@ -336,6 +337,17 @@ impl BotActor {
         }
     }
 
+    /// The span of everything this bot does: interaction, session and bot in every log line.
+    fn span(&self) -> tracing::Span {
+        tracing::info_span!(
+            "bot",
+            interaction_id = %self.setup_spec.key.interaction_id,
+            session_id = %self.session_id,
+            bot_id = %self.setup_spec.key.bot_id,
+            bot_instance = %self.instance_id
+        )
+    }
+
     fn context(&self) -> BotContext {
         BotContext::new(
             self.instance_id.clone(),
@@ -366,6 +378,7 @@ impl BotActor {
         let ha = self.ha.clone();
         let instance_id = self.instance_id.clone();
         let started = std::time::Instant::now();
+        let span = self.span();
         let fut = async move {
             let (bot, error, actions) = call(bot, bctx, input, timeout).await;
             let outcome = outbox.execute(actions, &label).await;
@@ -380,7 +393,8 @@ impl BotActor {
                 let _ = ha.send(Replicate(op)).await;
             }
             (bot, error, outcome)
-        };
+        }
+        .instrument(span);
         ctx.wait(
             fut.into_actor(self)
                 .map(move |(bot, error, outcome), act, _ctx| {
@@ -520,6 +534,7 @@ impl Handler<StopBotActor> for BotActor {
         let outbox = self.outbox();
         let holdup = self.setup_spec.holdup;
         let instance_id = self.instance_id.clone();
+        let span = self.span();
         let fut = async move {
             let mut error = None;
             let mut sent = 0;
@@ -548,7 +563,8 @@ impl Handler<StopBotActor> for BotActor {
                 outbox.leave().await;
             }
             (error, sent, ended_ms)
-        };
+        }
+        .instrument(span);
         ctx.wait(
             fut.into_actor(self)
                 .map(move |(error, sent, ended_ms), act, ctx| {

@@ -217,6 +217,10 @@ impl SessionActor {
         }
     }
 
+    fn span(&self) -> tracing::Span {
+        tracing::info_span!("session", interaction_id = %self.interaction_id, session_id = %self.interaction_id)
+    }
+
     fn pid_of(&self, key: &BotKey) -> Option<String> {
         self.bots
             .iter()
@@ -433,6 +437,7 @@ impl Handler<StartInSession> for SessionActor {
     type Result = ResponseActFuture<Self, Result<Started, EspError>>;
 
     fn handle(&mut self, msg: StartInSession, ctx: &mut Context<Self>) -> Self::Result {
+        let _span = self.span().entered();
         self.joining += 1;
         let spec = msg.spec;
         let join = ChatCall {
@@ -525,6 +530,7 @@ impl Handler<ParticipantEvents> for SessionActor {
     type Result = ();
 
     fn handle(&mut self, msg: ParticipantEvents, ctx: &mut Context<Self>) {
+        let _span = self.span().entered();
         let started = std::time::Instant::now();
         metrics().dequeued(Kind::Session);
         self.on_events(&msg.participant_id, msg.events, ctx);
@@ -536,6 +542,7 @@ impl Handler<FeedLost> for SessionActor {
     type Result = ();
 
     fn handle(&mut self, msg: FeedLost, ctx: &mut Context<Self>) {
+        let _span = self.span().entered();
         let reason = if msg.removed {
             StopReason::RemovedByChatServer
         } else {
@@ -549,6 +556,7 @@ impl Handler<BotNotice> for SessionActor {
     type Result = ();
 
     fn handle(&mut self, msg: BotNotice, ctx: &mut Context<Self>) {
+        let _span = self.span().entered();
         match msg {
             BotNotice::WantsToLeave { participant_id } => {
                 self.stop(&participant_id, StopReason::BotLeft, None, ctx)

@@ -267,6 +267,13 @@ impl Handler<Esp> for Supervisor {
 
     fn handle(&mut self, Esp(request): Esp, ctx: &mut Context<Self>) -> Self::Result {
         metrics().dequeued(Kind::Supervisor);
+        let _span = tracing::info_span!(
+            "esp",
+            method = %request.method,
+            interaction_id = %request.userdata.get("InteractionId").map_or("", String::as_str),
+            request_id = request.request_id
+        )
+        .entered();
         let started = std::time::Instant::now();
         let result = self.esp(request, ctx);
         metrics().handled(Kind::Supervisor, started.elapsed());
