@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use actix::{Actor, Addr};
 use actix_web::{web, App, HttpServer};
 use bgs_actors::chat_link::{ChatLink, ChatLinkConfig};
-use bgs_actors::ha::{Attach, HaCoordinator, HaSettings};
+use bgs_actors::ha::{Attach, GetHaStatus, HaCoordinator, HaSettings, Switchover};
 use bgs_actors::report::{Registry, ReportSink};
 use bgs_actors::supervisor::{Barrier, Shutdown, Supervisor, SupervisorConfig};
 use bgs_proto::chat::ClientRole;
@@ -28,6 +28,7 @@ pub struct Node {
     supervisor: Addr<Supervisor>,
     http_server: actix_web::dev::ServerHandle,
     reports: Arc<dyn ReportSink>,
+    coordinator: Addr<HaCoordinator>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -175,7 +176,7 @@ pub async fn start(config: Config) -> Result<Node, ServeError> {
         intake,
         registry,
         link,
-        ha: coordinator,
+        ha: coordinator.clone(),
         cluster_id: config.node.cluster_id.clone(),
         role: config.node.role.clone(),
         started: Instant::now(),
@@ -205,12 +206,34 @@ pub async fn start(config: Config) -> Result<Node, ServeError> {
         supervisor,
         http_server,
         reports,
+        coordinator,
     })
 }
 
 impl Node {
-    /// Stops taking ESP, stops every bot (reason `shutdown`, no leave), stops HTTP.
+    /// A primary with a backup in sync hands its bots over first (a planned switchover); then
+    /// every bot still here stops (reason `shutdown`, no leave, kept in the backup's copy), HTTP
+    /// stops, and the last reports are written.
     pub async fn shutdown(self) {
+        if let Ok(st) = self.coordinator.send(GetHaStatus).await {
+            if st.role == HaRole::Primary && st.in_sync {
+                tracing::info!("shutting down: handing the bots over to the backup first");
+                match tokio::time::timeout(
+                    Duration::from_secs(40),
+                    self.coordinator.send(Switchover),
+                )
+                .await
+                {
+                    Ok(Ok(Ok(r))) => {
+                        tracing::info!(new_epoch = r.new_epoch, bots = r.bots, "handed over")
+                    }
+                    Ok(Ok(Err(e))) => {
+                        tracing::warn!(reason = %e, "hand-over refused; stopping anyway")
+                    }
+                    _ => tracing::warn!("hand-over did not finish; stopping anyway"),
+                }
+            }
+        }
         let _ = tokio::time::timeout(Duration::from_secs(10), self.supervisor.send(Shutdown)).await;
         let _ = self.supervisor.send(Barrier).await;
         self.http_server.stop(true).await;

@@ -245,6 +245,36 @@ async fn manual_switchover_under_traffic_loses_nothing_and_posts_nothing_twice()
         c.say("seven").await;
         assert_eq!(c.next_reply().await, "7: seven");
     }
+    // Stopping the primary (SIGTERM, as systemctl stop does) hands the bots over first.
+    let mut pair = pair;
+    in_sync_backup(&pair.b, 8).await;
+    let exit = pair.a.terminate();
+    assert!(exit.success(), "{exit:?}");
+    pair.b
+        .wait_status("b primary after a stopped", |s| {
+            role(s) == "primary" && s["epoch"] == 4
+        })
+        .await;
+    for c in customers.iter_mut() {
+        c.say("eight").await;
+        assert_eq!(c.next_reply().await, "8: eight");
+    }
+    for c in &customers {
+        check_exactly_once(
+            c,
+            &[
+                "one", "two", "three", "four", "five", "six", "seven", "eight",
+            ],
+        )
+        .await;
+    }
+    assert!(
+        pair.a
+            .reports()
+            .iter()
+            .all(|r| r["end_reason"] != "shutdown"),
+        "the bots moved, they did not end"
+    );
 }
 
 #[tokio::test]
@@ -327,9 +357,17 @@ async fn an_empty_backup_catches_up_by_snapshot_and_a_wrong_secret_is_refused() 
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    // It keeps being refused and never takes over by itself (it never held a primary's state),
+    // however long the "silence" lasts: many refusals span several failover-after-ms periods.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while x.log().matches("the HA peer refused this node").count() < 20 {
+        assert!(Instant::now() < deadline, "x stopped retrying");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let st = x.status().await;
     assert_eq!(role(&st), "backup");
     assert_eq!(st["ha"]["in_sync"], false);
+    assert_eq!(role(&b.status().await), "primary");
 }
 
 /// A minimal Chrome DevTools Protocol client over a WebSocket (enough to drive one page).

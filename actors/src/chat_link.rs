@@ -490,6 +490,10 @@ impl ChatLink {
                 self.lost(ctx);
             }
             (Handshake::Resume(..), Ok(_)) => {}
+            (Handshake::Resume(..), Err(e)) if e.code == ChatErrorCode::Fenced => {
+                tracing::error!(message = %e.message, "the chat server refused a resume: this node is fenced");
+                self.fenced(ctx);
+            }
             (Handshake::Resume(session_id, participant_id), Err(e)) => {
                 tracing::warn!(%session_id, %participant_id, code = e.code.as_str(), "cannot resume a participant");
                 if let Some(route) = self

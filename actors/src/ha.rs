@@ -148,8 +148,12 @@ pub struct HaCoordinator {
     role: HaRole,
     epoch: u64,
     draining: bool,
-    /// Fenced by the Chat Server: do not promote by silence until the peer has been heard again.
-    wait_for_peer: bool,
+    /// Holds a primary's state (a snapshot since the last start or demotion): only then may
+    /// silence make this node promote itself. A backup that never reached a primary (wrong
+    /// secret, no route) never takes over by itself.
+    synced_once: bool,
+    /// Primary: the op number the last snapshot covered (the backup is in sync once it acks it).
+    snapshot_upto: u64,
     supervisor: Option<Addr<Supervisor>>,
     chat: Option<Addr<ChatLink>>,
     generation: u64,
@@ -224,7 +228,8 @@ impl HaCoordinator {
             s,
             epoch,
             draining: false,
-            wait_for_peer: false,
+            synced_once: false,
+            snapshot_upto: 0,
             supervisor: None,
             chat: None,
             generation: 0,
@@ -411,7 +416,6 @@ impl HaCoordinator {
                 self.epoch = self.epoch.max(epoch);
                 self.peer_http = Some(http.clone());
                 self.primary_http = Some(http);
-                self.wait_for_peer = false;
                 self.last_primary = Instant::now();
                 self.in_sync = false;
                 self.refresh_supervisor();
@@ -435,6 +439,8 @@ impl HaCoordinator {
     }
 
     fn send_snapshot(&mut self) {
+        self.snapshot_upto = self.next_op - 1;
+        self.acked = 0;
         let frame = HaFrame::Snapshot {
             epoch: self.epoch,
             upto_op: self.next_op - 1,
@@ -467,6 +473,7 @@ impl HaCoordinator {
                     .collect();
                 self.applied = upto_op;
                 self.in_sync = true;
+                self.synced_once = true;
                 tracing::info!(bots = self.store.len(), upto_op, "HA snapshot applied");
                 self.send(HaFrame::Ack { upto_op });
             }
@@ -562,10 +569,13 @@ impl HaCoordinator {
         if let Some(sup) = &self.supervisor {
             let primary = match self.role {
                 HaRole::Primary => None,
+                // The configured address first: the one learned in the handshake is the
+                // peer's bound address, which may be 0.0.0.0.
                 HaRole::Backup => self
-                    .primary_http
+                    .s
+                    .peer_http
                     .clone()
-                    .or_else(|| self.s.peer_http.clone()),
+                    .or_else(|| self.primary_http.clone()),
             };
             sup.do_send(crate::supervisor::SetRole {
                 primary: self.role == HaRole::Primary,
@@ -606,8 +616,8 @@ impl HaCoordinator {
         self.role = HaRole::Backup;
         self.draining = false;
         // Another node is (or is becoming) the primary: do not fail over to ourselves before we
-        // have heard from it.
-        self.wait_for_peer = true;
+        // hold its state.
+        self.synced_once = false;
         self.in_sync = false;
         self.store.clear();
         self.outbox.clear();
@@ -672,7 +682,7 @@ impl HaCoordinator {
                     self.dial(ctx);
                 }
                 let silent = now.duration_since(self.last_primary) > self.s.failover_after;
-                if silent && !self.link_up() && !self.wait_for_peer && self.s.peer.is_some() {
+                if silent && !self.link_up() && self.synced_once && self.s.peer.is_some() {
                     tracing::warn!(
                         silence_ms = now.duration_since(self.last_primary).as_millis() as u64,
                         "the primary is silent; failing over"
@@ -891,7 +901,9 @@ impl Handler<GetHaStatus> for HaCoordinator {
             peer_connected: self.link_up(),
             in_sync: match self.role {
                 HaRole::Backup => self.in_sync && self.link_up(),
-                HaRole::Primary => self.link_up() && self.unacked.is_empty(),
+                HaRole::Primary => {
+                    self.link_up() && self.acked >= self.snapshot_upto && self.unacked.is_empty()
+                }
             },
             replication_pending: self.unacked.len() as u64,
             replication_lag_seconds: lag,
@@ -899,7 +911,7 @@ impl Handler<GetHaStatus> for HaCoordinator {
             replicated_bots: self.store.len(),
             switchovers_manual: self.switchovers_manual,
             switchovers_failover: self.switchovers_failover,
-            peer_http: self.peer_http.clone().or_else(|| self.s.peer_http.clone()),
+            peer_http: self.s.peer_http.clone().or_else(|| self.peer_http.clone()),
             recent: self.recent.iter().cloned().collect(),
         })
     }
@@ -952,13 +964,23 @@ impl Handler<Switchover> for HaCoordinator {
                     })
                 })
                 .map(move |(), act, ctx| {
-                    if !act.link_up() {
+                    let all_acked = act.acked >= act.next_op - 1;
+                    if !act.link_up() || !all_acked {
                         act.draining = false;
                         act.refresh_supervisor();
                         if let Some(chat) = &act.chat {
                             chat.do_send(crate::chat_link::ResumeEvents);
                         }
-                        return Err("the backup went away during the switchover".to_string());
+                        let why = if all_acked {
+                            "the backup went away during the switchover"
+                        } else {
+                            "the backup did not acknowledge every change within 30 s"
+                        };
+                        tracing::warn!(
+                            reason = why,
+                            "switchover abandoned; this node stays primary"
+                        );
+                        return Err(why.to_string());
                     }
                     let new_epoch = act.epoch + 1;
                     let upto_op = act.next_op - 1;

@@ -158,6 +158,8 @@ struct Slot {
 struct PendingStart {
     /// A new bot (not a restored one): its start is replicated.
     new: bool,
+    /// A restored bot keeps the start time it had on the old primary.
+    started_ms: Option<u64>,
     history: Vec<ChatEvent>,
     bot: Box<dyn Bot>,
     restored: Option<Vec<u8>>,
@@ -284,7 +286,7 @@ impl SessionActor {
             notices: ctx.address().recipient(),
             ha: self.ha.clone(),
             handling_timeout: self.handling_timeout,
-            started_ms: now_ms(),
+            started_ms: p.started_ms.unwrap_or_else(now_ms),
             checkpoint: slot.deliver_after,
         };
         slot.addr = Some(BotActor::new(setup).start());
@@ -457,6 +459,7 @@ impl Handler<StartInSession> for SessionActor {
         let (reply, started) = oneshot::channel();
         let pending = PendingStart {
             new: true,
+            started_ms: None,
             history: Vec::new(),
             bot: msg.bot,
             restored: msg.restored,
@@ -569,9 +572,12 @@ impl Handler<BotNotice> for SessionActor {
                 report,
             } => {
                 if let Some(slot) = self.bots.remove(&participant_id) {
-                    self.ha.do_send(Replicate(HaOp::Removed {
-                        instance_id: slot.instance_id.clone(),
-                    }));
+                    // A node shutting down keeps its bots in the backup's copy: HA applies.
+                    if report.end_reason != StopReason::Shutdown.as_str() {
+                        self.ha.do_send(Replicate(HaOp::Removed {
+                            instance_id: slot.instance_id.clone(),
+                        }));
+                    }
                     self.link.do_send(Unfollow {
                         session_id: self.interaction_id.clone(),
                         participant_id,
@@ -704,6 +710,7 @@ impl Handler<RestoreInSession> for SessionActor {
                         &pid,
                         PendingStart {
                             new: false,
+                            started_ms: Some(r.started_ms),
                             history: Vec::new(),
                             bot,
                             restored: Some(r.context.clone().unwrap_or_default())

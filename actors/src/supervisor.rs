@@ -21,7 +21,7 @@ use crate::session::{
     Abandon, BotFinished, DataInSession, Quiesce, RestoreInSession, SessionActor, SessionEnded,
     StartInSession, StopAll, StopInSession,
 };
-use bgs_proto::ha::ReplicatedBot;
+use bgs_proto::ha::{HaOp, ReplicatedBot};
 
 /// One ESP request; the answer carries the request id.
 #[derive(Message)]
@@ -506,6 +506,7 @@ impl Handler<BecomePrimary> for Supervisor {
             }
         }
         let registry = self.registry.clone();
+        let ha = self.ha.clone();
         let started = std::time::Instant::now();
         Box::pin(
             async move {
@@ -518,21 +519,23 @@ impl Handler<BecomePrimary> for Supervisor {
                                 bot_id: r.replica.bot_id.clone(),
                                 bot_name: r.replica.bot_name.clone(),
                             };
-                            async move { (key, s.send(r).await) }
+                            let instance_id = r.replica.instance_id.clone();
+                            async move { (key, instance_id, s.send(r).await) }
                         }))
                         .await;
-                    for (key, r) in results {
-                        match r {
-                            Ok(Ok(_)) => restored += 1,
-                            Ok(Err(e)) => {
-                                tracing::warn!(bot = %key, error = %e, "bot not restored");
-                                registry.running.remove(&key);
+                    for (key, instance_id, r) in results {
+                        let error = match r {
+                            Ok(Ok(_)) => {
+                                restored += 1;
+                                continue;
                             }
-                            Err(e) => {
-                                tracing::warn!(bot = %key, error = %e, "bot not restored");
-                                registry.running.remove(&key);
-                            }
-                        }
+                            Ok(Err(e)) => e.to_string(),
+                            Err(e) => e.to_string(),
+                        };
+                        // Gone for good: out of the registry and out of the replicated state.
+                        tracing::warn!(bot = %key, %error, "bot not restored");
+                        registry.running.remove(&key);
+                        ha.do_send(Replicate(HaOp::Removed { instance_id }));
                     }
                 }
                 tracing::info!(
