@@ -216,7 +216,7 @@ impl Node {
     /// stops, and the last reports are written.
     pub async fn shutdown(self) {
         if let Ok(st) = self.coordinator.send(GetHaStatus).await {
-            if st.role == HaRole::Primary && st.in_sync {
+            if st.role == HaRole::Primary && st.peer_connected {
                 tracing::info!("shutting down: handing the bots over to the backup first");
                 match tokio::time::timeout(
                     Duration::from_secs(40),
