@@ -168,6 +168,10 @@ pub struct HaCoordinator {
     flush_scheduled: bool,
     acked: u64,
     waiters: BTreeMap<u64, Vec<oneshot::Sender<()>>>,
+    /// A switchover waiting for the backup to acknowledge up to this op. Unlike `waiters` it
+    /// survives a link that drops and comes back (the snapshot then covers everything).
+    switchover_wait: Option<(u64, oneshot::Sender<()>)>,
+    link_lost_at: Instant,
     // Backup side.
     applied: u64,
     in_sync: bool,
@@ -243,6 +247,8 @@ impl HaCoordinator {
             flush_scheduled: false,
             acked: 0,
             waiters: BTreeMap::new(),
+            switchover_wait: None,
+            link_lost_at: Instant::now(),
             applied: 0,
             in_sync: false,
             last_primary: Instant::now(),
@@ -267,6 +273,7 @@ impl HaCoordinator {
     fn drop_link(&mut self, why: &str) {
         if let Some(l) = self.link.take() {
             tracing::warn!(peer = ?l.peer_node, reason = why, "HA link closed");
+            self.link_lost_at = Instant::now();
         }
         self.generation += 1;
         // Nobody can acknowledge now: sync-mode saves go on without the backup (it gets a
@@ -518,6 +525,11 @@ impl HaCoordinator {
             }
             HaFrame::Ack { upto_op } if self.role == HaRole::Primary => {
                 self.acked = self.acked.max(upto_op);
+                if self.switchover_wait.as_ref().is_some_and(|(last, _)| self.acked >= *last) {
+                    if let Some((_, tx)) = self.switchover_wait.take() {
+                        let _ = tx.send(());
+                    }
+                }
                 while self
                     .unacked
                     .front()
@@ -665,6 +677,13 @@ impl HaCoordinator {
     fn tick(&mut self, ctx: &mut Context<Self>) {
         self.publish_metrics();
         let now = Instant::now();
+        // A switchover whose backup has been gone for a whole failover period gives up.
+        let gone = self.link.is_none() && now.duration_since(self.link_lost_at) > self.s.failover_after;
+        if gone {
+            if let Some((_, tx)) = self.switchover_wait.take() {
+                let _ = tx.send(());
+            }
+        }
         if let Some(l) = &self.link {
             if now.duration_since(l.last_seen) > self.s.failover_after {
                 self.drop_link("peer silent");
@@ -956,15 +975,18 @@ impl Handler<Switchover> for HaCoordinator {
                     if act.acked >= last || !act.link_up() {
                         let _ = tx.send(());
                     } else {
-                        act.waiters.entry(last).or_default().push(tx);
+                        act.switchover_wait = Some((last, tx));
                     }
                     let _ = ctx;
                     actix::fut::wrap_future(async move {
                         let _ = tokio::time::timeout(Duration::from_secs(30), rx).await;
+                        last
                     })
                 })
-                .map(move |(), act, ctx| {
-                    let all_acked = act.acked >= act.next_op - 1;
+                .map(move |last, act, ctx| {
+                    // Everything up to the drained state is acknowledged; anything later (a
+                    // bot that ended meanwhile) is already on the link, ahead of the hand-over.
+                    let all_acked = act.acked >= last;
                     if !act.link_up() || !all_acked {
                         act.draining = false;
                         act.refresh_supervisor();
@@ -983,6 +1005,7 @@ impl Handler<Switchover> for HaCoordinator {
                         return Err(why.to_string());
                     }
                     let new_epoch = act.epoch + 1;
+                    act.flush();
                     let upto_op = act.next_op - 1;
                     let bots = act.store.len();
                     act.send(HaFrame::HandOver {

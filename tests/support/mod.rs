@@ -242,8 +242,8 @@ role = "{role}"
 listen = "127.0.0.1:0"
 peer = "{peer}"
 secret = "{secret}"
-heartbeat-interval-ms = 50
-failover-after-ms = 500
+heartbeat-interval-ms = 100
+failover-after-ms = 1000
 "#
     )
 }
