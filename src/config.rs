@@ -65,6 +65,9 @@ pub struct HaConfig {
     pub failover_after_ms: u64,
     /// `async` (a bot's save counts at once) or `sync` (it counts when the backup has it).
     pub mode: String,
+    /// Keeps this node's role and epoch across restarts; without it a node starts in
+    /// `node.role` at epoch 1 (docs/HA.md, "both nodes down").
+    pub state_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -181,6 +184,7 @@ impl Default for HaConfig {
             heartbeat_interval_ms: 100,
             failover_after_ms: 1000,
             mode: "async".into(),
+            state_file: None,
         }
     }
 }
@@ -295,6 +299,7 @@ impl Config {
         for (section, key) in [
             ("ha", "peer"),
             ("ha", "peer-http"),
+            ("ha", "state-file"),
             ("auth", "token"),
             ("reporting", "file"),
         ] {
@@ -309,7 +314,7 @@ impl Config {
                     let value = match key.as_str() {
                         // Addresses, ids and paths stay strings even when they look like numbers.
                         "id" | "cluster-id" | "role" | "address" | "name" | "secret" | "token"
-                        | "file" | "peer" | "peer-http" | "level" | "mode" => {
+                        | "file" | "peer" | "peer-http" | "level" | "mode" | "state-file" => {
                             toml::Value::String(raw)
                         }
                         _ => env_value(&raw),

@@ -36,7 +36,7 @@ fn ha_connection(stream: TcpStream) -> HaConnection {
         );
         while let Some(f) = out_rx.recv().await {
             if let Err(e) = sink.send(f).await {
-                tracing::debug!(error = %e, "HA link write failed");
+                tracing::warn!(error = %e, "HA link write failed; closing the link");
                 break;
             }
         }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use actix::{Actor, Addr};
 use actix_web::{web, App, HttpServer};
 use bgs_actors::chat_link::{ChatLink, ChatLinkConfig};
-use bgs_actors::ha::{Attach, GetHaStatus, HaCoordinator, HaSettings, Switchover};
+use bgs_actors::ha::{read_state, Attach, GetHaStatus, HaCoordinator, HaSettings, Switchover};
 use bgs_actors::report::{Registry, ReportSink};
 use bgs_actors::supervisor::{Barrier, Shutdown, Supervisor, SupervisorConfig};
 use bgs_proto::chat::ClientRole;
@@ -39,6 +39,11 @@ pub enum ServeError {
     Listen {
         what: &'static str,
         addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot read ha.state-file {path}: {source}")]
+    State {
+        path: String,
         source: std::io::Error,
     },
     #[error("cannot open reporting.file {path}: {source}")]
@@ -90,11 +95,23 @@ pub async fn start(config: Config) -> Result<Node, ServeError> {
         })?;
 
     // The HA coordinator first: the chat link tells it about fencing, bots tell it their saves.
-    let role = if config.node.role == "backup" {
+    let configured = if config.node.role == "backup" {
         HaRole::Backup
     } else {
         HaRole::Primary
     };
+    // The role and epoch this node had when it stopped win over the configured role.
+    let saved = match &config.ha.state_file {
+        Some(path) => read_state(path).map_err(|source| ServeError::State {
+            path: path.display().to_string(),
+            source,
+        })?,
+        None => None,
+    };
+    let (role, epoch) = saved.map_or((configured, 1), |s| (s.role, s.epoch));
+    if let Some(s) = saved {
+        tracing::info!(role = ?s.role, epoch = s.epoch, "role and epoch restored from ha.state-file");
+    }
     let ha_listener = match &config.ha.peer {
         Some(_) => Some(
             tokio::net::TcpListener::bind(config.ha.listen)
@@ -120,8 +137,9 @@ pub async fn start(config: Config) -> Result<Node, ServeError> {
             sync: config.ha.mode == "sync",
             http_url: format!("http://{http}"),
             peer_http: config.ha.peer_http.clone(),
+            state_file: config.ha.state_file.clone(),
         },
-        1,
+        epoch,
         Arc::new(TcpHaDialer),
     )
     .start();

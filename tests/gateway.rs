@@ -773,18 +773,42 @@ async fn metrics_move_with_traffic_and_pass_promtool() {
         if value(&text, "bgs_actor_handler_seconds_count{kind=\"bot\"}") >= 2.0 {
             break text;
         }
-        assert!(tokio::time::Instant::now() < deadline, "the bot's handler time was not counted: {text}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the bot's handler time was not counted: {text}"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     };
     assert_eq!(value(&during, "bgs_bots_active{plugin=\"echo\"}"), 1.0);
     assert_eq!(
-        value(&during, "bgs_esp_requests_total{method=\"StartBot\",result=\"ok\"}")
-            - value(&before, "bgs_esp_requests_total{method=\"StartBot\",result=\"ok\"}"),
+        value(
+            &during,
+            "bgs_esp_requests_total{method=\"StartBot\",result=\"ok\"}"
+        ) - value(
+            &before,
+            "bgs_esp_requests_total{method=\"StartBot\",result=\"ok\"}"
+        ),
         1.0
     );
-    assert_eq!(value(&during, "bgs_esp_requests_total{method=\"StartBot\",result=\"already_running\"}"), 1.0);
-    assert!(value(&during, "bgs_chat_events_total{direction=\"in\",kind=\"message\"}") >= 1.0);
-    assert!(value(&during, "bgs_chat_events_total{direction=\"out\",kind=\"message\"}") >= 1.0);
+    assert_eq!(
+        value(
+            &during,
+            "bgs_esp_requests_total{method=\"StartBot\",result=\"already_running\"}"
+        ),
+        1.0
+    );
+    assert!(
+        value(
+            &during,
+            "bgs_chat_events_total{direction=\"in\",kind=\"message\"}"
+        ) >= 1.0
+    );
+    assert!(
+        value(
+            &during,
+            "bgs_chat_events_total{direction=\"out\",kind=\"message\"}"
+        ) >= 1.0
+    );
     assert_eq!(value(&during, "bgs_actors{kind=\"bot\"}"), 1.0);
     assert_eq!(value(&during, "bgs_ha_role"), 1.0);
     gw.esp("StopBot", "metrics", &[("ChatBotID", "echo")]).await;

@@ -533,3 +533,51 @@ async fn the_operator_page_shows_both_nodes_and_switches_over() {
     .await
     .unwrap();
 }
+
+#[tokio::test]
+async fn both_nodes_down_come_back_with_their_roles_from_the_state_files() {
+    let chat = ChatServer::start(&[]);
+    let dir = support::TempDir::new("ha-state");
+    let state = |n: &str| {
+        format!(
+            "state-file = \"{}\"\n",
+            dir.path().join(format!("{n}.json")).display()
+        )
+    };
+    let (to_a, to_b) = (LinkProxy::start().await, LinkProxy::start().await);
+    let a_cfg = pair_config("bgs-a", "primary", to_b.addr, "s3cret")
+        .replace("[ha]\n", &format!("[ha]\n{}", state("a")));
+    let b_cfg = pair_config("bgs-b", "backup", to_a.addr, "s3cret")
+        .replace("[ha]\n", &format!("[ha]\n{}", state("b")));
+    let mut a = Gateway::start(chat.tcp, &a_cfg);
+    to_a.set_target(a.ha.unwrap());
+    let mut b = Gateway::start(chat.tcp, &b_cfg);
+    to_b.set_target(b.ha.unwrap());
+    let _customers = chats(&chat, &a, "down", 2).await;
+    in_sync_backup(&b, 2).await;
+    let (status, _) = support::http(a.http, "POST", "/admin/switchover", None).await;
+    assert_eq!(status, 200);
+    in_sync_backup(&a, 2).await;
+
+    // Both nodes go down at once, then come back as configured (a says "primary").
+    a.kill9();
+    b.kill9();
+    let a = Gateway::start(chat.tcp, &a_cfg);
+    to_a.set_target(a.ha.unwrap());
+    let b = Gateway::start(chat.tcp, &b_cfg);
+    to_b.set_target(b.ha.unwrap());
+    // b was primary at epoch 2 when it stopped: it is again, and a follows it.
+    b.wait_status("b primary again", |s| {
+        role(s) == "primary" && s["epoch"] == 2
+    })
+    .await;
+    a.wait_status("a backup in sync", |s| {
+        role(s) == "backup" && s["ha"]["in_sync"] == true
+    })
+    .await;
+    // New chats get bots (the bots of the old chats ended with both nodes).
+    let mut c = Customer::open(&chat, "down-new").await;
+    b.start_bot("down-new", &[("ChatBotID", "echo")]).await;
+    c.say("hi").await;
+    assert_eq!(c.next_reply().await, "1: hi");
+}

@@ -170,6 +170,9 @@ pub fn plugin_call<R>(f: impl FnOnce() -> R) -> Result<R, String> {
 
 /// Longest text a bot may post (bytes); longer posts are refused and logged.
 pub const MAX_POST: usize = 16 * 1024;
+/// Largest context a bot may save (bytes); a larger save is refused and logged, and the last
+/// accepted one stays (the HA link carries contexts in frames of at most 16 MiB).
+pub const MAX_CONTEXT: usize = 1 << 20;
 
 /// Runs one handler: returns the bot (unless it panicked or overran), its error, its actions.
 async fn call(
@@ -221,6 +224,14 @@ impl Outbox {
         visibility: bgs_proto::chat::Visibility,
         key: String,
     ) {
+        if text.len() > MAX_POST {
+            tracing::warn!(
+                bytes = text.len(),
+                max = MAX_POST,
+                "bot post too long; not sent"
+            );
+            return;
+        }
         let request = ChatRequest::Post(PostRequest {
             session_id: self.session_id.clone(),
             participant_id: self.participant_id.clone(),
@@ -296,6 +307,13 @@ impl Outbox {
                 }
                 BotAction::Userdata(changes) => self.userdata(changes).await,
                 BotAction::Leave => outcome.leave = true,
+                BotAction::SaveContext(bytes) if bytes.len() > MAX_CONTEXT => {
+                    tracing::warn!(
+                        bytes = bytes.len(),
+                        max = MAX_CONTEXT,
+                        "bot context too large; not saved"
+                    );
+                }
                 BotAction::SaveContext(bytes) => outcome.saved = Some(bytes),
             }
         }

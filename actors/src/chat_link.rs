@@ -251,6 +251,7 @@ impl ChatLink {
         ctx.add_stream(InboundStream {
             generation,
             inner: inbound,
+            ended: false,
         });
     }
 
@@ -576,11 +577,13 @@ impl Actor for ChatLink {
 struct InboundStream {
     generation: u64,
     inner: mpsc::Receiver<ServerFrame>,
+    ended: bool,
 }
 
 struct Inbound {
     generation: u64,
-    frame: ServerFrame,
+    /// `None`: this connection ended.
+    frame: Option<ServerFrame>,
 }
 
 impl futures_util::Stream for InboundStream {
@@ -589,28 +592,49 @@ impl futures_util::Stream for InboundStream {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Inbound>> {
+        use std::task::Poll;
+        if self.ended {
+            return Poll::Ready(None);
+        }
         let generation = self.generation;
-        self.inner
-            .poll_recv(cx)
-            .map(|f| f.map(|frame| Inbound { generation, frame }))
+        match self.inner.poll_recv(cx) {
+            Poll::Ready(Some(frame)) => Poll::Ready(Some(Inbound {
+                generation,
+                frame: Some(frame),
+            })),
+            Poll::Ready(None) => {
+                self.ended = true;
+                Poll::Ready(Some(Inbound {
+                    generation,
+                    frame: None,
+                }))
+            }
+            Poll::Pending => Poll::Pending,
+        }
     }
 }
 
 impl StreamHandler<Inbound> for ChatLink {
     fn handle(&mut self, item: Inbound, ctx: &mut Context<Self>) {
-        if item.generation == self.generation {
-            let started = std::time::Instant::now();
-            self.on_frame(item.frame, ctx);
-            metrics().handled(Kind::ChatLink, started.elapsed());
+        // Only the current connection counts: an old one ending must not drop a newer one.
+        if item.generation != self.generation {
+            return;
+        }
+        match item.frame {
+            Some(frame) => {
+                let started = std::time::Instant::now();
+                self.on_frame(frame, ctx);
+                metrics().handled(Kind::ChatLink, started.elapsed());
+            }
+            None => {
+                if !matches!(self.state, State::Down) {
+                    self.lost(ctx);
+                }
+            }
         }
     }
 
-    fn finished(&mut self, ctx: &mut Context<Self>) {
-        // Only the current connection's end matters; `lost` bumps the generation.
-        if !matches!(self.state, State::Down) {
-            self.lost(ctx);
-        }
-    }
+    fn finished(&mut self, _ctx: &mut Context<Self>) {}
 }
 
 impl Handler<ChatCall> for ChatLink {
@@ -689,8 +713,37 @@ impl Handler<PauseEvents> for ChatLink {
 impl Handler<ResumeEvents> for ChatLink {
     type Result = ();
 
-    fn handle(&mut self, _: ResumeEvents, _ctx: &mut Context<Self>) {
+    fn handle(&mut self, _: ResumeEvents, ctx: &mut Context<Self>) {
         self.paused = false;
+        // What arrived while paused was dropped: ask for it again, from the last event routed.
+        let tx = match &self.state {
+            State::Up(tx) => tx.clone(),
+            _ => return, // a reconnect resumes every route anyway
+        };
+        let resumes: Vec<(String, String, u64)> = self
+            .routes
+            .iter()
+            .map(|((s, p), r)| (s.clone(), p.clone(), r.last_seq))
+            .collect();
+        for (session_id, participant_id, since_seq) in resumes {
+            let id = self.take_id();
+            self.handshake.insert(
+                id,
+                Handshake::Resume(session_id.clone(), participant_id.clone()),
+            );
+            let frame = ClientFrame {
+                id,
+                request: ChatRequest::Resume(ResumeRequest {
+                    session_id,
+                    participant_id,
+                    since_seq,
+                }),
+            };
+            if tx.send(frame).is_err() {
+                self.lost(ctx);
+                return;
+            }
+        }
     }
 }
 

@@ -122,6 +122,46 @@ pub struct HaSettings {
     pub http_url: String,
     /// The peer's HTTP base URL when known from configuration.
     pub peer_http: Option<String>,
+    /// Where the role and epoch are kept across restarts (`ha.state-file`); `None`: memory only.
+    pub state_file: Option<std::path::PathBuf>,
+}
+
+/// The role and epoch a node had when it stopped (the `ha.state-file`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SavedRole {
+    pub role: HaRole,
+    pub epoch: u64,
+}
+
+/// Reads a state file; `Ok(None)` when it does not exist yet.
+pub fn read_state(path: &std::path::Path) -> io::Result<Option<SavedRole>> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => serde_json::from_str(&text).map(Some).map_err(|e| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("{}: {e}", path.display()),
+            )
+        }),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+fn write_state(path: &std::path::Path, saved: SavedRole) -> io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(
+        serde_json::to_string(&saved)
+            .map_err(io::Error::other)?
+            .as_bytes(),
+    )?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 #[derive(PartialEq)]
@@ -181,6 +221,7 @@ pub struct HaCoordinator {
     switchovers_failover: u64,
     peer_http: Option<String>,
     recent: VecDeque<RoleChange>,
+    saved: Option<SavedRole>,
 }
 
 type HmacSha256 = Hmac<Sha256>;
@@ -219,6 +260,8 @@ fn nonce() -> [u8; 32] {
 
 /// Ops per Ops frame (a group commit); more wait for the next frame.
 const OPS_PER_FRAME: usize = 2048;
+/// About this many bytes of bots per snapshot frame (frames are at most 16 MiB).
+const SNAPSHOT_CHUNK_BYTES: usize = 4 << 20;
 
 impl HaCoordinator {
     pub fn new(s: HaSettings, epoch: u64, dialer: Arc<dyn HaDialer>) -> Self {
@@ -256,6 +299,7 @@ impl HaCoordinator {
             switchovers_failover: 0,
             peer_http: None,
             recent: VecDeque::new(),
+            saved: None,
         }
     }
 
@@ -275,6 +319,8 @@ impl HaCoordinator {
             tracing::warn!(peer = ?l.peer_node, reason = why, "HA link closed");
             self.link_lost_at = Instant::now();
         }
+        // Unacknowledged ops are covered by the snapshot the backup gets when it comes back.
+        self.unacked.clear();
         self.generation += 1;
         // Nobody can acknowledge now: sync-mode saves go on without the backup (it gets a
         // snapshot when it comes back).
@@ -388,6 +434,7 @@ impl HaCoordinator {
                     });
                     self.drop_link("stale primary");
                     self.demote(false, ctx);
+                    self.remember("stepped_down");
                     return;
                 }
                 if let Some(l) = self.link.as_mut() {
@@ -445,18 +492,43 @@ impl HaCoordinator {
         }
     }
 
+    /// Sends the whole state in frames of at most about [`SNAPSHOT_CHUNK_BYTES`].
     fn send_snapshot(&mut self) {
         self.snapshot_upto = self.next_op - 1;
         self.acked = 0;
-        let frame = HaFrame::Snapshot {
-            epoch: self.epoch,
-            upto_op: self.next_op - 1,
-            bots: self.store.values().cloned().collect(),
-        };
         // Ops already queued are covered by the snapshot.
         self.outbox.clear();
         self.unacked.clear();
-        self.send(frame);
+        let mut chunks: Vec<Vec<ReplicatedBot>> = vec![Vec::new()];
+        let mut size = 0;
+        for bot in self.store.values() {
+            let bytes = 512
+                + bot.context.as_ref().map_or(0, Vec::len)
+                + bot.parameters.len() * 64
+                + bot.userdata.len() * 64;
+            if size + bytes > SNAPSHOT_CHUNK_BYTES && chunks.last().is_some_and(|c| !c.is_empty()) {
+                chunks.push(Vec::new());
+                size = 0;
+            }
+            size += bytes;
+            if let Some(c) = chunks.last_mut() {
+                c.push(bot.clone());
+            }
+        }
+        let n = chunks.len();
+        for (i, bots) in chunks.into_iter().enumerate() {
+            let frame = HaFrame::Snapshot {
+                epoch: self.epoch,
+                upto_op: self.snapshot_upto,
+                bots,
+                first: i == 0,
+                last: i + 1 == n,
+            };
+            if !self.send(frame) {
+                self.drop_link("HA link congested during a snapshot");
+                return;
+            }
+        }
     }
 
     fn on_stream(&mut self, frame: HaFrame, ctx: &mut Context<Self>) {
@@ -471,13 +543,20 @@ impl HaCoordinator {
                 epoch,
                 upto_op,
                 bots,
+                first,
+                last,
             } if self.role == HaRole::Backup => {
                 self.last_primary = Instant::now();
                 self.epoch = self.epoch.max(epoch);
-                self.store = bots
-                    .into_iter()
-                    .map(|b| (b.instance_id.clone(), b))
-                    .collect();
+                if first {
+                    self.store.clear();
+                    self.in_sync = false;
+                }
+                self.store
+                    .extend(bots.into_iter().map(|b| (b.instance_id.clone(), b)));
+                if !last {
+                    return;
+                }
                 self.applied = upto_op;
                 self.in_sync = true;
                 self.synced_once = true;
@@ -525,7 +604,11 @@ impl HaCoordinator {
             }
             HaFrame::Ack { upto_op } if self.role == HaRole::Primary => {
                 self.acked = self.acked.max(upto_op);
-                if self.switchover_wait.as_ref().is_some_and(|(last, _)| self.acked >= *last) {
+                if self
+                    .switchover_wait
+                    .as_ref()
+                    .is_some_and(|(last, _)| self.acked >= *last)
+                {
                     if let Some((_, tx)) = self.switchover_wait.take() {
                         let _ = tx.send(());
                     }
@@ -612,6 +695,7 @@ impl HaCoordinator {
         if let Some(chat) = &self.chat {
             chat.do_send(Activate { epoch });
         }
+        self.save_state();
         self.publish_metrics();
         self.refresh_supervisor();
         if let Some(sup) = &self.supervisor {
@@ -640,6 +724,7 @@ impl HaCoordinator {
         if let Some(chat) = &self.chat {
             chat.do_send(Deactivate);
         }
+        self.save_state();
         self.publish_metrics();
         if let Some(sup) = &self.supervisor {
             sup.do_send(BecomeBackup);
@@ -659,6 +744,24 @@ impl HaCoordinator {
         }
     }
 
+    /// Keeps the role and epoch for the next start (a small file, written rarely).
+    fn save_state(&mut self) {
+        let saved = SavedRole {
+            role: self.role,
+            epoch: self.epoch,
+        };
+        if self.saved == Some(saved) {
+            return;
+        }
+        if let Some(path) = &self.s.state_file {
+            if let Err(e) = write_state(path, saved) {
+                tracing::error!(path = %path.display(), error = %e, "cannot write the HA state file");
+                return;
+            }
+        }
+        self.saved = Some(saved);
+    }
+
     fn publish_metrics(&self) {
         use std::sync::atomic::Ordering::Relaxed;
         let m = metrics();
@@ -676,9 +779,11 @@ impl HaCoordinator {
 
     fn tick(&mut self, ctx: &mut Context<Self>) {
         self.publish_metrics();
+        self.save_state();
         let now = Instant::now();
         // A switchover whose backup has been gone for a whole failover period gives up.
-        let gone = self.link.is_none() && now.duration_since(self.link_lost_at) > self.s.failover_after;
+        let gone =
+            self.link.is_none() && now.duration_since(self.link_lost_at) > self.s.failover_after;
         if gone {
             if let Some((_, tx)) = self.switchover_wait.take() {
                 let _ = tx.send(());

@@ -184,12 +184,20 @@ impl Supervisor {
             bot_name: spec.key.bot_name.clone(),
             parameters: spec.parameters.clone(),
         };
-        let bot = match factory
-            .check(&create)
-            .and_then(|()| factory.create(&create))
-        {
-            Ok(bot) => bot,
-            Err(e) => return fail(EspError::new("bad_parameter", e.0)),
+        let made = crate::bot_actor::plugin_call(|| {
+            factory
+                .check(&create)
+                .and_then(|()| factory.create(&create))
+        });
+        let bot = match made {
+            Ok(Ok(bot)) => bot,
+            Ok(Err(e)) => return fail(EspError::new("bad_parameter", e.0)),
+            Err(panic) => {
+                return fail(EspError::new(
+                    "internal",
+                    format!("the plugin panicked: {panic}"),
+                ))
+            }
         };
         let instance_id = uuid::Uuid::new_v4().simple().to_string();
         self.registry.running.insert(
@@ -466,8 +474,15 @@ impl Handler<BecomePrimary> for Supervisor {
                 bot_id: bot.bot_id.clone(),
                 bot_name: bot.bot_name.clone(),
             };
+            // A bot that cannot come back is dropped from the replicated state too.
+            let forget = |why: String| {
+                tracing::error!(bot = %key, reason = %why, "cannot restore a bot");
+                self.ha.do_send(Replicate(HaOp::Removed {
+                    instance_id: bot.instance_id.clone(),
+                }));
+            };
             let Some(factory) = self.plugins.get(&bot.bot_id).cloned() else {
-                tracing::error!(bot = %key, "cannot restore a bot: its plugin is not on this node");
+                forget("its plugin is not on this node".into());
                 continue;
             };
             let create = CreateBot {
@@ -477,11 +492,11 @@ impl Handler<BecomePrimary> for Supervisor {
             let instance = match crate::bot_actor::plugin_call(|| factory.create(&create)) {
                 Ok(Ok(b)) => b,
                 Ok(Err(e)) => {
-                    tracing::error!(bot = %key, error = %e, "cannot restore a bot: its plugin refused");
+                    forget(format!("its plugin refused: {e}"));
                     continue;
                 }
-                Err(e) => {
-                    tracing::error!(bot = %key, error = %e, "cannot restore a bot: its plugin refused");
+                Err(panic) => {
+                    forget(format!("its plugin panicked: {panic}"));
                     continue;
                 }
             };

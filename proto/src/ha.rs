@@ -87,11 +87,14 @@ pub enum HaFrame {
     Heartbeat {
         epoch: u64,
     },
-    /// The primary's whole state; ops after `upto_op` follow.
+    /// The primary's whole state, in one or more frames (`first` replaces the backup's state,
+    /// `last` completes it); ops after `upto_op` follow.
     Snapshot {
         epoch: u64,
         upto_op: u64,
         bots: Vec<ReplicatedBot>,
+        first: bool,
+        last: bool,
     },
     /// Ops numbered from `first_op`, in order.
     Ops {
@@ -143,6 +146,8 @@ mod tests {
                 epoch: 2,
                 upto_op: 7,
                 bots: vec![bot.clone()],
+                first: true,
+                last: true,
             },
             HaFrame::Ops {
                 epoch: 2,
