@@ -89,6 +89,11 @@ async fn healthz() -> HttpResponse {
 
 async fn readyz(state: web::Data<HttpState>) -> HttpResponse {
     if let Ok(ha) = state.ha.send(GetHaStatus).await {
+        if ha.draining {
+            return HttpResponse::ServiceUnavailable().json(
+                json!({"ready": false, "role": "primary", "reason": "draining for a switchover"}),
+            );
+        }
         if ha.role == HaRole::Backup {
             return if ha.in_sync {
                 HttpResponse::Ok().json(json!({"ready": true, "role": "backup"}))

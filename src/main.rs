@@ -24,6 +24,9 @@ enum Command {
         /// The TOML configuration file.
         #[arg(long, value_name = "FILE")]
         config: Option<PathBuf>,
+        /// Log JSON lines (overrides log.json).
+        #[arg(long)]
+        log_json: bool,
     },
     /// Send one ESP request as a workflow would, and print the answer (exit 1 on an error answer).
     Esp(EspArgs),
@@ -114,7 +117,7 @@ fn key_value(s: &str) -> Result<(String, String), String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve { config } => match serve(config) {
+        Command::Serve { config, log_json } => match serve(config, log_json) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("bgs: {e:#}");
@@ -209,10 +212,10 @@ fn ctl(command: CtlCommand, urls: &[String], token: Option<&str>, json: bool) ->
     }
 }
 
-fn serve(path: Option<PathBuf>) -> anyhow::Result<()> {
+fn serve(path: Option<PathBuf>, log_json: bool) -> anyhow::Result<()> {
     let config =
         Config::load(path.as_deref(), |k| std::env::var(k).ok()).context("configuration")?;
-    bgs::telemetry::init(config.log.json, &config.log.level);
+    bgs::telemetry::init(config.log.json || log_json, &config.log.level);
     bgs::telemetry::install_panic_hook();
     let system = actix_rt::System::new();
     system.block_on(async move {

@@ -265,6 +265,9 @@ impl ChatLink {
     fn lost(&mut self, ctx: &mut Context<Self>) {
         let was_up = matches!(self.state, State::Up(_));
         self.state = State::Down;
+        metrics()
+            .chat_connected
+            .store(0, std::sync::atomic::Ordering::Relaxed);
         self.generation += 1;
         self.handshake.clear();
         if was_up {
@@ -522,6 +525,9 @@ impl ChatLink {
         self.active = false;
         self.paused = false;
         self.state = State::Down;
+        metrics()
+            .chat_connected
+            .store(0, std::sync::atomic::Ordering::Relaxed);
         self.generation += 1;
         self.handshake.clear();
         self.routes.clear();
@@ -534,6 +540,9 @@ impl ChatLink {
 
     fn up(&mut self, tx: mpsc::UnboundedSender<ClientFrame>) {
         self.state = State::Up(tx);
+        metrics()
+            .chat_connected
+            .store(1, std::sync::atomic::Ordering::Relaxed);
         if self.failures > 0 || self.reconnects > 0 {
             tracing::info!(address = %self.config.address, "chat server connection restored");
         }
@@ -688,6 +697,9 @@ impl Handler<Activate> for ChatLink {
         self.failures = 0;
         // A connection of an older epoch is replaced.
         self.state = State::Down;
+        metrics()
+            .chat_connected
+            .store(0, std::sync::atomic::Ordering::Relaxed);
         self.handshake.clear();
         tracing::info!(epoch = msg.epoch, address = %self.config.address, "connecting to the chat server as primary");
         self.connect(ctx);

@@ -145,6 +145,7 @@ pub struct Metrics {
     /// direction, kind
     pub chat_events: Counters,
     pub chat_reconnects: AtomicU64,
+    pub chat_connected: AtomicI64,
     pub ha_role_primary: AtomicI64,
     pub ha_epoch: AtomicI64,
     pub ha_peer_connected: AtomicI64,
@@ -292,6 +293,13 @@ impl Metrics {
             "counter",
             "Reconnections to the Chat Server.",
             self.chat_reconnects.load(Ordering::Relaxed).to_string(),
+        );
+        g(
+            &mut out,
+            "bgs_chat_connected",
+            "gauge",
+            "1 while this node's Chat Server connection is up.",
+            self.chat_connected.load(Ordering::Relaxed).to_string(),
         );
         g(
             &mut out,
