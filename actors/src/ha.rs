@@ -100,7 +100,7 @@ pub struct HaStatus {
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct RoleChange {
     pub at_ms: u64,
-    /// `failover`, `switchover` (handed over or taken over), `fenced`, `stepped_down`.
+    /// `failover`, `switchover` (handed over or taken over), `fenced`.
     pub kind: String,
     pub role: HaRole,
     pub epoch: u64,
@@ -426,17 +426,10 @@ impl HaCoordinator {
                     self.drop_link("peer refused");
                     return;
                 }
-                if epoch > self.epoch || (epoch == self.epoch && role == HaRole::Primary) {
-                    // The peer knows a newer epoch: this node is the stale one.
-                    tracing::warn!(peer = %node_id, peer_epoch = epoch, epoch = self.epoch, "the peer has a newer epoch; stepping down");
-                    self.send(HaFrame::Refused {
-                        reason: "stepping down: your epoch is newer".into(),
-                    });
-                    self.drop_link("stale primary");
-                    self.demote(false, ctx);
-                    self.remember("stepped_down");
-                    return;
-                }
+                // The dialer is a backup. Its epoch may be higher than ours (it was primary
+                // once): that is no reason to step down — the Chat Server's fencing decides who
+                // may post — so it is accepted, and promotes above its own epoch if it must.
+                let _ = (role, epoch);
                 if let Some(l) = self.link.as_mut() {
                     l.peer_node = Some(node_id.clone());
                 }
@@ -502,10 +495,13 @@ impl HaCoordinator {
         let mut chunks: Vec<Vec<ReplicatedBot>> = vec![Vec::new()];
         let mut size = 0;
         for bot in self.store.values() {
+            let kv = |m: &std::collections::BTreeMap<String, String>| -> usize {
+                m.iter().map(|(k, v)| k.len() + v.len() + 4).sum()
+            };
             let bytes = 512
                 + bot.context.as_ref().map_or(0, Vec::len)
-                + bot.parameters.len() * 64
-                + bot.userdata.len() * 64;
+                + kv(&bot.parameters)
+                + kv(&bot.userdata);
             if size + bytes > SNAPSHOT_CHUNK_BYTES && chunks.last().is_some_and(|c| !c.is_empty()) {
                 chunks.push(Vec::new());
                 size = 0;
