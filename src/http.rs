@@ -67,7 +67,10 @@ fn bearer(req: &HttpRequest) -> Option<&str> {
 
 fn error(e: EspError) -> HttpResponse {
     let (status, body) = esp_json(&e.into_response(0));
-    HttpResponse::build(status).json(body)
+    // Readable by the operator page of the other node too.
+    HttpResponse::build(status)
+        .insert_header(("Access-Control-Allow-Origin", "*"))
+        .json(body)
 }
 
 async fn esp(state: web::Data<HttpState>, req: HttpRequest, body: web::Bytes) -> HttpResponse {

@@ -21,7 +21,7 @@ use actix::Addr;
 use bgs_actors::ha::{Accepted, HaConnection, HaCoordinator, HaDialer};
 use bgs_proto::ha::HaFrame;
 
-/// Frames buffered each way on the HA link (a snapshot is one frame).
+/// Frames buffered each way on the HA link (a snapshot is a few frames of about 4 MiB).
 const HA_BUFFER: usize = 4096;
 
 fn ha_connection(stream: TcpStream) -> HaConnection {

@@ -108,7 +108,12 @@ pub async fn start(config: Config) -> Result<Node, ServeError> {
         })?,
         None => None,
     };
-    let (role, epoch) = saved.map_or((configured, 1), |s| (s.role, s.epoch));
+    // A single node (no peer) is always primary; it keeps the epoch it had.
+    let (role, epoch) = match (saved, config.ha.peer.is_some()) {
+        (Some(s), true) => (s.role, s.epoch),
+        (Some(s), false) => (HaRole::Primary, s.epoch),
+        (None, _) => (configured, 1),
+    };
     if let Some(s) = saved {
         tracing::info!(role = ?s.role, epoch = s.epoch, "role and epoch restored from ha.state-file");
     }

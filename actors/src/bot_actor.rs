@@ -294,6 +294,13 @@ impl Outbox {
         let mut outcome = Outcome::default();
         for (index, action) in actions.into_iter().enumerate() {
             match action {
+                BotAction::Post { text, .. } if text.len() > MAX_POST => {
+                    tracing::warn!(
+                        bytes = text.len(),
+                        max = MAX_POST,
+                        "bot post too long; not sent"
+                    );
+                }
                 BotAction::Post {
                     kind,
                     text,

@@ -422,17 +422,17 @@ impl ChatLink {
         for e in &fresh {
             metrics().chat_events.inc(&["in", event_kind(e.kind)]);
         }
-        metrics().queued(Kind::Session);
         let msg = ParticipantEvents {
             session_id: key.0.clone(),
             participant_id: key.1.clone(),
             events: fresh,
         };
         match route.follower.events.try_send(msg) {
-            Ok(()) => {}
+            Ok(()) => metrics().queued(Kind::Session),
             Err(SendError::Full(msg)) => {
                 // Backpressure: the link waits for the session (and so stops reading the socket).
                 let recipient = route.follower.events.clone();
+                metrics().queued(Kind::Session);
                 ctx.wait(
                     async move {
                         let _ = recipient.send(msg).await;

@@ -222,6 +222,7 @@ pub struct HaCoordinator {
     peer_http: Option<String>,
     recent: VecDeque<RoleChange>,
     saved: Option<SavedRole>,
+    state_write_failed: Option<SavedRole>,
 }
 
 type HmacSha256 = Hmac<Sha256>;
@@ -300,6 +301,7 @@ impl HaCoordinator {
             peer_http: None,
             recent: VecDeque::new(),
             saved: None,
+            state_write_failed: None,
         }
     }
 
@@ -595,6 +597,8 @@ impl HaCoordinator {
                 self.switchovers_manual += 1;
                 metrics().switchovers.inc(&["manual"]);
                 self.drop_link("hand-over");
+                // Never below an epoch this node has seen (the Chat Server would refuse it).
+                let epoch = epoch.max(self.epoch + 1);
                 self.promote(epoch, ctx);
                 self.remember("switchover");
             }
@@ -751,10 +755,15 @@ impl HaCoordinator {
         }
         if let Some(path) = &self.s.state_file {
             if let Err(e) = write_state(path, saved) {
-                tracing::error!(path = %path.display(), error = %e, "cannot write the HA state file");
+                // Retried every tick; said once per failing state.
+                if self.state_write_failed != Some(saved) {
+                    tracing::error!(path = %path.display(), error = %e, "cannot write the HA state file");
+                    self.state_write_failed = Some(saved);
+                }
                 return;
             }
         }
+        self.state_write_failed = None;
         self.saved = Some(saved);
     }
 
@@ -1094,7 +1103,7 @@ impl Handler<Switchover> for HaCoordinator {
                         if let Some(chat) = &act.chat {
                             chat.do_send(crate::chat_link::ResumeEvents);
                         }
-                        let why = if all_acked {
+                        let why = if !act.link_up() {
                             "the backup went away during the switchover"
                         } else {
                             "the backup did not acknowledge every change within 30 s"
