@@ -37,6 +37,12 @@ enum Command {
         #[arg(long)]
         once: bool,
     },
+    /// Run the reference Chat Server (the same as the `bgs-chat-server` binary).
+    #[command(hide = true)]
+    ChatServer {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Operate a pair: status, bots, switchover.
     Ctl {
         #[command(subcommand)]
@@ -125,6 +131,9 @@ fn main() -> ExitCode {
             }
         },
         Command::Esp(args) => esp(args),
+        Command::ChatServer { args } => {
+            bgs_chat_server::main_from(std::iter::once("bgs-chat-server".to_string()).chain(args))
+        }
         Command::Demo { once } => match bgs::demo::run(once) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {

@@ -120,7 +120,20 @@ pub fn init_tracing(json: bool) {
 
 /// The `bgs-chat-server` command: parse options, run until SIGINT/SIGTERM.
 pub fn main() -> std::process::ExitCode {
-    let config = <crate::Config as clap::Parser>::parse();
+    main_from(std::env::args_os())
+}
+
+/// The command with the given arguments (the first is the program name), as `bgs chat-server`
+/// runs it.
+pub fn main_from<I, T>(args: I) -> std::process::ExitCode
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    let config = match <crate::Config as clap::Parser>::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) => e.exit(),
+    };
     crate::init_tracing(config.log_json);
     if let Err(e) = config.validate() {
         eprintln!("bgs-chat-server: {e}");
