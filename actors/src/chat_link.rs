@@ -459,29 +459,9 @@ impl ChatLink {
                     _ => return,
                 };
                 // Resume every followed participant from the last event routed to it.
-                let resumes: Vec<(String, String, u64)> = self
-                    .routes
-                    .iter()
-                    .map(|((s, p), r)| (s.clone(), p.clone(), r.last_seq))
-                    .collect();
-                for (session_id, participant_id, since_seq) in resumes {
-                    let id = self.take_id();
-                    self.handshake.insert(
-                        id,
-                        Handshake::Resume(session_id.clone(), participant_id.clone()),
-                    );
-                    let frame = ClientFrame {
-                        id,
-                        request: ChatRequest::Resume(ResumeRequest {
-                            session_id,
-                            participant_id,
-                            since_seq,
-                        }),
-                    };
-                    if tx.send(frame).is_err() {
-                        self.lost(ctx);
-                        return;
-                    }
+                if !self.resume_routes(&tx) {
+                    self.lost(ctx);
+                    return;
                 }
                 self.up(tx);
             }
@@ -512,6 +492,35 @@ impl ChatLink {
                 }
             }
         }
+    }
+
+    /// Resumes every followed participant from the last event routed to it (after a reconnect,
+    /// or to re-fetch what a pause dropped). False when the connection is gone.
+    fn resume_routes(&mut self, tx: &mpsc::UnboundedSender<ClientFrame>) -> bool {
+        let resumes: Vec<(String, String, u64)> = self
+            .routes
+            .iter()
+            .map(|((s, p), r)| (s.clone(), p.clone(), r.last_seq))
+            .collect();
+        for (session_id, participant_id, since_seq) in resumes {
+            let id = self.take_id();
+            self.handshake.insert(
+                id,
+                Handshake::Resume(session_id.clone(), participant_id.clone()),
+            );
+            let frame = ClientFrame {
+                id,
+                request: ChatRequest::Resume(ResumeRequest {
+                    session_id,
+                    participant_id,
+                    since_seq,
+                }),
+            };
+            if tx.send(frame).is_err() {
+                return false;
+            }
+        }
+        true
     }
 
     fn fenced(&mut self, ctx: &mut Context<Self>) {
@@ -732,29 +741,8 @@ impl Handler<ResumeEvents> for ChatLink {
             State::Up(tx) => tx.clone(),
             _ => return, // a reconnect resumes every route anyway
         };
-        let resumes: Vec<(String, String, u64)> = self
-            .routes
-            .iter()
-            .map(|((s, p), r)| (s.clone(), p.clone(), r.last_seq))
-            .collect();
-        for (session_id, participant_id, since_seq) in resumes {
-            let id = self.take_id();
-            self.handshake.insert(
-                id,
-                Handshake::Resume(session_id.clone(), participant_id.clone()),
-            );
-            let frame = ClientFrame {
-                id,
-                request: ChatRequest::Resume(ResumeRequest {
-                    session_id,
-                    participant_id,
-                    since_seq,
-                }),
-            };
-            if tx.send(frame).is_err() {
-                self.lost(ctx);
-                return;
-            }
+        if !self.resume_routes(&tx) {
+            self.lost(ctx);
         }
     }
 }

@@ -5,7 +5,6 @@
 #[path = "../../chat-server/tests/support/mod.rs"]
 mod chat;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -72,27 +71,10 @@ enabled = true
             .stderr(Stdio::from(log))
             .spawn()
             .expect("start bgs");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let line = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("bgs printed its listening line");
-        let addr = |key: &str| -> SocketAddr {
-            line.split_whitespace()
-                .find_map(|w| w.strip_prefix(key))
-                .unwrap_or_else(|| panic!("no {key} in {line:?}"))
-                .parse()
-                .expect("address")
-        };
-        let ha = line
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("ha="))
-            .and_then(|a| a.parse().ok());
+        let line = chat::listening_line(&mut child);
+        let addr =
+            |key: &str| chat::address(&line, key).unwrap_or_else(|| panic!("no {key} in {line:?}"));
+        let ha = chat::address(&line, "ha=");
         Gateway {
             http: addr("http="),
             esp: addr("esp="),

@@ -54,23 +54,9 @@ impl Server {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("start bgs-chat-server");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let line = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("the server printed its listening line");
-        let addr = |key: &str| -> SocketAddr {
-            line.split_whitespace()
-                .find_map(|w| w.strip_prefix(key))
-                .unwrap_or_else(|| panic!("no {key} in {line:?}"))
-                .parse()
-                .expect("address")
-        };
+        let line = listening_line(&mut child);
+        let addr =
+            |key: &str| address(&line, key).unwrap_or_else(|| panic!("no {key} in {line:?}"));
         Server {
             http: addr("http="),
             tcp: addr("tcp="),
@@ -158,6 +144,26 @@ impl Server {
             }
         }
     }
+}
+
+/// Waits (30 s at most) for the line a server prints once its listeners are bound.
+pub fn listening_line(child: &mut Child) -> String {
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    rx.recv_timeout(Duration::from_secs(30))
+        .expect("the server printed its listening line")
+}
+
+/// The address after `key` (`http=`, `tcp=`, `esp=`, `ha=`) in a listening line.
+pub fn address(line: &str, key: &str) -> Option<SocketAddr> {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key))
+        .and_then(|a| a.parse().ok())
 }
 
 impl Drop for Server {
