@@ -221,7 +221,7 @@ async fn run(n: usize) {
         assert_eq!(c.next_reply().await, "1: during the gap");
     }
     println!(
-        "failover (failover-after-ms 500): primary after {}, every bot re-joined after {}, {sample_n} customers who wrote in the gap answered after {}",
+        "failover (failover-after-ms 1000): primary after {}, every bot re-joined after {}, {sample_n} customers who wrote in the gap answered after {}",
         ms(detected),
         ms(all_back),
         ms(t.elapsed())

@@ -29,7 +29,7 @@ fn invalid(key: &str, reason: impl Into<String>) -> ConfigError {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct Config {
     pub node: NodeConfig,
@@ -119,7 +119,7 @@ pub struct ReportingConfig {
     pub file: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct LogConfig {
     pub json: bool,
@@ -226,25 +226,15 @@ impl Default for BotsConfig {
     }
 }
 
-impl Default for Config {
+impl Default for LogConfig {
     fn default() -> Self {
         Self {
-            node: NodeConfig::default(),
-            ha: HaConfig::default(),
-            chat_server: ChatServerConfig::default(),
-            channel_chatbot: ChannelChatbotConfig::default(),
-            settings: SettingsConfig::default(),
-            auth: AuthConfig::default(),
-            bots: BotsConfig::default(),
-            reporting: ReportingConfig::default(),
-            log: LogConfig {
-                json: false,
-                level: "info".into(),
-            },
-            plugins: PluginsConfig::default(),
+            json: false,
+            level: "info".into(),
         }
     }
 }
+
 
 /// The environment variable that overrides `section.key`: `BGS_` + upper case, `-` and `.` as `_`.
 pub fn env_name(section: &str, key: &str) -> String {
@@ -438,6 +428,12 @@ mod tests {
         assert_eq!(c, Config::default());
         assert_eq!(c.settings.esp_proc_timeout, 60);
         assert_eq!(c.channel_chatbot.ha_chat_reconnecting_attempts, 15);
+    }
+
+    #[test]
+    fn a_log_section_without_level_still_logs() {
+        let c = Config::from_toml("[log]\njson = true\n", no_env).unwrap();
+        assert_eq!(c.log.level, "info");
     }
 
     #[test]

@@ -141,7 +141,19 @@ impl ChatConnector for TcpChatConnector {
                     rd,
                     FrameCodec::<ServerFrame, ClientFrame>::new(bgs_proto::MAX_FRAME_LIMIT),
                 );
-                while let Some(frame) = frames.next().await {
+                loop {
+                    // We ping at least every PING_EVERY and the server answers: a connection
+                    // silent for three of those is dead (a host gone, a black-holed network).
+                    let frame = match tokio::time::timeout(PING_EVERY * 3, frames.next()).await {
+                        Ok(Some(frame)) => frame,
+                        Ok(None) => break,
+                        Err(_) => {
+                            tracing::warn!(
+                                "the chat server has been silent for 90 s; dropping the connection"
+                            );
+                            break;
+                        }
+                    };
                     match frame {
                         Ok(f) => {
                             if in_tx.send(f).await.is_err() {

@@ -2,8 +2,14 @@
 
 /// Logs to stderr. `RUST_LOG` wins over `level`.
 pub fn init(json: bool, level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .or_else(|_| tracing_subscriber::EnvFilter::try_new(level))
+    // An empty RUST_LOG would silence everything: it counts as unset.
+    let from_env = std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+        .and_then(|v| tracing_subscriber::EnvFilter::try_new(v).ok());
+    let filter = from_env
+        .map(Ok)
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::try_new(level))
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -44,6 +44,9 @@ pub struct BotSetup {
     pub started_ms: u64,
     /// The last event already handled (its join, or for a restored bot its checkpoint).
     pub checkpoint: u64,
+    /// Set by the session when the bot is being stopped or dropped, and by the bot when it halts:
+    /// inputs still queued are then skipped at once, not handed to the plugin.
+    pub done: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Answers once every input given before it has been handled (switchover drain).
@@ -112,6 +115,7 @@ pub struct BotActor {
     error: Option<String>,
     /// The bot failed or asked to leave: it takes no more inputs (its stop is on the way).
     halted: bool,
+    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
     stopping: bool,
     /// The last saved context and the event sequence it covers (what HA replicates).
     pub saved: Option<(Vec<u8>, u64)>,
@@ -122,6 +126,8 @@ pub struct BotActor {
 struct Outcome {
     sent: u64,
     leave: bool,
+    /// An action the Chat Server refused (the rest were not carried out).
+    failed: Option<String>,
     saved: Option<Vec<u8>>,
 }
 
@@ -223,15 +229,7 @@ impl Outbox {
         text: String,
         visibility: bgs_proto::chat::Visibility,
         key: String,
-    ) {
-        if text.len() > MAX_POST {
-            tracing::warn!(
-                bytes = text.len(),
-                max = MAX_POST,
-                "bot post too long; not sent"
-            );
-            return;
-        }
+    ) -> Result<(), String> {
         let request = ChatRequest::Post(PostRequest {
             session_id: self.session_id.clone(),
             participant_id: self.participant_id.clone(),
@@ -246,20 +244,20 @@ impl Outbox {
             PostKind::Typing => "typing",
         };
         metrics().chat_events.inc(&["out", kind_label]);
-        if let Err(e) = self.call(request).await {
-            tracing::warn!(error = %e, "bot post not accepted");
-        }
+        self.call(request)
+            .await
+            .map_err(|e| format!("the chat server did not accept a post: {e}"))
     }
 
-    async fn userdata(&self, changes: UserdataChanges) {
+    async fn userdata(&self, changes: UserdataChanges) -> Result<(), String> {
         let request = ChatRequest::UpdateUserdata {
             session_id: self.session_id.clone(),
             participant_id: self.participant_id.clone(),
             changes,
         };
-        if let Err(e) = self.call(request).await {
-            tracing::warn!(error = %e, "bot userdata update not accepted");
-        }
+        self.call(request)
+            .await
+            .map_err(|e| format!("the chat server did not accept a userdata change: {e}"))
     }
 
     async fn leave(&self) {
@@ -310,9 +308,19 @@ impl Outbox {
                     if kind == PostKind::Message {
                         outcome.sent += 1;
                     }
-                    self.post(kind, text, visibility, key).await;
+                    if let Err(e) = self.post(kind, text, visibility, key).await {
+                        // The answer is lost: do not save past this input; the bot stops
+                        // (reason error) rather than go on as if it had answered.
+                        outcome.failed = Some(e);
+                        break;
+                    }
                 }
-                BotAction::Userdata(changes) => self.userdata(changes).await,
+                BotAction::Userdata(changes) => {
+                    if let Err(e) = self.userdata(changes).await {
+                        outcome.failed = Some(e);
+                        break;
+                    }
+                }
                 BotAction::Leave => outcome.leave = true,
                 BotAction::SaveContext(bytes) if bytes.len() > MAX_CONTEXT => {
                     tracing::warn!(
@@ -355,6 +363,7 @@ impl BotActor {
             started_ms: setup.started_ms,
             error: None,
             halted: false,
+            done: setup.done.clone(),
             stopping: false,
             saved: None,
             waiters: Vec::new(),
@@ -409,7 +418,8 @@ impl BotActor {
             let outcome = outbox.execute(actions, &label).await;
             // Posts first, then the save: a failover before the save replays the input, and the
             // replayed posts carry the same client keys.
-            if let Some(bytes) = &outcome.saved {
+            let error = error.or_else(|| outcome.failed.clone());
+            if let (Some(bytes), None) = (&outcome.saved, &error) {
                 let op = HaOp::Saved {
                     instance_id,
                     context: bytes.clone(),
@@ -432,6 +442,7 @@ impl BotActor {
                     if let Some(error) = error {
                         tracing::warn!(bot_instance = %act.instance_id, %error, "bot failed");
                         act.halted = true;
+                        act.done.store(true, std::sync::atomic::Ordering::SeqCst);
                         metrics().failed(Kind::Bot);
                         act.error = Some(error.clone());
                         act.notices.do_send(BotNotice::Failed {
@@ -440,6 +451,7 @@ impl BotActor {
                         });
                     } else if outcome.leave {
                         act.halted = true;
+                        act.done.store(true, std::sync::atomic::Ordering::SeqCst);
                         act.notices.do_send(BotNotice::WantsToLeave {
                             participant_id: act.participant_id.clone(),
                         });
@@ -501,7 +513,8 @@ impl Handler<Deliver> for BotActor {
 
     fn handle(&mut self, msg: Deliver, ctx: &mut Context<Self>) {
         metrics().dequeued(Kind::Bot);
-        if self.stopping || self.halted || self.bot.is_none() {
+        let done = self.done.load(std::sync::atomic::Ordering::SeqCst);
+        if done || self.stopping || self.halted || self.bot.is_none() {
             return;
         }
         match msg {
@@ -583,7 +596,9 @@ impl Handler<StopBotActor> for BotActor {
                         ("ChatBotInstanceId".to_string(), Some(instance_id)),
                     ]
                     .into();
-                    outbox.userdata(changes).await;
+                    if let Err(e) = outbox.userdata(changes).await {
+                        tracing::warn!(error = %e, "the waiting-mode outcome was not written");
+                    }
                 }
                 outbox.leave().await;
             }

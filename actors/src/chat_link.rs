@@ -20,6 +20,9 @@ use futures_util::future::BoxFuture;
 
 use crate::metrics::{metrics, Kind};
 
+/// How long the Chat Server may take to answer the Hello of a new connection.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
 fn event_kind(k: bgs_proto::chat::EventKind) -> &'static str {
     use bgs_proto::chat::EventKind::*;
     match k {
@@ -248,6 +251,13 @@ impl ChatLink {
             return;
         }
         self.state = State::Handshaking(outbound);
+        // A server that accepts the connection but never answers the Hello is as good as down.
+        ctx.run_later(HELLO_TIMEOUT, move |act, ctx| {
+            if act.generation == generation && matches!(act.state, State::Handshaking(_)) {
+                tracing::warn!(address = %act.config.address, "no answer to Hello; reconnecting");
+                act.lost(ctx);
+            }
+        });
         ctx.add_stream(InboundStream {
             generation,
             inner: inbound,
@@ -386,7 +396,7 @@ impl ChatLink {
                 self.fenced(ctx);
             }
             ServerFrame::Goodbye(e) => {
-                tracing::warn!(code = e.code.as_str(), message = %e.message, "the chat server closed the connection");
+                tracing::warn!(code = e.code.as_str(), detail = %e.message, "the chat server closed the connection");
             }
         }
     }
@@ -466,16 +476,16 @@ impl ChatLink {
                 self.up(tx);
             }
             (Handshake::Hello, Err(e)) if e.code == ChatErrorCode::Fenced => {
-                tracing::error!(message = %e.message, "the chat server refused this node's epoch");
+                tracing::error!(detail = %e.message, "the chat server refused this node's epoch");
                 self.fenced(ctx);
             }
             (Handshake::Hello, Err(e)) => {
-                tracing::error!(code = e.code.as_str(), message = %e.message, "the chat server refused the handshake");
+                tracing::error!(code = e.code.as_str(), detail = %e.message, "the chat server refused the handshake");
                 self.lost(ctx);
             }
             (Handshake::Resume(..), Ok(_)) => {}
             (Handshake::Resume(..), Err(e)) if e.code == ChatErrorCode::Fenced => {
-                tracing::error!(message = %e.message, "the chat server refused a resume: this node is fenced");
+                tracing::error!(detail = %e.message, "the chat server refused a resume: this node is fenced");
                 self.fenced(ctx);
             }
             (Handshake::Resume(session_id, participant_id), Err(e)) => {
@@ -736,14 +746,18 @@ impl Handler<ResumeEvents> for ChatLink {
 
     fn handle(&mut self, _: ResumeEvents, ctx: &mut Context<Self>) {
         self.paused = false;
-        // What arrived while paused was dropped: ask for it again, from the last event routed.
-        let tx = match &self.state {
-            State::Up(tx) => tx.clone(),
-            _ => return, // a reconnect resumes every route anyway
-        };
-        if !self.resume_routes(&tx) {
-            self.lost(ctx);
+        if !self.active {
+            return;
         }
+        // What arrived while paused was dropped. A fresh connection carries only the new feeds,
+        // each resumed from the last event routed: nothing old can overtake the replay.
+        tracing::info!("reconnecting to re-fetch the chat events of an abandoned switchover");
+        self.state = State::Down;
+        metrics()
+            .chat_connected
+            .store(0, std::sync::atomic::Ordering::Relaxed);
+        self.handshake.clear();
+        self.connect(ctx);
     }
 }
 

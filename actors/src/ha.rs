@@ -223,6 +223,13 @@ pub struct HaCoordinator {
     recent: VecDeque<RoleChange>,
     saved: Option<SavedRole>,
     state_write_failed: Option<SavedRole>,
+    /// This run of the process (told to backups in Welcome).
+    run_id: String,
+    /// Backup: the run of the primary whose state it holds, and of the one it is linking to.
+    synced_run: Option<String>,
+    pending_run: Option<String>,
+    /// Backup: snapshot chunks received so far.
+    staging: BTreeMap<String, ReplicatedBot>,
 }
 
 type HmacSha256 = Hmac<Sha256>;
@@ -302,6 +309,10 @@ impl HaCoordinator {
             recent: VecDeque::new(),
             saved: None,
             state_write_failed: None,
+            run_id: uuid::Uuid::new_v4().simple().to_string(),
+            synced_run: None,
+            pending_run: None,
+            staging: BTreeMap::new(),
         }
     }
 
@@ -419,6 +430,10 @@ impl HaCoordinator {
                     Some("wrong secret".to_string())
                 } else if self.role != HaRole::Primary {
                     Some("this node is not the primary".to_string())
+                } else if role == HaRole::Primary {
+                    Some(
+                        "two primaries: the Chat Server's fencing decides; not linking".to_string(),
+                    )
                 } else {
                     None
                 };
@@ -442,6 +457,7 @@ impl HaCoordinator {
                     role: self.role,
                     epoch: self.epoch,
                     http: self.s.http_url.clone(),
+                    run_id: self.run_id.clone(),
                 });
                 self.send_snapshot();
             }
@@ -452,12 +468,28 @@ impl HaCoordinator {
                     role,
                     epoch,
                     http,
+                    run_id,
                 },
             ) => {
-                if role != HaRole::Primary {
-                    self.drop_link("the peer is not primary");
+                if role != HaRole::Primary || self.role != HaRole::Backup {
+                    self.drop_link("the peer is not primary (or this node is not a backup)");
                     return;
                 }
+                // A primary that restarted at the same epoch has lost every bot (its state is in
+                // memory) and would replace ours with nothing. We hold the bots: take over, and
+                // the Chat Server fences it.
+                let restarted = self.synced_run.as_ref().is_some_and(|r| *r != run_id);
+                if restarted && epoch <= self.epoch && !self.store.is_empty() {
+                    tracing::warn!(peer = %node_id, bots = self.store.len(), "the primary restarted without its state; taking over");
+                    self.drop_link("the primary restarted without its state");
+                    self.switchovers_failover += 1;
+                    metrics().switchovers.inc(&["failover"]);
+                    let epoch = self.epoch + 1;
+                    self.promote(epoch, ctx);
+                    self.remember("failover");
+                    return;
+                }
+                self.pending_run = Some(run_id);
                 tracing::info!(peer = %node_id, epoch, "connected to the HA primary");
                 if let Some(l) = self.link.as_mut() {
                     l.peer_node = Some(node_id);
@@ -546,15 +578,19 @@ impl HaCoordinator {
             } if self.role == HaRole::Backup => {
                 self.last_primary = Instant::now();
                 self.epoch = self.epoch.max(epoch);
+                // Chunks go to a staging copy: the state held so far stays whole until the
+                // last chunk arrives (a snapshot cut in the middle changes nothing).
                 if first {
-                    self.store.clear();
-                    self.in_sync = false;
+                    self.staging.clear();
                 }
-                self.store
+                self.staging
                     .extend(bots.into_iter().map(|b| (b.instance_id.clone(), b)));
                 if !last {
+                    self.send(HaFrame::Heartbeat { epoch: self.epoch });
                     return;
                 }
+                self.store = std::mem::take(&mut self.staging);
+                self.synced_run = self.pending_run.clone();
                 self.applied = upto_op;
                 self.in_sync = true;
                 self.synced_once = true;
@@ -682,6 +718,10 @@ impl HaCoordinator {
 
     /// Becomes primary with `epoch`: respawns every replicated bot, fences the old primary.
     fn promote(&mut self, epoch: u64, _ctx: &mut Context<Self>) {
+        // A link still handshaking with the old primary must not complete as primary-primary.
+        if self.link.is_some() {
+            self.drop_link("promoted");
+        }
         self.role = HaRole::Primary;
         self.epoch = epoch;
         self.draining = false;
@@ -825,6 +865,10 @@ impl HaCoordinator {
                 if self.link_up() && self.in_sync {
                     let upto_op = self.applied;
                     self.send(HaFrame::Ack { upto_op });
+                } else if self.link_up() {
+                    // Still receiving a snapshot: tell the primary we are alive.
+                    let epoch = self.epoch;
+                    self.send(HaFrame::Heartbeat { epoch });
                 }
             }
         }
@@ -1094,9 +1138,16 @@ impl Handler<Switchover> for HaCoordinator {
                     })
                 })
                 .map(move |last, act, ctx| {
+                    if act.role != HaRole::Primary || !act.draining {
+                        // Fenced or demoted meanwhile: nothing to hand over.
+                        return Err(
+                            "this node stopped being the primary during the switchover".to_string()
+                        );
+                    }
                     // Everything up to the drained state is acknowledged; anything later (a
                     // bot that ended meanwhile) is already on the link, ahead of the hand-over.
                     let all_acked = act.acked >= last;
+                    act.flush();
                     if !act.link_up() || !all_acked {
                         act.draining = false;
                         act.refresh_supervisor();
@@ -1115,13 +1166,22 @@ impl Handler<Switchover> for HaCoordinator {
                         return Err(why.to_string());
                     }
                     let new_epoch = act.epoch + 1;
-                    act.flush();
                     let upto_op = act.next_op - 1;
                     let bots = act.store.len();
-                    act.send(HaFrame::HandOver {
+                    let sent = act.send(HaFrame::HandOver {
                         epoch: new_epoch,
                         upto_op,
                     });
+                    if !sent {
+                        act.draining = false;
+                        act.refresh_supervisor();
+                        if let Some(chat) = &act.chat {
+                            chat.do_send(crate::chat_link::ResumeEvents);
+                        }
+                        return Err(
+                            "the hand-over could not be sent; this node stays primary".to_string()
+                        );
+                    }
                     act.switchovers_manual += 1;
                     act.primary_http = None;
                     let peer_http = act.s.peer_http.clone();

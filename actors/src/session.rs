@@ -152,6 +152,8 @@ struct Slot {
     pending: Option<PendingStart>,
     addr: Option<Addr<BotActor>>,
     stopping: bool,
+    /// Shared with the bot actor: set when it is being stopped or has halted.
+    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
     waiters: Vec<oneshot::Sender<()>>,
 }
 
@@ -288,6 +290,7 @@ impl SessionActor {
             handling_timeout: self.handling_timeout,
             started_ms: p.started_ms.unwrap_or_else(now_ms),
             checkpoint: slot.deliver_after,
+            done: slot.done.clone(),
         };
         slot.addr = Some(BotActor::new(setup).start());
         tracing::info!(
@@ -370,6 +373,7 @@ impl SessionActor {
             return;
         }
         slot.stopping = true;
+        slot.done.store(true, std::sync::atomic::Ordering::SeqCst);
         tracing::info!(
             interaction_id = %self.interaction_id,
             bot_instance = %slot.instance_id,
@@ -499,6 +503,7 @@ impl Handler<StartInSession> for SessionActor {
                                 addr: None,
                                 stopping: false,
                                 waiters: Vec::new(),
+                                done: Default::default(),
                             },
                         );
                         let early = act.early.remove(&pid).unwrap_or_default();
@@ -634,6 +639,12 @@ impl Handler<DataInSession> for SessionActor {
                 format!("no running bot {}", msg.key),
             ));
         };
+        if slot.done.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(EspError::new(
+                "no_such_instance",
+                format!("bot {} is stopping", msg.key),
+            ));
+        }
         let Some(addr) = &slot.addr else {
             return Err(EspError::new(
                 "no_such_instance",
@@ -703,6 +714,7 @@ impl Handler<RestoreInSession> for SessionActor {
                             addr: None,
                             stopping: false,
                             waiters: Vec::new(),
+                            done: Default::default(),
                         },
                     );
                     let (reply, _started) = oneshot::channel();
@@ -740,6 +752,7 @@ impl Handler<Abandon> for SessionActor {
 
     fn handle(&mut self, _: Abandon, ctx: &mut Context<Self>) {
         for (pid, slot) in self.bots.drain() {
+            slot.done.store(true, std::sync::atomic::Ordering::SeqCst);
             if let Some(addr) = slot.addr {
                 addr.do_send(AbandonBot);
             }

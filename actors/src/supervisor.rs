@@ -227,7 +227,10 @@ impl Supervisor {
             restored: None,
         };
         Box::pin(session.send(start).into_actor(self).map(move |result, act, _ctx| {
-            let result = result.unwrap_or_else(|e| Err(EspError::new("internal", format!("session actor: {e}"))));
+            // The session actor was stopping (its last bot had just ended): a retry gets a new one.
+            let result = result.unwrap_or_else(|_| {
+                Err(EspError::new("busy", "the chat's session was closing; retry the request"))
+            });
             match result {
                 Ok(started) => {
                     if let Some(mut s) = act.registry.running.get_mut(&key) {

@@ -268,6 +268,13 @@ async fn read_loop(
         let next = tokio::select! {
             // The writer is gone (slow reader, socket error): nobody will read replies.
             _ = conn.tx.closed() => return,
+            // Fenced: say so (even if the Fenced notice was lost) and close; the client learns
+            // it is fenced when it reconnects.
+            _ = conn.cancel.cancelled() => {
+                let bye = goodbye(ChatErrorCode::Fenced, "a higher epoch of this cluster is connected");
+                let _ = timeout(Duration::from_secs(1), conn.tx.send(bye)).await;
+                return;
+            }
             next = timeout(read_timeout, reader.next()) => next,
         };
         let frame = match next {

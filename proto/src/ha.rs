@@ -73,12 +73,14 @@ pub enum HaFrame {
         /// Where this node answers HTTP (for `not_primary` answers).
         http: String,
     },
-    /// The accepting node's answer: its role and epoch.
+    /// The accepting node's answer: its role and epoch, and the id of this run of the process
+    /// (a backup notices a primary that restarted without its state).
     Welcome {
         node_id: String,
         role: HaRole,
         epoch: u64,
         http: String,
+        run_id: String,
     },
     /// The handshake failed; the link closes.
     Refused {
