@@ -235,7 +235,6 @@ impl Default for LogConfig {
     }
 }
 
-
 /// The environment variable that overrides `section.key`: `BGS_` + upper case, `-` and `.` as `_`.
 pub fn env_name(section: &str, key: &str) -> String {
     format!("BGS_{section}_{key}")

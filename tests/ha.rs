@@ -581,3 +581,32 @@ async fn both_nodes_down_come_back_with_their_roles_from_the_state_files() {
     c.say("hi").await;
     assert_eq!(c.next_reply().await, "1: hi");
 }
+
+#[tokio::test]
+async fn a_primary_restarted_before_failover_does_not_wipe_the_backup() {
+    let chat = ChatServer::start(&[]);
+    let mut pair = start_pair(&chat).await;
+    pair.a
+        .wait_status("a primary", |s| role(s) == "primary")
+        .await;
+    let mut customers = chats(&chat, &pair.a, "quick", 3).await;
+    in_sync_backup(&pair.b, 3).await;
+    // The primary crashes and is back at once (before failover-after-ms), empty, at epoch 1.
+    pair.a.kill9();
+    let a = Gateway::start(chat.tcp, &pair.a_cfg);
+    pair.to_a.set_target(a.ha.unwrap());
+    // The backup notices a new run of the primary at its epoch, keeps its bots and takes over.
+    pair.b
+        .wait_status("b took over with the bots", |s| {
+            role(s) == "primary" && s["bots"]["echo"] == 3
+        })
+        .await;
+    a.wait_status("a follows", |s| {
+        role(s) == "backup" && s["ha"]["in_sync"] == true && s["ha"]["replicated_bots"] == 3
+    })
+    .await;
+    for c in customers.iter_mut() {
+        c.say("two").await;
+        assert_eq!(c.next_reply().await, "2: two");
+    }
+}
