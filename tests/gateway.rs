@@ -985,3 +985,26 @@ async fn the_openapi_document_matches_the_routes() {
     }
     assert_eq!(documented.len(), bgs::http::ROUTES.len());
 }
+
+#[tokio::test]
+async fn a_request_not_processed_within_esp_proc_timeout_gets_a_negative_answer() {
+    let chat = ChatServer::start(&[]);
+    let gw = Gateway::start(chat.tcp, "[settings]\nesp-proc-timeout = 5\n");
+    let _ann = Customer::open(&chat, "slow").await;
+    gw.wait_status("connected", |s| s["chat_servers"][0]["connected"] == true)
+        .await;
+    // The Chat Server goes away: the join waits for the reconnection that does not come.
+    chat.kill9();
+    let started = std::time::Instant::now();
+    let (status, answer) = gw.esp("StartBot", "slow", &[("ChatBotID", "echo")]).await;
+    assert_eq!(
+        (status, answer["code"].as_str()),
+        (504, Some("timeout")),
+        "{answer}"
+    );
+    assert!(started.elapsed() >= Duration::from_secs(5));
+    assert!(answer["message"]
+        .as_str()
+        .unwrap()
+        .contains("esp-proc-timeout"));
+}
