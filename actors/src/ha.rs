@@ -414,9 +414,9 @@ impl HaCoordinator {
                     cluster_id,
                     node_id,
                     role,
-                    epoch,
                     proof,
                     http,
+                    ..
                 },
             ) => {
                 let refuse = if version != HA_PROTOCOL_VERSION {
@@ -443,10 +443,10 @@ impl HaCoordinator {
                     self.drop_link("peer refused");
                     return;
                 }
-                // The dialer is a backup. Its epoch may be higher than ours (it was primary
-                // once): that is no reason to step down — the Chat Server's fencing decides who
-                // may post — so it is accepted, and promotes above its own epoch if it must.
-                let _ = (role, epoch);
+                // The dialer is a backup (a primary was refused above). Its epoch may be higher
+                // than ours (it was primary once): no reason to step down — the Chat Server's
+                // fencing decides who may post — so it is accepted; it promotes above its own
+                // epoch if it must.
                 if let Some(l) = self.link.as_mut() {
                     l.peer_node = Some(node_id.clone());
                 }
@@ -1121,7 +1121,7 @@ impl Handler<Switchover> for HaCoordinator {
         };
         Box::pin(
             fut.into_actor(self)
-                .then(|(), act, ctx| {
+                .then(|(), act, _ctx| {
                     // Wait until the backup has acknowledged every op.
                     act.flush();
                     let last = act.next_op - 1;
@@ -1131,7 +1131,6 @@ impl Handler<Switchover> for HaCoordinator {
                     } else {
                         act.switchover_wait = Some((last, tx));
                     }
-                    let _ = ctx;
                     actix::fut::wrap_future(async move {
                         let _ = tokio::time::timeout(Duration::from_secs(30), rx).await;
                         last
