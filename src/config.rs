@@ -388,6 +388,12 @@ impl Config {
         if self.bots.handling_timeout_ms < 10 {
             return Err(invalid("bots.handling-timeout-ms", "must be at least 10"));
         }
+        if self.log.level.trim().is_empty() {
+            return Err(invalid(
+                "log.level",
+                "must not be empty (info, warn, or a tracing filter)",
+            ));
+        }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.log.level) {
             return Err(invalid("log.level", format!("not a tracing filter: {e}")));
         }

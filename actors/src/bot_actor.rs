@@ -15,7 +15,7 @@ use futures_util::FutureExt;
 use tokio::sync::oneshot;
 
 use crate::bot::{Bot, BotAction, BotContext, BotInput, BotStart, StopReason};
-use crate::chat_link::{ChatCall, ChatLink};
+use crate::chat_link::{ChatCall, ChatCallError, ChatLink};
 use crate::esp::StartSpec;
 use crate::ha::Replicate;
 use crate::metrics::{metrics, Kind};
@@ -122,12 +122,45 @@ pub struct BotActor {
     waiters: Vec<oneshot::Sender<()>>,
 }
 
+/// Why an action of a bot was not carried out.
+#[derive(Debug)]
+enum ActionError {
+    /// The Chat Server refused it: the bot's answer is lost, so the bot stops (reason error).
+    Refused(String),
+    /// It could not reach the Chat Server: the stop (if any) comes from elsewhere.
+    Unavailable(String),
+}
+
+impl ActionError {
+    fn context(self, what: &str) -> ActionError {
+        match self {
+            ActionError::Refused(e) => {
+                ActionError::Refused(format!("the chat server refused {what}: {e}"))
+            }
+            ActionError::Unavailable(e) => {
+                ActionError::Unavailable(format!("{what} could not be sent: {e}"))
+            }
+        }
+    }
+}
+
+impl std::fmt::Display for ActionError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ActionError::Refused(e) | ActionError::Unavailable(e) => f.write_str(e),
+        }
+    }
+}
+
 #[derive(Default)]
 struct Outcome {
     sent: u64,
     leave: bool,
     /// An action the Chat Server refused (the rest were not carried out).
     failed: Option<String>,
+    /// An action that could not reach the Chat Server (this node is no longer the primary, or
+    /// the Chat Server is gone): not the bot's fault, but nothing is saved past this input.
+    unavailable: bool,
     saved: Option<Vec<u8>>,
 }
 
@@ -222,6 +255,18 @@ struct Outbox {
     instance_id: String,
 }
 
+impl Outcome {
+    fn fail(&mut self, e: ActionError) {
+        match e {
+            ActionError::Refused(m) => self.failed = Some(m),
+            ActionError::Unavailable(m) => {
+                tracing::info!(reason = %m, "bot action not carried out; its input will be replayed");
+                self.unavailable = true;
+            }
+        }
+    }
+}
+
 impl Outbox {
     async fn post(
         &self,
@@ -229,7 +274,7 @@ impl Outbox {
         text: String,
         visibility: bgs_proto::chat::Visibility,
         key: String,
-    ) -> Result<(), String> {
+    ) -> Result<(), ActionError> {
         let request = ChatRequest::Post(PostRequest {
             session_id: self.session_id.clone(),
             participant_id: self.participant_id.clone(),
@@ -244,12 +289,10 @@ impl Outbox {
             PostKind::Typing => "typing",
         };
         metrics().chat_events.inc(&["out", kind_label]);
-        self.call(request)
-            .await
-            .map_err(|e| format!("the chat server did not accept a post: {e}"))
+        self.call(request).await.map_err(|e| e.context("a post"))
     }
 
-    async fn userdata(&self, changes: UserdataChanges) -> Result<(), String> {
+    async fn userdata(&self, changes: UserdataChanges) -> Result<(), ActionError> {
         let request = ChatRequest::UpdateUserdata {
             session_id: self.session_id.clone(),
             participant_id: self.participant_id.clone(),
@@ -257,7 +300,7 @@ impl Outbox {
         };
         self.call(request)
             .await
-            .map_err(|e| format!("the chat server did not accept a userdata change: {e}"))
+            .map_err(|e| e.context("a userdata change"))
     }
 
     async fn leave(&self) {
@@ -271,7 +314,7 @@ impl Outbox {
         }
     }
 
-    async fn call(&self, request: ChatRequest) -> Result<(), String> {
+    async fn call(&self, request: ChatRequest) -> Result<(), ActionError> {
         match self
             .link
             .send(ChatCall {
@@ -281,8 +324,9 @@ impl Outbox {
             .await
         {
             Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(e) => Err(e.to_string()),
+            Ok(Err(ChatCallError::Refused(e))) => Err(ActionError::Refused(e.to_string())),
+            Ok(Err(e)) => Err(ActionError::Unavailable(e.to_string())),
+            Err(e) => Err(ActionError::Unavailable(e.to_string())),
         }
     }
 
@@ -309,15 +353,13 @@ impl Outbox {
                         outcome.sent += 1;
                     }
                     if let Err(e) = self.post(kind, text, visibility, key).await {
-                        // The answer is lost: do not save past this input; the bot stops
-                        // (reason error) rather than go on as if it had answered.
-                        outcome.failed = Some(e);
+                        outcome.fail(e);
                         break;
                     }
                 }
                 BotAction::Userdata(changes) => {
                     if let Err(e) = self.userdata(changes).await {
-                        outcome.failed = Some(e);
+                        outcome.fail(e);
                         break;
                     }
                 }
@@ -419,7 +461,7 @@ impl BotActor {
             // Posts first, then the save: a failover before the save replays the input, and the
             // replayed posts carry the same client keys.
             let error = error.or_else(|| outcome.failed.clone());
-            if let (Some(bytes), None) = (&outcome.saved, &error) {
+            if let (Some(bytes), None, false) = (&outcome.saved, &error, outcome.unavailable) {
                 let op = HaOp::Saved {
                     instance_id,
                     context: bytes.clone(),

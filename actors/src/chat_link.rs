@@ -397,6 +397,9 @@ impl ChatLink {
             }
             ServerFrame::Goodbye(e) => {
                 tracing::warn!(code = e.code.as_str(), detail = %e.message, "the chat server closed the connection");
+                if e.code == ChatErrorCode::Fenced {
+                    self.fenced(ctx);
+                }
             }
         }
     }

@@ -1139,6 +1139,7 @@ impl Handler<Switchover> for HaCoordinator {
                 .map(move |last, act, ctx| {
                     if act.role != HaRole::Primary || !act.draining {
                         // Fenced or demoted meanwhile: nothing to hand over.
+                        tracing::warn!("switchover abandoned: this node stopped being the primary");
                         return Err(
                             "this node stopped being the primary during the switchover".to_string()
                         );
@@ -1172,6 +1173,8 @@ impl Handler<Switchover> for HaCoordinator {
                         upto_op,
                     });
                     if !sent {
+                        tracing::warn!("switchover abandoned: the hand-over could not be sent");
+                        act.drop_link("hand-over could not be sent");
                         act.draining = false;
                         act.refresh_supervisor();
                         if let Some(chat) = &act.chat {

@@ -154,6 +154,8 @@ struct Slot {
     stopping: bool,
     /// Shared with the bot actor: set when it is being stopped or has halted.
     done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// The stop comes from an end condition whose event is queued and must be delivered.
+    deliver_ending: bool,
     waiters: Vec<oneshot::Sender<()>>,
 }
 
@@ -351,6 +353,10 @@ impl SessionActor {
             }
         }
         if let Some(reason) = stop {
+            // The event that ends the bot is queued just above: let the bot see it first.
+            if let Some(slot) = self.bots.get_mut(pid) {
+                slot.deliver_ending = true;
+            }
             self.stop(pid, reason, None, ctx);
         }
     }
@@ -373,7 +379,11 @@ impl SessionActor {
             return;
         }
         slot.stopping = true;
-        slot.done.store(true, std::sync::atomic::Ordering::SeqCst);
+        // Inputs still queued are skipped (a StopBot does not wait behind them), except for an
+        // end condition: its ending event was queued last and is delivered before the stop.
+        if !slot.deliver_ending {
+            slot.done.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
         tracing::info!(
             interaction_id = %self.interaction_id,
             bot_instance = %slot.instance_id,
@@ -504,6 +514,7 @@ impl Handler<StartInSession> for SessionActor {
                                 stopping: false,
                                 waiters: Vec::new(),
                                 done: Default::default(),
+                                deliver_ending: false,
                             },
                         );
                         let early = act.early.remove(&pid).unwrap_or_default();
@@ -715,6 +726,7 @@ impl Handler<RestoreInSession> for SessionActor {
                             stopping: false,
                             waiters: Vec::new(),
                             done: Default::default(),
+                            deliver_ending: false,
                         },
                     );
                     let (reply, _started) = oneshot::channel();
