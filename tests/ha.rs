@@ -610,3 +610,41 @@ async fn a_primary_restarted_before_failover_does_not_wipe_the_backup() {
         assert_eq!(c.next_reply().await, "2: two");
     }
 }
+
+#[tokio::test]
+async fn sync_mode_keeps_every_acknowledged_save_through_a_failover() {
+    let chat = ChatServer::start(&[]);
+    let (to_a, to_b) = (LinkProxy::start().await, LinkProxy::start().await);
+    let sync = |c: String| c.replace("[ha]\n", "[ha]\nmode = \"sync\"\n");
+    let mut a = Gateway::start(
+        chat.tcp,
+        &sync(pair_config("bgs-a", "primary", to_b.addr, "s3cret")),
+    );
+    to_a.set_target(a.ha.unwrap());
+    let b = Gateway::start(
+        chat.tcp,
+        &sync(pair_config("bgs-b", "backup", to_a.addr, "s3cret")),
+    );
+    to_b.set_target(b.ha.unwrap());
+    a.wait_status("a primary", |s| role(s) == "primary").await;
+    in_sync_backup(&b, 0).await;
+    let mut customers = chats(&chat, &a, "sync", 4).await;
+    // In sync mode a bot takes its next input only once the backup has its save, so the backup
+    // holds the count of every answered message; a second round proves it.
+    for c in customers.iter_mut() {
+        c.say("two").await;
+        assert_eq!(c.next_reply().await, "2: two");
+    }
+    a.kill9();
+    b.wait_status("b took over", |s| {
+        role(s) == "primary" && s["bots"]["echo"] == 4
+    })
+    .await;
+    for c in customers.iter_mut() {
+        c.say("three").await;
+        assert_eq!(c.next_reply().await, "3: three");
+    }
+    for c in &customers {
+        check_exactly_once(c, &["one", "two", "three"]).await;
+    }
+}
