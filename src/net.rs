@@ -58,6 +58,18 @@ fn ha_connection(stream: TcpStream) -> HaConnection {
     }
 }
 
+/// A TCP connection to `address`, given up after [`CONNECT_TIMEOUT`].
+async fn connect(address: &str) -> io::Result<TcpStream> {
+    tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(address))
+        .await
+        .map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("connecting to {address} timed out"),
+            )
+        })?
+}
+
 /// Dials the HA peer over TCP.
 pub struct TcpHaDialer;
 
@@ -65,14 +77,7 @@ impl HaDialer for TcpHaDialer {
     fn dial(&self, address: &str) -> BoxFuture<'static, io::Result<HaConnection>> {
         let address = address.to_string();
         Box::pin(async move {
-            let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&address))
-                .await
-                .map_err(|_| {
-                    io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        format!("connecting to {address} timed out"),
-                    )
-                })??;
+            let stream = connect(&address).await?;
             Ok(ha_connection(stream))
         })
     }
@@ -104,14 +109,7 @@ impl ChatConnector for TcpChatConnector {
     fn connect(&self, address: &str) -> BoxFuture<'static, io::Result<ChatConnection>> {
         let address = address.to_string();
         Box::pin(async move {
-            let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&address))
-                .await
-                .map_err(|_| {
-                    io::Error::new(
-                        io::ErrorKind::TimedOut,
-                        format!("connecting to {address} timed out"),
-                    )
-                })??;
+            let stream = connect(&address).await?;
             stream.set_nodelay(true)?;
             let (rd, wr) = stream.into_split();
             let (out_tx, mut out_rx) = mpsc::unbounded_channel::<ClientFrame>();
