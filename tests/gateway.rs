@@ -1008,3 +1008,34 @@ async fn a_request_not_processed_within_esp_proc_timeout_gets_a_negative_answer(
         .unwrap()
         .contains("esp-proc-timeout"));
 }
+
+#[tokio::test]
+async fn a_waiting_workflow_learns_the_outcome_even_when_the_chat_server_removed_the_bot() {
+    let dir = support::TempDir::new("holdup-data");
+    let data = dir.path().to_str().unwrap().to_string();
+    let chat = ChatServer::start(&["--data-dir", &data, "--detach-grace", "1"]);
+    let (http, tcp) = (chat.http.to_string(), chat.tcp.to_string());
+    // The gateway comes back later than the Chat Server's grace period.
+    let gw = Gateway::start(
+        chat.tcp,
+        "[channel-chatbot]\nha-chat-reconnecting-delay = 2.5\n",
+    );
+    let _ann = Customer::open(&chat, "held").await;
+    let bot = gw
+        .start_bot("held", &[("ChatBotID", "echo"), ("ChatBotHoldup", "true")])
+        .await;
+    chat.kill9();
+    let chat = ChatServer::start_at(&http, &tcp, &["--data-dir", &data, "--detach-grace", "1"]);
+    let r = gw.report_of(bot["BotInstanceId"].as_str().unwrap()).await;
+    assert_eq!(r["end_reason"], "removed_by_chat_server");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, ud) = chat.get("/sessions/held/userdata").await;
+        if ud["ChatBotResult"] == "removed_by_chat_server" {
+            assert_eq!(ud["ChatBotInstanceId"], bot["BotInstanceId"]);
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no outcome in {ud}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

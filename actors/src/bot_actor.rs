@@ -303,6 +303,18 @@ impl Outbox {
             .map_err(|e| e.context("a userdata change"))
     }
 
+    /// A userdata change as the system (the bot is no longer a participant).
+    async fn system_userdata(&self, changes: UserdataChanges) -> Result<(), ActionError> {
+        let request = ChatRequest::UpdateUserdata {
+            session_id: self.session_id.clone(),
+            participant_id: String::new(),
+            changes,
+        };
+        self.call(request)
+            .await
+            .map_err(|e| e.context("a userdata change"))
+    }
+
     async fn leave(&self) {
         let request = ChatRequest::Leave(LeaveRequest {
             session_id: self.session_id.clone(),
@@ -627,21 +639,35 @@ impl Handler<StopBotActor> for BotActor {
                 }
             }
             let ended_ms = now_ms();
-            if reason.sends_leave() {
-                if holdup {
-                    let changes: UserdataChanges = [
-                        (
-                            "ChatBotResult".to_string(),
-                            Some(reason.as_str().to_string()),
-                        ),
-                        ("ChatBotEndedAt".to_string(), Some(ended_ms.to_string())),
-                        ("ChatBotInstanceId".to_string(), Some(instance_id)),
-                    ]
-                    .into();
-                    if let Err(e) = outbox.userdata(changes).await {
-                        tracing::warn!(error = %e, "the waiting-mode outcome was not written");
-                    }
+            // Waiting mode: the workflow learns why and when the bot finished. While the bot is
+            // still in the chat it writes as itself; after the Chat Server removed it, the
+            // gateway writes as the system. A closed session or a lost Chat Server has nobody
+            // waiting; a bot stopped by a shutdown goes on at the other node.
+            let write_outcome = holdup
+                && !matches!(
+                    reason,
+                    StopReason::SessionClosed | StopReason::ChatServerLost | StopReason::Shutdown
+                );
+            if write_outcome {
+                let changes: UserdataChanges = [
+                    (
+                        "ChatBotResult".to_string(),
+                        Some(reason.as_str().to_string()),
+                    ),
+                    ("ChatBotEndedAt".to_string(), Some(ended_ms.to_string())),
+                    ("ChatBotInstanceId".to_string(), Some(instance_id)),
+                ]
+                .into();
+                let written = if reason.sends_leave() {
+                    outbox.userdata(changes).await
+                } else {
+                    outbox.system_userdata(changes).await
+                };
+                if let Err(e) = written {
+                    tracing::warn!(error = %e, "the waiting-mode outcome was not written");
                 }
+            }
+            if reason.sends_leave() {
                 outbox.leave().await;
             }
             (error, sent, ended_ms)

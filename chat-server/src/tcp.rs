@@ -364,9 +364,15 @@ fn apply(hub: &Hub, conn: &Arc<Connection>, frame: ClientFrame) -> Pending {
             session_id,
             participant_id,
             changes,
-        } => hub
-            .update_userdata(actor, &session_id, Some(&participant_id), changes)
-            .map(|ack| ack.map(ChatResponse::Userdata)),
+        } => {
+            // A gateway may change userdata as the system (an empty participant id): it writes
+            // a bot's outcome for the workflow after the bot is no longer in the chat.
+            let system = participant_id.is_empty()
+                && matches!(conn.owner, crate::session::Owner::Gateway(_));
+            let who = (!system).then_some(participant_id.as_str());
+            hub.update_userdata(actor, &session_id, who, changes)
+                .map(|ack| ack.map(ChatResponse::Userdata))
+        }
     };
     Pending {
         id: frame.id,
