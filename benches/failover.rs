@@ -120,20 +120,20 @@ fn esp_prober(
     })
 }
 
+/// A node of the pair with the default failover-after-ms (1000 ms; the tests use more).
+fn bench_config(id: &str, role: &str, peer: std::net::SocketAddr) -> String {
+    pair_config(id, role, peer, "bench")
+        .replace("failover-after-ms = 2000", "failover-after-ms = 1000")
+}
+
 async fn run(n: usize) {
     println!("== {n} bots");
     let max = (n * 2 + 100).to_string();
     let chat = ChatServer::start(&["--max-sessions", &max, "--max-connections", "256"]);
     let (to_a, to_b) = (LinkProxy::start().await, LinkProxy::start().await);
-    let a = Gateway::start(
-        chat.tcp,
-        &pair_config("bgs-a", "primary", to_b.addr, "bench"),
-    );
+    let a = Gateway::start(chat.tcp, &bench_config("bgs-a", "primary", to_b.addr));
     to_a.set_target(a.ha.unwrap());
-    let mut b = Gateway::start(
-        chat.tcp,
-        &pair_config("bgs-b", "backup", to_a.addr, "bench"),
-    );
+    let mut b = Gateway::start(chat.tcp, &bench_config("bgs-b", "backup", to_a.addr));
     to_b.set_target(b.ha.unwrap());
     wait("a primary", &a, |s| s["role"] == "primary").await;
 

@@ -360,7 +360,7 @@ async fn an_empty_backup_catches_up_by_snapshot_and_a_wrong_secret_is_refused() 
     // It keeps being refused and never takes over by itself (it never held a primary's state),
     // however long the "silence" lasts: many refusals span several failover-after-ms periods.
     let deadline = Instant::now() + Duration::from_secs(20);
-    while x.log().matches("the HA peer refused this node").count() < 20 {
+    while x.log().matches("the HA peer refused this node").count() < 30 {
         assert!(Instant::now() < deadline, "x stopped retrying");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

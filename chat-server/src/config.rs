@@ -33,6 +33,10 @@ pub struct Config {
     /// reason `disconnected`.
     #[arg(long, default_value_t = 120, value_name = "SECS")]
     pub detach_grace: u64,
+    /// With --data-dir: compact the journal while running once it is this many bytes and twice
+    /// its size after the last compaction (it is also compacted at every start).
+    #[arg(long, default_value_t = 64 << 20, value_name = "BYTES")]
+    pub journal_compact_bytes: u64,
     /// Seconds a closed session stays readable (transcript, events) before it is forgotten.
     #[arg(long, default_value_t = 3600, value_name = "SECS")]
     pub closed_retention: u64,

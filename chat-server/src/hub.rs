@@ -276,6 +276,9 @@ pub struct Hub {
     connections: DashMap<u64, Arc<Connection>>,
     next_conn: AtomicU64,
     journal: Option<Journal>,
+    /// Every change takes the read side while it journals; a compaction takes the write side,
+    /// so it sees every session and epoch at one point of the journal's order.
+    gate: std::sync::RwLock<()>,
 }
 
 pub fn check_id(what: &str, value: &str) -> Result<()> {
@@ -324,6 +327,7 @@ impl Hub {
             connections: DashMap::new(),
             next_conn: AtomicU64::new(1),
             journal: None,
+            gate: std::sync::RwLock::new(()),
             config,
         };
         if let Some(dir) = hub.config.data_dir.clone() {
@@ -390,19 +394,7 @@ impl Hub {
             {
                 continue;
             }
-            kept.push(JournalRecord::SessionCreated {
-                session_id: id.clone(),
-                created_ms: st.created_ms,
-                // The userdata a session started with: the replayed events change it again.
-                userdata: st.initial_userdata.clone(),
-            });
-            // Participants' owners and post keys are rebuilt from the journal records; keep them.
-            for stored in st.stored_events() {
-                kept.push(JournalRecord::Event {
-                    session_id: id.clone(),
-                    stored,
-                });
-            }
+            kept.extend(session_records(&st));
             st.visible_seq = st.last_seq();
             self.sessions.insert(id, Session::new(st));
         }
@@ -502,6 +494,8 @@ impl Hub {
         nickname: String,
         userdata: Userdata,
     ) -> Result<Ack<(String, String, u64)>> {
+        // Changes are journaled under the gate's read side (see `compact`).
+        let _gate = self.gate.read().unwrap_or_else(|p| p.into_inner());
         let id = interaction_id.unwrap_or_else(new_id);
         check_id("interaction_id", &id)?;
         check_len("nickname", &nickname, 1, MAX_ID)?;
@@ -567,6 +561,8 @@ impl Hub {
         style: Style,
         visibility: Visibility,
     ) -> Result<Ack<Joined>> {
+        // Changes are journaled under the gate's read side (see `compact`).
+        let _gate = self.gate.read().unwrap_or_else(|p| p.into_inner());
         check_len("nickname", &nickname, 1, MAX_ID)?;
         let owner = match actor {
             Actor::Http => Owner::Http,
@@ -701,6 +697,8 @@ impl Hub {
         visibility: Visibility,
         key: Option<String>,
     ) -> Result<Ack<(u64, bool)>> {
+        // Changes are journaled under the gate's read side (see `compact`).
+        let _gate = self.gate.read().unwrap_or_else(|p| p.into_inner());
         check_len("text", &text, 0, self.config.max_text)?;
         if let Some(k) = &key {
             check_len("key", k, 1, MAX_ID)?;
@@ -756,6 +754,8 @@ impl Hub {
         participant_id: &str,
         after_action: AfterAction,
     ) -> Result<Ack<u64>> {
+        // Changes are journaled under the gate's read side (see `compact`).
+        let _gate = self.gate.read().unwrap_or_else(|p| p.into_inner());
         if let Actor::Conn(c) = actor {
             c.check_live()?;
         }
@@ -798,6 +798,8 @@ impl Hub {
         participant_id: Option<&str>,
         changes: UserdataChanges,
     ) -> Result<Ack<Userdata>> {
+        // Changes are journaled under the gate's read side (see `compact`).
+        let _gate = self.gate.read().unwrap_or_else(|p| p.into_inner());
         self.check_userdata(&changes)?;
         if let Actor::Conn(c) = actor {
             c.check_live()?;
@@ -863,6 +865,8 @@ impl Hub {
         hello: Hello,
         tx: mpsc::Sender<ServerFrame>,
     ) -> Result<Ack<Arc<Connection>>> {
+        // Changes are journaled under the gate's read side (see `compact`).
+        let _gate = self.gate.read().unwrap_or_else(|p| p.into_inner());
         if hello.version != CHAT_PROTOCOL_VERSION {
             return refuse(
                 ChatErrorCode::UnsupportedVersion,
@@ -967,6 +971,8 @@ impl Hub {
 
     /// Idle control, detach grace and forgetting old closed sessions. Called periodically.
     pub fn sweep(&self) {
+        // Changes are journaled under the gate's read side (see `compact`).
+        let _gate = self.gate.read().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
         let ts = now_ms();
         let grace = Duration::from_secs(self.config.detach_grace);
@@ -1023,6 +1029,43 @@ impl Hub {
         }
     }
 
+    /// Rewrites the journal with only what is kept (open sessions, recently closed ones,
+    /// epochs) once it has grown past `--journal-compact-bytes` and twice its last compacted
+    /// size. Changes wait meanwhile (the gate); the writer swaps the file in its own thread.
+    pub fn maybe_compact(&self) {
+        let Some(j) = &self.journal else { return };
+        if !j.wants_compaction(self.config.journal_compact_bytes) {
+            return;
+        }
+        let size = j.size();
+        let records = {
+            let _all = self.gate.write().unwrap_or_else(|p| p.into_inner());
+            let mut records: Vec<JournalRecord> = self
+                .epochs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .iter()
+                .map(|(cluster_id, epoch)| JournalRecord::Epoch {
+                    cluster_id: cluster_id.clone(),
+                    epoch: *epoch,
+                })
+                .collect();
+            let sessions: Vec<Arc<Session>> =
+                self.sessions.iter().map(|e| e.value().clone()).collect();
+            for session in sessions {
+                records.extend(session_records(&session.lock()));
+            }
+            // Queued under the gate: exactly the state after every change journaled before.
+            let n = records.len();
+            if let Err(e) = j.rewrite(records) {
+                tracing::error!(error = %e, "cannot compact the journal");
+                return;
+            }
+            n
+        };
+        tracing::info!(from_bytes = size, records, "journal compaction queued");
+    }
+
     /// Says goodbye to every TCP client and waits until the journal has everything queued.
     pub fn shutdown(&self) {
         for c in self.connections.iter() {
@@ -1036,6 +1079,25 @@ impl Hub {
             j.close();
         }
     }
+}
+
+/// A session as journal records: its creation and every event with owners and client keys.
+fn session_records(st: &SessionState) -> Vec<JournalRecord> {
+    let mut out = vec![JournalRecord::SessionCreated {
+        session_id: st.id.clone(),
+        created_ms: st.created_ms,
+        // The userdata a session started with: the replayed events change it again.
+        userdata: st.initial_userdata.clone(),
+    }];
+    out.extend(
+        st.stored_events()
+            .into_iter()
+            .map(|stored| JournalRecord::Event {
+                session_id: st.id.clone(),
+                stored,
+            }),
+    );
+    out
 }
 
 /// Follows a session for one participant: delivers, in order and without gaps, every event after

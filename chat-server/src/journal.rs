@@ -53,6 +53,9 @@ pub enum JournalRecord {
 struct Entry {
     bytes: Vec<u8>,
     stop: bool,
+    /// Replace the whole file with these records (compaction while running); entries queued
+    /// before this one are written to the old file first, later ones to the new file.
+    rewrite: Option<Vec<JournalRecord>>,
     publish: Option<(Arc<Session>, u64)>,
     done: Option<oneshot::Sender<()>>,
 }
@@ -61,6 +64,8 @@ struct Entry {
 pub struct Journal {
     /// Held for the life of the journal: one server per data dir.
     _lock: File,
+    /// Bytes in the journal file now, and right after the last rewrite (kept by the writer).
+    size: Arc<Sizes>,
     tx: std_mpsc::Sender<Entry>,
     writer: std::sync::Mutex<Option<JoinHandle<()>>>,
 }
@@ -156,37 +161,29 @@ pub fn lock_dir(dir: &Path) -> Result<File> {
     Ok(lock)
 }
 
-fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)?.sync_all()?;
-    Ok(())
-}
-
 impl Journal {
     /// Replaces the journal in `dir` with `records` (atomically: write, fsync, rename, fsync the
     /// directory) and starts the writer that appends to it.
     pub fn create(dir: &Path, records: &[JournalRecord]) -> Result<Journal> {
         fs::create_dir_all(dir)?;
         let lock = lock_dir(dir)?;
-        let tmp = dir.join(format!("{FILE}.tmp"));
-        {
-            let mut f = File::create(&tmp)?;
-            let mut buf = MAGIC.to_vec();
-            for r in records {
-                buf.extend_from_slice(&frame(r)?);
-            }
-            f.write_all(&buf)?;
-            f.sync_all()?;
-        }
+        let content = encode_all(records)?;
         let path = dir.join(FILE);
-        fs::rename(&tmp, &path)?;
-        sync_dir(dir)?;
-        let file = OpenOptions::new().append(true).open(&path)?;
+        let file = replace_file(&path, &content)?;
+        let initial = (MAGIC.len() + content.len()) as u64;
+        let size = Arc::new(Sizes {
+            now: initial.into(),
+            compacted: initial.into(),
+            rewrite_pending: false.into(),
+        });
         let (tx, rx) = std_mpsc::channel();
+        let writer_size = size.clone();
         let writer = std::thread::Builder::new()
             .name("journal".into())
-            .spawn(move || write_loop(file, path, rx))?;
+            .spawn(move || write_loop(file, path, rx, writer_size))?;
         Ok(Journal {
             _lock: lock,
+            size,
             tx,
             writer: std::sync::Mutex::new(Some(writer)),
         })
@@ -208,6 +205,7 @@ impl Journal {
             .send(Entry {
                 bytes,
                 stop: false,
+                rewrite: None,
                 publish,
                 done: Some(done),
             })
@@ -215,11 +213,44 @@ impl Journal {
         Ok(rx)
     }
 
+    /// Whether the journal has grown past `threshold` and twice its last compacted size, with no
+    /// rewrite already on its way.
+    pub fn wants_compaction(&self, threshold: u64) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = self.size.now.load(Relaxed);
+        !self.size.rewrite_pending.load(Relaxed)
+            && now >= threshold
+            && now >= self.size.compacted.load(Relaxed).saturating_mul(2)
+    }
+
+    /// Bytes in the journal file now.
+    pub fn size(&self) -> u64 {
+        self.size.now.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Replaces the file with `records` once everything queued before is written (the caller
+    /// makes sure `records` cover all of it). The writer encodes and swaps in its own thread.
+    pub fn rewrite(&self, records: Vec<JournalRecord>) -> Result<()> {
+        self.size
+            .rewrite_pending
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        self.tx
+            .send(Entry {
+                bytes: Vec::new(),
+                stop: false,
+                rewrite: Some(records),
+                publish: None,
+                done: None,
+            })
+            .map_err(|_| ChatServerError::Journal("journal writer has stopped".into()))
+    }
+
     /// Stops taking records and waits until everything queued before is durable.
     pub fn close(&self) {
         let _ = self.tx.send(Entry {
             bytes: Vec::new(),
             stop: true,
+            rewrite: None,
             publish: None,
             done: None,
         });
@@ -230,10 +261,51 @@ impl Journal {
     }
 }
 
-fn write_loop(mut file: File, path: PathBuf, rx: std_mpsc::Receiver<Entry>) {
+fn encode_all(records: &[JournalRecord]) -> Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    for r in records {
+        buf.extend_from_slice(&frame(r)?);
+    }
+    Ok(buf)
+}
+
+/// Writes `MAGIC + content` to a temporary file next to `path` and fsyncs it.
+fn write_tmp(path: &Path, content: &[u8]) -> std::io::Result<PathBuf> {
+    let tmp = path.with_extension("tmp");
+    let mut f = File::create(&tmp)?;
+    f.write_all(MAGIC)?;
+    f.write_all(content)?;
+    f.sync_all()?;
+    Ok(tmp)
+}
+
+/// Renames `tmp` over `path`, fsyncs the directory, and opens the new file for appending.
+fn swap_in(tmp: &Path, path: &Path) -> std::io::Result<File> {
+    fs::rename(tmp, path)?;
+    if let Some(dir) = path.parent() {
+        File::open(dir)?.sync_all()?;
+    }
+    OpenOptions::new().append(true).open(path)
+}
+
+/// Replaces `path` with `MAGIC + content` (write, fsync, rename, fsync the directory).
+fn replace_file(path: &Path, content: &[u8]) -> std::io::Result<File> {
+    let tmp = write_tmp(path, content)?;
+    swap_in(&tmp, path)
+}
+
+/// The journal's sizes, shared between the writer and the hub.
+struct Sizes {
+    now: std::sync::atomic::AtomicU64,
+    compacted: std::sync::atomic::AtomicU64,
+    rewrite_pending: std::sync::atomic::AtomicBool,
+}
+
+fn write_loop(mut file: File, path: PathBuf, rx: std_mpsc::Receiver<Entry>, size: Arc<Sizes>) {
     while let Ok(first) = rx.recv() {
         let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
+        // A rewrite ends a batch: what came before goes to the old file.
+        while batch.len() < MAX_BATCH && batch.last().is_some_and(|e| e.rewrite.is_none()) {
             match rx.try_recv() {
                 Ok(e) => batch.push(e),
                 Err(_) => break,
@@ -249,7 +321,10 @@ fn write_loop(mut file: File, path: PathBuf, rx: std_mpsc::Receiver<Entry>) {
             tracing::error!(path = %path.display(), error = %e, "journal write failed; exiting");
             std::process::exit(74);
         }
+        size.now
+            .fetch_add(buf.len() as u64, std::sync::atomic::Ordering::Relaxed);
         let stop = batch.iter().any(|e| e.stop);
+        let rewrite = batch.iter_mut().find_map(|e| e.rewrite.take());
         for e in batch {
             if let Some((session, seq)) = e.publish {
                 session.publish(seq);
@@ -258,8 +333,47 @@ fn write_loop(mut file: File, path: PathBuf, rx: std_mpsc::Receiver<Entry>) {
                 let _ = done.send(());
             }
         }
+        if let Some(records) = rewrite {
+            compact(&mut file, &path, &records, &size);
+        }
         if stop {
             return;
+        }
+    }
+}
+
+/// Swaps in a file holding just `records` (the writer's part of a compaction).
+fn compact(file: &mut File, path: &Path, records: &[JournalRecord], size: &Sizes) {
+    use std::sync::atomic::Ordering::Relaxed;
+    size.rewrite_pending.store(false, Relaxed);
+    let content = match encode_all(records) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "journal compaction failed");
+            return;
+        }
+    };
+    let tmp = match write_tmp(path, &content) {
+        Ok(tmp) => tmp,
+        Err(e) => {
+            // The old file is intact and still open for appending: carry on with it.
+            tracing::error!(path = %path.display(), error = %e, "journal compaction failed");
+            return;
+        }
+    };
+    match swap_in(&tmp, path) {
+        Ok(f) => {
+            *file = f;
+            let new = (MAGIC.len() + content.len()) as u64;
+            size.now.store(new, Relaxed);
+            size.compacted.store(new, Relaxed);
+            tracing::info!(path = %path.display(), bytes = new, "journal compacted");
+        }
+        Err(e) => {
+            // Renamed but not reopened: appending to the old inode would lose events.
+            // Crash-only: the restart reads the new file.
+            tracing::error!(path = %path.display(), error = %e, "journal swap failed; exiting");
+            std::process::exit(74);
         }
     }
 }

@@ -85,7 +85,10 @@ pub async fn run_ready(
         loop {
             tokio::select! {
                 _ = sweep_stop.cancelled() => return,
-                _ = tick.tick() => sweep_hub.sweep(),
+                _ = tick.tick() => {
+                    sweep_hub.sweep();
+                    sweep_hub.maybe_compact();
+                }
             }
         }
     });

@@ -1002,3 +1002,70 @@ async fn stuck_readers_cannot_grow_the_server_memory() {
         );
     }
 }
+
+#[tokio::test]
+async fn the_journal_is_compacted_while_running() {
+    let dir = TempDir::new("compact");
+    let data = dir.path().to_str().unwrap().to_string();
+    let args = [
+        "--data-dir",
+        &data,
+        "--journal-compact-bytes",
+        "65536",
+        "--closed-retention",
+        "0",
+    ];
+    let server = Server::start(&args);
+    let journal = dir.path().join("journal.bin");
+    let size = || std::fs::metadata(&journal).map(|m| m.len()).unwrap_or(0);
+    let (keeper, customer) = server.create_session("keeper").await;
+    let text = "k".repeat(400);
+    // Many chats come and go; once closed they are forgotten (retention 0).
+    for i in 0..40 {
+        let (sid, cid) = server.create_session(&format!("gone-{i}")).await;
+        for _ in 0..10 {
+            server
+                .post(
+                    &format!("/sessions/{sid}/messages"),
+                    json!({"participant_id": cid, "text": text}),
+                )
+                .await;
+        }
+        server
+            .post(
+                &format!("/sessions/{sid}/leave"),
+                json!({"participant_id": cid, "after_action": "force-close"}),
+            )
+            .await;
+    }
+    // 40 chats of 4 KB of text were journaled; they are closed and forgotten, so compactions
+    // (triggered as the file passes 64 KiB and doubles) keep the file far below that.
+    let written = 40 * 10 * text.len() as u64;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut n = 0;
+    while size() > written / 4 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the journal stayed at {} bytes",
+            size()
+        );
+        n += 1;
+        let (status, _) = server
+            .post(
+                &format!("/sessions/{keeper}/messages"),
+                json!({"participant_id": customer, "text": format!("still here {n}")}),
+            )
+            .await;
+        assert_eq!(status, 200);
+    }
+    let (_, before) = server.get(&format!("/sessions/{keeper}/transcript")).await;
+    server.kill9();
+    let server = Server::start(&args);
+    let (_, after) = server.get(&format!("/sessions/{keeper}/transcript")).await;
+    assert_eq!(
+        after, before,
+        "the open chat survives compaction and a kill -9"
+    );
+    let (status, _) = server.get("/sessions/gone-0/transcript").await;
+    assert_eq!(status, 404);
+}

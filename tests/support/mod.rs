@@ -225,7 +225,7 @@ listen = "127.0.0.1:0"
 peer = "{peer}"
 secret = "{secret}"
 heartbeat-interval-ms = 100
-failover-after-ms = 1000
+failover-after-ms = 2000
 "#
     )
 }
