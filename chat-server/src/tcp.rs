@@ -329,7 +329,9 @@ fn apply(hub: &Hub, conn: &Arc<Connection>, frame: ClientFrame) -> Pending {
                         participant_id: j.participant_id.clone(),
                         seq: j.seq,
                     };
-                    feed = Some((j.session, j.participant_id, r.since_seq));
+                    // A since_seq past the join means "what follows my join": pinned to the
+                    // join's number, so nothing slips by before the feed starts.
+                    feed = Some((j.session, j.participant_id, r.since_seq.min(j.seq)));
                     reply
                 })
             }),
@@ -339,7 +341,8 @@ fn apply(hub: &Hub, conn: &Arc<Connection>, frame: ClientFrame) -> Pending {
                 participant_id: j.participant_id.clone(),
                 seq: j.seq,
             };
-            feed = Some((j.session, j.participant_id, r.since_seq));
+            // A since_seq past the session's end means "from now": pinned to that number.
+            feed = Some((j.session, j.participant_id, r.since_seq.min(j.seq)));
             Ack::now(reply)
         }),
         ChatRequest::Post(r) => hub
