@@ -1,4 +1,8 @@
 //! High availability end to end: a real Chat Server and two real `bgs serve` processes.
+//!
+//! The HA links pass through [`LinkProxy`] tasks of this test process, so tests run on a
+//! multi-threaded runtime: a blocking call (a `bgs ctl` child, waiting for a SIGTERM'd node)
+//! must never stall the proxies, or the nodes would see a cut link.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -79,7 +83,7 @@ async fn check_exactly_once(c: &Customer<'_>, said: &[&str]) {
     assert_eq!(messages(&t), want, "session {}", c.session);
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failover_after_kill_9_resumes_every_bot_with_its_context() {
     let chat = ChatServer::start(&[]);
     let mut pair = start_pair(&chat).await;
@@ -159,7 +163,7 @@ async fn failover_after_kill_9_resumes_every_bot_with_its_context() {
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn manual_switchover_under_traffic_loses_nothing_and_posts_nothing_twice() {
     let chat = ChatServer::start(&[]);
     let pair = start_pair(&chat).await;
@@ -277,7 +281,7 @@ async fn manual_switchover_under_traffic_loses_nothing_and_posts_nothing_twice()
     );
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_ha_link_never_lets_two_nodes_post() {
     let chat = ChatServer::start(&[]);
     let Pair {
@@ -311,7 +315,7 @@ async fn a_cut_ha_link_never_lets_two_nodes_post() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_empty_backup_catches_up_by_snapshot_and_a_wrong_secret_is_refused() {
     let chat = ChatServer::start(&[]);
     let mut pair = start_pair(&chat).await;
@@ -496,7 +500,7 @@ fn open_in_chromium(url: &str) -> Option<(Browser, Cdp)> {
     Some((browser, cdp))
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_operator_page_shows_both_nodes_and_switches_over() {
     let chat = ChatServer::start(&[]);
     let pair = start_pair(&chat).await;
@@ -534,7 +538,7 @@ async fn the_operator_page_shows_both_nodes_and_switches_over() {
     .unwrap();
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn both_nodes_down_come_back_with_their_roles_from_the_state_files() {
     let chat = ChatServer::start(&[]);
     let dir = support::TempDir::new("ha-state");
@@ -582,7 +586,7 @@ async fn both_nodes_down_come_back_with_their_roles_from_the_state_files() {
     assert_eq!(c.next_reply().await, "1: hi");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_primary_restarted_before_failover_does_not_wipe_the_backup() {
     let chat = ChatServer::start(&[]);
     let mut pair = start_pair(&chat).await;
@@ -611,7 +615,7 @@ async fn a_primary_restarted_before_failover_does_not_wipe_the_backup() {
     }
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sync_mode_keeps_every_acknowledged_save_through_a_failover() {
     let chat = ChatServer::start(&[]);
     let (to_a, to_b) = (LinkProxy::start().await, LinkProxy::start().await);
