@@ -293,6 +293,36 @@ impl Handler<Esp> for Supervisor {
 }
 
 impl Supervisor {
+    /// Hands a StopBot or SendDataToBot to the session of the bot; its answer (the instance id)
+    /// becomes `done(instance_id)`.
+    fn to_bot_session<M>(
+        &self,
+        id: u64,
+        key: &BotKey,
+        msg: M,
+        done: fn(String) -> EspResult,
+    ) -> ResponseActFuture<Self, EspResponse>
+    where
+        M: Message<Result = Result<String, EspError>> + Send + 'static,
+        SessionActor: Handler<M>,
+    {
+        let Some(session) = self.sessions.get(&key.interaction_id).cloned() else {
+            let e = EspError::new("no_such_instance", format!("no running bot {key}"));
+            return Box::pin(actix::fut::ready(e.into_response(id)));
+        };
+        Box::pin(
+            session
+                .send(msg)
+                .into_actor(self)
+                .map(move |r, _, _| match r {
+                    Ok(Ok(instance_id)) => EspResponse::ok(id, done(instance_id)),
+                    Ok(Err(e)) => e.into_response(id),
+                    Err(_) => EspError::new("no_such_instance", "the bot's session has ended")
+                        .into_response(id),
+                }),
+        )
+    }
+
     fn esp(
         &mut self,
         request: EspRequest,
@@ -326,53 +356,22 @@ impl Supervisor {
         match command {
             EspCommand::Start(spec) => self.start(id, spec, ctx),
             EspCommand::Stop(key) => {
-                let Some(session) = self.sessions.get(&key.interaction_id).cloned() else {
-                    return ready(
-                        EspError::new("no_such_instance", format!("no running bot {key}"))
-                            .into_response(id),
-                    );
+                let msg = StopInSession {
+                    key: key.clone(),
+                    reason: StopReason::StopRequested,
                 };
-                Box::pin(
-                    session
-                        .send(StopInSession {
-                            key,
-                            reason: StopReason::StopRequested,
-                        })
-                        .into_actor(self)
-                        .map(move |r, _, _| match r {
-                            Ok(Ok(instance_id)) => {
-                                EspResponse::ok(id, EspResult::Stopped { instance_id })
-                            }
-                            Ok(Err(e)) => e.into_response(id),
-                            Err(_) => {
-                                EspError::new("no_such_instance", "the bot's session has ended")
-                                    .into_response(id)
-                            }
-                        }),
-                )
+                self.to_bot_session(id, &key, msg, |instance_id| EspResult::Stopped {
+                    instance_id,
+                })
             }
             EspCommand::SendData { key, data } => {
-                let Some(session) = self.sessions.get(&key.interaction_id).cloned() else {
-                    return ready(
-                        EspError::new("no_such_instance", format!("no running bot {key}"))
-                            .into_response(id),
-                    );
+                let msg = DataInSession {
+                    key: key.clone(),
+                    data,
                 };
-                Box::pin(
-                    session
-                        .send(DataInSession { key, data })
-                        .into_actor(self)
-                        .map(move |r, _, _| match r {
-                            Ok(Ok(instance_id)) => {
-                                EspResponse::ok(id, EspResult::DataSent { instance_id })
-                            }
-                            Ok(Err(e)) => e.into_response(id),
-                            Err(_) => {
-                                EspError::new("no_such_instance", "the bot's session has ended")
-                                    .into_response(id)
-                            }
-                        }),
-                )
+                self.to_bot_session(id, &key, msg, |instance_id| EspResult::DataSent {
+                    instance_id,
+                })
             }
             EspCommand::Status {
                 interaction_id,
