@@ -427,6 +427,14 @@ impl Hub {
         s
     }
 
+    /// The session a change by `actor` applies to (a fenced connection changes nothing).
+    fn session_for(&self, actor: Actor<'_>, session_id: &str) -> Result<Arc<Session>> {
+        if let Actor::Conn(c) = actor {
+            c.check_live()?;
+        }
+        self.session(session_id)
+    }
+
     pub fn session(&self, id: &str) -> Result<Arc<Session>> {
         match self.sessions.get(id) {
             Some(s) => Ok(s.value().clone()),
@@ -703,10 +711,7 @@ impl Hub {
         if let Some(k) = &key {
             check_len("key", k, 1, MAX_ID)?;
         }
-        if let Actor::Conn(c) = actor {
-            c.check_live()?;
-        }
-        let session = self.session(session_id)?;
+        let session = self.session_for(actor, session_id)?;
         let mut st = session.lock();
         Self::authorize(&st, participant_id, actor)?;
         let outcome = st.post(
@@ -756,10 +761,7 @@ impl Hub {
     ) -> Result<Ack<u64>> {
         // Changes are journaled under the gate's read side (see `compact`).
         let _gate = self.gate.read().unwrap_or_else(|p| p.into_inner());
-        if let Actor::Conn(c) = actor {
-            c.check_live()?;
-        }
-        let session = self.session(session_id)?;
+        let session = self.session_for(actor, session_id)?;
         let mut st = session.lock();
         Self::authorize(&st, participant_id, actor)?;
         let events = st.leave(
@@ -801,10 +803,7 @@ impl Hub {
         // Changes are journaled under the gate's read side (see `compact`).
         let _gate = self.gate.read().unwrap_or_else(|p| p.into_inner());
         self.check_userdata(&changes)?;
-        if let Actor::Conn(c) = actor {
-            c.check_live()?;
-        }
-        let session = self.session(session_id)?;
+        let session = self.session_for(actor, session_id)?;
         let mut st = session.lock();
         if let Some(pid) = participant_id {
             Self::authorize(&st, pid, actor)?;
