@@ -130,11 +130,94 @@ pub struct LogConfig {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
 pub struct PluginsConfig {
+    /// A folder of process plugins: each subfolder with a `plugin.toml` is one plugin.
+    pub dir: Option<PathBuf>,
     pub scripted: ScriptedConfig,
     pub faulty: FaultyConfig,
-    /// External webhook bots (a later release ships the connector; accepted so configs can hold them).
-    pub webhook: ConnectorConfig,
-    pub botframework: ConnectorConfig,
+    pub webhook: WebhookConfig,
+    pub botframework: BotFrameworkConfig,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WebhookConfig {
+    /// Endpoint name (the StartBot `ChatBotName`) to its settings.
+    pub endpoints: BTreeMap<String, WebhookEndpoint>,
+}
+
+/// One external webhook bot (Rasa's REST channel shape).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookEndpoint {
+    pub url: String,
+    /// Time for one attempt, milliseconds.
+    #[serde(default = "default_webhook_timeout", alias = "timeout-ms")]
+    pub timeout_ms: u64,
+    /// Attempts after the first one fails (a connection error, a timeout, a 5xx or a 429).
+    #[serde(default = "default_webhook_retries")]
+    pub retries: u32,
+    /// Extra request headers (for example an `Authorization` the endpoint wants).
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Userdata written when the bot gives up (the endpoint cannot be reached).
+    #[serde(default, alias = "handoff-userdata")]
+    pub handoff_userdata: BTreeMap<String, String>,
+    /// Told to the customer (a notice) when the bot gives up.
+    #[serde(default = "default_unavailable_notice", alias = "unavailable-notice")]
+    pub unavailable_notice: String,
+}
+
+fn default_webhook_timeout() -> u64 {
+    3000
+}
+fn default_webhook_retries() -> u32 {
+    2
+}
+fn default_unavailable_notice() -> String {
+    "Sorry, our assistant is not available right now. Let me find a person who can help you.".into()
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BotFrameworkConfig {
+    /// The `serviceUrl` given to bots: this node's HTTP base as the bots reach it. Default:
+    /// `http://` and `node.http-listen` (the bound address).
+    #[serde(alias = "service-url")]
+    pub service_url: Option<String>,
+    /// Bot name (the StartBot `ChatBotName`) to its settings.
+    pub bots: BTreeMap<String, BotFrameworkBot>,
+}
+
+/// One Bot Framework bot.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BotFrameworkBot {
+    /// The bot's messaging endpoint (`http://127.0.0.1:3978/api/messages`).
+    pub endpoint: String,
+    /// The bot's Microsoft app id and secret; absent for a local bot with no authentication.
+    #[serde(default, alias = "app-id")]
+    pub app_id: Option<String>,
+    #[serde(default, alias = "app-password")]
+    pub app_password: Option<String>,
+    /// The Entra ID tenant that issues the gateway's tokens for this bot.
+    #[serde(default = "default_bf_tenant")]
+    pub tenant: String,
+    /// Time the bot has for one turn (its answer to one activity), milliseconds.
+    #[serde(default = "default_bf_timeout", alias = "timeout-ms")]
+    pub timeout_ms: u64,
+    /// Told to the customer (a notice) when the bot gives up because it cannot be reached.
+    #[serde(default = "default_unavailable_notice", alias = "unavailable-notice")]
+    pub unavailable_notice: String,
+    /// Userdata written when the bot gives up.
+    #[serde(default, alias = "handoff-userdata")]
+    pub handoff_userdata: BTreeMap<String, String>,
+}
+
+fn default_bf_tenant() -> String {
+    "botframework.com".into()
+}
+fn default_bf_timeout() -> u64 {
+    8000
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -149,13 +232,6 @@ pub struct ScriptedConfig {
 pub struct FaultyConfig {
     /// Enables the `faulty` diagnostic bot (panics, errors or stalls on command).
     pub enabled: bool,
-}
-
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct ConnectorConfig {
-    pub endpoints: BTreeMap<String, toml::Table>,
-    pub bots: BTreeMap<String, toml::Table>,
 }
 
 fn addr(s: &str) -> SocketAddr {

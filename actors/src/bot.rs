@@ -12,7 +12,7 @@
 
 use std::fmt;
 
-use bgs_proto::chat::{ChatEvent, UserdataChanges, Visibility};
+use bgs_proto::chat::{ChatEvent, RichContent, UserdataChanges, Visibility};
 use bgs_proto::esp::KeyValues;
 use futures_util::future::BoxFuture;
 use serde::{Deserialize, Serialize};
@@ -107,7 +107,38 @@ pub struct BotStart {
     pub history: Vec<ChatEvent>,
     /// The context the bot saved before a switchover; `None` on a first start.
     pub restored: Option<Vec<u8>>,
+    /// Wakes the bot with [`BotInput::Wake`]: for connector bots whose external side speaks
+    /// without being asked (a proactive message, a late reply). Keep it; waking is cheap.
+    pub waker: BotWaker,
 }
+
+/// A handle that queues a [`BotInput::Wake`] for one bot (in order with its other inputs).
+/// Waking a bot that has stopped does nothing.
+#[derive(Clone)]
+pub struct BotWaker(std::sync::Arc<dyn Fn() + Send + Sync>);
+
+impl BotWaker {
+    pub fn new(wake: impl Fn() + Send + Sync + 'static) -> Self {
+        BotWaker(std::sync::Arc::new(wake))
+    }
+
+    /// A waker that does nothing (tests, bots that never wake).
+    pub fn none() -> Self {
+        BotWaker::new(|| {})
+    }
+
+    pub fn wake(&self) {
+        (self.0)()
+    }
+}
+
+impl fmt::Debug for BotWaker {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("BotWaker")
+    }
+}
+
+pub use bgs_proto::esp::Handoff;
 
 /// One thing for a bot to handle.
 #[derive(Debug, Clone)]
@@ -119,6 +150,8 @@ pub enum BotInput {
     Data(KeyValues),
     /// The last input: the bot is being stopped.
     Stop(StopReason),
+    /// The bot's [`BotWaker`] was called: it may act on what its external side sent meanwhile.
+    Wake,
 }
 
 /// What a bot asked for while handling one input, carried out in order afterwards.
@@ -128,10 +161,12 @@ pub enum BotAction {
         kind: bgs_proto::chat::PostKind,
         text: String,
         visibility: Visibility,
+        rich: Option<RichContent>,
     },
     Userdata(UserdataChanges),
     Leave,
     SaveContext(Vec<u8>),
+    Handoff(Handoff),
 }
 
 /// Who the bot is, and the outbox of its current handler.
@@ -143,6 +178,10 @@ pub struct BotContext {
     pub bot_name: String,
     pub nickname: String,
     pub visibility: Visibility,
+    /// A stable id of the input being handled: `{instance_id}:{label}`, the prefix of its posts'
+    /// client keys. The same input handled again (after a reconnect or a switchover) has the
+    /// same id: connectors send it as an idempotency key.
+    pub input_id: String,
     actions: Vec<BotAction>,
 }
 
@@ -162,6 +201,7 @@ impl BotContext {
             bot_name,
             nickname,
             visibility,
+            input_id: String::new(),
             actions: Vec::new(),
         }
     }
@@ -172,7 +212,32 @@ impl BotContext {
             kind,
             text,
             visibility,
+            rich: None,
         });
+    }
+
+    /// Posts a message with buttons or cards. The text posted is `rich.fallback(text)`: the
+    /// text and the choices as a numbered list, so a text-only client shows them too.
+    pub fn say_rich(&mut self, text: impl Into<String>, rich: RichContent) {
+        let text = text.into();
+        let (text, rich) = if rich.is_empty() {
+            (text, None)
+        } else {
+            (rich.fallback(&text), Some(rich))
+        };
+        let visibility = self.visibility;
+        self.actions.push(BotAction::Post {
+            kind: bgs_proto::chat::PostKind::Message,
+            text,
+            visibility,
+            rich,
+        });
+    }
+
+    /// Hands the customer over to a person: writes the hand-off into userdata, then leaves
+    /// (the bot gets `Stop(BotLeft)`; the report and GetBotStatus carry the hand-off).
+    pub fn handoff(&mut self, handoff: Handoff) {
+        self.actions.push(BotAction::Handoff(handoff));
     }
 
     /// Posts a message with the bot's own visibility.
@@ -186,6 +251,7 @@ impl BotContext {
             kind: bgs_proto::chat::PostKind::Message,
             text: text.into(),
             visibility: self.visibility.narrow(visibility),
+            rich: None,
         });
     }
 

@@ -8,13 +8,13 @@ use std::time::Duration;
 use actix::prelude::*;
 use bgs_proto::chat::{
     AfterAction, ChatEvent, ChatRequest, EventKind, LeaveRequest, PostKind, PostRequest,
-    UserdataChanges,
+    RichContent, UserdataChanges,
 };
 use bgs_proto::esp::KeyValues;
 use futures_util::FutureExt;
 use tokio::sync::oneshot;
 
-use crate::bot::{Bot, BotAction, BotContext, BotInput, BotStart, StopReason};
+use crate::bot::{Bot, BotAction, BotContext, BotInput, BotStart, BotWaker, Handoff, StopReason};
 use crate::chat_link::{ChatCall, ChatCallError, ChatLink};
 use crate::esp::StartSpec;
 use crate::ha::Replicate;
@@ -65,6 +65,8 @@ pub struct AbandonBot;
 pub enum Deliver {
     Event(ChatEvent),
     Data(KeyValues),
+    /// The bot's [`BotWaker`] was called.
+    Wake,
 }
 
 /// Stop the bot: runs its stop handler, writes the waiting-mode outcome, leaves if the reason
@@ -113,6 +115,9 @@ pub struct BotActor {
     received: u64,
     started_ms: u64,
     error: Option<String>,
+    /// The hand-off the bot ended with.
+    handoff: Option<Handoff>,
+    wake_count: u64,
     /// The bot failed or asked to leave: it takes no more inputs (its stop is on the way).
     halted: bool,
     done: std::sync::Arc<std::sync::atomic::AtomicBool>,
@@ -162,6 +167,7 @@ struct Outcome {
     /// the Chat Server is gone): not the bot's fault, but nothing is saved past this input.
     unavailable: bool,
     saved: Option<Vec<u8>>,
+    handoff: Option<Handoff>,
 }
 
 fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
@@ -206,6 +212,9 @@ pub fn plugin_call<R>(f: impl FnOnce() -> R) -> Result<R, String> {
     IN_PLUGIN.with(|flag| flag.set(before));
     result.map_err(|p| panic_message(&*p))
 }
+
+/// How long a stopping bot waits for its waiting-mode outcome to be written.
+const OUTCOME_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Longest text a bot may post (bytes); longer posts are refused and logged.
 pub const MAX_POST: usize = 16 * 1024;
@@ -272,6 +281,7 @@ impl Outbox {
         &self,
         kind: PostKind,
         text: String,
+        rich: Option<RichContent>,
         visibility: bgs_proto::chat::Visibility,
         key: String,
     ) -> Result<(), ActionError> {
@@ -282,6 +292,7 @@ impl Outbox {
             text,
             visibility,
             key: Some(key),
+            rich,
         });
         let kind_label = match kind {
             PostKind::Message => "message",
@@ -344,7 +355,8 @@ impl Outbox {
 
     /// Carries out a handler's actions in order. `label` makes the client keys: the same input
     /// replayed after a reconnect or a switchover produces the same keys, so nothing posts twice.
-    async fn execute(&self, actions: Vec<BotAction>, label: &str) -> Outcome {
+    /// `transcript` is the reference a hand-off writes (`ChatBotTranscript`).
+    async fn execute(&self, actions: Vec<BotAction>, label: &str, transcript: &str) -> Outcome {
         let mut outcome = Outcome::default();
         for (index, action) in actions.into_iter().enumerate() {
             match action {
@@ -359,12 +371,13 @@ impl Outbox {
                     kind,
                     text,
                     visibility,
+                    rich,
                 } => {
                     let key = format!("{}:{label}:{index}", self.instance_id);
                     if kind == PostKind::Message {
                         outcome.sent += 1;
                     }
-                    if let Err(e) = self.post(kind, text, visibility, key).await {
+                    if let Err(e) = self.post(kind, text, rich, visibility, key).await {
                         outcome.fail(e);
                         break;
                     }
@@ -384,10 +397,43 @@ impl Outbox {
                     );
                 }
                 BotAction::SaveContext(bytes) => outcome.saved = Some(bytes),
+                BotAction::Handoff(handoff) => {
+                    if let Err(e) = self.userdata(handoff_userdata(&handoff, transcript)).await {
+                        outcome.fail(e);
+                        break;
+                    }
+                    outcome.handoff = Some(handoff);
+                    outcome.leave = true;
+                }
             }
         }
         outcome
     }
+}
+
+/// The userdata a hand-off writes: the bot's own keys, then `ChatBotHandoff`,
+/// `ChatBotHandoffReason`, `ChatBotHandoffSummary` and `ChatBotTranscript`.
+pub fn handoff_userdata(handoff: &Handoff, transcript: &str) -> UserdataChanges {
+    let mut changes: UserdataChanges = handoff
+        .userdata
+        .iter()
+        .map(|(k, v)| (k.clone(), Some(v.clone())))
+        .collect();
+    changes.insert("ChatBotHandoff".into(), Some("true".into()));
+    let reason = if handoff.reason.is_empty() {
+        "requested"
+    } else {
+        &handoff.reason
+    };
+    changes.insert("ChatBotHandoffReason".into(), Some(reason.into()));
+    if !handoff.summary.is_empty() {
+        changes.insert(
+            "ChatBotHandoffSummary".into(),
+            Some(handoff.summary.clone()),
+        );
+    }
+    changes.insert("ChatBotTranscript".into(), Some(transcript.into()));
+    changes
 }
 
 impl BotActor {
@@ -397,6 +443,7 @@ impl BotActor {
             userdata: setup.spec.userdata.clone(),
             history: setup.history,
             restored: setup.restored,
+            waker: BotWaker::none(),
         };
         BotActor {
             instance_id: setup.instance_id,
@@ -416,6 +463,8 @@ impl BotActor {
             received: 0,
             started_ms: setup.started_ms,
             error: None,
+            handoff: None,
+            wake_count: 0,
             halted: false,
             done: setup.done.clone(),
             stopping: false,
@@ -436,15 +485,23 @@ impl BotActor {
         )
     }
 
-    fn context(&self) -> BotContext {
-        BotContext::new(
+    fn context(&self, label: &str) -> BotContext {
+        let mut ctx = BotContext::new(
             self.instance_id.clone(),
             self.setup_spec.key.interaction_id.clone(),
             self.setup_spec.key.bot_id.clone(),
             self.setup_spec.key.bot_name.clone(),
             self.setup_spec.nickname.clone(),
             self.setup_spec.visibility,
-        )
+        );
+        ctx.input_id = format!("{}:{label}", self.instance_id);
+        ctx
+    }
+
+    /// What a hand-off writes as `ChatBotTranscript`: the Chat Server session and the range of
+    /// its events the bot was in (`{session}:{joined seq}-{last seq}`).
+    fn transcript(&self) -> String {
+        format!("{}:{}-{}", self.session_id, self.joined_seq, self.last_seq)
     }
 
     fn outbox(&self) -> Outbox {
@@ -459,7 +516,8 @@ impl BotActor {
     /// Runs one input exclusively: the next input waits until this one's actions are done.
     fn run(&mut self, input: BotInput, label: String, ctx: &mut Context<Self>) {
         let Some(bot) = self.bot.take() else { return };
-        let bctx = self.context();
+        let bctx = self.context(&label);
+        let transcript = self.transcript();
         let timeout = self.handling_timeout;
         let outbox = self.outbox();
         let covered = self.last_seq;
@@ -469,7 +527,7 @@ impl BotActor {
         let span = self.span();
         let fut = async move {
             let (bot, error, actions) = call(bot, bctx, input, timeout).await;
-            let outcome = outbox.execute(actions, &label).await;
+            let outcome = outbox.execute(actions, &label, &transcript).await;
             // Posts first, then the save: a failover before the save replays the input, and the
             // replayed posts carry the same client keys.
             let error = error.or_else(|| outcome.failed.clone());
@@ -490,6 +548,9 @@ impl BotActor {
                     metrics().handled(Kind::Bot, started.elapsed());
                     act.bot = bot;
                     act.sent += outcome.sent;
+                    if outcome.handoff.is_some() {
+                        act.handoff = outcome.handoff;
+                    }
                     if let Some(bytes) = outcome.saved {
                         act.saved = Some((bytes, covered));
                     }
@@ -534,7 +595,11 @@ impl BotActor {
             ended_by: reason.ended_by().into(),
             end_reason: reason.as_str().into(),
             abnormal: reason.is_abnormal(),
-            error: self.error.clone(),
+            error: self
+                .error
+                .clone()
+                .or_else(|| self.handoff.as_ref().and_then(|h| h.error.clone())),
+            handoff: self.handoff.clone(),
         }
     }
 }
@@ -549,7 +614,15 @@ impl Actor for BotActor {
     fn started(&mut self, ctx: &mut Context<Self>) {
         metrics().actor_started(Kind::Bot);
         ctx.set_mailbox_capacity(BOT_MAILBOX);
-        if let Some(start) = self.start.take() {
+        if let Some(mut start) = self.start.take() {
+            let me = ctx.address().downgrade();
+            start.waker = BotWaker::new(move || {
+                if let Some(addr) = me.upgrade() {
+                    if addr.try_send(Deliver::Wake).is_ok() {
+                        metrics().queued(Kind::Bot);
+                    }
+                }
+            });
             let label = format!("{}s", self.joined_seq);
             self.run(BotInput::Start(start), label, ctx);
         }
@@ -591,6 +664,14 @@ impl Handler<Deliver> for BotActor {
                 );
                 self.run(BotInput::Data(data), label, ctx);
             }
+            Deliver::Wake => {
+                self.wake_count += 1;
+                let label = format!(
+                    "{}w{:08x}-{}",
+                    self.last_seq, self.incarnation, self.wake_count
+                );
+                self.run(BotInput::Wake, label, ctx);
+            }
         }
     }
 }
@@ -621,7 +702,8 @@ impl Handler<StopBotActor> for BotActor {
         self.stopping = true;
         let reason = msg.reason;
         let bot = self.bot.take();
-        let bctx = self.context();
+        let bctx = self.context("stop");
+        let transcript = self.transcript();
         let timeout = self.handling_timeout;
         let outbox = self.outbox();
         let holdup = self.setup_spec.holdup;
@@ -635,20 +717,15 @@ impl Handler<StopBotActor> for BotActor {
                 error = e;
                 // Posting needs the bot still in the chat: only when the gateway removes it.
                 if reason.sends_leave() {
-                    sent = outbox.execute(actions, "stop").await.sent;
+                    sent = outbox.execute(actions, "stop", &transcript).await.sent;
                 }
             }
             let ended_ms = now_ms();
-            // Waiting mode: the workflow learns why and when the bot finished. While the bot is
-            // still in the chat it writes as itself; after the Chat Server removed it, the
-            // gateway writes as the system. A closed session or a lost Chat Server has nobody
-            // waiting; a bot stopped by a shutdown goes on at the other node.
-            let write_outcome = holdup
-                && !matches!(
-                    reason,
-                    StopReason::SessionClosed | StopReason::ChatServerLost | StopReason::Shutdown
-                );
-            if write_outcome {
+            // Waiting mode: the workflow learns why and when the bot finished, on every end
+            // path. While the bot is still in the chat it writes as itself; otherwise (removed,
+            // session closed, Chat Server lost, shutdown) the gateway writes as the system. A
+            // Chat Server that is gone cannot take it: that is logged, and the report has it.
+            if holdup {
                 let changes: UserdataChanges = [
                     (
                         "ChatBotResult".to_string(),
@@ -658,13 +735,21 @@ impl Handler<StopBotActor> for BotActor {
                     ("ChatBotInstanceId".to_string(), Some(instance_id)),
                 ]
                 .into();
-                let written = if reason.sends_leave() {
-                    outbox.userdata(changes).await
-                } else {
-                    outbox.system_userdata(changes).await
+                let write = async {
+                    if reason.sends_leave() {
+                        outbox.userdata(changes).await
+                    } else {
+                        outbox.system_userdata(changes).await
+                    }
                 };
-                if let Err(e) = written {
-                    tracing::warn!(error = %e, "the waiting-mode outcome was not written");
+                match tokio::time::timeout(OUTCOME_TIMEOUT, write).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "the waiting-mode outcome was not written")
+                    }
+                    Err(_) => tracing::warn!(
+                        "the waiting-mode outcome was not written: the chat server did not answer in time"
+                    ),
                 }
             }
             if reason.sends_leave() {

@@ -29,6 +29,8 @@ pub struct BotReport {
     pub end_reason: String,
     pub abnormal: bool,
     pub error: Option<String>,
+    /// The hand-off the bot ended with (`null` unless it handed the customer over).
+    pub handoff: Option<bgs_proto::esp::Handoff>,
 }
 
 /// Where report records go (a JSON-lines file in `bgs serve`; a vector in tests).
@@ -73,11 +75,12 @@ impl Registry {
         out
     }
 
-    pub fn finish(&self, key: &BotKey, reason: &str, ended_ms: u64) {
+    pub fn finish(&self, key: &BotKey, report: &BotReport) {
         if let Some((_, mut status)) = self.running.remove(key) {
             status.state = "finished".into();
-            status.reason = Some(reason.to_string());
-            status.ended_ms = Some(ended_ms);
+            status.reason = Some(report.end_reason.clone());
+            status.ended_ms = Some(report.ended_ms);
+            status.handoff = report.handoff.clone();
             let mut list = self.finished.entry(key.interaction_id.clone()).or_default();
             list.push_back(status);
             while list.len() > FINISHED_PER_INTERACTION {

@@ -216,6 +216,7 @@ impl Supervisor {
                 category: spec.category.clone(),
                 function: spec.function.clone(),
                 holdup: spec.holdup,
+                handoff: None,
             },
         );
         let key = spec.key.clone();
@@ -401,7 +402,7 @@ impl Handler<BotFinished> for Supervisor {
             duration_ms = r.duration_ms,
             "bot finished"
         );
-        self.registry.finish(&msg.key, &r.end_reason, r.ended_ms);
+        self.registry.finish(&msg.key, r);
         metrics()
             .bots_stopped
             .inc(&[&r.bot_id, &r.end_reason, &r.category, &r.function]);
@@ -582,6 +583,7 @@ fn status_of_replica(b: &ReplicatedBot) -> BotStatus {
         category: b.category.clone(),
         function: b.function.clone(),
         holdup: b.holdup,
+        handoff: None,
     }
 }
 

@@ -196,6 +196,7 @@ impl ChatClient {
             text: text.into(),
             visibility,
             key: key.map(str::to_string),
+            rich: None,
         });
         match self.request(request).await? {
             ChatResponse::Posted { seq, duplicate } => Ok((seq, duplicate)),

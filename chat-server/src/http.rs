@@ -9,8 +9,8 @@ use std::time::Duration;
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
 use bgs_proto::chat::{
-    AfterAction, ChatError, ChatErrorCode, ChatEvent, ParticipantType, PostKind, Style, Userdata,
-    UserdataChanges, Visibility,
+    AfterAction, ChatError, ChatErrorCode, ChatEvent, ParticipantType, PostKind, RichContent,
+    Style, Userdata, UserdataChanges, Visibility,
 };
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -145,6 +145,8 @@ struct Post {
     key: Option<String>,
     #[serde(default)]
     kind: PostKind,
+    #[serde(default)]
+    rich: Option<RichContent>,
 }
 
 async fn post(
@@ -160,6 +162,7 @@ async fn post(
             &b.participant_id,
             b.kind,
             b.text,
+            b.rich,
             b.visibility,
             b.key,
         )?

@@ -15,8 +15,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bgs_proto::chat::{
     AfterAction, ChatErrorCode, ChatEvent, ClientRole, EventKind, Hello, Participant,
-    ParticipantType, PostKind, Reason, ServerFrame, Style, Userdata, UserdataChanges, Visibility,
-    CHAT_PROTOCOL_VERSION,
+    ParticipantType, PostKind, Reason, RichContent, ServerFrame, Style, Userdata, UserdataChanges,
+    Visibility, CHAT_PROTOCOL_VERSION, MAX_RICH_ITEMS,
 };
 use dashmap::DashMap;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -702,12 +702,35 @@ impl Hub {
         participant_id: &str,
         kind: PostKind,
         text: String,
+        rich: Option<RichContent>,
         visibility: Visibility,
         key: Option<String>,
     ) -> Result<Ack<(u64, bool)>> {
         // Changes are journaled under the gate's read side (see `compact`).
         let _gate = self.gate.read().unwrap_or_else(|p| p.into_inner());
         check_len("text", &text, 0, self.config.max_text)?;
+        let rich = rich.filter(|r| !r.is_empty());
+        if let Some(r) = &rich {
+            if r.items() > MAX_RICH_ITEMS {
+                return refuse(
+                    ChatErrorCode::BadRequest,
+                    format!(
+                        "rich content has {} buttons and cards; at most {MAX_RICH_ITEMS}",
+                        r.items()
+                    ),
+                );
+            }
+            if r.text_len() > self.config.max_text {
+                return refuse(
+                    ChatErrorCode::BadRequest,
+                    format!(
+                        "rich content holds {} bytes of text; at most {}",
+                        r.text_len(),
+                        self.config.max_text
+                    ),
+                );
+            }
+        }
         if let Some(k) = &key {
             check_len("key", k, 1, MAX_ID)?;
         }
@@ -718,6 +741,7 @@ impl Hub {
             participant_id,
             kind,
             text,
+            rich,
             visibility,
             key,
             &self.limits,

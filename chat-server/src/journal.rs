@@ -6,7 +6,7 @@
 //! requests (group commit: under load many events share one sync). A process killed with -9 loses
 //! only events nobody was told about; their clients retry with the same client key.
 //!
-//! File format (`journal.bin` in the data dir): the magic `BGSJ1\n`, then records, each a `u32`
+//! File format (`journal.bin` in the data dir): the magic `BGSJ2\n`, then records, each a `u32`
 //! big-endian payload length, a `u32` big-endian CRC-32 of the payload, and the payload (a
 //! [`JournalRecord`] through the one codec of bgs-proto). A torn or corrupt tail (a crash in the
 //! middle of a write) is cut off at start-up. At start-up the journal is also compacted: it is
@@ -28,7 +28,9 @@ use crate::error::{ChatServerError, Result};
 use crate::hub::Session;
 use crate::session::StoredEvent;
 
-const MAGIC: &[u8] = b"BGSJ1\n";
+const MAGIC: &[u8] = b"BGSJ2\n";
+/// The format before events carried rich content: refused with a clear message.
+const OLD_MAGIC: &[u8] = b"BGSJ1\n";
 const FILE: &str = "journal.bin";
 /// The most records one group commit takes.
 const MAX_BATCH: usize = 4096;
@@ -93,6 +95,13 @@ pub fn read(dir: &Path) -> Result<Vec<JournalRecord>> {
     }
     if bytes.is_empty() {
         return Ok(Vec::new());
+    }
+    if bytes.starts_with(OLD_MAGIC) {
+        return Err(ChatServerError::Journal(format!(
+            "{} was written by an older bgs-chat-server (journal format 1); this one writes format 2 \
+             (events with rich content): move the file away to start with an empty journal",
+            path.display()
+        )));
     }
     if !bytes.starts_with(MAGIC) {
         return Err(ChatServerError::Journal(format!(

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 
 use bgs_proto::chat::{
     may_see, AfterAction, ChatErrorCode, ChatEvent, EventKind, Participant, ParticipantType,
-    PostKind, Reason, Style, Userdata, UserdataChanges, Visibility,
+    PostKind, Reason, RichContent, Style, Userdata, UserdataChanges, Visibility,
 };
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
@@ -203,6 +203,7 @@ impl SessionState {
             after_action: None,
             reason: None,
             userdata: None,
+            rich: None,
         }
     }
 
@@ -314,11 +315,13 @@ impl SessionState {
         Ok(self.commit(vec![stored], now).remove(0))
     }
 
+    #[allow(clippy::too_many_arguments)]
     pub fn post(
         &mut self,
         participant_id: &str,
         kind: PostKind,
         text: String,
+        rich: Option<RichContent>,
         requested: Visibility,
         key: Option<String>,
         limits: &SessionLimits,
@@ -333,6 +336,7 @@ impl SessionState {
         let visibility = p.info.visibility.narrow(requested);
         let mut event = self.event(kind.into(), &p.info, visibility, ts_ms);
         event.text = Some(text);
+        event.rich = rich;
         let stored = StoredEvent {
             event,
             owner: None,
@@ -390,10 +394,9 @@ impl SessionState {
     ) -> Result<StoredEvent> {
         let who = match participant_id {
             Some(id) => self.check_present(id)?.info.clone(),
-            None => {
-                self.ensure_open()?;
-                system_participant()
-            }
+            // The system may write to a closed session too: the interaction's userdata outlive
+            // the chat (a waiting workflow reads the bot's outcome after a close).
+            None => system_participant(),
         };
         self.ensure_room(limits)?;
         let mut event = self.event(EventKind::Userdata, &who, Visibility::Int, ts_ms);
@@ -577,6 +580,7 @@ mod tests {
                 "bot",
                 PostKind::Message,
                 "hi".into(),
+                None,
                 Visibility::All,
                 None,
                 &LIMITS,
@@ -591,6 +595,7 @@ mod tests {
             "agent",
             PostKind::Message,
             "psst".into(),
+            None,
             Visibility::Vip,
             None,
             &LIMITS,
@@ -614,6 +619,7 @@ mod tests {
                 "cust",
                 PostKind::Message,
                 "x".into(),
+                None,
                 Visibility::All,
                 Some("k".into()),
                 &LIMITS,
@@ -665,6 +671,7 @@ mod tests {
                 "bot",
                 PostKind::Message,
                 "x".into(),
+                None,
                 Visibility::All,
                 None,
                 &LIMITS,
@@ -714,6 +721,7 @@ mod tests {
                     "cust",
                     PostKind::Message,
                     "a".into(),
+                    None,
                     Visibility::All,
                     Some("k1".into()),
                     &LIMITS,
@@ -746,6 +754,7 @@ mod tests {
                 "cust",
                 PostKind::Message,
                 "a".into(),
+                None,
                 Visibility::All,
                 Some("k1".into()),
                 &LIMITS,
@@ -771,6 +780,7 @@ mod tests {
             "cust",
             PostKind::Message,
             "1".into(),
+            None,
             Visibility::All,
             None,
             &limits,
@@ -782,6 +792,7 @@ mod tests {
             "cust",
             PostKind::Message,
             "2".into(),
+            None,
             Visibility::All,
             None,
             &limits,
@@ -793,6 +804,7 @@ mod tests {
             "cust",
             PostKind::Message,
             "3".into(),
+            None,
             Visibility::All,
             None,
             &limits,

@@ -352,6 +352,7 @@ fn apply(hub: &Hub, conn: &Arc<Connection>, frame: ClientFrame) -> Pending {
                 &r.participant_id,
                 r.kind,
                 r.text,
+                r.rich,
                 r.visibility,
                 r.key,
             )

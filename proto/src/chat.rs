@@ -227,6 +227,123 @@ pub struct ChatEvent {
     pub after_action: Option<AfterAction>,
     pub reason: Option<Reason>,
     pub userdata: Option<UserdataChanges>,
+    /// Structured content of a message or notice (buttons, cards). `text` is its plain-text
+    /// fallback, so a text-only client still shows something sensible.
+    #[serde(default)]
+    pub rich: Option<RichContent>,
+}
+
+/// Structured content a post may carry besides its text: quick-reply buttons and cards.
+///
+/// The post's `text` is always the plain-text fallback ([`RichContent::fallback`] writes one that
+/// lists the choices). A client that renders buttons sends a button's `payload` as the
+/// customer's next message.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct RichContent {
+    #[serde(default)]
+    pub buttons: Vec<Button>,
+    #[serde(default)]
+    pub cards: Vec<Card>,
+}
+
+/// A choice the customer can pick: `title` is shown, `payload` is sent back as a message.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Button {
+    pub title: String,
+    #[serde(default)]
+    pub payload: String,
+}
+
+/// A card (a hero card): title, optional subtitle, text and image, and its own buttons.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Card {
+    #[serde(default)]
+    pub title: String,
+    #[serde(default)]
+    pub subtitle: Option<String>,
+    #[serde(default)]
+    pub text: Option<String>,
+    #[serde(default)]
+    pub image_url: Option<String>,
+    #[serde(default)]
+    pub buttons: Vec<Button>,
+}
+
+/// Most buttons and cards one post may carry (the Chat Server refuses more).
+pub const MAX_RICH_ITEMS: usize = 32;
+
+impl RichContent {
+    pub fn is_empty(&self) -> bool {
+        self.buttons.is_empty() && self.cards.is_empty()
+    }
+
+    /// Every button of the content, the cards' first, in order.
+    pub fn all_buttons(&self) -> impl Iterator<Item = &Button> {
+        self.cards
+            .iter()
+            .flat_map(|c| c.buttons.iter())
+            .chain(self.buttons.iter())
+    }
+
+    /// The plain-text form of `text` with this content: the text, each card's title, subtitle
+    /// and text, then the choices as a numbered list ("1. Yes"). What a text-only client shows.
+    pub fn fallback(&self, text: &str) -> String {
+        let mut lines: Vec<String> = Vec::new();
+        if !text.is_empty() {
+            lines.push(text.to_string());
+        }
+        for card in &self.cards {
+            let mut head = card.title.clone();
+            if let Some(sub) = card.subtitle.as_deref().filter(|s| !s.is_empty()) {
+                if head.is_empty() {
+                    head = sub.to_string();
+                } else {
+                    head = format!("{head} ({sub})");
+                }
+            }
+            if !head.is_empty() {
+                lines.push(head);
+            }
+            if let Some(t) = card.text.as_deref().filter(|s| !s.is_empty()) {
+                lines.push(t.to_string());
+            }
+            if let Some(url) = card.image_url.as_deref().filter(|s| !s.is_empty()) {
+                lines.push(url.to_string());
+            }
+        }
+        for (n, b) in self.all_buttons().enumerate() {
+            lines.push(format!("{}. {}", n + 1, b.title));
+        }
+        lines.join("\n")
+    }
+
+    /// Bytes of text the content holds (titles, payloads, texts, urls): what size limits count.
+    pub fn text_len(&self) -> usize {
+        let button = |b: &Button| b.title.len() + b.payload.len();
+        let opt = |o: &Option<String>| o.as_ref().map_or(0, String::len);
+        self.buttons.iter().map(button).sum::<usize>()
+            + self
+                .cards
+                .iter()
+                .map(|c| {
+                    c.title.len()
+                        + opt(&c.subtitle)
+                        + opt(&c.text)
+                        + opt(&c.image_url)
+                        + c.buttons.iter().map(button).sum::<usize>()
+                })
+                .sum::<usize>()
+    }
+
+    /// Number of buttons and cards (limited by [`MAX_RICH_ITEMS`]).
+    pub fn items(&self) -> usize {
+        self.buttons.len()
+            + self
+                .cards
+                .iter()
+                .map(|c| 1 + c.buttons.len())
+                .sum::<usize>()
+    }
 }
 
 /// Whom a TCP connection speaks for.
@@ -279,6 +396,9 @@ pub struct PostRequest {
     /// Client key: a second post with a key already accepted for this participant is dropped
     /// (answered with the first post's sequence number and `duplicate: true`).
     pub key: Option<String>,
+    /// Buttons and cards; `text` is their plain-text fallback.
+    #[serde(default)]
+    pub rich: Option<RichContent>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -461,6 +581,13 @@ mod tests {
             after_action: None,
             reason: Some(Reason::NoAgents),
             userdata: Some([("k".to_string(), None)].into()),
+            rich: Some(RichContent {
+                buttons: vec![Button {
+                    title: "Yes".into(),
+                    payload: "yes".into(),
+                }],
+                cards: vec![],
+            }),
         };
         let frame = ServerFrame::Events {
             session_id: "s".into(),
@@ -483,6 +610,41 @@ mod tests {
             result: Err(ChatError::new(ChatErrorCode::Fenced, "epoch 1 < 2")),
         };
         assert_eq!(decode::<ServerFrame>(&encode(&err).unwrap()).unwrap(), err);
+    }
+
+    #[test]
+    fn rich_content_has_a_plain_text_fallback() {
+        let rich = RichContent {
+            buttons: vec![
+                Button {
+                    title: "Billing".into(),
+                    payload: "/billing".into(),
+                },
+                Button {
+                    title: "Delivery".into(),
+                    payload: "/delivery".into(),
+                },
+            ],
+            cards: vec![Card {
+                title: "Premium plan".into(),
+                subtitle: Some("25 EUR".into()),
+                text: Some("Everything included.".into()),
+                image_url: None,
+                buttons: vec![Button {
+                    title: "Buy".into(),
+                    payload: "buy premium".into(),
+                }],
+            }],
+        };
+        assert_eq!(
+            rich.fallback("Pick one:"),
+            "Pick one:\nPremium plan (25 EUR)\nEverything included.\n1. Buy\n2. Billing\n3. Delivery"
+        );
+        assert_eq!(rich.items(), 4);
+        // JSON may leave out what it does not use.
+        let parsed: RichContent = serde_json::from_str(r#"{"buttons":[{"title":"Yes"}]}"#).unwrap();
+        assert_eq!(parsed.buttons[0].payload, "");
+        assert!(parsed.cards.is_empty());
     }
 
     #[test]

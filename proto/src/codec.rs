@@ -182,6 +182,7 @@ mod tests {
                 text: text.into(),
                 visibility: Visibility::Int,
                 key: Some("k-1".into()),
+                rich: None,
             }),
         }
     }

@@ -69,6 +69,26 @@ pub struct BotStatus {
     pub category: String,
     pub function: String,
     pub holdup: bool,
+    /// The hand-off the bot ended with, if it handed the customer over to a person.
+    #[serde(default)]
+    pub handoff: Option<Handoff>,
+}
+
+/// "Hand me to a human": what a bot leaves with when a person should take over. The gateway
+/// writes it into the interaction's userdata (docs/PLUGINS.md lists the keys), leaves the chat
+/// (reason `bot_left`) and puts it in the bot's report and GetBotStatus (`handoff`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Handoff {
+    /// Why, in a word: `requested` (the customer asked), `turn_limit`, `bot_unavailable` (the
+    /// external bot could not be reached), or the bot's own word.
+    pub reason: String,
+    /// What the bot learnt, for the agent who takes over (may be empty).
+    pub summary: String,
+    /// Extra userdata for the workflow (for example `RouteTo = "billing"`).
+    pub userdata: KeyValues,
+    /// For a bot that gives up because it failed (its endpoint is dead): the error, reported as
+    /// the bot's `error`.
+    pub error: Option<String>,
 }
 
 /// What a successful method returns.

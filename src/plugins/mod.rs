@@ -1,9 +1,12 @@
-//! Built-in plugins: `echo`, `scripted` (rule-based bots from TOML scripts) and the diagnostic
-//! `faulty` bot (enabled by configuration only).
+//! Built-in plugins: `echo`, `scripted` (rule-based bots from TOML scripts), the diagnostic
+//! `faulty` bot (enabled by configuration only), and the connectors to bots that live elsewhere:
+//! `webhook` (an HTTP endpoint).
 
+pub mod connector;
 pub mod echo;
 pub mod faulty;
 pub mod scripted;
+pub mod webhook;
 
 use std::sync::Arc;
 
@@ -22,19 +25,16 @@ pub fn load(config: &Config) -> Result<Vec<Arc<dyn BotFactory>>, String> {
     if config.plugins.faulty.enabled {
         plugins.push(Arc::new(faulty::FaultyFactory));
     }
+    let handling = std::time::Duration::from_millis(config.bots.handling_timeout_ms);
+    plugins.push(Arc::new(webhook::WebhookFactory::load(
+        &config.plugins.webhook.endpoints,
+        handling,
+    )?));
     let mut ids = std::collections::BTreeSet::new();
     for p in &plugins {
         if !ids.insert(p.bot_id().to_string()) {
             return Err(format!("two plugins have the bot id {:?}", p.bot_id()));
         }
-    }
-    let connectors =
-        config.plugins.webhook.endpoints.len() + config.plugins.botframework.bots.len();
-    if connectors > 0 {
-        tracing::warn!(
-            connectors,
-            "webhook and Bot Framework connector plugins are configured but not part of this release; they are ignored"
-        );
     }
     Ok(plugins)
 }

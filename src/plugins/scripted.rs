@@ -12,8 +12,8 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use bgs_actors::bot::{Bot, BotContext, BotError, BotFactory, BotInput, CreateBot};
-use bgs_proto::chat::{EventKind, ParticipantType, UserdataChanges};
+use bgs_actors::bot::{Bot, BotContext, BotError, BotFactory, BotInput, CreateBot, Handoff};
+use bgs_proto::chat::{EventKind, ParticipantType};
 use futures_util::future::BoxFuture;
 use regex::Regex;
 use serde::Deserialize;
@@ -173,14 +173,21 @@ struct ScriptedBot {
 }
 
 impl ScriptedBot {
-    fn hand_off(&mut self, ctx: &mut BotContext, data: &BTreeMap<String, String>) {
-        let mut changes: UserdataChanges = data
-            .iter()
-            .map(|(k, v)| (k.clone(), Some(v.clone())))
-            .collect();
-        changes.insert("ChatBotHandoff".into(), Some("true".into()));
-        ctx.set_userdata(changes);
-        ctx.leave();
+    /// Hands off with `data` as extra userdata; `reason` is `requested` (a rule asked for it)
+    /// or `turn_limit`; the summary is the last customer message.
+    fn hand_off(
+        &mut self,
+        ctx: &mut BotContext,
+        data: &BTreeMap<String, String>,
+        reason: &str,
+        last_message: &str,
+    ) {
+        ctx.handoff(Handoff {
+            reason: reason.into(),
+            summary: format!("last customer message: {last_message}"),
+            userdata: data.clone(),
+            error: None,
+        });
         self.done = true;
     }
 }
@@ -219,7 +226,7 @@ impl Bot for ScriptedBot {
                         Some(rule) => {
                             ctx.say(rule.answer.clone());
                             if let Some(data) = &rule.handoff {
-                                self.hand_off(ctx, data);
+                                self.hand_off(ctx, data, "requested", &text);
                             }
                         }
                         None => ctx.say(script.fallback.clone()),
@@ -228,7 +235,7 @@ impl Bot for ScriptedBot {
                         if let Some(t) = &script.turn_limit {
                             ctx.say(t.clone());
                         }
-                        self.hand_off(ctx, &script.handoff_userdata);
+                        self.hand_off(ctx, &script.handoff_userdata, "turn_limit", &text);
                     }
                     ctx.save_context(self.turns.to_string().into_bytes());
                 }

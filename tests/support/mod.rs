@@ -275,6 +275,28 @@ impl<'a> Customer<'a> {
         last["text"].as_str().unwrap_or_default().to_string()
     }
 
+    /// Waits for the next event the customer sees (not its own) that `pred` accepts.
+    pub async fn next_where(&mut self, pred: impl Fn(&Value) -> bool) -> Value {
+        let id = self.id.clone();
+        let events = self
+            .chat
+            .events_until(&self.session, &self.id, self.since, |e| {
+                e["participant_id"] != id.as_str() && pred(e)
+            })
+            .await;
+        let last = events.last().expect("an event").clone();
+        self.since = last["seq"].as_u64().expect("seq");
+        last
+    }
+
+    /// The interaction's userdata.
+    pub async fn userdata(&self) -> Value {
+        self.chat
+            .get(&format!("/sessions/{}/userdata", self.session))
+            .await
+            .1
+    }
+
     /// Everything the customer may see.
     pub async fn visible(&self) -> Vec<Value> {
         let (_, v) = self
@@ -409,4 +431,147 @@ impl Drop for LinkProxy {
         self.accept.abort();
         self.heal();
     }
+}
+
+/// One request a [`MockHttp`] received.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: String,
+    pub path: String,
+    /// Header names lower-cased.
+    pub headers: std::collections::BTreeMap<String, String>,
+    pub body: Value,
+}
+
+/// What a [`MockHttp`] answers: after `delay`, `status` with a JSON `body`.
+pub struct Answer {
+    pub status: u16,
+    pub body: Value,
+    pub delay: Duration,
+}
+
+impl Answer {
+    pub fn ok(body: Value) -> Answer {
+        Answer {
+            status: 200,
+            body,
+            delay: Duration::ZERO,
+        }
+    }
+}
+
+type Responder = dyn Fn(&Seen, usize) -> Answer + Send + Sync;
+
+/// A small HTTP/1.1 server on 127.0.0.1:0 for tests: each request is recorded and answered by
+/// `respond(request, n)`, `n` counting the earlier requests with the same `Idempotency-Key`
+/// (0 for the first). One request per connection (it answers `Connection: close`).
+pub struct MockHttp {
+    pub addr: SocketAddr,
+    pub seen: std::sync::Arc<std::sync::Mutex<Vec<Seen>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl MockHttp {
+    pub async fn start(
+        respond: impl Fn(&Seen, usize) -> Answer + Send + Sync + 'static,
+    ) -> MockHttp {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen: std::sync::Arc<std::sync::Mutex<Vec<Seen>>> = Default::default();
+        let respond: std::sync::Arc<Responder> = std::sync::Arc::new(respond);
+        let log = seen.clone();
+        let accept = tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let log = log.clone();
+                let respond = respond.clone();
+                tokio::spawn(async move {
+                    let mut raw = Vec::new();
+                    let mut buf = [0u8; 8192];
+                    let (head, body_at) = loop {
+                        let Ok(n) = stream.read(&mut buf).await else {
+                            return;
+                        };
+                        if n == 0 {
+                            return;
+                        }
+                        raw.extend_from_slice(&buf[..n]);
+                        if let Some(i) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+                            break (String::from_utf8_lossy(&raw[..i]).to_string(), i + 4);
+                        }
+                    };
+                    let mut lines = head.split("\r\n");
+                    let first = lines.next().unwrap_or_default().to_string();
+                    let mut parts = first.split_whitespace();
+                    let method = parts.next().unwrap_or_default().to_string();
+                    let path = parts.next().unwrap_or_default().to_string();
+                    let headers: std::collections::BTreeMap<String, String> = lines
+                        .filter_map(|l| l.split_once(':'))
+                        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+                        .collect();
+                    let len: usize = headers
+                        .get("content-length")
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(0);
+                    while raw.len() < body_at + len {
+                        let Ok(n) = stream.read(&mut buf).await else {
+                            return;
+                        };
+                        if n == 0 {
+                            return;
+                        }
+                        raw.extend_from_slice(&buf[..n]);
+                    }
+                    let body =
+                        serde_json::from_slice(&raw[body_at..body_at + len]).unwrap_or(Value::Null);
+                    let request = Seen {
+                        method,
+                        path,
+                        headers,
+                        body,
+                    };
+                    let answer = {
+                        let mut seen = log.lock().unwrap();
+                        let key = request.headers.get("idempotency-key");
+                        let n = seen
+                            .iter()
+                            .filter(|s| key.is_some() && s.headers.get("idempotency-key") == key)
+                            .count();
+                        seen.push(request.clone());
+                        respond(&request, n)
+                    };
+                    tokio::time::sleep(answer.delay).await;
+                    let body = answer.body.to_string();
+                    let response = format!(
+                        "HTTP/1.1 {} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        answer.status,
+                        body.len()
+                    );
+                    let _ = stream.write_all(response.as_bytes()).await;
+                    let _ = stream.shutdown().await;
+                });
+            }
+        });
+        MockHttp { addr, seen, accept }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+impl Drop for MockHttp {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+/// A local port nothing listens on (bound, then closed).
+pub fn dead_port() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap()
 }

@@ -1,0 +1,266 @@
+//! What the connector plugins (webhook, Bot Framework) share: one HTTP client, a POST of JSON
+//! with a time limit and a bounded answer, retries with back-off inside a time budget, and the
+//! "give up and hand over" a dead external bot ends with.
+
+use std::time::Duration;
+
+use bgs_actors::bot::{BotContext, Handoff};
+use tokio::time::Instant;
+
+/// Largest answer body read from an external bot; a larger one is an error.
+pub const MAX_ANSWER: usize = 1 << 20;
+/// First pause between two attempts; it doubles each time, up to [`MAX_BACKOFF`].
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+/// The HTTP client every connector bot of a node shares (one connection pool).
+pub fn client() -> Result<reqwest::Client, String> {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        .pool_idle_timeout(Duration::from_secs(60))
+        .user_agent(concat!("bgs/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|e| format!("cannot build the HTTP client: {e}"))
+}
+
+/// Why one attempt failed, and whether another attempt may help.
+#[derive(Debug)]
+pub enum AttemptError {
+    /// A connection error, a timeout, a 5xx or a 429: worth another attempt.
+    Retry(String),
+    /// A 4xx or an answer that makes no sense: another attempt would get the same.
+    Fatal(String),
+}
+
+impl std::fmt::Display for AttemptError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AttemptError::Retry(e) | AttemptError::Fatal(e) => f.write_str(e),
+        }
+    }
+}
+
+/// POSTs `body` as JSON and reads the answer (at most [`MAX_ANSWER`] bytes), all within
+/// `timeout`. A status that is not 2xx is an error; a 5xx or 429 may be retried.
+pub async fn post_json(
+    request: reqwest::RequestBuilder,
+    body: &serde_json::Value,
+    timeout: Duration,
+) -> Result<(u16, Vec<u8>), AttemptError> {
+    let attempt = async {
+        let response = request
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body.to_string())
+            .send()
+            .await
+            .map_err(|e| AttemptError::Retry(describe(&e)))?;
+        let status = response.status();
+        let bytes = read_bounded(response).await?;
+        if status.is_success() {
+            Ok((status.as_u16(), bytes))
+        } else if status.is_server_error() || status.as_u16() == 429 {
+            Err(AttemptError::Retry(format!(
+                "answered HTTP {}",
+                status.as_u16()
+            )))
+        } else {
+            Err(AttemptError::Fatal(format!(
+                "answered HTTP {}",
+                status.as_u16()
+            )))
+        }
+    };
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(result) => result,
+        Err(_) => Err(AttemptError::Retry(format!(
+            "no answer within {} ms",
+            timeout.as_millis()
+        ))),
+    }
+}
+
+async fn read_bounded(mut response: reqwest::Response) -> Result<Vec<u8>, AttemptError> {
+    if response
+        .content_length()
+        .is_some_and(|n| n > MAX_ANSWER as u64)
+    {
+        return Err(AttemptError::Fatal(format!(
+            "answer larger than {MAX_ANSWER} bytes"
+        )));
+    }
+    let mut bytes = Vec::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| AttemptError::Retry(describe(&e)))?
+    {
+        if bytes.len() + chunk.len() > MAX_ANSWER {
+            return Err(AttemptError::Fatal(format!(
+                "answer larger than {MAX_ANSWER} bytes"
+            )));
+        }
+        bytes.extend_from_slice(&chunk);
+    }
+    Ok(bytes)
+}
+
+/// A reqwest error in one line, with its cause (reqwest's own text hides "connection refused").
+fn describe(e: &reqwest::Error) -> String {
+    let mut text = if e.is_connect() {
+        "cannot connect".to_string()
+    } else if e.is_timeout() {
+        "timed out".to_string()
+    } else {
+        "request failed".to_string()
+    };
+    let mut source = std::error::Error::source(e);
+    let mut last = String::new();
+    while let Some(s) = source {
+        last = s.to_string();
+        source = s.source();
+    }
+    if !last.is_empty() {
+        text.push_str(": ");
+        text.push_str(&last);
+    }
+    text
+}
+
+/// How many attempts, how long each, and the time all of them must fit in.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    pub attempts: u32,
+    pub per_attempt: Duration,
+    /// All attempts and pauses end within this (the bot's handling time, less a margin).
+    pub budget: Duration,
+}
+
+impl RetryPolicy {
+    /// The budget a node's handling timeout leaves a connector: a margin of a tenth (at least
+    /// 200 ms) for carrying out what the bot does when it gives up.
+    pub fn budget_for(handling_timeout: Duration) -> Duration {
+        let margin = (handling_timeout / 10).max(Duration::from_millis(200));
+        handling_timeout.saturating_sub(margin)
+    }
+
+    /// Runs `attempt` until it succeeds, fails for good, or the attempts or the budget run out.
+    /// Returns the last error and the number of attempts made.
+    pub async fn run<T, F, Fut>(&self, mut attempt: F) -> Result<T, (String, u32)>
+    where
+        F: FnMut(Duration) -> Fut,
+        Fut: std::future::Future<Output = Result<T, AttemptError>>,
+    {
+        let deadline = Instant::now() + self.budget;
+        let mut backoff = FIRST_BACKOFF;
+        let mut made = 0;
+        let mut last = String::from("no attempt fitted in the time budget");
+        while made < self.attempts.max(1) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left < Duration::from_millis(20) {
+                break;
+            }
+            made += 1;
+            match attempt(self.per_attempt.min(left)).await {
+                Ok(value) => return Ok(value),
+                Err(AttemptError::Fatal(e)) => return Err((e, made)),
+                Err(AttemptError::Retry(e)) => {
+                    tracing::info!(attempt = made, error = %e, "external bot attempt failed");
+                    last = e;
+                }
+            }
+            if made < self.attempts {
+                let left = deadline.saturating_duration_since(Instant::now());
+                tokio::time::sleep(backoff.min(left)).await;
+                backoff = (backoff * 2).min(MAX_BACKOFF);
+            }
+        }
+        Err((last, made))
+    }
+}
+
+/// What a connector bot does when its external bot cannot be reached: tells the customer,
+/// and hands over with the configured userdata (reason `bot_unavailable`, the error reported).
+pub fn give_up(
+    ctx: &mut BotContext,
+    notice: &str,
+    userdata: &std::collections::BTreeMap<String, String>,
+    error: String,
+) {
+    tracing::warn!(%error, "external bot unavailable; handing the customer over");
+    if !notice.is_empty() {
+        ctx.notice(notice.to_string());
+    }
+    ctx.handoff(Handoff {
+        reason: "bot_unavailable".into(),
+        summary: String::new(),
+        userdata: userdata.clone(),
+        error: Some(error),
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn retries_fit_in_the_budget_and_stop_on_a_fatal_error() {
+        let policy = RetryPolicy {
+            attempts: 10,
+            per_attempt: Duration::from_secs(1),
+            budget: Duration::from_millis(2500),
+        };
+        let started = Instant::now();
+        let mut tries = 0;
+        let result: Result<(), _> = policy
+            .run(|t| {
+                tries += 1;
+                async move {
+                    tokio::time::sleep(t).await;
+                    Err(AttemptError::Retry("slow".into()))
+                }
+            })
+            .await;
+        let (error, made) = result.unwrap_err();
+        assert_eq!(error, "slow");
+        assert_eq!(made, tries);
+        assert!(started.elapsed() <= Duration::from_millis(2500));
+        assert!(made >= 2, "made {made}");
+
+        let mut tries = 0;
+        let result: Result<(), _> = policy
+            .run(|_| {
+                tries += 1;
+                async { Err(AttemptError::Fatal("HTTP 404".into())) }
+            })
+            .await;
+        assert_eq!(result.unwrap_err(), ("HTTP 404".to_string(), 1));
+
+        let mut tries = 0;
+        let result = policy
+            .run(|_| {
+                tries += 1;
+                let n = tries;
+                async move {
+                    if n < 3 {
+                        Err(AttemptError::Retry("503".into()))
+                    } else {
+                        Ok(n)
+                    }
+                }
+            })
+            .await;
+        assert_eq!(result.unwrap(), 3);
+    }
+
+    #[test]
+    fn budget_keeps_a_margin() {
+        assert_eq!(
+            RetryPolicy::budget_for(Duration::from_secs(10)),
+            Duration::from_secs(9)
+        );
+        assert_eq!(
+            RetryPolicy::budget_for(Duration::from_secs(1)),
+            Duration::from_millis(800)
+        );
+    }
+}

@@ -1,0 +1,221 @@
+//! End-to-end tests of bots that live outside the gateway: a webhook bot served by a local HTTP
+//! server, a process plugin (the repository's `py-echo`), and a bot written with the real Bot
+//! Framework SDK. Real `bgs` and `bgs-chat-server` processes; a customer over HTTP.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::time::Duration;
+
+use serde_json::json;
+use support::{dead_port, messages, Answer, ChatServer, Customer, Gateway, MockHttp};
+
+/// A webhook that answers `wh: <message>`, `menu` with buttons, `agent` with a hand-off, and
+/// fails the first attempt of any message that starts with `flaky` (after reading it: a retry
+/// must not put a second answer in the chat).
+async fn webhook() -> MockHttp {
+    MockHttp::start(|req, earlier| {
+        let text = req.body["message"].as_str().unwrap_or_default().to_string();
+        if text.starts_with("flaky") && earlier == 0 {
+            return Answer {
+                status: 503,
+                body: json!({"error": "try again"}),
+                delay: Duration::ZERO,
+            };
+        }
+        match text.as_str() {
+            "menu" => Answer::ok(json!([
+                {"text": "What about?", "buttons": [
+                    {"title": "Billing", "payload": "/billing"},
+                    {"title": "Delivery", "payload": "/delivery"}
+                ]}
+            ])),
+            "agent" => Answer::ok(json!([
+                {"recipient_id": req.body["sender"], "text": "Transferring you."},
+                {"custom": {"handoff": true, "summary": "asked for a person", "userdata": {"RouteTo": "support"}}}
+            ])),
+            _ => Answer::ok(json!([{"recipient_id": req.body["sender"], "text": format!("wh: {text}")}])),
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn webhook_bots_answer_retry_once_hand_off_and_give_up_cleanly() {
+    let hook = webhook().await;
+    // The slow endpoint answers after 1.5 s; another chat must not wait for it.
+    let slow = MockHttp::start(|req, _| Answer {
+        status: 200,
+        body: json!([{"text": format!("slow: {}", req.body["message"].as_str().unwrap_or(""))}]),
+        delay: Duration::from_millis(1500),
+    })
+    .await;
+    let chat = ChatServer::start(&[]);
+    let gw = Gateway::start(
+        chat.tcp,
+        &format!(
+            r#"
+[plugins.webhook.endpoints.faq]
+url = "{faq}"
+timeout_ms = 2000
+retries = 2
+headers = {{ Authorization = "Bearer hook-secret" }}
+[plugins.webhook.endpoints.slow]
+url = "{slow}"
+timeout_ms = 4000
+[plugins.webhook.endpoints.dead]
+url = "http://{dead}/webhook"
+timeout_ms = 300
+retries = 2
+handoff_userdata = {{ RouteTo = "support", Why = "bot down" }}
+"#,
+            faq = hook.url("/webhooks/rest/webhook"),
+            slow = slow.url("/hook"),
+            dead = dead_port(),
+        ),
+    );
+
+    // A plain answer; what the endpoint was sent.
+    let mut ann = Customer::open(&chat, "wh-1").await;
+    let started = gw
+        .start_bot("wh-1", &[("ChatBotID", "webhook"), ("ChatBotName", "faq")])
+        .await;
+    ann.say("hello").await;
+    assert_eq!(ann.next_reply().await, "wh: hello");
+    let first = hook.seen().into_iter().next().unwrap();
+    assert_eq!(first.method, "POST");
+    assert_eq!(first.path, "/webhooks/rest/webhook");
+    assert_eq!(first.body["sender"], ann.id.as_str());
+    assert_eq!(first.body["metadata"]["interaction_id"], "wh-1");
+    assert_eq!(first.body["metadata"]["userdata"]["InteractionId"], "wh-1");
+    assert_eq!(first.headers["authorization"], "Bearer hook-secret");
+    let key = first.headers["idempotency-key"].clone();
+    assert!(
+        key.starts_with(started["BotInstanceId"].as_str().unwrap()),
+        "{key}"
+    );
+
+    // Buttons: structured content, and a text fallback that lists them.
+    ann.say("menu").await;
+    let menu = ann
+        .next_where(|e| e["kind"] == "message" && e["rich"].is_object())
+        .await;
+    assert_eq!(menu["text"], "What about?\n1. Billing\n2. Delivery");
+    assert_eq!(menu["rich"]["buttons"][0]["payload"], "/billing");
+
+    // A failed first attempt is retried with the same key; the chat gets one answer.
+    ann.say("flaky one").await;
+    assert_eq!(ann.next_reply().await, "wh: flaky one");
+    let attempts: Vec<_> = hook
+        .seen()
+        .into_iter()
+        .filter(|s| s.body["message"] == "flaky one")
+        .collect();
+    assert_eq!(attempts.len(), 2, "one failed attempt, one retry");
+    assert_eq!(
+        attempts[0].headers["idempotency-key"],
+        attempts[1].headers["idempotency-key"]
+    );
+
+    // A slow endpoint holds only its own chat.
+    let mut bea = Customer::open(&chat, "wh-slow").await;
+    gw.start_bot(
+        "wh-slow",
+        &[("ChatBotID", "webhook"), ("ChatBotName", "slow")],
+    )
+    .await;
+    bea.say("are you there").await;
+    let asked = tokio::time::Instant::now();
+    ann.say("quick").await;
+    assert_eq!(ann.next_reply().await, "wh: quick");
+    let quick = asked.elapsed();
+    assert_eq!(bea.next_reply().await, "slow: are you there");
+    assert!(
+        quick < asked.elapsed(),
+        "the quick chat was answered first ({quick:?})"
+    );
+
+    // The endpoint asks for a hand-off: userdata, report and GetBotStatus carry it.
+    ann.say("agent").await;
+    assert_eq!(ann.next_reply().await, "Transferring you.");
+    let report = gw
+        .report_of(started["BotInstanceId"].as_str().unwrap())
+        .await;
+    assert_eq!(report["end_reason"], "bot_left");
+    assert_eq!(report["handoff"]["summary"], "asked for a person");
+    assert_eq!(report["handoff"]["reason"], "requested");
+    let ud = ann.userdata().await;
+    assert_eq!(ud["ChatBotHandoff"], "true");
+    assert_eq!(ud["ChatBotHandoffSummary"], "asked for a person");
+    assert_eq!(ud["RouteTo"], "support");
+    assert!(
+        ud["ChatBotTranscript"]
+            .as_str()
+            .unwrap()
+            .starts_with("wh-1:"),
+        "{ud}"
+    );
+    let (_, st) = gw
+        .esp("GetBotStatus", "wh-1", &[("ChatBotID", "webhook")])
+        .await;
+    assert_eq!(st["result"]["bots"][0]["handoff"]["reason"], "requested");
+    let answers = messages(&ann.transcript().await)
+        .into_iter()
+        .filter(|m| m.starts_with("wh: flaky"))
+        .count();
+    assert_eq!(answers, 1, "a retried request answered once");
+
+    // A dead endpoint: the customer is told, the bot hands over with the configured userdata,
+    // and the report says why. In waiting mode the outcome is written too.
+    let mut cid = Customer::open(&chat, "wh-dead").await;
+    let dead = gw
+        .start_bot(
+            "wh-dead",
+            &[
+                ("ChatBotID", "webhook"),
+                ("ChatBotName", "dead"),
+                ("ChatBotHoldup", "true"),
+            ],
+        )
+        .await;
+    cid.say("hello?").await;
+    let notice = cid.next_where(|e| e["kind"] == "notice").await;
+    assert!(
+        notice["text"]
+            .as_str()
+            .unwrap()
+            .contains("not available right now"),
+        "{notice}"
+    );
+    let report = gw.report_of(dead["BotInstanceId"].as_str().unwrap()).await;
+    assert_eq!(report["end_reason"], "bot_left");
+    assert_eq!(report["handoff"]["reason"], "bot_unavailable");
+    let error = report["error"].as_str().unwrap();
+    assert!(
+        error.contains("webhook endpoint dead failed after 3 attempts"),
+        "{error}"
+    );
+    let ud = cid.userdata().await;
+    assert_eq!(ud["RouteTo"], "support");
+    assert_eq!(ud["Why"], "bot down");
+    assert_eq!(ud["ChatBotHandoffReason"], "bot_unavailable");
+    assert_eq!(ud["ChatBotResult"], "bot_left");
+
+    // An unknown endpoint name is refused before anything joins.
+    let (status, e) = gw
+        .esp(
+            "StartBot",
+            "wh-1",
+            &[("ChatBotID", "webhook"), ("ChatBotName", "nope")],
+        )
+        .await;
+    assert_eq!((status, e["code"].as_str()), (400, Some("bad_parameter")));
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap()
+            .contains("known: dead, faq, slow"),
+        "{e}"
+    );
+}
