@@ -10,8 +10,12 @@ mod support;
 
 use std::time::{Duration, Instant};
 
+use serde_json::json;
 use serde_json::Value;
-use support::{messages, pair_config, ChatServer, Customer, Gateway, LinkProxy};
+use support::{
+    child_pid, messages, pair_config, repo_plugins, Answer, ChatServer, Customer, Gateway,
+    LinkProxy, MockHttp,
+};
 
 /// Node a (primary) and node b (backup), each reaching the other through a proxy.
 struct Pair {
@@ -25,9 +29,14 @@ struct Pair {
 }
 
 async fn start_pair(chat: &ChatServer) -> Pair {
+    start_pair_with(chat, "").await
+}
+
+/// A pair whose nodes both have `extra` in their configuration.
+async fn start_pair_with(chat: &ChatServer, extra: &str) -> Pair {
     let (to_a, to_b) = (LinkProxy::start().await, LinkProxy::start().await);
-    let a_cfg = pair_config("bgs-a", "primary", to_b.addr, "s3cret");
-    let b_cfg = pair_config("bgs-b", "backup", to_a.addr, "s3cret");
+    let a_cfg = pair_config("bgs-a", "primary", to_b.addr, "s3cret") + extra;
+    let b_cfg = pair_config("bgs-b", "backup", to_a.addr, "s3cret") + extra;
     let a = Gateway::start(chat.tcp, &a_cfg);
     to_a.set_target(a.ha.unwrap());
     let b = Gateway::start(chat.tcp, &b_cfg);
@@ -651,4 +660,76 @@ async fn sync_mode_keeps_every_acknowledged_save_through_a_failover() {
     for c in &customers {
         check_exactly_once(c, &["one", "two", "three"]).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn process_and_webhook_bots_survive_a_failover() {
+    let hook = MockHttp::start(|req, _| {
+        Answer::ok(json!([{"text": format!("wh: {}", req.body["message"].as_str().unwrap_or(""))}]))
+    })
+    .await;
+    let chat = ChatServer::start(&[]);
+    let extra = format!(
+        "[plugins]\ndir = \"{}\"\n[plugins.webhook.endpoints.faq]\nurl = \"{}\"\n",
+        repo_plugins().display(),
+        hook.url("/hook")
+    );
+    let mut pair = start_pair_with(&chat, &extra).await;
+    pair.a
+        .wait_status("a primary", |s| role(s) == "primary")
+        .await;
+    // Both nodes run the plugin process.
+    child_pid(pair.b.pid(), "echo.py").await;
+    let mut py = Customer::open(&chat, "ha-py").await;
+    let mut wh = Customer::open(&chat, "ha-wh").await;
+    pair.a.start_bot("ha-py", &[("ChatBotID", "py-echo")]).await;
+    let started = pair
+        .a
+        .start_bot("ha-wh", &[("ChatBotID", "webhook"), ("ChatBotName", "faq")])
+        .await;
+    py.say("one").await;
+    assert_eq!(py.next_reply().await, "py: one");
+    wh.say("one").await;
+    assert_eq!(wh.next_reply().await, "wh: one");
+    in_sync_backup(&pair.b, 2).await;
+
+    pair.a.kill9();
+    py.say("two").await;
+    wh.say("two").await;
+    pair.b
+        .wait_status("b took over", |s| role(s) == "primary")
+        .await;
+    assert_eq!(py.next_reply().await, "py: two");
+    assert_eq!(wh.next_reply().await, "wh: two");
+    // The process plugin's bot was restored from its saved context on the new primary.
+    let (status, _) = pair
+        .b
+        .esp("SendDataToBot", "ha-py", &[("ChatBotID", "py-echo")])
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(py.next_reply().await, "py: seen 2 messages");
+    // The webhook conversation goes on with the same sender and bot instance.
+    let seen = hook.seen();
+    let last = seen.last().unwrap();
+    assert_eq!(last.body["message"], "two");
+    assert_eq!(last.body["sender"], seen[0].body["sender"]);
+    assert_eq!(
+        last.body["metadata"]["instance_id"],
+        started["BotInstanceId"]
+    );
+    // Each answered exactly once.
+    let answers = |t: &Value, prefix: &str| -> Vec<String> {
+        messages(t)
+            .into_iter()
+            .filter(|m| m.starts_with(prefix))
+            .collect()
+    };
+    assert_eq!(
+        answers(&py.transcript().await, "py:"),
+        ["py: one", "py: two", "py: seen 2 messages"]
+    );
+    assert_eq!(
+        answers(&wh.transcript().await, "wh:"),
+        ["wh: one", "wh: two"]
+    );
 }

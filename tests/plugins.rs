@@ -9,7 +9,10 @@ mod support;
 use std::time::Duration;
 
 use serde_json::json;
-use support::{dead_port, messages, Answer, ChatServer, Customer, Gateway, MockHttp};
+use support::{
+    child_pid, dead_port, kill9_pid, messages, repo_plugins, Answer, ChatServer, Customer, Gateway,
+    MockHttp, TempDir,
+};
 
 /// A webhook that answers `wh: <message>`, `menu` with buttons, `agent` with a hand-off, and
 /// fails the first attempt of any message that starts with `flaky` (after reading it: a retry
@@ -218,4 +221,131 @@ handoff_userdata = {{ RouteTo = "support", Why = "bot down" }}
             .contains("known: dead, faq, slow"),
         "{e}"
     );
+}
+
+fn plugins_dir_config(dir: &std::path::Path) -> String {
+    format!("[plugins]\ndir = \"{}\"\n", dir.display())
+}
+
+#[tokio::test]
+async fn py_echo_process_plugin_answers_and_comes_back_after_kill9() {
+    let chat = ChatServer::start(&[]);
+    let gw = Gateway::start(chat.tcp, &plugins_dir_config(&repo_plugins()));
+    let mut ann = Customer::open(&chat, "py-1").await;
+    let mut bob = Customer::open(&chat, "py-2").await;
+    gw.start_bot("py-1", &[("ChatBotID", "py-echo")]).await;
+    gw.start_bot("py-2", &[("ChatBotID", "py-echo")]).await;
+    ann.say("hello").await;
+    assert_eq!(ann.next_reply().await, "py: hello");
+    bob.say("hi").await;
+    assert_eq!(bob.next_reply().await, "py: hi");
+
+    // Rich content from a plugin.
+    ann.say("menu").await;
+    let menu = ann
+        .next_where(|e| e["kind"] == "message" && e["rich"].is_object())
+        .await;
+    assert_eq!(menu["text"], "What about?\n1. Billing\n2. Delivery");
+
+    // kill -9 of the plugin process mid-chat: it is restarted, its bots restored from their
+    // saved context, and the next message is answered once.
+    let pid = child_pid(gw.pid(), "echo.py").await;
+    kill9_pid(pid);
+    ann.say("after the crash").await;
+    assert_eq!(ann.next_reply().await, "py: after the crash");
+    let again = child_pid(gw.pid(), "echo.py").await;
+    assert_ne!(again, pid, "a new plugin process");
+    let answers = messages(&ann.transcript().await)
+        .into_iter()
+        .filter(|m| m == "py: after the crash")
+        .count();
+    assert_eq!(answers, 1);
+    // The count came back from the saved context: hello, menu, after the crash.
+    let (status, _) = gw
+        .esp("SendDataToBot", "py-1", &[("ChatBotID", "py-echo")])
+        .await;
+    assert_eq!(status, 200);
+    assert_eq!(ann.next_reply().await, "py: seen 3 messages");
+    bob.say("still there?").await;
+    assert_eq!(bob.next_reply().await, "py: still there?");
+
+    // A hand-off from a plugin.
+    bob.say("agent").await;
+    assert_eq!(bob.next_reply().await, "py: handing you over");
+    let ud = bob.userdata().await;
+    assert_eq!(ud["ChatBotHandoff"], "true");
+    assert_eq!(ud["ChatBotHandoffSummary"], "asked for a person");
+    assert_eq!(ud["RouteTo"], "support");
+}
+
+/// A plugin that misbehaves on command: `garbage` writes a line that is not JSON, `flood`
+/// writes 200 posts nobody asked for, `hang` never answers; anything else is echoed.
+const BAD_PLUGIN: &str = r#"
+import json, sys
+for line in sys.stdin:
+    m = json.loads(line)
+    bot, re = m.get("bot"), m.get("id", 0)
+    if m["type"] == "event" and m["event"]["kind"] == "message" and m["event"]["participant_type"] == "customer":
+        text = m["event"]["text"]
+        if text == "garbage":
+            print("this is not json", flush=True)
+            continue
+        if text == "flood":
+            for i in range(200):
+                print(json.dumps({"type": "post", "bot": bot, "text": f"spam {i}"}), flush=True)
+        elif text == "hang":
+            continue
+        else:
+            print(json.dumps({"type": "post", "bot": bot, "re": re, "text": "bad: " + text}), flush=True)
+    if re:
+        print(json.dumps({"type": "done", "bot": bot, "re": re}), flush=True)
+"#;
+
+#[tokio::test]
+async fn a_misbehaving_process_plugin_is_bounded_and_the_node_goes_on() {
+    let dir = TempDir::new("bad-plugin");
+    let folder = dir.path().join("bad");
+    std::fs::create_dir_all(&folder).unwrap();
+    std::fs::write(folder.join("bad.py"), BAD_PLUGIN).unwrap();
+    std::fs::write(
+        folder.join("plugin.toml"),
+        "id = \"py-bad\"\ncommand = \"python3\"\nargs = [\"-u\", \"bad.py\"]\n",
+    )
+    .unwrap();
+    let chat = ChatServer::start(&[]);
+    let gw = Gateway::start(
+        chat.tcp,
+        &format!(
+            "{}[bots]\nhandling-timeout-ms = 1500\n",
+            plugins_dir_config(dir.path())
+        ),
+    );
+    let mut calm = Customer::open(&chat, "bad-calm").await;
+    gw.start_bot("bad-calm", &[("ChatBotID", "py-bad")]).await;
+    calm.say("one").await;
+    assert_eq!(calm.next_reply().await, "bad: one");
+
+    // Each misbehaviour stops only the bot it hit; the plugin's other bot answers after each.
+    for (n, word) in ["garbage", "flood", "hang"].into_iter().enumerate() {
+        let interaction = format!("bad-{word}");
+        let victim = Customer::open(&chat, &interaction).await;
+        let started = gw.start_bot(&interaction, &[("ChatBotID", "py-bad")]).await;
+        victim.say(word).await;
+        let report = gw
+            .report_of(started["BotInstanceId"].as_str().unwrap())
+            .await;
+        assert_eq!(report["end_reason"], "error", "{word}: {report}");
+        let text = format!("after {word}");
+        calm.say(&text).await;
+        assert_eq!(calm.next_reply().await, format!("bad: {text}"), "after {n}");
+        let spam = messages(&victim.transcript().await)
+            .into_iter()
+            .filter(|m| m.starts_with("spam"))
+            .count();
+        assert!(spam <= 64, "{word}: {spam} unasked posts reached the chat");
+    }
+    let log = gw.log();
+    assert!(log.contains("the plugin wrote garbage"), "{log}");
+    let (status, _) = support::http(gw.http, "GET", "/healthz", None).await;
+    assert_eq!(status, 200);
 }

@@ -1,10 +1,11 @@
 //! Built-in plugins: `echo`, `scripted` (rule-based bots from TOML scripts), the diagnostic
 //! `faulty` bot (enabled by configuration only), and the connectors to bots that live elsewhere:
-//! `webhook` (an HTTP endpoint).
+//! `webhook` (an HTTP endpoint) and process plugins from `[plugins] dir` (any language).
 
 pub mod connector;
 pub mod echo;
 pub mod faulty;
+pub mod process;
 pub mod scripted;
 pub mod webhook;
 
@@ -30,6 +31,12 @@ pub fn load(config: &Config) -> Result<Vec<Arc<dyn BotFactory>>, String> {
         &config.plugins.webhook.endpoints,
         handling,
     )?));
+    if let Some(dir) = &config.plugins.dir {
+        for (folder, manifest) in process::discover(dir)? {
+            tracing::info!(plugin = %manifest.id, folder = %folder.display(), "process plugin found");
+            plugins.push(Arc::new(process::ProcessFactory::start(folder, manifest)));
+        }
+    }
     let mut ids = std::collections::BTreeSet::new();
     for p in &plugins {
         if !ids.insert(p.bot_id().to_string()) {
