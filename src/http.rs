@@ -24,6 +24,8 @@ pub struct HttpState {
     pub cluster_id: String,
     pub role: String,
     pub started: Instant,
+    /// Where Bot Framework bots send their replies.
+    pub connector: Arc<crate::plugins::botframework::Connector>,
 }
 
 /// The JSON form of an ESP answer and its HTTP status (docs/ESP.md).
@@ -227,6 +229,49 @@ async fn switchover(state: web::Data<HttpState>, req: HttpRequest) -> HttpRespon
     }
 }
 
+/// The Bot Framework connector: a bot's reply (`POST /v3/conversations/{id}/activities` or
+/// `.../activities/{activityId}`) to the conversation of one of this node's bots.
+async fn bf_activity(
+    state: web::Data<HttpState>,
+    path: web::Path<Vec<String>>,
+    body: web::Bytes,
+) -> HttpResponse {
+    use crate::plugins::botframework::ConnectorError;
+    let bf_error = |status: StatusCode, code: &str, message: &str| {
+        HttpResponse::build(status).json(json!({"error": {"code": code, "message": message}}))
+    };
+    let Some(conversation) = path.first() else {
+        return bf_error(
+            StatusCode::NOT_FOUND,
+            "ConversationNotFound",
+            "no conversation id",
+        );
+    };
+    let activity: Value = match serde_json::from_slice(&body) {
+        Ok(v @ Value::Object(_)) => v,
+        _ => {
+            return bf_error(
+                StatusCode::BAD_REQUEST,
+                "BadArgument",
+                "the body is not an activity (a JSON object)",
+            )
+        }
+    };
+    match state.connector.deliver(conversation, activity) {
+        Ok(id) => HttpResponse::Ok().json(json!({"id": id})),
+        Err(ConnectorError::UnknownConversation) => bf_error(
+            StatusCode::NOT_FOUND,
+            "ConversationNotFound",
+            "no bot of this node has this conversation",
+        ),
+        Err(ConnectorError::Busy) => bf_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "Throttled",
+            "too many replies waiting for this conversation",
+        ),
+    }
+}
+
 async fn not_found(req: HttpRequest) -> HttpResponse {
     HttpResponse::NotFound().json(json!({
         "status": "error", "code": "not_found", "message": format!("no route {} {}", req.method(), req.path())
@@ -242,6 +287,8 @@ pub const ROUTES: &[&str] = &[
     "GET /metrics",
     "POST /admin/switchover",
     "GET /admin/bots",
+    "POST /v3/conversations/{conversation}/activities",
+    "POST /v3/conversations/{conversation}/activities/{activity}",
     "GET /",
 ];
 
@@ -254,6 +301,14 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/metrics", web::get().to(prometheus))
         .route("/admin/bots", web::get().to(bots))
         .route("/admin/switchover", web::post().to(switchover))
+        .route(
+            "/v3/conversations/{conversation}/activities",
+            web::post().to(bf_activity),
+        )
+        .route(
+            "/v3/conversations/{conversation}/activities/{activity}",
+            web::post().to(bf_activity),
+        )
         .route(
             "/admin/switchover",
             web::method(actix_web::http::Method::OPTIONS).to(preflight),

@@ -55,7 +55,6 @@ pub enum ServeError {
 
 /// Starts a node inside the current actix System.
 pub async fn start(config: Config) -> Result<Node, ServeError> {
-    let plugins = crate::plugins::load(&config).map_err(ServeError::Plugins)?;
     let reports: Arc<dyn ReportSink> = match &config.reporting.file {
         Some(path) => Arc::new(
             FileReports::open(path).map_err(|source| ServeError::Reports {
@@ -94,6 +93,7 @@ pub async fn start(config: Config) -> Result<Node, ServeError> {
             source,
         })?;
 
+    let (plugins, connector) = crate::plugins::load(&config, http).map_err(ServeError::Plugins)?;
     // The HA coordinator first: the chat link tells it about fencing, bots tell it their saves.
     let configured = if config.node.role == "backup" {
         HaRole::Backup
@@ -203,6 +203,7 @@ pub async fn start(config: Config) -> Result<Node, ServeError> {
         cluster_id: config.node.cluster_id.clone(),
         role: config.node.role.clone(),
         started: Instant::now(),
+        connector,
     });
     let server = HttpServer::new(move || {
         App::new()

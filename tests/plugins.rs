@@ -349,3 +349,85 @@ async fn a_misbehaving_process_plugin_is_bounded_and_the_node_goes_on() {
     let (status, _) = support::http(gw.http, "GET", "/healthz", None).await;
     assert_eq!(status, 200);
 }
+
+#[tokio::test]
+async fn a_bot_framework_sdk_bot_talks_through_the_gateway_channel() {
+    let Some(bot) = support::SdkBot::start() else {
+        return;
+    };
+    let chat = ChatServer::start(&[]);
+    let gw = Gateway::start(
+        chat.tcp,
+        &format!(
+            "[plugins.botframework.bots.helpdesk]\nendpoint = \"{}\"\n",
+            bot.endpoint()
+        ),
+    );
+    let mut ann = Customer::open(&chat, "bf-1").await;
+    let started = gw
+        .start_bot(
+            "bf-1",
+            &[("ChatBotID", "botframework"), ("ChatBotName", "helpdesk")],
+        )
+        .await;
+    // conversationUpdate: the bot greets the customer it was added with.
+    assert_eq!(ann.next_reply().await, "bf: welcome");
+    ann.say("hello").await;
+    // The SDK bot sends typing, then its answer.
+    let typing = ann.next_where(|e| e["kind"] == "typing").await;
+    assert_eq!(typing["participant_id"], started["ParticipantId"]);
+    assert_eq!(ann.next_reply().await, "bf: hello");
+    ann.say("menu").await;
+    let menu = ann
+        .next_where(|e| e["kind"] == "message" && e["rich"].is_object())
+        .await;
+    assert_eq!(menu["text"], "bf: pick one\n1. Billing\n2. Delivery");
+    assert_eq!(menu["rich"]["buttons"][1]["payload"], "delivery");
+    ann.say("card").await;
+    let card = ann
+        .next_where(|e| e["kind"] == "message" && e["rich"].is_object())
+        .await;
+    assert_eq!(card["rich"]["cards"][0]["title"], "Premium plan");
+    assert_eq!(
+        card["text"],
+        "Premium plan (25 EUR a month)\nEverything included.\n1. Buy"
+    );
+    // An event named handoff: the bot leaves with the hand-off in userdata and report.
+    ann.say("agent").await;
+    assert_eq!(ann.next_reply().await, "bf: let me find a person");
+    let report = gw
+        .report_of(started["BotInstanceId"].as_str().unwrap())
+        .await;
+    assert_eq!(report["end_reason"], "bot_left");
+    assert_eq!(report["handoff"]["summary"], "wants a person");
+    let ud = ann.userdata().await;
+    assert_eq!(ud["RouteTo"], "support");
+    assert_eq!(ud["ChatBotHandoff"], "true");
+
+    // endOfConversation from the bot: it leaves; the chat goes on.
+    let mut bea = Customer::open(&chat, "bf-2").await;
+    let second = gw
+        .start_bot(
+            "bf-2",
+            &[("ChatBotID", "botframework"), ("ChatBotName", "helpdesk")],
+        )
+        .await;
+    assert_eq!(bea.next_reply().await, "bf: welcome");
+    bea.say("bye").await;
+    assert_eq!(bea.next_reply().await, "bf: goodbye");
+    let report = gw
+        .report_of(second["BotInstanceId"].as_str().unwrap())
+        .await;
+    assert_eq!(report["end_reason"], "bot_left");
+    assert_eq!(bea.transcript().await["closed"], false);
+
+    // A reply for a conversation this node does not have is refused.
+    let (status, body) = support::http(
+        gw.http,
+        "POST",
+        "/v3/conversations/nope/activities",
+        Some(json!({"type": "message", "text": "x"})),
+    )
+    .await;
+    assert_eq!(status, 404, "{body}");
+}

@@ -1,7 +1,8 @@
 //! Built-in plugins: `echo`, `scripted` (rule-based bots from TOML scripts), the diagnostic
 //! `faulty` bot (enabled by configuration only), and the connectors to bots that live elsewhere:
-//! `webhook` (an HTTP endpoint) and process plugins from `[plugins] dir` (any language).
+//! `webhook` (an HTTP endpoint), `botframework` (a Bot Framework SDK bot) and process plugins from `[plugins] dir` (any language).
 
+pub mod botframework;
 pub mod connector;
 pub mod echo;
 pub mod faulty;
@@ -15,8 +16,13 @@ use bgs_actors::bot::BotFactory;
 
 use crate::config::Config;
 
-/// Every plugin this node offers, as configured.
-pub fn load(config: &Config) -> Result<Vec<Arc<dyn BotFactory>>, String> {
+/// Every plugin this node offers, as configured, and the Bot Framework connector the HTTP
+/// server routes bots' replies to. `http` is the node's bound HTTP address (the default
+/// Bot Framework `serviceUrl`).
+pub fn load(
+    config: &Config,
+    http: std::net::SocketAddr,
+) -> Result<(Vec<Arc<dyn BotFactory>>, Arc<botframework::Connector>), String> {
     let mut plugins: Vec<Arc<dyn BotFactory>> = vec![
         Arc::new(echo::EchoFactory),
         Arc::new(scripted::ScriptedFactory::load(
@@ -31,6 +37,19 @@ pub fn load(config: &Config) -> Result<Vec<Arc<dyn BotFactory>>, String> {
         &config.plugins.webhook.endpoints,
         handling,
     )?));
+    let connector = Arc::new(botframework::Connector::default());
+    let service_url = config
+        .plugins
+        .botframework
+        .service_url
+        .clone()
+        .unwrap_or_else(|| format!("http://{http}/"));
+    plugins.push(Arc::new(botframework::BotFrameworkFactory::load(
+        &config.plugins.botframework.bots,
+        service_url,
+        connector.clone(),
+        handling,
+    )?));
     if let Some(dir) = &config.plugins.dir {
         for (folder, manifest) in process::discover(dir)? {
             tracing::info!(plugin = %manifest.id, folder = %folder.display(), "process plugin found");
@@ -43,5 +62,5 @@ pub fn load(config: &Config) -> Result<Vec<Arc<dyn BotFactory>>, String> {
             return Err(format!("two plugins have the bot id {:?}", p.bot_id()));
         }
     }
-    Ok(plugins)
+    Ok((plugins, connector))
 }

@@ -632,3 +632,55 @@ pub fn kill9_pid(pid: u32) {
 pub fn repo_plugins() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("plugins")
 }
+
+/// The test's Bot Framework bot (`tests/botframework/echo_bot.py`, the real Python SDK) on a
+/// free port; `None` when the SDK is not installed (CI sets `CI_REQUIRE_BOTBUILDER` and
+/// installs it, so there a missing SDK fails the test).
+pub struct SdkBot {
+    child: Child,
+    pub addr: SocketAddr,
+}
+
+impl SdkBot {
+    pub fn start() -> Option<SdkBot> {
+        let have = Command::new("python3")
+            .args([
+                "-c",
+                "import botbuilder.core, botbuilder.integration.aiohttp",
+            ])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !have {
+            assert!(
+                std::env::var_os("CI_REQUIRE_BOTBUILDER").is_none(),
+                "the Bot Framework SDK is required (pip install botbuilder-core botbuilder-integration-aiohttp)"
+            );
+            eprintln!("skipped: the Bot Framework SDK is not installed");
+            return None;
+        }
+        let script =
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/botframework/echo_bot.py");
+        let mut child = Command::new("python3")
+            .arg(script)
+            .arg("0")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start the SDK bot");
+        let line = chat::listening_line(&mut child);
+        let addr = chat::address(&line, "http=").unwrap_or_else(|| panic!("{line:?}"));
+        Some(SdkBot { child, addr })
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}/api/messages", self.addr)
+    }
+}
+
+impl Drop for SdkBot {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

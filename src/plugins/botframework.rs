@@ -1,0 +1,660 @@
+//! The `botframework` plugin: the gateway acts as a Bot Framework channel for bots built with
+//! Microsoft's Bot Framework SDK. StartBot `ChatBotName` picks the bot from
+//! `[plugins.botframework.bots.<name>]`. docs/PLUGINS.md section "botframework" is the guide.
+//!
+//! The gateway POSTs activities to the bot's messaging endpoint: `conversationUpdate` (members
+//! added) on a first start, `message` for each customer message, `endOfConversation` on stop.
+//! Each carries a `serviceUrl` that points at the connector routes this node hosts
+//! ([`Connector`]; `POST /v3/conversations/{id}/activities[/{activityId}]`), where the bot sends
+//! its replies. The conversation id is the bot instance id, so after a switchover the
+//! conversation goes on with the same id on the new primary.
+//!
+//! A turn is one POST: replies that reach the connector while it runs are the turn's actions,
+//! carried out when the bot's answer (HTTP 200/201/202) comes. Replies that come later, or
+//! proactive messages, wake the bot ([`BotInput::Wake`]) and are carried out then.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bgs_actors::bot::{
+    Bot, BotContext, BotError, BotFactory, BotInput, BotWaker, CreateBot, Handoff,
+};
+use bgs_proto::chat::{Button, Card, EventKind, ParticipantType, RichContent};
+use dashmap::DashMap;
+use futures_util::future::BoxFuture;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+
+use super::connector::{self, RetryPolicy};
+use crate::config::BotFrameworkBot;
+
+/// Replies waiting for one conversation; beyond it the connector answers 429.
+const CONVERSATION_QUEUE: usize = 256;
+
+/// One conversation the connector routes replies to.
+struct Conversation {
+    replies: mpsc::Sender<Value>,
+    waker: BotWaker,
+    /// A turn is running: its replies are collected when it ends, no wake needed.
+    in_turn: Arc<AtomicBool>,
+}
+
+/// Why the connector did not take an activity.
+#[derive(Debug, PartialEq, Eq)]
+pub enum ConnectorError {
+    UnknownConversation,
+    Busy,
+}
+
+/// The connector side of the channel: the routes a bot posts its replies to. Shared by the
+/// plugin (which registers conversations) and the HTTP server (which delivers to them).
+#[derive(Default)]
+pub struct Connector {
+    conversations: DashMap<String, Conversation>,
+}
+
+impl Connector {
+    /// Takes one activity a bot sent to `conversation`; answers the id given to it.
+    pub fn deliver(&self, conversation: &str, activity: Value) -> Result<String, ConnectorError> {
+        let c = self
+            .conversations
+            .get(conversation)
+            .ok_or(ConnectorError::UnknownConversation)?;
+        c.replies
+            .try_send(activity)
+            .map_err(|_| ConnectorError::Busy)?;
+        if !c.in_turn.load(Ordering::SeqCst) {
+            c.waker.wake();
+        }
+        Ok(uuid::Uuid::new_v4().simple().to_string())
+    }
+
+    pub fn conversations(&self) -> usize {
+        self.conversations.len()
+    }
+}
+
+/// One configured bot, ready to call.
+struct BotEndpoint {
+    name: String,
+    url: reqwest::Url,
+    app_id: Option<String>,
+    token: Option<TokenSource>,
+    policy: RetryPolicy,
+    unavailable_notice: String,
+    handoff_userdata: BTreeMap<String, String>,
+}
+
+pub struct BotFrameworkFactory {
+    bots: BTreeMap<String, Arc<BotEndpoint>>,
+    client: reqwest::Client,
+    connector: Arc<Connector>,
+    service_url: String,
+}
+
+impl BotFrameworkFactory {
+    /// Checks every bot; errors name the key (`plugins.botframework.bots.NAME.endpoint: ...`).
+    pub fn load(
+        bots: &BTreeMap<String, BotFrameworkBot>,
+        service_url: String,
+        connector: Arc<Connector>,
+        handling_timeout: Duration,
+    ) -> Result<Self, String> {
+        let client = connector::client()?;
+        let budget = RetryPolicy::budget_for(handling_timeout);
+        let mut out = BTreeMap::new();
+        for (name, b) in bots {
+            let key = format!("plugins.botframework.bots.{name}");
+            let url = reqwest::Url::parse(&b.endpoint)
+                .ok()
+                .filter(|u| matches!(u.scheme(), "http" | "https"))
+                .ok_or_else(|| format!("{key}.endpoint: {:?} is not an http(s) URL", b.endpoint))?;
+            let app_id = b.app_id.clone().filter(|s| !s.is_empty());
+            let token = match (&app_id, b.app_password.as_deref().filter(|s| !s.is_empty())) {
+                (Some(id), Some(secret)) => Some(TokenSource::new(
+                    client.clone(),
+                    &b.tenant,
+                    id.clone(),
+                    secret.to_string(),
+                )),
+                (None, None) => None,
+                _ => return Err(format!(
+                    "{key}: app_id and app_password go together (both, or neither for a local bot)"
+                )),
+            };
+            if b.timeout_ms == 0 {
+                return Err(format!("{key}.timeout_ms: must be at least 1"));
+            }
+            out.insert(
+                name.clone(),
+                Arc::new(BotEndpoint {
+                    name: name.clone(),
+                    url,
+                    app_id,
+                    token,
+                    // A turn is not retried: the bot may have answered part of it already.
+                    policy: RetryPolicy {
+                        attempts: 1,
+                        per_attempt: Duration::from_millis(b.timeout_ms),
+                        budget,
+                    },
+                    unavailable_notice: b.unavailable_notice.clone(),
+                    handoff_userdata: b.handoff_userdata.clone(),
+                }),
+            );
+        }
+        let service_url = if service_url.ends_with('/') {
+            service_url
+        } else {
+            format!("{service_url}/")
+        };
+        Ok(BotFrameworkFactory {
+            bots: out,
+            client,
+            connector,
+            service_url,
+        })
+    }
+
+    fn bot(&self, name: &str) -> Result<&Arc<BotEndpoint>, BotError> {
+        self.bots.get(name).ok_or_else(|| {
+            let known: Vec<&str> = self.bots.keys().map(String::as_str).collect();
+            BotError::new(if known.is_empty() {
+                "no Bot Framework bot is configured ([plugins.botframework.bots.NAME])".to_string()
+            } else {
+                format!(
+                    "ChatBotName {name:?} names no Bot Framework bot (known: {})",
+                    known.join(", ")
+                )
+            })
+        })
+    }
+}
+
+impl BotFactory for BotFrameworkFactory {
+    fn bot_id(&self) -> &str {
+        "botframework"
+    }
+
+    fn check(&self, request: &CreateBot) -> Result<(), BotError> {
+        self.bot(&request.bot_name).map(|_| ())
+    }
+
+    fn create(&self, request: &CreateBot) -> Result<Box<dyn Bot>, BotError> {
+        Ok(Box::new(ChannelBot {
+            endpoint: self.bot(&request.bot_name)?.clone(),
+            client: self.client.clone(),
+            connector: self.connector.clone(),
+            service_url: self.service_url.clone(),
+            conversation: String::new(),
+            replies: None,
+            in_turn: Arc::new(AtomicBool::new(false)),
+            userdata: BTreeMap::new(),
+            done: false,
+        }))
+    }
+}
+
+struct ChannelBot {
+    endpoint: Arc<BotEndpoint>,
+    client: reqwest::Client,
+    connector: Arc<Connector>,
+    service_url: String,
+    conversation: String,
+    replies: Option<mpsc::Receiver<Value>>,
+    in_turn: Arc<AtomicBool>,
+    userdata: BTreeMap<String, String>,
+    /// Left or handed over: later inputs are ignored.
+    done: bool,
+}
+
+impl Drop for ChannelBot {
+    fn drop(&mut self) {
+        // Only this bot's registration: a newer bot of the same conversation keeps its own.
+        let in_turn = self.in_turn.clone();
+        self.connector
+            .conversations
+            .remove_if(&self.conversation, |_, c| Arc::ptr_eq(&c.in_turn, &in_turn));
+    }
+}
+
+impl ChannelBot {
+    fn activity(&self, ctx: &BotContext, kind: &str) -> Value {
+        json!({
+            "type": kind,
+            "id": ctx.input_id,
+            "channelId": "bgs",
+            "serviceUrl": self.service_url,
+            "conversation": {"id": self.conversation},
+            "recipient": {
+                "id": self.endpoint.app_id.clone().unwrap_or_else(|| format!("bot-{}", self.endpoint.name)),
+                "name": ctx.nickname,
+                "role": "bot"
+            },
+            "channelData": {
+                "interaction_id": ctx.interaction_id,
+                "instance_id": ctx.instance_id,
+                "userdata": self.userdata,
+            },
+            "locale": "en-US",
+        })
+    }
+
+    /// One turn: posts `activity`, then takes the replies the bot sent meanwhile. `Err` when
+    /// the bot could not be reached or refused the activity.
+    async fn turn(&mut self, ctx: &mut BotContext, activity: Value) -> Result<(), String> {
+        self.in_turn.store(true, Ordering::SeqCst);
+        let token = match &self.endpoint.token {
+            Some(t) => Some(t.token().await?),
+            None => None,
+        };
+        let endpoint = self.endpoint.clone();
+        let client = self.client.clone();
+        let result = endpoint
+            .policy
+            .run(|timeout| {
+                let mut request = client.post(endpoint.url.clone());
+                if let Some(t) = &token {
+                    request = request.bearer_auth(t);
+                }
+                let activity = &activity;
+                async move { connector::post_json(request, activity, timeout).await }
+            })
+            .await;
+        self.in_turn.store(false, Ordering::SeqCst);
+        self.take_replies(ctx);
+        result
+            .map(|_| ())
+            .map_err(|(error, _)| format!("Bot Framework bot {} failed: {error}", endpoint.name))
+    }
+
+    fn take_replies(&mut self, ctx: &mut BotContext) {
+        let Some(rx) = &mut self.replies else { return };
+        while let Ok(activity) = rx.try_recv() {
+            if self.done {
+                continue;
+            }
+            self.done = act_on(ctx, &activity);
+        }
+    }
+
+    fn give_up(&mut self, ctx: &mut BotContext, error: String) {
+        connector::give_up(
+            ctx,
+            &self.endpoint.unavailable_notice,
+            &self.endpoint.handoff_userdata,
+            error,
+        );
+        self.done = true;
+    }
+}
+
+fn strings(v: &Value) -> BTreeMap<String, String> {
+    v.as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| {
+                    let s = v
+                        .as_str()
+                        .map(str::to_string)
+                        .unwrap_or_else(|| v.to_string());
+                    (k.clone(), s)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn button(action: &Value) -> Option<Button> {
+    let title = action["title"].as_str().unwrap_or_default().to_string();
+    let payload = match &action["value"] {
+        Value::String(s) => s.clone(),
+        Value::Null => title.clone(),
+        other => other.to_string(),
+    };
+    (!title.is_empty() || !payload.is_empty()).then(|| Button {
+        title: if title.is_empty() {
+            payload.clone()
+        } else {
+            title
+        },
+        payload,
+    })
+}
+
+/// Maps one activity from the bot to actions; true when the bot is done (left, handed off).
+fn act_on(ctx: &mut BotContext, activity: &Value) -> bool {
+    match activity["type"].as_str().unwrap_or_default() {
+        "message" => {
+            let text = activity["text"].as_str().unwrap_or_default().to_string();
+            let mut rich = RichContent::default();
+            if let Some(actions) = activity["suggestedActions"]["actions"].as_array() {
+                rich.buttons = actions.iter().filter_map(button).collect();
+            }
+            for a in activity["attachments"].as_array().into_iter().flatten() {
+                let kind = a["contentType"].as_str().unwrap_or_default();
+                if kind == "application/vnd.microsoft.card.hero"
+                    || kind == "application/vnd.microsoft.card.thumbnail"
+                {
+                    let c = &a["content"];
+                    let opt = |v: &Value| v.as_str().filter(|s| !s.is_empty()).map(str::to_string);
+                    rich.cards.push(Card {
+                        title: c["title"].as_str().unwrap_or_default().to_string(),
+                        subtitle: opt(&c["subtitle"]),
+                        text: opt(&c["text"]),
+                        image_url: opt(&c["images"][0]["url"]),
+                        buttons: c["buttons"]
+                            .as_array()
+                            .map(|b| b.iter().filter_map(button).collect())
+                            .unwrap_or_default(),
+                    });
+                } else {
+                    tracing::debug!(content_type = kind, "Bot Framework attachment not shown");
+                }
+            }
+            if !text.is_empty() || !rich.is_empty() {
+                ctx.say_rich(text, rich);
+            }
+            false
+        }
+        "typing" => {
+            ctx.typing();
+            false
+        }
+        "event" if activity["name"] == "handoff" => {
+            let v = &activity["value"];
+            ctx.handoff(Handoff {
+                reason: v["reason"].as_str().unwrap_or("requested").to_string(),
+                summary: v["summary"].as_str().unwrap_or_default().to_string(),
+                userdata: strings(&v["userdata"]),
+                error: None,
+            });
+            true
+        }
+        "endOfConversation" => {
+            ctx.leave();
+            true
+        }
+        other => {
+            tracing::debug!(activity = other, "Bot Framework activity ignored");
+            false
+        }
+    }
+}
+
+impl Bot for ChannelBot {
+    fn handle<'a>(
+        &'a mut self,
+        ctx: &'a mut BotContext,
+        input: BotInput,
+    ) -> BoxFuture<'a, Result<(), BotError>> {
+        Box::pin(async move {
+            match input {
+                BotInput::Start(start) => {
+                    self.conversation = ctx.instance_id.clone();
+                    self.userdata = start.userdata.clone();
+                    let (tx, rx) = mpsc::channel(CONVERSATION_QUEUE);
+                    self.replies = Some(rx);
+                    self.connector.conversations.insert(
+                        self.conversation.clone(),
+                        Conversation {
+                            replies: tx,
+                            waker: start.waker.clone(),
+                            in_turn: self.in_turn.clone(),
+                        },
+                    );
+                    // A restored bot goes on with the same conversation: nothing to announce.
+                    if start.restored.is_none() {
+                        let customer = start
+                            .history
+                            .iter()
+                            .find(|e| e.participant_type == ParticipantType::Customer)
+                            .map(|e| (e.participant_id.clone(), e.nickname.clone()))
+                            .unwrap_or_else(|| ("customer".into(), "customer".into()));
+                        let mut activity = self.activity(ctx, "conversationUpdate");
+                        let bot = activity["recipient"].clone();
+                        activity["from"] =
+                            json!({"id": customer.0, "name": customer.1, "role": "user"});
+                        activity["membersAdded"] =
+                            json!([bot, {"id": customer.0, "name": customer.1, "role": "user"}]);
+                        if let Err(e) = self.turn(ctx, activity).await {
+                            self.give_up(ctx, e);
+                        }
+                    }
+                    // The context says only that the conversation exists (it is the instance).
+                    ctx.save_context(b"conversation".to_vec());
+                }
+                _ if self.done => {}
+                BotInput::Event(e) if e.kind == EventKind::Userdata => {
+                    for (k, v) in e.userdata.unwrap_or_default() {
+                        match v {
+                            Some(v) => self.userdata.insert(k, v),
+                            None => self.userdata.remove(&k),
+                        };
+                    }
+                }
+                BotInput::Event(e)
+                    if e.kind == EventKind::Message
+                        && e.participant_type == ParticipantType::Customer =>
+                {
+                    let mut activity = self.activity(ctx, "message");
+                    activity["from"] =
+                        json!({"id": e.participant_id, "name": e.nickname, "role": "user"});
+                    activity["text"] = json!(e.text.unwrap_or_default());
+                    if let Err(err) = self.turn(ctx, activity).await {
+                        self.give_up(ctx, err);
+                    }
+                }
+                BotInput::Wake => self.take_replies(ctx),
+                BotInput::Stop(reason) => {
+                    // Best effort: the bot hears the conversation is over; its answer is not waited for long.
+                    let mut activity = self.activity(ctx, "endOfConversation");
+                    activity["code"] = json!("completedSuccessfully");
+                    activity["text"] = json!(reason.as_str());
+                    let request = self.client.post(self.endpoint.url.clone());
+                    let _ = connector::post_json(request, &activity, Duration::from_secs(2)).await;
+                }
+                _ => {}
+            }
+            Ok(())
+        })
+    }
+}
+
+/// Tokens for a bot with an app id: the OAuth client-credentials grant of Microsoft Entra ID
+/// (`https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token`, scope
+/// `https://api.botframework.com/.default`), cached until five minutes before they expire.
+struct TokenSource {
+    client: reqwest::Client,
+    url: String,
+    app_id: String,
+    secret: String,
+    cached: Mutex<Option<(String, tokio::time::Instant)>>,
+}
+
+impl TokenSource {
+    fn new(client: reqwest::Client, tenant: &str, app_id: String, secret: String) -> Self {
+        TokenSource {
+            client,
+            url: format!("https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token"),
+            app_id,
+            secret,
+            cached: Mutex::new(None),
+        }
+    }
+
+    async fn token(&self) -> Result<String, String> {
+        if let Ok(cached) = self.cached.lock() {
+            if let Some((t, until)) = cached.as_ref() {
+                if tokio::time::Instant::now() < *until {
+                    return Ok(t.clone());
+                }
+            }
+        }
+        let form = [
+            ("grant_type", "client_credentials"),
+            ("client_id", self.app_id.as_str()),
+            ("client_secret", self.secret.as_str()),
+            ("scope", "https://api.botframework.com/.default"),
+        ];
+        let body: String = form
+            .iter()
+            .map(|(k, v)| format!("{k}={}", urlencode(v)))
+            .collect::<Vec<_>>()
+            .join("&");
+        let response = tokio::time::timeout(
+            Duration::from_secs(10),
+            self.client
+                .post(&self.url)
+                .header(
+                    reqwest::header::CONTENT_TYPE,
+                    "application/x-www-form-urlencoded",
+                )
+                .body(body)
+                .send(),
+        )
+        .await
+        .map_err(|_| "the token service did not answer in time".to_string())?
+        .map_err(|e| format!("cannot reach the token service: {e}"))?;
+        let status = response.status();
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|e| format!("cannot read the token service's answer: {e}"))?;
+        let value: Value = serde_json::from_slice(&bytes)
+            .map_err(|e| format!("the token service's answer is not JSON: {e}"))?;
+        let token = value["access_token"]
+            .as_str()
+            .filter(|_| status.is_success())
+            .ok_or_else(|| {
+                format!(
+                    "the token service refused app {} (HTTP {}): {}",
+                    self.app_id,
+                    status.as_u16(),
+                    value["error"].as_str().unwrap_or("no reason")
+                )
+            })?
+            .to_string();
+        let life = value["expires_in"]
+            .as_u64()
+            .unwrap_or(3600)
+            .saturating_sub(300);
+        if let Ok(mut cached) = self.cached.lock() {
+            *cached = Some((
+                token.clone(),
+                tokio::time::Instant::now() + Duration::from_secs(life),
+            ));
+        }
+        Ok(token)
+    }
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bgs_actors::bot::BotAction;
+    use bgs_proto::chat::Visibility;
+
+    fn ctx() -> BotContext {
+        BotContext::new(
+            "i".into(),
+            "s".into(),
+            "botframework".into(),
+            "helpdesk".into(),
+            "Helpdesk".into(),
+            Visibility::All,
+        )
+    }
+
+    #[test]
+    fn activities_become_posts_cards_typing_and_handoffs() {
+        let mut c = ctx();
+        let done = act_on(
+            &mut c,
+            &json!({"type": "message", "text": "pick", "suggestedActions": {"actions": [
+                {"type": "imBack", "title": "Yes", "value": "yes"}]}}),
+        );
+        assert!(!done);
+        act_on(
+            &mut c,
+            &json!({"type": "message", "attachments": [{"contentType": "application/vnd.microsoft.card.hero",
+                "content": {"title": "Plan", "subtitle": "25 EUR", "images": [{"url": "https://x/y.png"}],
+                "buttons": [{"type": "imBack", "title": "Buy", "value": "buy"}]}}]}),
+        );
+        act_on(&mut c, &json!({"type": "typing"}));
+        assert!(act_on(
+            &mut c,
+            &json!({"type": "event", "name": "handoff", "value": {"summary": "s", "userdata": {"Queue": "x", "Tries": 2}}})
+        ));
+        let actions = c.take_actions();
+        assert_eq!(actions.len(), 4);
+        match &actions[0] {
+            BotAction::Post { text, .. } => assert_eq!(text, "pick\n1. Yes"),
+            other => panic!("{other:?}"),
+        }
+        match &actions[1] {
+            BotAction::Post { text, rich, .. } => {
+                assert_eq!(text, "Plan (25 EUR)\nhttps://x/y.png\n1. Buy");
+                assert_eq!(rich.as_ref().unwrap().cards[0].buttons[0].payload, "buy");
+            }
+            other => panic!("{other:?}"),
+        }
+        match &actions[3] {
+            BotAction::Handoff(h) => {
+                assert_eq!(h.userdata["Tries"], "2");
+                assert_eq!(h.reason, "requested");
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut c = ctx();
+        assert!(act_on(&mut c, &json!({"type": "endOfConversation"})));
+        assert_eq!(c.take_actions(), vec![BotAction::Leave]);
+    }
+
+    #[test]
+    fn the_connector_routes_by_conversation_and_is_bounded() {
+        let connector = Connector::default();
+        assert_eq!(
+            connector.deliver("nope", json!({})),
+            Err(ConnectorError::UnknownConversation)
+        );
+        let (tx, _rx) = mpsc::channel(2);
+        let woken = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let w = woken.clone();
+        connector.conversations.insert(
+            "c".into(),
+            Conversation {
+                replies: tx,
+                waker: BotWaker::new(move || {
+                    w.fetch_add(1, Ordering::SeqCst);
+                }),
+                in_turn: Arc::new(AtomicBool::new(false)),
+            },
+        );
+        assert!(connector.deliver("c", json!({"type": "message"})).is_ok());
+        assert!(connector.deliver("c", json!({"type": "message"})).is_ok());
+        assert_eq!(
+            connector.deliver("c", json!({"type": "message"})),
+            Err(ConnectorError::Busy)
+        );
+        assert_eq!(
+            woken.load(Ordering::SeqCst),
+            2,
+            "outside a turn, replies wake the bot"
+        );
+        assert_eq!(urlencode("a b/c"), "a%20b%2Fc");
+    }
+}
