@@ -668,12 +668,20 @@ async fn process_and_webhook_bots_survive_a_failover() {
         Answer::ok(json!([{"text": format!("wh: {}", req.body["message"].as_str().unwrap_or(""))}]))
     })
     .await;
+    // The Bot Framework bot too, where the SDK is installed (CI installs it).
+    let sdk = support::SdkBot::start();
     let chat = ChatServer::start(&[]);
-    let extra = format!(
+    let mut extra = format!(
         "[plugins]\ndir = \"{}\"\n[plugins.webhook.endpoints.faq]\nurl = \"{}\"\n",
         repo_plugins().display(),
         hook.url("/hook")
     );
+    if let Some(bot) = &sdk {
+        extra += &format!(
+            "[plugins.botframework.bots.helpdesk]\nendpoint = \"{}\"\n",
+            bot.endpoint()
+        );
+    }
     let mut pair = start_pair_with(&chat, &extra).await;
     pair.a
         .wait_status("a primary", |s| role(s) == "primary")
@@ -691,16 +699,40 @@ async fn process_and_webhook_bots_survive_a_failover() {
     assert_eq!(py.next_reply().await, "py: one");
     wh.say("one").await;
     assert_eq!(wh.next_reply().await, "wh: one");
-    in_sync_backup(&pair.b, 2).await;
+    let mut bf = Customer::open(&chat, "ha-bf").await;
+    if sdk.is_some() {
+        pair.a
+            .start_bot(
+                "ha-bf",
+                &[("ChatBotID", "botframework"), ("ChatBotName", "helpdesk")],
+            )
+            .await;
+        assert_eq!(bf.next_reply().await, "bf: welcome");
+        bf.say("one").await;
+        assert_eq!(bf.next_reply().await, "bf: one");
+    }
+    let bots = if sdk.is_some() { 3 } else { 2 };
+    in_sync_backup(&pair.b, bots).await;
 
     pair.a.kill9();
     py.say("two").await;
     wh.say("two").await;
+    if sdk.is_some() {
+        bf.say("two").await;
+    }
     pair.b
         .wait_status("b took over", |s| role(s) == "primary")
         .await;
     assert_eq!(py.next_reply().await, "py: two");
     assert_eq!(wh.next_reply().await, "wh: two");
+    if sdk.is_some() {
+        // Same conversation, not greeted again; the answer comes through b's connector.
+        assert_eq!(bf.next_reply().await, "bf: two");
+        assert_eq!(
+            messages(&bf.transcript().await),
+            ["bf: welcome", "one", "bf: one", "two", "bf: two"]
+        );
+    }
     // The process plugin's bot was restored from its saved context on the new primary.
     let (status, _) = pair
         .b

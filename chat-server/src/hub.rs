@@ -754,7 +754,7 @@ impl Hub {
                 let wait = self.persist(
                     &session,
                     &mut st,
-                    Self::event_records(session_id, vec![stored]),
+                    Self::event_records(session_id, vec![*stored]),
                 )?;
                 Ok(Ack {
                     value: (seq, false),

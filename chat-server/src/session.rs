@@ -66,7 +66,7 @@ pub struct SessionLimits {
 /// What a post came to.
 #[derive(Debug, Clone, PartialEq)]
 pub enum PostOutcome {
-    New(StoredEvent),
+    New(Box<StoredEvent>),
     /// The client key was already accepted: the first post's sequence number.
     Duplicate(u64),
 }
@@ -342,7 +342,9 @@ impl SessionState {
             owner: None,
             key,
         };
-        Ok(PostOutcome::New(self.commit(vec![stored], now).remove(0)))
+        Ok(PostOutcome::New(Box::new(
+            self.commit(vec![stored], now).remove(0),
+        )))
     }
 
     /// The participant leaves; the after-action may close the session.
@@ -730,7 +732,7 @@ mod tests {
                 )
                 .unwrap()
             {
-                PostOutcome::New(e) => e,
+                PostOutcome::New(e) => *e,
                 PostOutcome::Duplicate(_) => panic!(),
             },
         );

@@ -120,9 +120,11 @@ impl BotFrameworkFactory {
                     secret.to_string(),
                 )),
                 (None, None) => None,
-                _ => return Err(format!(
+                _ => {
+                    return Err(format!(
                     "{key}: app_id and app_password go together (both, or neither for a local bot)"
-                )),
+                ))
+                }
             };
             if b.timeout_ms == 0 {
                 return Err(format!("{key}.timeout_ms: must be at least 1"));

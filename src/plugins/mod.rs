@@ -16,13 +16,13 @@ use bgs_actors::bot::BotFactory;
 
 use crate::config::Config;
 
+/// What [`load`] gives the node: its plugins, and the Bot Framework connector.
+pub type Loaded = (Vec<Arc<dyn BotFactory>>, Arc<botframework::Connector>);
+
 /// Every plugin this node offers, as configured, and the Bot Framework connector the HTTP
 /// server routes bots' replies to. `http` is the node's bound HTTP address (the default
 /// Bot Framework `serviceUrl`).
-pub fn load(
-    config: &Config,
-    http: std::net::SocketAddr,
-) -> Result<(Vec<Arc<dyn BotFactory>>, Arc<botframework::Connector>), String> {
+pub fn load(config: &Config, http: std::net::SocketAddr) -> Result<Loaded, String> {
     let mut plugins: Vec<Arc<dyn BotFactory>> = vec![
         Arc::new(echo::EchoFactory),
         Arc::new(scripted::ScriptedFactory::load(

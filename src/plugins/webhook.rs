@@ -181,15 +181,17 @@ fn act_on(ctx: &mut BotContext, bytes: &[u8]) -> Result<bool, String> {
     let mut handed_off = false;
     for item in items {
         let text = item.text.unwrap_or_default();
-        let mut rich = RichContent::default();
-        rich.buttons = item
-            .buttons
-            .into_iter()
-            .map(|b| Button {
-                payload: b.payload.unwrap_or_else(|| b.title.clone()),
-                title: b.title,
-            })
-            .collect();
+        let mut rich = RichContent {
+            buttons: item
+                .buttons
+                .into_iter()
+                .map(|b| Button {
+                    payload: b.payload.unwrap_or_else(|| b.title.clone()),
+                    title: b.title,
+                })
+                .collect(),
+            cards: Vec::new(),
+        };
         if let Some(url) = item.image.filter(|u| !u.is_empty()) {
             rich.cards.push(Card {
                 image_url: Some(url),
