@@ -367,6 +367,7 @@ impl Config {
             ("ha", "state-file"),
             ("auth", "token"),
             ("reporting", "file"),
+            ("plugins", "dir"),
         ] {
             keys.push((section.into(), key.into()));
         }
@@ -379,9 +380,8 @@ impl Config {
                     let value = match key.as_str() {
                         // Addresses, ids and paths stay strings even when they look like numbers.
                         "id" | "cluster-id" | "role" | "address" | "name" | "secret" | "token"
-                        | "file" | "peer" | "peer-http" | "level" | "mode" | "state-file" => {
-                            toml::Value::String(raw)
-                        }
+                        | "file" | "peer" | "peer-http" | "level" | "mode" | "state-file"
+                        | "dir" => toml::Value::String(raw),
                         _ => env_value(&raw),
                     };
                     t.insert(key, value);
@@ -524,6 +524,7 @@ mod tests {
             "BGS_CHANNEL_CHATBOT_HA_CHAT_RECONNECTING_DELAY" => Some("0.5".to_string()),
             "BGS_NODE_ID" => Some("42".to_string()),
             "BGS_AUTH_TOKEN" => Some("s3cret".to_string()),
+            "BGS_PLUGINS_DIR" => Some("plugins".to_string()),
             _ => None,
         };
         let c = Config::from_toml("[settings]\nesp-proc-timeout = 30\n", env).unwrap();
@@ -531,6 +532,32 @@ mod tests {
         assert_eq!(c.channel_chatbot.ha_chat_reconnecting_delay, 0.5);
         assert_eq!(c.node.id, "42");
         assert_eq!(c.auth.token.as_deref(), Some("s3cret"));
+        assert_eq!(c.plugins.dir.as_deref(), Some(Path::new("plugins")));
+    }
+
+    #[test]
+    fn connector_tables_are_typed() {
+        let c = Config::from_toml(
+            "[plugins.webhook.endpoints.faq]\nurl = \"http://x/\"\ntimeout-ms = 500\n\
+             [plugins.botframework.bots.hd]\nendpoint = \"http://y/\"\napp_id = \"a\"\n",
+            no_env,
+        )
+        .unwrap();
+        let faq = &c.plugins.webhook.endpoints["faq"];
+        assert_eq!((faq.timeout_ms, faq.retries), (500, 2));
+        assert_eq!(
+            c.plugins.botframework.bots["hd"].app_id.as_deref(),
+            Some("a")
+        );
+        let e = Config::from_toml("[plugins.webhook.endpoints.faq]\ntimeout_ms = 5\n", no_env)
+            .unwrap_err();
+        assert!(e.to_string().contains("url"), "{e}");
+        let e = Config::from_toml(
+            "[plugins.webhook.endpoints.faq]\nurl = \"http://x/\"\nretry = 1\n",
+            no_env,
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("retry"), "{e}");
     }
 
     #[test]
