@@ -431,3 +431,67 @@ async fn a_bot_framework_sdk_bot_talks_through_the_gateway_channel() {
     .await;
     assert_eq!(status, 404, "{body}");
 }
+
+/// The reference Chat Server's customer page shows a bot's buttons, and a click answers with the
+/// button's payload (driven in headless Chromium).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_customer_page_shows_buttons_and_a_click_sends_the_payload() {
+    let chat = ChatServer::start(&[]);
+    let gw = Gateway::start(chat.tcp, &plugins_dir_config(&repo_plugins()));
+    let url = format!("http://{}/", chat.http);
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let page = tokio::task::spawn_blocking(move || {
+        let Some((_browser, mut cdp)) = support::browser::open_in_chromium(&url) else {
+            return;
+        };
+        cdp.wait_for("String(!!document.getElementById('nick'))", "true");
+        cdp.eval(
+            "document.getElementById('nick').value = 'Ann'; \
+             document.getElementById('start').requestSubmit(); 'ok'",
+        );
+        cdp.wait_for(
+            "String(document.getElementById('info').textContent.startsWith('Interaction id: '))",
+            "true",
+        );
+        let info = cdp.eval("document.getElementById('info').textContent");
+        let interaction = info
+            .as_str()
+            .unwrap()
+            .trim_start_matches("Interaction id: ");
+        tx.send(interaction.to_string()).unwrap();
+        go_rx.recv().unwrap();
+        cdp.eval(
+            "document.getElementById('text').value = 'menu'; \
+             document.getElementById('send').requestSubmit(); 'ok'",
+        );
+        cdp.wait_for(
+            "String(document.querySelectorAll('button.choice').length)",
+            "2",
+        );
+        // The fallback's numbered lines are not shown twice next to the buttons.
+        cdp.wait_for(
+            "String(document.getElementById('log').textContent.includes('1. Billing'))",
+            "false",
+        );
+        cdp.eval("document.querySelector('button.choice').click(); 'ok'");
+        cdp.wait_for(
+            "String(document.getElementById('log').textContent.includes('py: billing'))",
+            "true",
+        );
+        tx.send("done".into()).unwrap();
+    });
+    let Ok(interaction) = tokio::task::spawn_blocking(move || rx.recv().map(|i| (i, rx)))
+        .await
+        .unwrap()
+    else {
+        page.await.unwrap();
+        return; // no Chromium here
+    };
+    let (interaction, rx) = interaction;
+    gw.start_bot(&interaction, &[("ChatBotID", "py-echo")])
+        .await;
+    go_tx.send(()).unwrap();
+    page.await.unwrap();
+    assert_eq!(rx.recv().unwrap(), "done");
+}

@@ -2,6 +2,7 @@
 
 #![allow(dead_code)]
 
+pub mod browser;
 #[path = "../../chat-server/tests/support/mod.rs"]
 mod chat;
 
