@@ -202,6 +202,16 @@ handoff_userdata = {{ RouteTo = "support", Why = "bot down" }}
     let ud = cid.userdata().await;
     assert_eq!(ud["RouteTo"], "support");
     assert_eq!(ud["Why"], "bot down");
+    // Operators see the dead endpoint and the retries in the metrics.
+    let (_, metrics) = support::http(gw.http, "GET", "/metrics", None).await;
+    let metrics = metrics.as_str().unwrap().to_string();
+    for line in [
+        "bgs_external_requests_total{plugin=\"webhook\",endpoint=\"dead\",result=\"failed\"} 1",
+        "bgs_external_requests_total{plugin=\"webhook\",endpoint=\"dead\",result=\"retry\"} 2",
+        "bgs_external_requests_total{plugin=\"webhook\",endpoint=\"faq\",result=\"retry\"} 1",
+    ] {
+        assert!(metrics.contains(line), "{line} not in\n{metrics}");
+    }
     assert_eq!(ud["ChatBotHandoffReason"], "bot_unavailable");
     assert_eq!(ud["ChatBotResult"], "bot_left");
 
@@ -255,6 +265,14 @@ async fn py_echo_process_plugin_answers_and_comes_back_after_kill9() {
     assert_eq!(ann.next_reply().await, "py: after the crash");
     let again = child_pid(gw.pid(), "echo.py").await;
     assert_ne!(again, pid, "a new plugin process");
+    let (_, metrics) = support::http(gw.http, "GET", "/metrics", None).await;
+    assert!(
+        metrics
+            .as_str()
+            .unwrap()
+            .contains("bgs_plugin_process_exits_total{plugin=\"py-echo\",outcome=\"restarted\"} 1"),
+        "{metrics}"
+    );
     let answers = messages(&ann.transcript().await)
         .into_iter()
         .filter(|m| m == "py: after the crash")

@@ -153,6 +153,10 @@ pub struct Metrics {
     pub ha_lag_micros: AtomicI64,
     /// kind (manual, failover)
     pub switchovers: Counters,
+    /// plugin, endpoint, result (ok, retry, failed): calls of connector plugins to external bots
+    pub external_requests: Counters,
+    /// plugin, outcome (restarted, given_up): exits of process plugins
+    pub plugin_exits: Counters,
 }
 
 static METRICS: OnceLock<Metrics> = OnceLock::new();
@@ -342,6 +346,20 @@ impl Metrics {
             "Role changes to primary on this node, by kind (manual, failover).",
             &["kind"],
             &self.switchovers,
+        );
+        counter_family(
+            &mut out,
+            "bgs_external_requests_total",
+            "Attempts of connector plugins to reach their external bots, by plugin, endpoint and result (ok; retry: failed, tried again; failed: failed, given up).",
+            &["plugin", "endpoint", "result"],
+            &self.external_requests,
+        );
+        counter_family(
+            &mut out,
+            "bgs_plugin_process_exits_total",
+            "Exits of process plugins, by plugin and outcome (restarted, given_up).",
+            &["plugin", "outcome"],
+            &self.plugin_exits,
         );
         out
     }

@@ -138,6 +138,8 @@ impl BotFrameworkFactory {
                     token,
                     // A turn is not retried: the bot may have answered part of it already.
                     policy: RetryPolicy {
+                        plugin: "botframework",
+                        endpoint: name.clone(),
                         attempts: 1,
                         per_attempt: Duration::from_millis(b.timeout_ms),
                         budget,

@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use bgs_actors::bot::{BotContext, Handoff};
+use bgs_actors::metrics::metrics;
 use tokio::time::Instant;
 
 /// Largest answer body read from an external bot; a larger one is an error.
@@ -126,9 +127,12 @@ fn describe(e: &reqwest::Error) -> String {
     text
 }
 
-/// How many attempts, how long each, and the time all of them must fit in.
-#[derive(Debug, Clone, Copy)]
+/// How many attempts, how long each, and the time all of them must fit in; and whom they are
+/// counted for (`bgs_external_requests_total{plugin, endpoint, result}`).
+#[derive(Debug, Clone)]
 pub struct RetryPolicy {
+    pub plugin: &'static str,
+    pub endpoint: String,
     pub attempts: u32,
     pub per_attempt: Duration,
     /// All attempts and pauses end within this (the bot's handling time, less a margin).
@@ -154,25 +158,40 @@ impl RetryPolicy {
         let mut backoff = FIRST_BACKOFF;
         let mut made = 0;
         let mut last = String::from("no attempt fitted in the time budget");
-        while made < self.attempts.max(1) {
+        let count = |result: &str| {
+            metrics()
+                .external_requests
+                .inc(&[self.plugin, &self.endpoint, result]);
+        };
+        loop {
             let left = deadline.saturating_duration_since(Instant::now());
             if left < Duration::from_millis(20) {
+                count("failed");
                 break;
             }
             made += 1;
             match attempt(self.per_attempt.min(left)).await {
-                Ok(value) => return Ok(value),
-                Err(AttemptError::Fatal(e)) => return Err((e, made)),
+                Ok(value) => {
+                    count("ok");
+                    return Ok(value);
+                }
+                Err(AttemptError::Fatal(e)) => {
+                    count("failed");
+                    return Err((e, made));
+                }
                 Err(AttemptError::Retry(e)) => {
                     tracing::info!(attempt = made, error = %e, "external bot attempt failed");
                     last = e;
                 }
             }
-            if made < self.attempts {
-                let left = deadline.saturating_duration_since(Instant::now());
-                tokio::time::sleep(backoff.min(left)).await;
-                backoff = (backoff * 2).min(MAX_BACKOFF);
+            let left = deadline.saturating_duration_since(Instant::now());
+            if made >= self.attempts || left < Duration::from_millis(20) {
+                count("failed");
+                break;
             }
+            count("retry");
+            tokio::time::sleep(backoff.min(left)).await;
+            backoff = (backoff * 2).min(MAX_BACKOFF);
         }
         Err((last, made))
     }
@@ -205,6 +224,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn retries_fit_in_the_budget_and_stop_on_a_fatal_error() {
         let policy = RetryPolicy {
+            plugin: "test",
+            endpoint: "e".into(),
             attempts: 10,
             per_attempt: Duration::from_secs(1),
             budget: Duration::from_millis(2500),

@@ -21,6 +21,7 @@ use std::time::Duration;
 use bgs_actors::bot::{
     Bot, BotContext, BotError, BotFactory, BotInput, BotStart, BotWaker, CreateBot, Handoff,
 };
+use bgs_actors::metrics::metrics;
 use bgs_proto::chat::{PostKind, RichContent, UserdataChanges, Visibility};
 use futures_util::future::BoxFuture;
 use futures_util::StreamExt;
@@ -968,6 +969,7 @@ impl Host {
                 .saturating_mul(1 << self.restarts.len().min(16))
                 .min(MAX_BACKOFF);
             tracing::warn!(plugin = %self.id, %status, bots = self.bots.len(), restart_in_ms = backoff.as_millis() as u64, "plugin process exited; restarting it");
+            metrics().plugin_exits.inc(&[&self.id, "restarted"]);
             self.restarts.push_back(now);
             self.restart_at = Some(now + backoff);
             return;
@@ -982,6 +984,7 @@ impl Host {
             format!("it exited ({status}) and its restart policy says no")
         };
         tracing::error!(plugin = %self.id, reason = %why, "plugin process given up; its bots stop");
+        metrics().plugin_exits.inc(&[&self.id, "given_up"]);
         for (_, bot) in self.bots.drain() {
             if let Some(p) = bot.pending {
                 let _ = p

@@ -84,6 +84,8 @@ impl WebhookFactory {
                     url,
                     headers,
                     policy: RetryPolicy {
+                        plugin: "webhook",
+                        endpoint: name.clone(),
                         attempts: e.retries + 1,
                         per_attempt: Duration::from_millis(e.timeout_ms),
                         budget,
