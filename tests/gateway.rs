@@ -1039,3 +1039,78 @@ async fn a_waiting_workflow_learns_the_outcome_even_when_the_chat_server_removed
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test]
+async fn a_waiting_workflow_learns_the_outcome_when_the_session_closes_or_the_node_stops() {
+    let chat = ChatServer::start(&[]);
+    let mut gw = Gateway::start(chat.tcp, "");
+    // The session closes under the bot: the outcome is written as the system, after the close.
+    let ann = Customer::open(&chat, "held-close").await;
+    let closed = gw
+        .start_bot(
+            "held-close",
+            &[("ChatBotID", "echo"), ("ChatBotHoldup", "true")],
+        )
+        .await;
+    ann.leave("force-close").await;
+    let r = gw
+        .report_of(closed["BotInstanceId"].as_str().unwrap())
+        .await;
+    assert_eq!(r["end_reason"], "session_closed");
+    let ud = ann.userdata().await;
+    assert_eq!(ud["ChatBotResult"], "session_closed", "{ud}");
+    assert_eq!(ud["ChatBotInstanceId"], closed["BotInstanceId"]);
+    assert_eq!(ann.transcript().await["closed"], true);
+
+    // A single node stops (no backup to hand over to): the waiting workflow is told `shutdown`.
+    let bob = Customer::open(&chat, "held-stop").await;
+    let stopped = gw
+        .start_bot(
+            "held-stop",
+            &[("ChatBotID", "echo"), ("ChatBotHoldup", "true")],
+        )
+        .await;
+    assert!(gw.terminate().success());
+    let ud = bob.userdata().await;
+    assert_eq!(ud["ChatBotResult"], "shutdown", "{ud}");
+    assert_eq!(ud["ChatBotInstanceId"], stopped["BotInstanceId"]);
+    assert!(ud["ChatBotEndedAt"]
+        .as_str()
+        .unwrap()
+        .parse::<u64>()
+        .is_ok());
+}
+
+#[tokio::test]
+async fn the_outcome_of_a_bot_lost_with_its_chat_server_is_written_when_it_is_back() {
+    let dir = support::TempDir::new("lost-data");
+    let data = dir.path().to_str().unwrap().to_string();
+    let chat = ChatServer::start(&["--data-dir", &data]);
+    let (http, tcp) = (chat.http.to_string(), chat.tcp.to_string());
+    let gw = Gateway::start(
+        chat.tcp,
+        "[channel-chatbot]\nha-chat-reconnecting-delay = 0.2\nha-chat-reconnecting-attempts = 2\n",
+    );
+    let _ann = Customer::open(&chat, "held-lost").await;
+    let bot = gw
+        .start_bot(
+            "held-lost",
+            &[("ChatBotID", "echo"), ("ChatBotHoldup", "true")],
+        )
+        .await;
+    chat.kill9();
+    let r = gw.report_of(bot["BotInstanceId"].as_str().unwrap()).await;
+    assert_eq!(r["end_reason"], "chat_server_lost");
+    // The link keeps trying after its attempts ran out; the outcome goes out when it is back.
+    let chat = ChatServer::start_at(&http, &tcp, &["--data-dir", &data]);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, ud) = chat.get("/sessions/held-lost/userdata").await;
+        if ud["ChatBotResult"] == "chat_server_lost" {
+            assert_eq!(ud["ChatBotInstanceId"], bot["BotInstanceId"]);
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no outcome in {ud}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -15,7 +15,7 @@ use futures_util::FutureExt;
 use tokio::sync::oneshot;
 
 use crate::bot::{Bot, BotAction, BotContext, BotInput, BotStart, BotWaker, Handoff, StopReason};
-use crate::chat_link::{ChatCall, ChatCallError, ChatLink};
+use crate::chat_link::{ChatCall, ChatCallError, ChatCallLater, ChatLink};
 use crate::esp::StartSpec;
 use crate::ha::Replicate;
 use crate::metrics::{metrics, Kind};
@@ -324,6 +324,16 @@ impl Outbox {
         self.call(request)
             .await
             .map_err(|e| e.context("a userdata change"))
+    }
+
+    /// A userdata change as the system, sent whenever the Chat Server can be reached again.
+    fn system_userdata_later(&self, changes: UserdataChanges) {
+        self.link
+            .do_send(ChatCallLater(ChatRequest::UpdateUserdata {
+                session_id: self.session_id.clone(),
+                participant_id: String::new(),
+                changes,
+            }));
     }
 
     async fn leave(&self) {
@@ -723,8 +733,8 @@ impl Handler<StopBotActor> for BotActor {
             let ended_ms = now_ms();
             // Waiting mode: the workflow learns why and when the bot finished, on every end
             // path. While the bot is still in the chat it writes as itself; otherwise (removed,
-            // session closed, Chat Server lost, shutdown) the gateway writes as the system. A
-            // Chat Server that is gone cannot take it: that is logged, and the report has it.
+            // session closed, shutdown) the gateway writes as the system. After a lost Chat
+            // Server the write waits in the chat link until the Chat Server is back.
             if holdup {
                 let changes: UserdataChanges = [
                     (
@@ -736,7 +746,11 @@ impl Handler<StopBotActor> for BotActor {
                 ]
                 .into();
                 let write = async {
-                    if reason.sends_leave() {
+                    if reason == StopReason::ChatServerLost {
+                        // Sent when the link is back (it keeps trying), not waited for.
+                        outbox.system_userdata_later(changes);
+                        Ok(())
+                    } else if reason.sends_leave() {
                         outbox.userdata(changes).await
                     } else {
                         outbox.system_userdata(changes).await

@@ -89,6 +89,13 @@ pub struct ChatCall {
     pub follow: Option<Follower>,
 }
 
+/// A request that must reach the Chat Server even if it is unreachable now, and even after the
+/// reconnect attempts ran out (the link keeps trying): it is sent when the connection is back.
+/// Nobody waits for its answer (the waiting-mode outcome of a bot that ended `chat_server_lost`).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ChatCallLater(pub ChatRequest);
+
 #[derive(Clone)]
 pub struct Follower {
     pub events: Recipient<ParticipantEvents>,
@@ -703,6 +710,29 @@ impl Handler<ChatCall> for ChatLink {
             rx.await
                 .unwrap_or_else(|_| Err(ChatCallError::Unavailable("the chat link stopped".into())))
         })
+    }
+}
+
+impl Handler<ChatCallLater> for ChatLink {
+    type Result = ();
+
+    fn handle(&mut self, msg: ChatCallLater, _ctx: &mut Context<Self>) {
+        if !self.active || self.pending.len() >= self.config.max_queued {
+            tracing::warn!("a request for when the chat server is back was dropped (not primary, or the queue is full)");
+            return;
+        }
+        let (tx, _rx) = oneshot::channel();
+        let id = self.take_id();
+        self.pending.insert(
+            id,
+            Pending {
+                request: msg.0,
+                follow: None,
+                reply: tx,
+                sent: false,
+            },
+        );
+        self.send_frame(id);
     }
 }
 
