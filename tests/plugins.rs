@@ -121,6 +121,16 @@ handoff_userdata = {{ RouteTo = "support", Why = "bot down" }}
         attempts[1].headers["idempotency-key"]
     );
 
+    // A question asked before the bot joined is answered when it joins.
+    let mut eve = Customer::open(&chat, "wh-early").await;
+    eve.say("early bird").await;
+    gw.start_bot(
+        "wh-early",
+        &[("ChatBotID", "webhook"), ("ChatBotName", "faq")],
+    )
+    .await;
+    assert_eq!(eve.next_reply().await, "wh: early bird");
+
     // A slow endpoint holds only its own chat.
     let mut bea = Customer::open(&chat, "wh-slow").await;
     gw.start_bot(
@@ -330,6 +340,15 @@ async fn a_misbehaving_process_plugin_is_bounded_and_the_node_goes_on() {
         "id = \"py-bad\"\ncommand = \"python3\"\nargs = [\"-u\", \"bad.py\"]\n",
     )
     .unwrap();
+    let once = dir.path().join("once");
+    std::fs::create_dir_all(&once).unwrap();
+    std::fs::write(once.join("once.py"), BAD_PLUGIN).unwrap();
+    std::fs::write(
+        once.join("plugin.toml"),
+        "id = \"py-once\"\ncommand = \"python3\"\nargs = [\"-u\", \"once.py\"]\n\
+         restart = \"never\"\nmax_instances = 2\n",
+    )
+    .unwrap();
     let chat = ChatServer::start(&[]);
     let gw = Gateway::start(
         chat.tcp,
@@ -364,6 +383,46 @@ async fn a_misbehaving_process_plugin_is_bounded_and_the_node_goes_on() {
     }
     let log = gw.log();
     assert!(log.contains("the plugin wrote garbage"), "{log}");
+
+    // A plugin that may not be restarted: killed, its bot stops and new StartBots are refused.
+    // Its max_instances bounds it meanwhile.
+    for i in 1..=3 {
+        Customer::open(&chat, &format!("once-{i}")).await;
+    }
+    let first = gw.start_bot("once-1", &[("ChatBotID", "py-once")]).await;
+    gw.start_bot("once-2", &[("ChatBotID", "py-once")]).await;
+    let (status, full) = gw
+        .esp("StartBot", "once-3", &[("ChatBotID", "py-once")])
+        .await;
+    assert_eq!(
+        (status, full["code"].as_str()),
+        (503, Some("bot_unavailable")),
+        "{full}"
+    );
+    kill9_pid(child_pid(gw.pid(), "once.py").await);
+    let report = gw.report_of(first["BotInstanceId"].as_str().unwrap()).await;
+    assert_eq!(report["end_reason"], "error");
+    assert!(
+        report["error"]
+            .as_str()
+            .unwrap()
+            .contains("restart policy says no"),
+        "{report}"
+    );
+    let (status, refused) = gw
+        .esp("StartBot", "once-3", &[("ChatBotID", "py-once")])
+        .await;
+    assert_eq!(
+        (status, refused["code"].as_str()),
+        (503, Some("bot_unavailable"))
+    );
+    assert!(
+        refused["message"]
+            .as_str()
+            .unwrap()
+            .contains("py-once is not running"),
+        "{refused}"
+    );
     let (status, _) = support::http(gw.http, "GET", "/healthz", None).await;
     assert_eq!(status, 200);
 }
@@ -395,6 +454,16 @@ async fn a_bot_framework_sdk_bot_talks_through_the_gateway_channel() {
     let typing = ann.next_where(|e| e["kind"] == "typing").await;
     assert_eq!(typing["participant_id"], started["ParticipantId"]);
     assert_eq!(ann.next_reply().await, "bf: hello");
+    // A question asked before the bot joined is answered after the greeting.
+    let mut cy = Customer::open(&chat, "bf-early").await;
+    cy.say("early bird").await;
+    gw.start_bot(
+        "bf-early",
+        &[("ChatBotID", "botframework"), ("ChatBotName", "helpdesk")],
+    )
+    .await;
+    assert_eq!(cy.next_reply().await, "bf: welcome");
+    assert_eq!(cy.next_reply().await, "bf: early bird");
     ann.say("menu").await;
     let menu = ann
         .next_where(|e| e["kind"] == "message" && e["rich"].is_object())

@@ -284,14 +284,31 @@ impl BotContext {
     }
 }
 
-/// The error a bot handler returns; it stops the bot with reason `error`.
+/// The error a bot handler returns; it stops the bot with reason `error`. From a factory's
+/// `check` or `create` it refuses the StartBot: `bad_parameter` (400), or `bot_unavailable`
+/// (503) for one made with [`BotError::unavailable`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct BotError(pub String);
+#[error("{message}")]
+pub struct BotError {
+    pub message: String,
+    /// The plugin cannot take bots now (its process is down, it is full): retry later.
+    pub unavailable: bool,
+}
 
 impl BotError {
     pub fn new(message: impl Into<String>) -> Self {
-        BotError(message.into())
+        BotError {
+            message: message.into(),
+            unavailable: false,
+        }
+    }
+
+    /// The plugin cannot take a bot now, whatever the parameters: StartBot `bot_unavailable`.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        BotError {
+            message: message.into(),
+            unavailable: true,
+        }
     }
 }
 

@@ -117,6 +117,11 @@ pub const ERROR_CODES: &[(&str, u16, &str)] = &[
     ),
     ("busy", 503, "the node is overloaded; retry later"),
     (
+        "bot_unavailable",
+        503,
+        "the plugin cannot take a bot now (its process is given up, or it runs max_instances bots)",
+    ),
+    (
         "chat_server_unavailable",
         503,
         "the Chat Server cannot be reached",

@@ -191,7 +191,10 @@ impl Supervisor {
         });
         let bot = match made {
             Ok(Ok(bot)) => bot,
-            Ok(Err(e)) => return fail(EspError::new("bad_parameter", e.0)),
+            Ok(Err(e)) if e.unavailable => {
+                return fail(EspError::new("bot_unavailable", e.message))
+            }
+            Ok(Err(e)) => return fail(EspError::new("bad_parameter", e.message)),
             Err(panic) => {
                 return fail(EspError::new(
                     "internal",

@@ -426,6 +426,19 @@ impl Bot for ChannelBot {
                         if let Err(e) = self.turn(ctx, activity).await {
                             self.give_up(ctx, e);
                         }
+                        // The customer's question from before the bot joined gets its answer.
+                        if let Some((sender, text)) = connector::unanswered(&start.history) {
+                            if !self.done {
+                                let mut activity = self.activity(ctx, "message");
+                                activity["id"] = json!(format!("{}:history", ctx.input_id));
+                                activity["from"] =
+                                    json!({"id": sender, "name": customer.1, "role": "user"});
+                                activity["text"] = json!(text);
+                                if let Err(e) = self.turn(ctx, activity).await {
+                                    self.give_up(ctx, e);
+                                }
+                            }
+                        }
                     }
                     // The context says only that the conversation exists (it is the instance).
                     ctx.save_context(b"conversation".to_vec());

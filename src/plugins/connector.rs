@@ -197,6 +197,25 @@ impl RetryPolicy {
     }
 }
 
+/// The customer's message that was waiting for an answer when the bot joined: the last message
+/// of the history if a customer wrote it (a workflow that starts a bot after the customer's
+/// first message wants that message answered). Its sender and text.
+pub fn unanswered(history: &[bgs_proto::chat::ChatEvent]) -> Option<(String, String)> {
+    use bgs_proto::chat::{EventKind, ParticipantType};
+    let last = history
+        .iter()
+        .rev()
+        .find(|e| matches!(e.kind, EventKind::Message | EventKind::Notice))?;
+    (last.kind == EventKind::Message && last.participant_type == ParticipantType::Customer).then(
+        || {
+            (
+                last.participant_id.clone(),
+                last.text.clone().unwrap_or_default(),
+            )
+        },
+    )
+}
+
 /// What a connector bot does when its external bot cannot be reached: tells the customer,
 /// and hands over with the configured userdata (reason `bot_unavailable`, the error reported).
 pub fn give_up(
@@ -271,6 +290,37 @@ mod tests {
             })
             .await;
         assert_eq!(result.unwrap(), 3);
+    }
+
+    #[test]
+    fn only_a_customer_message_left_unanswered_is_taken_from_the_history() {
+        use bgs_proto::chat::{ChatEvent, EventKind, ParticipantType, Style, Visibility};
+        let event = |seq, kind, who: ParticipantType, text: &str| ChatEvent {
+            seq,
+            ts_ms: 0,
+            kind,
+            participant_id: format!("p{seq}"),
+            nickname: String::new(),
+            participant_type: who,
+            style: Style::Regular,
+            visibility: Visibility::All,
+            text: Some(text.into()),
+            after_action: None,
+            reason: None,
+            userdata: None,
+            rich: None,
+        };
+        use ParticipantType::{Agent, Customer};
+        let asked = vec![
+            event(1, EventKind::Joined, Customer, ""),
+            event(2, EventKind::Message, Customer, "hi"),
+            event(3, EventKind::Message, Agent, "hello"),
+            event(4, EventKind::Message, Customer, "my bill?"),
+            event(5, EventKind::Typing, Agent, ""),
+        ];
+        assert_eq!(unanswered(&asked), Some(("p4".into(), "my bill?".into())));
+        assert_eq!(unanswered(&asked[..3]), None, "an agent answered");
+        assert_eq!(unanswered(&[]), None);
     }
 
     #[test]

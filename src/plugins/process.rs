@@ -343,8 +343,9 @@ struct Host {
     events_tx: mpsc::Sender<(u64, ProcEvent)>,
     restarts: VecDeque<Instant>,
     restart_at: Option<Instant>,
-    /// Given up (restart policy or too many restarts): every bot call fails.
-    dead: Option<String>,
+    /// Given up (restart policy or too many restarts): every bot call fails, and the factory
+    /// refuses new bots.
+    dead: Arc<std::sync::OnceLock<String>>,
     /// Inputs in a row that timed out with no line from the plugin in between.
     strikes: u32,
 }
@@ -353,6 +354,7 @@ struct Host {
 pub struct ProcessFactory {
     id: String,
     max_instances: usize,
+    dead: Arc<std::sync::OnceLock<String>>,
     live: Arc<AtomicUsize>,
     host: mpsc::Sender<HostCmd>,
     forget: mpsc::UnboundedSender<String>,
@@ -366,6 +368,7 @@ impl ProcessFactory {
         let (events_tx, events_rx) = mpsc::channel(1024);
         let id = manifest.id.clone();
         let max_instances = manifest.max_instances;
+        let dead = Arc::new(std::sync::OnceLock::new());
         let host = Host {
             id: id.clone(),
             folder,
@@ -377,13 +380,14 @@ impl ProcessFactory {
             events_tx,
             restarts: VecDeque::new(),
             restart_at: None,
-            dead: None,
+            dead: dead.clone(),
             strikes: 0,
         };
         tokio::spawn(host.run(host_rx, forget_rx, events_rx));
         ProcessFactory {
             id,
             max_instances,
+            dead,
             live: Arc::new(AtomicUsize::new(0)),
             host: host_tx,
             forget: forget_tx,
@@ -397,9 +401,15 @@ impl BotFactory for ProcessFactory {
     }
 
     fn check(&self, _request: &CreateBot) -> Result<(), BotError> {
+        if let Some(why) = self.dead.get() {
+            return Err(BotError::unavailable(format!(
+                "plugin {} is not running: {why}",
+                self.id
+            )));
+        }
         let live = self.live.load(Ordering::SeqCst);
         if live >= self.max_instances {
-            return Err(BotError::new(format!(
+            return Err(BotError::unavailable(format!(
                 "plugin {} runs {live} bots, its max_instances",
                 self.id
             )));
@@ -724,7 +734,7 @@ impl Host {
     }
 
     fn command(&mut self, cmd: HostCmd) {
-        if let Some(dead) = &self.dead {
+        if let Some(dead) = self.dead.get() {
             let reply = match cmd {
                 HostCmd::Start { reply, .. }
                 | HostCmd::Input { reply, .. }
@@ -994,7 +1004,7 @@ impl Host {
                 bot.waker.wake();
             }
         }
-        self.dead = Some(why);
+        let _ = self.dead.set(why);
     }
 }
 

@@ -287,6 +287,11 @@ impl Bot for WebhookBot {
                 BotInput::Start(start) => {
                     self.parameters = start.parameters;
                     self.userdata = start.userdata;
+                    // The customer's question from before the bot joined gets its answer (a
+                    // restored bot has no history).
+                    if let Some((sender, text)) = connector::unanswered(&start.history) {
+                        self.ask(ctx, &sender, &text).await;
+                    }
                 }
                 BotInput::Event(e) if e.kind == EventKind::Userdata => {
                     for (k, v) in e.userdata.unwrap_or_default() {
