@@ -11,7 +11,8 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 /// Version of the chat protocol, declared in [`Hello`]. The server refuses other versions.
-pub const CHAT_PROTOCOL_VERSION: u16 = 1;
+/// 2: posts and events carry `rich` content.
+pub const CHAT_PROTOCOL_VERSION: u16 = 2;
 
 /// Userdata of a session: string keys to string values.
 pub type Userdata = BTreeMap<String, String>;

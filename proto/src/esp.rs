@@ -9,7 +9,8 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 /// Version of the framed ESP protocol, declared in [`EspHello`].
-pub const ESP_PROTOCOL_VERSION: u16 = 1;
+/// 2: bot statuses carry `handoff`.
+pub const ESP_PROTOCOL_VERSION: u16 = 2;
 /// The ESP service name of the gateway.
 pub const ESP_SERVICE: &str = "ChatBotPlatform";
 
