@@ -300,6 +300,8 @@ async fn py_echo_process_plugin_answers_and_comes_back_after_kill9() {
     // A hand-off from a plugin.
     bob.say("agent").await;
     assert_eq!(bob.next_reply().await, "py: handing you over");
+    // The hand-off is written before the bot leaves.
+    bob.next_where(|e| e["kind"] == "left").await;
     let ud = bob.userdata().await;
     assert_eq!(ud["ChatBotHandoff"], "true");
     assert_eq!(ud["ChatBotHandoffSummary"], "asked for a person");

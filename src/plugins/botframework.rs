@@ -246,16 +246,25 @@ impl ChannelBot {
         })
     }
 
+    /// The bearer token for the bot's endpoint, when the bot has an app id.
+    async fn token(&self) -> Result<Option<String>, String> {
+        match &self.endpoint.token {
+            Some(t) => t.token().await.map(Some),
+            None => Ok(None),
+        }
+    }
+
     /// One turn: posts `activity`, then takes the replies the bot sent meanwhile. `Err` when
     /// the bot could not be reached or refused the activity.
     async fn turn(&mut self, ctx: &mut BotContext, activity: Value) -> Result<(), String> {
-        self.in_turn.store(true, Ordering::SeqCst);
-        let token = match &self.endpoint.token {
-            Some(t) => Some(t.token().await?),
-            None => None,
-        };
+        let name = self.endpoint.name.clone();
+        let token = self
+            .token()
+            .await
+            .map_err(|e| format!("Bot Framework bot {name}: no token: {e}"))?;
         let endpoint = self.endpoint.clone();
         let client = self.client.clone();
+        self.in_turn.store(true, Ordering::SeqCst);
         let result = endpoint
             .policy
             .run(|timeout| {
@@ -271,7 +280,7 @@ impl ChannelBot {
         self.take_replies(ctx);
         result
             .map(|_| ())
-            .map_err(|(error, _)| format!("Bot Framework bot {} failed: {error}", endpoint.name))
+            .map_err(|(error, _)| format!("Bot Framework bot {name} failed: {error}"))
     }
 
     fn take_replies(&mut self, ctx: &mut BotContext) {
@@ -470,8 +479,14 @@ impl Bot for ChannelBot {
                     let mut activity = self.activity(ctx, "endOfConversation");
                     activity["code"] = json!("completedSuccessfully");
                     activity["text"] = json!(reason.as_str());
-                    let request = self.client.post(self.endpoint.url.clone());
-                    let _ = connector::post_json(request, &activity, Duration::from_secs(2)).await;
+                    if let Ok(token) = self.token().await {
+                        let mut request = self.client.post(self.endpoint.url.clone());
+                        if let Some(t) = token {
+                            request = request.bearer_auth(t);
+                        }
+                        let _ =
+                            connector::post_json(request, &activity, Duration::from_secs(2)).await;
+                    }
                 }
                 _ => {}
             }

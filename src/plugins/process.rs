@@ -305,6 +305,8 @@ struct HostBot {
     first: Value,
     /// The process has been told of this bot (its first message was written).
     announced: bool,
+    /// The plugin answered the first message: a new process must be sent a `restore`.
+    started: bool,
     /// The last context it saved (what a crash restore sends).
     saved: Option<String>,
     pending: Option<Pending>,
@@ -674,11 +676,12 @@ impl Host {
         let instances: Vec<String> = self.bots.keys().cloned().collect();
         for instance in instances {
             let mut lines = Vec::new();
+            // A bot whose first message is still in flight gets that message again instead.
             let restore_id = {
                 let Some(bot) = self.bots.get(&instance) else {
                     continue;
                 };
-                bot.announced.then_some(())
+                bot.started.then_some(())
             }
             .map(|()| self.next_id());
             let Some(bot) = self.bots.get_mut(&instance) else {
@@ -719,8 +722,11 @@ impl Host {
     fn write(&mut self, msg: &Value) {
         let Some(running) = &self.running else { return };
         let line = format!("{msg}\n");
-        if running.stdin.try_send(line).is_err() {
-            self.kill("it does not read its input");
+        match running.stdin.try_send(line) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => self.kill("it does not read its input"),
+            // The process is gone; its exit is on the way and restarts it.
+            Err(mpsc::error::TrySendError::Closed(_)) => {}
         }
     }
 
@@ -763,6 +769,7 @@ impl Host {
                     HostBot {
                         first: msg,
                         announced: running,
+                        started: false,
                         saved,
                         pending: Some(Pending {
                             id,
@@ -883,6 +890,7 @@ impl Host {
                         }
                     }
                     let stop = p.msg.get("type").is_some_and(|t| t == "stop");
+                    b.started = true;
                     let _ = p.reply.send(Ok(p.actions));
                     if stop {
                         self.bots.remove(&bot);
