@@ -1028,16 +1028,8 @@ async fn a_waiting_workflow_learns_the_outcome_even_when_the_chat_server_removed
     let chat = ChatServer::start_at(&http, &tcp, &["--data-dir", &data, "--detach-grace", "1"]);
     let r = gw.report_of(bot["BotInstanceId"].as_str().unwrap()).await;
     assert_eq!(r["end_reason"], "removed_by_chat_server");
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let (_, ud) = chat.get("/sessions/held/userdata").await;
-        if ud["ChatBotResult"] == "removed_by_chat_server" {
-            assert_eq!(ud["ChatBotInstanceId"], bot["BotInstanceId"]);
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "no outcome in {ud}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let ud = wait_outcome(&chat, "held", "removed_by_chat_server").await;
+    assert_eq!(ud["ChatBotInstanceId"], bot["BotInstanceId"]);
 }
 
 #[tokio::test]
@@ -1103,12 +1095,17 @@ async fn the_outcome_of_a_bot_lost_with_its_chat_server_is_written_when_it_is_ba
     assert_eq!(r["end_reason"], "chat_server_lost");
     // The link keeps trying after its attempts ran out; the outcome goes out when it is back.
     let chat = ChatServer::start_at(&http, &tcp, &["--data-dir", &data]);
+    let ud = wait_outcome(&chat, "held-lost", "chat_server_lost").await;
+    assert_eq!(ud["ChatBotInstanceId"], bot["BotInstanceId"]);
+}
+
+/// Waits until the session's userdata say `ChatBotResult = reason`; the userdata then.
+async fn wait_outcome(chat: &ChatServer, session: &str, reason: &str) -> serde_json::Value {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
-        let (_, ud) = chat.get("/sessions/held-lost/userdata").await;
-        if ud["ChatBotResult"] == "chat_server_lost" {
-            assert_eq!(ud["ChatBotInstanceId"], bot["BotInstanceId"]);
-            break;
+        let (_, ud) = chat.get(&format!("/sessions/{session}/userdata")).await;
+        if ud["ChatBotResult"] == reason {
+            return ud;
         }
         assert!(tokio::time::Instant::now() < deadline, "no outcome in {ud}");
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -107,10 +107,7 @@ impl BotFrameworkFactory {
         let mut out = BTreeMap::new();
         for (name, b) in bots {
             let key = format!("plugins.botframework.bots.{name}");
-            let url = reqwest::Url::parse(&b.endpoint)
-                .ok()
-                .filter(|u| matches!(u.scheme(), "http" | "https"))
-                .ok_or_else(|| format!("{key}.endpoint: {:?} is not an http(s) URL", b.endpoint))?;
+            let url = connector::http_url(&format!("{key}.endpoint"), &b.endpoint)?;
             let app_id = b.app_id.clone().filter(|s| !s.is_empty());
             let token = match (&app_id, b.app_password.as_deref().filter(|s| !s.is_empty())) {
                 (Some(id), Some(secret)) => Some(TokenSource::new(
@@ -163,17 +160,12 @@ impl BotFrameworkFactory {
     }
 
     fn bot(&self, name: &str) -> Result<&Arc<BotEndpoint>, BotError> {
-        self.bots.get(name).ok_or_else(|| {
-            let known: Vec<&str> = self.bots.keys().map(String::as_str).collect();
-            BotError::new(if known.is_empty() {
-                "no Bot Framework bot is configured ([plugins.botframework.bots.NAME])".to_string()
-            } else {
-                format!(
-                    "ChatBotName {name:?} names no Bot Framework bot (known: {})",
-                    known.join(", ")
-                )
-            })
-        })
+        connector::named(
+            &self.bots,
+            name,
+            "Bot Framework bot",
+            "plugins.botframework.bots",
+        )
     }
 }
 
@@ -454,12 +446,7 @@ impl Bot for ChannelBot {
                 }
                 _ if self.done => {}
                 BotInput::Event(e) if e.kind == EventKind::Userdata => {
-                    for (k, v) in e.userdata.unwrap_or_default() {
-                        match v {
-                            Some(v) => self.userdata.insert(k, v),
-                            None => self.userdata.remove(&k),
-                        };
-                    }
+                    connector::track_userdata(&mut self.userdata, e.userdata)
                 }
                 BotInput::Event(e)
                     if e.kind == EventKind::Message

@@ -4,8 +4,12 @@
 
 use std::time::Duration;
 
-use bgs_actors::bot::{BotContext, Handoff};
+use std::collections::BTreeMap;
+
+use bgs_actors::bot::{BotContext, BotError, Handoff};
 use bgs_actors::metrics::metrics;
+use bgs_proto::chat::UserdataChanges;
+use bgs_proto::esp::KeyValues;
 use tokio::time::Instant;
 
 /// Largest answer body read from an external bot; a larger one is an error.
@@ -197,6 +201,45 @@ impl RetryPolicy {
     }
 }
 
+/// An `http://` or `https://` URL from the configuration; the error names `key`.
+pub fn http_url(key: &str, url: &str) -> Result<reqwest::Url, String> {
+    reqwest::Url::parse(url)
+        .ok()
+        .filter(|u| matches!(u.scheme(), "http" | "https"))
+        .ok_or_else(|| format!("{key}: {url:?} is not an http(s) URL"))
+}
+
+/// The configured entry a StartBot's `ChatBotName` names (`what`: "webhook endpoint"), or a
+/// refusal that lists the known names (`table`: where they are configured).
+pub fn named<'a, T>(
+    entries: &'a BTreeMap<String, T>,
+    name: &str,
+    what: &str,
+    table: &str,
+) -> Result<&'a T, BotError> {
+    entries.get(name).ok_or_else(|| {
+        let known: Vec<&str> = entries.keys().map(String::as_str).collect();
+        BotError::new(if known.is_empty() {
+            format!("no {what} is configured ([{table}.NAME])")
+        } else {
+            format!(
+                "ChatBotName {name:?} names no {what} (known: {})",
+                known.join(", ")
+            )
+        })
+    })
+}
+
+/// Keeps a bot's copy of the interaction's userdata up to date with a `userdata` event.
+pub fn track_userdata(userdata: &mut KeyValues, changes: Option<UserdataChanges>) {
+    for (k, v) in changes.unwrap_or_default() {
+        match v {
+            Some(v) => userdata.insert(k, v),
+            None => userdata.remove(&k),
+        };
+    }
+}
+
 /// The customer's message that was waiting for an answer when the bot joined: the last message
 /// of the history if a customer wrote it (a workflow that starts a bot after the customer's
 /// first message wants that message answered). Its sender and text.
@@ -221,7 +264,7 @@ pub fn unanswered(history: &[bgs_proto::chat::ChatEvent]) -> Option<(String, Str
 pub fn give_up(
     ctx: &mut BotContext,
     notice: &str,
-    userdata: &std::collections::BTreeMap<String, String>,
+    userdata: &BTreeMap<String, String>,
     error: String,
 ) {
     tracing::warn!(%error, "external bot unavailable; handing the customer over");

@@ -48,10 +48,7 @@ impl WebhookFactory {
         let mut out = BTreeMap::new();
         for (name, e) in endpoints {
             let key = format!("plugins.webhook.endpoints.{name}");
-            let url = reqwest::Url::parse(&e.url)
-                .ok()
-                .filter(|u| matches!(u.scheme(), "http" | "https"))
-                .ok_or_else(|| format!("{key}.url: {:?} is not an http(s) URL", e.url))?;
+            let url = connector::http_url(&format!("{key}.url"), &e.url)?;
             if e.timeout_ms == 0 || e.timeout_ms > 600_000 {
                 return Err(format!(
                     "{key}.timeout_ms: must be 1 to 600000, not {}",
@@ -102,17 +99,12 @@ impl WebhookFactory {
     }
 
     fn endpoint(&self, name: &str) -> Result<&Arc<Endpoint>, BotError> {
-        self.endpoints.get(name).ok_or_else(|| {
-            let known: Vec<&str> = self.endpoints.keys().map(String::as_str).collect();
-            BotError::new(if known.is_empty() {
-                "no webhook endpoint is configured ([plugins.webhook.endpoints.NAME])".to_string()
-            } else {
-                format!(
-                    "ChatBotName {name:?} names no webhook endpoint (known: {})",
-                    known.join(", ")
-                )
-            })
-        })
+        connector::named(
+            &self.endpoints,
+            name,
+            "webhook endpoint",
+            "plugins.webhook.endpoints",
+        )
     }
 }
 
@@ -294,12 +286,7 @@ impl Bot for WebhookBot {
                     }
                 }
                 BotInput::Event(e) if e.kind == EventKind::Userdata => {
-                    for (k, v) in e.userdata.unwrap_or_default() {
-                        match v {
-                            Some(v) => self.userdata.insert(k, v),
-                            None => self.userdata.remove(&k),
-                        };
-                    }
+                    connector::track_userdata(&mut self.userdata, e.userdata)
                 }
                 BotInput::Event(e)
                     if e.kind == EventKind::Message
