@@ -549,12 +549,15 @@ impl Host {
         self.spawn();
         loop {
             let restart = self.restart_at;
+            // Forgetting first: a bot dropped before another of the same instance starts (a bot
+            // that moved away and back) must not remove the new one.
             tokio::select! {
+                biased;
+                Some(instance) = forget.recv() => self.forget(&instance),
                 cmd = cmds.recv() => match cmd {
                     Some(cmd) => self.command(cmd),
                     None => break,
                 },
-                Some(instance) = forget.recv() => self.forget(&instance),
                 Some((incarnation, event)) = events.recv() => {
                     if self.running.as_ref().is_some_and(|r| r.incarnation == incarnation) {
                         self.event(event);
@@ -943,6 +946,8 @@ impl Host {
                     }
                     (_, Some(_)) => {}
                     (_, None) => {
+                        // One wake for a batch: the bot takes everything waiting when it wakes.
+                        let wake = b.unasked.is_empty() && !b.flooded;
                         b.unasked_count += 1;
                         if b.unasked_count > MAX_ACTIONS {
                             b.flooded = true;
@@ -950,7 +955,9 @@ impl Host {
                         } else {
                             b.unasked.push(action);
                         }
-                        b.waker.wake();
+                        if wake {
+                            b.waker.wake();
+                        }
                     }
                 }
             }
