@@ -7,7 +7,25 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use bgs_proto::ha::HaRole;
 use serde::{Deserialize, Serialize};
+
+/// How the primary waits for the backup (`[ha] mode`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HaMode {
+    /// A save goes on before the backup acknowledged it (the default).
+    Async,
+    /// A bot's next input waits until the backup acknowledged its save.
+    Sync,
+}
+
+/// The keys whose value is one of a few words, checked before the rest so that the message
+/// names the key and the choices.
+const CHOICES: &[(&str, &str, &[&str])] = &[
+    ("node", "role", &["primary", "backup"]),
+    ("ha", "mode", &["async", "sync"]),
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -49,7 +67,8 @@ pub struct Config {
 pub struct NodeConfig {
     pub id: String,
     pub cluster_id: String,
-    pub role: String,
+    /// The role this node starts in (without a state file).
+    pub role: HaRole,
     pub http_listen: SocketAddr,
     pub esp_listen: SocketAddr,
 }
@@ -64,7 +83,7 @@ pub struct HaConfig {
     pub heartbeat_interval_ms: u64,
     pub failover_after_ms: u64,
     /// `async` (a bot's save counts at once) or `sync` (it counts when the backup has it).
-    pub mode: String,
+    pub mode: HaMode,
     /// Keeps this node's role and epoch across restarts; without it a node starts in
     /// `node.role` at epoch 1 (docs/HA.md, "both nodes down").
     pub state_file: Option<PathBuf>,
@@ -243,7 +262,7 @@ impl Default for NodeConfig {
         Self {
             id: "bgs-a".into(),
             cluster_id: "bgs".into(),
-            role: "primary".into(),
+            role: HaRole::Primary,
             http_listen: addr("127.0.0.1:7080"),
             esp_listen: addr("127.0.0.1:7010"),
         }
@@ -259,7 +278,7 @@ impl Default for HaConfig {
             secret: "change-me".into(),
             heartbeat_interval_ms: 100,
             failover_after_ms: 1000,
-            mode: "async".into(),
+            mode: HaMode::Async,
             state_file: None,
         }
     }
@@ -388,6 +407,19 @@ impl Config {
                 }
             }
         }
+        for (section, key, words) in CHOICES {
+            let value = table.get(*section).and_then(|s| s.get(*key)).map(|v| {
+                v.as_str()
+                    .map(str::to_string)
+                    .unwrap_or_else(|| v.to_string())
+            });
+            if let Some(v) = value.filter(|v| !words.contains(&v.as_str())) {
+                return Err(invalid(
+                    &format!("{section}.{key}"),
+                    format!("must be {}, not {v:?}", words.join(" or ")),
+                ));
+            }
+        }
         let config: Config = toml::Value::Table(table)
             .try_into()
             .map_err(|e: toml::de::Error| ConfigError::Parse(e.to_string()))?;
@@ -402,26 +434,10 @@ impl Config {
         if self.node.cluster_id.is_empty() {
             return Err(invalid("node.cluster-id", "must not be empty"));
         }
-        match self.node.role.as_str() {
-            "primary" => {}
-            "backup" if self.ha.peer.is_some() => {}
-            "backup" => {
-                return Err(invalid(
-                    "node.role",
-                    "backup needs ha.peer (the primary's HA address)",
-                ))
-            }
-            other => {
-                return Err(invalid(
-                    "node.role",
-                    format!("must be primary or backup, not {other:?}"),
-                ))
-            }
-        }
-        if !matches!(self.ha.mode.as_str(), "async" | "sync") {
+        if self.node.role == HaRole::Backup && self.ha.peer.is_none() {
             return Err(invalid(
-                "ha.mode",
-                format!("must be async or sync, not {:?}", self.ha.mode),
+                "node.role",
+                "backup needs ha.peer (the primary's HA address)",
             ));
         }
         if self.ha.peer.is_some() && self.ha.secret.is_empty() {
@@ -577,6 +593,14 @@ mod tests {
         );
         let e = Config::from_toml("[node]\nrole = \"leader\"\n", no_env).unwrap_err();
         assert!(e.to_string().contains("node.role"), "{e}");
+        assert!(e.to_string().contains("must be primary or backup"), "{e}");
+        let e = Config::from_toml("[ha]\nmode = \"fast\"\n", no_env).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "bad value for ha.mode: must be async or sync, not \"fast\""
+        );
+        let c = Config::from_toml("[ha]\nmode = \"sync\"\n", no_env).unwrap();
+        assert_eq!(c.ha.mode, HaMode::Sync);
     }
 
     #[test]

@@ -7,7 +7,7 @@ use actix::Addr;
 use actix_web::http::StatusCode;
 use actix_web::{web, HttpRequest, HttpResponse};
 use bgs_actors::chat_link::{ChatLink, GetLinkStatus};
-use bgs_actors::esp::{status_of, EspError};
+use bgs_actors::esp::{status_of, ErrorCode, EspError};
 use bgs_actors::ha::{GetHaStatus, HaCoordinator, Switchover};
 use bgs_actors::report::Registry;
 use bgs_proto::esp::{EspRequest, EspResponse, EspResult, EspStatus};
@@ -22,7 +22,8 @@ pub struct HttpState {
     pub link: Addr<ChatLink>,
     pub ha: Addr<HaCoordinator>,
     pub cluster_id: String,
-    pub role: String,
+    /// The configured role (a node whose HA coordinator does not answer shows it).
+    pub role: HaRole,
     pub started: Instant,
     /// Where Bot Framework bots send their replies.
     pub connector: Arc<crate::plugins::botframework::Connector>,
@@ -81,7 +82,12 @@ async fn esp(state: web::Data<HttpState>, req: HttpRequest, body: web::Bytes) ->
     }
     let request: EspRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
-        Err(e) => return error(EspError::new("bad_request", format!("bad ESP JSON: {e}"))),
+        Err(e) => {
+            return error(EspError::new(
+                ErrorCode::BadRequest,
+                format!("bad ESP JSON: {e}"),
+            ))
+        }
     };
     let response = state.intake.dispatch(request).await;
     let (status, body) = esp_json(&response);
@@ -128,17 +134,19 @@ async fn status(state: web::Data<HttpState>) -> HttpResponse {
         *by_plugin.entry(e.value().bot_id.clone()).or_default() += 1;
         sessions.insert(e.key().interaction_id.clone());
     }
-    HttpResponse::Ok().insert_header(("Access-Control-Allow-Origin", "*")).json(json!({
-        "node": state.intake.node_id,
-        "cluster": state.cluster_id,
-        "role": ha.as_ref().map_or(state.role.clone(), |h| format!("{:?}", h.role).to_lowercase()),
-        "epoch": ha.as_ref().map(|h| h.epoch),
-        "ha": ha,
-        "uptime_seconds": state.started.elapsed().as_secs(),
-        "sessions": sessions.len(),
-        "bots": by_plugin,
-        "chat_servers": link.into_iter().collect::<Vec<_>>(),
-    }))
+    HttpResponse::Ok()
+        .insert_header(("Access-Control-Allow-Origin", "*"))
+        .json(json!({
+            "node": state.intake.node_id,
+            "cluster": state.cluster_id,
+            "role": ha.as_ref().map_or(state.role, |h| h.role).as_str(),
+            "epoch": ha.as_ref().map(|h| h.epoch),
+            "ha": ha,
+            "uptime_seconds": state.started.elapsed().as_secs(),
+            "sessions": sessions.len(),
+            "bots": by_plugin,
+            "chat_servers": link.into_iter().collect::<Vec<_>>(),
+        }))
 }
 
 /// `GET /admin/bots`: the bots running on this node (`plugin`, `interaction` filter).
@@ -223,7 +231,7 @@ async fn switchover(state: web::Data<HttpState>, req: HttpRequest) -> HttpRespon
             })),
         Ok(Err(reason)) => HttpResponse::Conflict()
             .insert_header(("Access-Control-Allow-Origin", "*"))
-            .json(json!({"status": "error", "code": "switchover_refused", "message": reason})),
+            .json(json!({"status": "error", "code": "switchover_refused", "message": reason.to_string()})),
         Err(e) => HttpResponse::InternalServerError()
             .json(json!({"status": "error", "code": "internal", "message": e.to_string()})),
     }

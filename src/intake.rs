@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use actix::Addr;
-use bgs_actors::esp::EspError;
+use bgs_actors::esp::{ErrorCode, EspError};
 use bgs_actors::metrics::{metrics, Kind};
 use bgs_actors::supervisor::{Esp, Supervisor};
 use bgs_proto::esp::{EspRequest, EspResponse};
@@ -23,7 +23,7 @@ impl Intake {
             (None, _) => Ok(()),
             (Some(want), Some(got)) if constant_time_eq(want.as_bytes(), got.as_bytes()) => Ok(()),
             (Some(_), _) => Err(EspError::new(
-                "unauthorized",
+                ErrorCode::Unauthorized,
                 "a valid bearer token is required",
             )),
         }
@@ -53,12 +53,13 @@ impl Intake {
         match tokio::time::timeout(self.timeout, self.supervisor.send(Esp(request))).await {
             Ok(Ok(response)) => response,
             Ok(Err(e)) => {
-                EspError::new("internal", format!("supervisor unavailable: {e}")).into_response(id)
+                EspError::new(ErrorCode::Internal, format!("supervisor unavailable: {e}"))
+                    .into_response(id)
             }
             Err(_) => {
                 tracing::warn!(%method, timeout_secs = self.timeout.as_secs(), "ESP request timed out");
                 EspError::new(
-                    "timeout",
+                    ErrorCode::Timeout,
                     format!(
                         "not processed within esp-proc-timeout ({} s)",
                         self.timeout.as_secs()

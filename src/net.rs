@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bgs_actors::chat_link::{ChatConnection, ChatConnector};
-use bgs_actors::esp::EspError;
+use bgs_actors::esp::{ErrorCode, EspError};
 use bgs_proto::chat::{ChatRequest, ClientFrame, ServerFrame};
 use bgs_proto::codec::{FrameCodec, DEFAULT_MAX_FRAME};
 use bgs_proto::esp::{EspClientFrame, EspResponse, EspResult, ESP_PROTOCOL_VERSION};
@@ -211,13 +211,12 @@ async fn esp_connection(stream: TcpStream, intake: Arc<Intake>) -> io::Result<()
     });
     let hello = tokio::time::timeout(Duration::from_secs(10), frames.next()).await;
     let answer = match hello {
-        Ok(Some(Ok(EspClientFrame::Hello(h)))) if h.version != ESP_PROTOCOL_VERSION => Err(EspError::new(
-            "bad_request",
+        Ok(Some(Ok(EspClientFrame::Hello(h)))) if h.version != ESP_PROTOCOL_VERSION => Err(EspError::new(ErrorCode::BadRequest,
             format!("ESP protocol version {} is not supported (this node speaks {ESP_PROTOCOL_VERSION})", h.version),
         )),
         Ok(Some(Ok(EspClientFrame::Hello(h)))) => intake.authorize(h.token.as_deref()),
-        Ok(Some(Err(e))) => Err(EspError::new("bad_request", format!("bad frame: {e}"))),
-        _ => Err(EspError::new("bad_request", "the first frame must be an EspHello")),
+        Ok(Some(Err(e))) => Err(EspError::new(ErrorCode::BadRequest, format!("bad frame: {e}"))),
+        _ => Err(EspError::new(ErrorCode::BadRequest, "the first frame must be an EspHello")),
     };
     let ok = answer.is_ok();
     let reply = match answer {
@@ -249,7 +248,7 @@ async fn esp_connection(stream: TcpStream, intake: Arc<Intake>) -> io::Result<()
                 Ok(EspClientFrame::Hello(_)) => {
                     let _ = tx
                         .send(
-                            EspError::new("bad_request", "Hello was already received")
+                            EspError::new(ErrorCode::BadRequest, "Hello was already received")
                                 .into_response(0),
                         )
                         .await;
@@ -257,7 +256,7 @@ async fn esp_connection(stream: TcpStream, intake: Arc<Intake>) -> io::Result<()
                 Err(e) => {
                     let _ = tx
                         .send(
-                            EspError::new("bad_request", format!("bad frame: {e}"))
+                            EspError::new(ErrorCode::BadRequest, format!("bad frame: {e}"))
                                 .into_response(0),
                         )
                         .await;

@@ -95,11 +95,7 @@ pub async fn start(config: Config) -> Result<Node, ServeError> {
 
     let (plugins, connector) = crate::plugins::load(&config, http).map_err(ServeError::Plugins)?;
     // The HA coordinator first: the chat link tells it about fencing, bots tell it their saves.
-    let configured = if config.node.role == "backup" {
-        HaRole::Backup
-    } else {
-        HaRole::Primary
-    };
+    let configured = config.node.role;
     // The role and epoch this node had when it stopped win over the configured role.
     let saved = match &config.ha.state_file {
         Some(path) => read_state(path).map_err(|source| ServeError::State {
@@ -139,7 +135,7 @@ pub async fn start(config: Config) -> Result<Node, ServeError> {
             secret: config.ha.secret.clone(),
             heartbeat: Duration::from_millis(config.ha.heartbeat_interval_ms),
             failover_after: Duration::from_millis(config.ha.failover_after_ms),
-            sync: config.ha.mode == "sync",
+            sync: config.ha.mode == crate::config::HaMode::Sync,
             http_url: format!("http://{http}"),
             peer_http: config.ha.peer_http.clone(),
             state_file: config.ha.state_file.clone(),
@@ -201,7 +197,7 @@ pub async fn start(config: Config) -> Result<Node, ServeError> {
         link,
         ha: coordinator.clone(),
         cluster_id: config.node.cluster_id.clone(),
-        role: config.node.role.clone(),
+        role: config.node.role,
         started: Instant::now(),
         connector,
     });

@@ -883,7 +883,7 @@ fn the_deploy_kit_is_valid() {
     ] {
         let config = bgs::config::Config::load(Some(&root.join(file)), |_| None)
             .unwrap_or_else(|e| panic!("{file}: {e}"));
-        assert_eq!(config.node.role, role);
+        assert_eq!(config.node.role.as_str(), role);
         assert!(config.ha.peer.is_some(), "{file} is a node of a pair");
     }
     let dashboard: serde_json::Value = serde_json::from_str(

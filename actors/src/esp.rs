@@ -11,7 +11,7 @@ use bgs_proto::esp::{EspRequest, EspResponse, KeyValues, ESP_SERVICE};
 /// A negative ESP answer: a stable code, the HTTP status that goes with it, a human message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EspError {
-    pub code: &'static str,
+    pub code: ErrorCode,
     pub status: u16,
     pub message: String,
     /// For `not_primary`: where the primary is.
@@ -27,129 +27,101 @@ impl fmt::Display for EspError {
 impl std::error::Error for EspError {}
 
 impl EspError {
-    pub fn new(code: &'static str, message: impl Into<String>) -> Self {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         EspError {
             code,
-            status: status_of(code),
+            status: code.status(),
             message: message.into(),
             primary: None,
         }
     }
 
     pub fn into_response(self, request_id: u64) -> EspResponse {
-        let mut r = EspResponse::error(request_id, self.code, self.message);
+        let mut r = EspResponse::error(request_id, self.code.as_str(), self.message);
         r.primary = self.primary;
         r
     }
 }
 
-/// Every ESP error code with its HTTP status and meaning (docs/ESP.md repeats this table).
-pub const ERROR_CODES: &[(&str, u16, &str)] = &[
-    (
-        "bad_request",
-        400,
-        "the request is not a valid ESP request (body, JSON, frame)",
-    ),
-    ("unknown_service", 400, "service is not ChatBotPlatform"),
-    (
-        "unknown_method",
-        400,
-        "method is not StartBot, StopBot, SendDataToBot or GetBotStatus",
-    ),
-    (
-        "missing_parameter",
-        400,
-        "a required parameter is absent or empty",
-    ),
-    (
-        "unknown_parameter",
-        400,
-        "a parameter the method does not take",
-    ),
-    ("bad_channel", 400, "_umsChannel is not channel-chatbot"),
-    (
-        "missing_interaction",
-        400,
-        "userdata carries no InteractionId",
-    ),
-    (
-        "name_too_long",
-        400,
-        "ChatBotID and ChatBotName together have 49 characters or more",
-    ),
-    (
-        "label_too_long",
-        400,
-        "ChatBotCategory or ChatBotFunction has more than 50 characters",
-    ),
-    (
-        "bad_boolean",
-        400,
-        "a boolean parameter is not true or false",
-    ),
-    ("bad_visibility", 400, "Visibility is not ALL, INT or VIP"),
-    (
-        "bad_parameter",
-        400,
-        "the plugin refused a parameter (for example an unknown ChatBotName)",
-    ),
-    (
-        "unknown_chat_server",
-        400,
-        "userdata ChatServer names a Chat Server this node does not know",
-    ),
-    (
-        "unauthorized",
-        401,
-        "a token is configured and the request lacks it",
-    ),
-    ("unknown_bot", 404, "no plugin has this ChatBotID"),
-    ("no_such_instance", 404, "no running bot instance matches"),
-    (
-        "no_such_session",
-        404,
-        "the Chat Server has no open session for the interaction",
-    ),
-    (
-        "already_running",
-        409,
-        "the same (interaction, ChatBotID, ChatBotName) is already running",
-    ),
-    ("busy", 503, "the node is overloaded; retry later"),
-    (
-        "bot_unavailable",
-        503,
-        "the plugin cannot take a bot now (its process is given up, or it runs max_instances bots)",
-    ),
-    (
-        "chat_server_unavailable",
-        503,
-        "the Chat Server cannot be reached",
-    ),
-    (
-        "not_primary",
-        503,
-        "this node is a backup; the answer names the primary",
-    ),
-    (
-        "draining",
-        503,
-        "a switchover is in progress; retry shortly",
-    ),
-    (
-        "timeout",
-        504,
-        "the request was not processed within esp-proc-timeout",
-    ),
-    ("internal", 500, "an internal error; the log has details"),
-];
+macro_rules! error_codes {
+    ($($variant:ident = $code:literal, $status:literal, $meaning:literal;)*) => {
+        /// Every ESP error code: its wire string, its HTTP status and its meaning, in one table
+        /// (docs/ESP.md section 11 documents it), so a code that is not in it cannot compile.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum ErrorCode {
+            $($variant,)*
+        }
 
-/// The HTTP status that goes with an error code (500 for an unknown one).
+        impl ErrorCode {
+            pub const ALL: &'static [ErrorCode] = &[$(ErrorCode::$variant,)*];
+
+            /// The stable string on the wire (`bad_parameter`).
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $(ErrorCode::$variant => $code,)*
+                }
+            }
+
+            /// The HTTP status that goes with it.
+            pub fn status(self) -> u16 {
+                match self {
+                    $(ErrorCode::$variant => $status,)*
+                }
+            }
+
+            pub fn meaning(self) -> &'static str {
+                match self {
+                    $(ErrorCode::$variant => $meaning,)*
+                }
+            }
+        }
+    };
+}
+
+error_codes! {
+    BadRequest = "bad_request", 400, "the request is not a valid ESP request (body, JSON, frame)";
+    UnknownService = "unknown_service", 400, "service is not ChatBotPlatform";
+    UnknownMethod = "unknown_method", 400, "method is not StartBot, StopBot, SendDataToBot or GetBotStatus";
+    MissingParameter = "missing_parameter", 400, "a required parameter is absent or empty";
+    UnknownParameter = "unknown_parameter", 400, "a parameter the method does not take";
+    BadChannel = "bad_channel", 400, "_umsChannel is not channel-chatbot";
+    MissingInteraction = "missing_interaction", 400, "userdata carries no InteractionId";
+    NameTooLong = "name_too_long", 400, "ChatBotID and ChatBotName together have 49 characters or more";
+    LabelTooLong = "label_too_long", 400, "ChatBotCategory or ChatBotFunction has more than 50 characters";
+    BadBoolean = "bad_boolean", 400, "a boolean parameter is not true or false";
+    BadVisibility = "bad_visibility", 400, "Visibility is not ALL, INT or VIP";
+    BadParameter = "bad_parameter", 400, "the plugin refused a parameter (for example an unknown ChatBotName)";
+    UnknownChatServer = "unknown_chat_server", 400, "userdata ChatServer names a Chat Server this node does not know";
+    Unauthorized = "unauthorized", 401, "a token is configured and the request lacks it";
+    UnknownBot = "unknown_bot", 404, "no plugin has this ChatBotID";
+    NoSuchInstance = "no_such_instance", 404, "no running bot instance matches";
+    NoSuchSession = "no_such_session", 404, "the Chat Server has no open session for the interaction";
+    AlreadyRunning = "already_running", 409, "the same (interaction, ChatBotID, ChatBotName) is already running";
+    Busy = "busy", 503, "the node is overloaded; retry later";
+    BotUnavailable = "bot_unavailable", 503, "the plugin cannot take a bot now (its process is given up, or it runs max_instances bots)";
+    ChatServerUnavailable = "chat_server_unavailable", 503, "the Chat Server cannot be reached";
+    NotPrimary = "not_primary", 503, "this node is a backup; the answer names the primary";
+    Draining = "draining", 503, "a switchover is in progress; retry shortly";
+    Timeout = "timeout", 504, "the request was not processed within esp-proc-timeout";
+    Internal = "internal", 500, "an internal error; the log has details";
+}
+
+impl ErrorCode {
+    /// The code a wire string names, if any.
+    pub fn parse(code: &str) -> Option<ErrorCode> {
+        ErrorCode::ALL.iter().copied().find(|c| c.as_str() == code)
+    }
+}
+
+impl fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The HTTP status that goes with a wire error code (500 for an unknown one).
 pub fn status_of(code: &str) -> u16 {
-    ERROR_CODES
-        .iter()
-        .find(|(c, _, _)| *c == code)
-        .map_or(500, |(_, s, _)| *s)
+    ErrorCode::parse(code).map_or(500, ErrorCode::status)
 }
 
 /// Identifies a bot instance: one per (interaction, ChatBotID, ChatBotName).
@@ -234,7 +206,7 @@ fn required<'a>(p: &'a KeyValues, key: &str) -> Result<&'a str, EspError> {
     match p.get(key).map(String::as_str) {
         Some(v) if !v.is_empty() => Ok(v),
         _ => Err(EspError::new(
-            "missing_parameter",
+            ErrorCode::MissingParameter,
             format!("parameter {key} is required"),
         )),
     }
@@ -246,7 +218,7 @@ fn boolean(p: &KeyValues, key: &str) -> Result<bool, EspError> {
         Some(v) if v.eq_ignore_ascii_case("true") => Ok(true),
         Some(v) if v.eq_ignore_ascii_case("false") => Ok(false),
         Some(v) => Err(EspError::new(
-            "bad_boolean",
+            ErrorCode::BadBoolean,
             format!("parameter {key} must be true or false, not {v:?}"),
         )),
     }
@@ -257,7 +229,7 @@ fn label(p: &KeyValues, key: &str) -> Result<String, EspError> {
     let n = v.chars().count();
     if n > 50 {
         return Err(EspError::new(
-            "label_too_long",
+            ErrorCode::LabelTooLong,
             format!("parameter {key} has {n} characters; at most 50 are allowed"),
         ));
     }
@@ -268,7 +240,7 @@ fn interaction(userdata: &KeyValues) -> Result<String, EspError> {
     match userdata.get("InteractionId") {
         Some(v) if !v.is_empty() => Ok(v.clone()),
         _ => Err(EspError::new(
-            "missing_interaction",
+            ErrorCode::MissingInteraction,
             "userdata must carry the interaction id under InteractionId",
         )),
     }
@@ -281,7 +253,7 @@ fn bot_key(p: &KeyValues, interaction_id: String) -> Result<BotKey, EspError> {
     let n = bot_id.chars().count() + bot_name.chars().count();
     if n >= 49 {
         return Err(EspError::new(
-            "name_too_long",
+            ErrorCode::NameTooLong,
             format!(
                 "ChatBotID and ChatBotName have {n} characters together; fewer than 49 are allowed"
             ),
@@ -297,7 +269,7 @@ fn bot_key(p: &KeyValues, interaction_id: String) -> Result<BotKey, EspError> {
 fn no_other_parameters(p: &KeyValues, allowed: &[&str]) -> Result<(), EspError> {
     match p.keys().find(|k| !allowed.contains(&k.as_str())) {
         Some(k) => Err(EspError::new(
-            "unknown_parameter",
+            ErrorCode::UnknownParameter,
             format!(
                 "parameter {k} is not taken by this method (it takes {})",
                 allowed.join(", ")
@@ -312,7 +284,7 @@ fn no_other_parameters(p: &KeyValues, allowed: &[&str]) -> Result<(), EspError> 
 pub fn parse(request: &EspRequest, chat_server: &str) -> Result<EspCommand, EspError> {
     if request.service != ESP_SERVICE {
         return Err(EspError::new(
-            "unknown_service",
+            ErrorCode::UnknownService,
             format!("service must be {ESP_SERVICE}, not {:?}", request.service),
         ));
     }
@@ -321,13 +293,13 @@ pub fn parse(request: &EspRequest, chat_server: &str) -> Result<EspCommand, EspE
         Some(CHANNEL) => {}
         None | Some("") => {
             return Err(EspError::new(
-                "missing_parameter",
+                ErrorCode::MissingParameter,
                 "parameter _umsChannel is required",
             ))
         }
         Some(other) => {
             return Err(EspError::new(
-                "bad_channel",
+                ErrorCode::BadChannel,
                 format!("_umsChannel must be {CHANNEL}, not {other:?}"),
             ))
         }
@@ -335,7 +307,7 @@ pub fn parse(request: &EspRequest, chat_server: &str) -> Result<EspCommand, EspE
     if let Some(cs) = request.userdata.get("ChatServer") {
         if cs != chat_server {
             return Err(EspError::new(
-                "unknown_chat_server",
+                ErrorCode::UnknownChatServer,
                 format!("this node serves Chat Server {chat_server:?}, not {cs:?}"),
             ));
         }
@@ -347,7 +319,7 @@ pub fn parse(request: &EspRequest, chat_server: &str) -> Result<EspCommand, EspE
                 None | Some("") => Visibility::All,
                 Some(v) => v
                     .parse()
-                    .map_err(|e: String| EspError::new("bad_visibility", e))?,
+                    .map_err(|e: String| EspError::new(ErrorCode::BadVisibility, e))?,
             };
             let nickname = match p.get("Nickname") {
                 Some(n) if !n.is_empty() => n.clone(),
@@ -356,7 +328,7 @@ pub fn parse(request: &EspRequest, chat_server: &str) -> Result<EspCommand, EspE
             };
             if nickname.len() > 128 {
                 return Err(EspError::new(
-                    "bad_parameter",
+                    ErrorCode::BadParameter,
                     "Nickname is longer than 128 bytes",
                 ));
             }
@@ -404,7 +376,7 @@ pub fn parse(request: &EspRequest, chat_server: &str) -> Result<EspCommand, EspE
             })
         }
         other => Err(EspError::new(
-            "unknown_method",
+            ErrorCode::UnknownMethod,
             format!(
                 "method {other:?} is not one of StartBot, StopBot, SendDataToBot, GetBotStatus"
             ),
@@ -430,7 +402,10 @@ mod tests {
     }
 
     fn code(method: &str, params: &[(&str, &str)]) -> &'static str {
-        parse(&request(method, params), "default").unwrap_err().code
+        parse(&request(method, params), "default")
+            .unwrap_err()
+            .code
+            .as_str()
     }
 
     const OK: &[(&str, &str)] = &[("ChatBotID", "echo"), ("_umsChannel", "channel-chatbot")];
@@ -500,22 +475,31 @@ mod tests {
         r.userdata.clear();
         assert_eq!(
             parse(&r, "default").unwrap_err().code,
-            "missing_interaction"
+            ErrorCode::MissingInteraction
         );
         r.service = "Chat".into();
-        assert_eq!(parse(&r, "default").unwrap_err().code, "unknown_service");
+        assert_eq!(
+            parse(&r, "default").unwrap_err().code,
+            ErrorCode::UnknownService
+        );
         let mut r = request("StartBot", OK);
         r.userdata.insert("ChatServer".into(), "other".into());
         assert_eq!(
             parse(&r, "default").unwrap_err().code,
-            "unknown_chat_server"
+            ErrorCode::UnknownChatServer
         );
     }
 
     #[test]
-    fn every_code_has_a_status() {
-        for (code, status, _) in ERROR_CODES {
-            assert_eq!(EspError::new(code, "x").status, *status);
+    fn every_code_has_one_string_and_a_status() {
+        let mut seen = std::collections::BTreeSet::new();
+        for code in ErrorCode::ALL {
+            assert!(seen.insert(code.as_str()), "{code} twice");
+            assert_eq!(ErrorCode::parse(code.as_str()), Some(*code));
+            assert_eq!(EspError::new(*code, "x").status, code.status());
+            assert_eq!(status_of(code.as_str()), code.status());
         }
+        assert_eq!(status_of("no_such_code"), 500);
+        assert_eq!(ErrorCode::BotUnavailable.status(), 503);
     }
 }

@@ -58,8 +58,29 @@ pub struct Attach {
 
 /// Planned switchover (this node must be the primary with a backup in sync).
 #[derive(Message)]
-#[rtype(result = "Result<SwitchoverReport, String>")]
+#[rtype(result = "Result<SwitchoverReport, SwitchoverError>")]
 pub struct Switchover;
+
+/// Why a switchover was refused or given up (the node then stays what it was).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SwitchoverError {
+    #[error("this node is not the primary")]
+    NotPrimary,
+    #[error("a switchover is already in progress")]
+    InProgress,
+    #[error("no backup is connected")]
+    NoBackup,
+    #[error("the node is still starting")]
+    Starting,
+    #[error("this node stopped being the primary during the switchover")]
+    Demoted,
+    #[error("the backup went away during the switchover")]
+    BackupGone,
+    #[error("the backup did not acknowledge every change within 30 s")]
+    NotAcknowledged,
+    #[error("the hand-over could not be sent; this node stays primary")]
+    HandOverNotSent,
+}
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct SwitchoverReport {
@@ -1091,24 +1112,21 @@ impl Handler<GetHaStatus> for HaCoordinator {
 }
 
 impl Handler<Switchover> for HaCoordinator {
-    type Result = ResponseActFuture<Self, Result<SwitchoverReport, String>>;
+    type Result = ResponseActFuture<Self, Result<SwitchoverReport, SwitchoverError>>;
 
     fn handle(&mut self, _: Switchover, _ctx: &mut Context<Self>) -> Self::Result {
-        let refuse = |m: &str| -> Self::Result {
-            let m = m.to_string();
-            Box::pin(actix::fut::ready(Err(m)))
-        };
+        let refuse = |e: SwitchoverError| -> Self::Result { Box::pin(actix::fut::ready(Err(e))) };
         if self.role != HaRole::Primary {
-            return refuse("this node is not the primary");
+            return refuse(SwitchoverError::NotPrimary);
         }
         if self.draining {
-            return refuse("a switchover is already in progress");
+            return refuse(SwitchoverError::InProgress);
         }
         if !self.link_up() {
-            return refuse("no backup is connected");
+            return refuse(SwitchoverError::NoBackup);
         }
         let (Some(sup), Some(chat)) = (self.supervisor.clone(), self.chat.clone()) else {
-            return refuse("the node is still starting");
+            return refuse(SwitchoverError::Starting);
         };
         let started = Instant::now();
         self.draining = true;
@@ -1140,9 +1158,7 @@ impl Handler<Switchover> for HaCoordinator {
                     if act.role != HaRole::Primary || !act.draining {
                         // Fenced or demoted meanwhile: nothing to hand over.
                         tracing::warn!("switchover abandoned: this node stopped being the primary");
-                        return Err(
-                            "this node stopped being the primary during the switchover".to_string()
-                        );
+                        return Err(SwitchoverError::Demoted);
                     }
                     // Everything up to the drained state is acknowledged; anything later (a
                     // bot that ended meanwhile) is already on the link, ahead of the hand-over.
@@ -1155,15 +1171,15 @@ impl Handler<Switchover> for HaCoordinator {
                             chat.do_send(crate::chat_link::ResumeEvents);
                         }
                         let why = if !act.link_up() {
-                            "the backup went away during the switchover"
+                            SwitchoverError::BackupGone
                         } else {
-                            "the backup did not acknowledge every change within 30 s"
+                            SwitchoverError::NotAcknowledged
                         };
                         tracing::warn!(
-                            reason = why,
+                            reason = %why,
                             "switchover abandoned; this node stays primary"
                         );
-                        return Err(why.to_string());
+                        return Err(why);
                     }
                     let new_epoch = act.epoch + 1;
                     let upto_op = act.next_op - 1;
@@ -1180,9 +1196,7 @@ impl Handler<Switchover> for HaCoordinator {
                         if let Some(chat) = &act.chat {
                             chat.do_send(crate::chat_link::ResumeEvents);
                         }
-                        return Err(
-                            "the hand-over could not be sent; this node stays primary".to_string()
-                        );
+                        return Err(SwitchoverError::HandOverNotSent);
                     }
                     act.switchovers_manual += 1;
                     act.primary_http = None;

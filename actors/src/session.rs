@@ -2,13 +2,17 @@
 //! session, holds each bot's view of who is present, applies the end conditions of SPEC section 3,
 //! and relays each bot's events to its BotActor.
 
+mod end;
+
 use std::collections::HashMap;
 use std::time::Duration;
 
+use end::{end_reason, EndOptions, Roster};
+
 use actix::prelude::*;
 use bgs_proto::chat::{
-    AfterAction, ChatErrorCode, ChatEvent, ChatRequest, ChatResponse, EventKind, JoinRequest,
-    ParticipantType, Style,
+    AfterAction, ChatErrorCode, ChatEvent, ChatRequest, ChatResponse, JoinRequest, ParticipantType,
+    Style,
 };
 use bgs_proto::esp::KeyValues;
 use tokio::sync::oneshot;
@@ -20,7 +24,7 @@ use crate::bot_actor::{
 use crate::chat_link::{
     ChatCall, ChatCallError, ChatLink, FeedLost, Follower, ParticipantEvents, Unfollow,
 };
-use crate::esp::{BotKey, EspError, StartSpec};
+use crate::esp::{BotKey, ErrorCode, EspError, StartSpec};
 use crate::ha::Replicate;
 use crate::metrics::{metrics, Kind};
 use crate::now_ms;
@@ -105,41 +109,6 @@ pub struct SessionEnded {
     pub addr: Addr<SessionActor>,
 }
 
-/// Who a bot sees in the session (from its own feed).
-#[derive(Default)]
-struct Roster {
-    present: HashMap<String, (ParticipantType, Style)>,
-}
-
-impl Roster {
-    fn apply(&mut self, e: &ChatEvent) {
-        match e.kind {
-            EventKind::Joined => {
-                self.present
-                    .insert(e.participant_id.clone(), (e.participant_type, e.style));
-            }
-            EventKind::Left => {
-                self.present.remove(&e.participant_id);
-            }
-            EventKind::Closed => self.present.clear(),
-            _ => {}
-        }
-    }
-
-    fn has_human_agent(&self) -> bool {
-        self.present
-            .values()
-            .any(|(t, s)| *t == ParticipantType::Agent && *s != Style::Bot)
-    }
-
-    /// Anyone left who is not a bot, the system or an external user?
-    fn has_people(&self) -> bool {
-        self.present.values().any(|(t, s)| {
-            *s != Style::Bot && !matches!(t, ParticipantType::System | ParticipantType::External)
-        })
-    }
-}
-
 struct Slot {
     spec: StartSpec,
     instance_id: String,
@@ -187,17 +156,20 @@ fn chat_error(e: ChatCallError) -> EspError {
     match e {
         ChatCallError::Refused(e) => match e.code {
             ChatErrorCode::UnknownSession | ChatErrorCode::SessionClosed => EspError::new(
-                "no_such_session",
+                ErrorCode::NoSuchSession,
                 format!(
                     "the chat server has no open session for this interaction ({})",
                     e.message
                 ),
             ),
-            ChatErrorCode::LimitExceeded => EspError::new("busy", e.message),
-            ChatErrorCode::Fenced => EspError::new("chat_server_unavailable", e.message),
-            _ => EspError::new("internal", format!("the chat server refused the join: {e}")),
+            ChatErrorCode::LimitExceeded => EspError::new(ErrorCode::Busy, e.message),
+            ChatErrorCode::Fenced => EspError::new(ErrorCode::ChatServerUnavailable, e.message),
+            _ => EspError::new(
+                ErrorCode::Internal,
+                format!("the chat server refused the join: {e}"),
+            ),
         },
-        ChatCallError::Unavailable(m) => EspError::new("chat_server_unavailable", m),
+        ChatCallError::Unavailable(m) => EspError::new(ErrorCode::ChatServerUnavailable, m),
     }
 }
 
@@ -257,7 +229,7 @@ impl SessionActor {
                 live.push(e);
             }
         }
-        let joined_seen = slot.roster.present.contains_key(pid) || !live.is_empty();
+        let joined_seen = slot.roster.has(pid) || !live.is_empty();
         if joined_seen {
             if let Some(p) = slot.pending.take() {
                 self.start_bot(pid, p, ctx);
@@ -317,30 +289,11 @@ impl SessionActor {
             return;
         }
         slot.roster.apply(&e);
-        let human_agent = e.participant_type == ParticipantType::Agent && e.style != Style::Bot;
-        // A leave that closes the session: wait for `closed` rather than leave ourselves.
-        let closes = e.kind == EventKind::Left
-            && match e.after_action {
-                Some(AfterAction::ForceClose) => true,
-                Some(AfterAction::CloseIfNoAgents) => !slot.roster.has_human_agent(),
-                _ => false,
-            };
-        let stop = match e.kind {
-            EventKind::Closed => Some(StopReason::SessionClosed),
-            EventKind::Left if e.participant_id == pid => Some(StopReason::RemovedByChatServer),
-            EventKind::Left if closes => None,
-            EventKind::Joined if human_agent && slot.spec.stop_on_agent_arrival => {
-                Some(StopReason::AgentArrived)
-            }
-            EventKind::Left
-                if e.participant_type == ParticipantType::Customer
-                    && slot.spec.stop_on_customer_left =>
-            {
-                Some(StopReason::CustomerLeft)
-            }
-            EventKind::Left if !slot.roster.has_people() => Some(StopReason::ParticipantsLeft),
-            _ => None,
+        let options = EndOptions {
+            stop_on_agent_arrival: slot.spec.stop_on_agent_arrival,
+            stop_on_customer_left: slot.spec.stop_on_customer_left,
         };
+        let stop = end_reason(pid, options, &slot.roster, &e);
         if let Some(addr) = &slot.addr {
             let sent = addr.try_send(Deliver::Event(e));
             if sent.is_ok() {
@@ -397,7 +350,7 @@ impl SessionActor {
                 // following it, and answer the StartBot that is waiting.
                 if let Some(p) = slot.pending.take() {
                     let _ = p.reply.send(Err(EspError::new(
-                        "no_such_session",
+                        ErrorCode::NoSuchSession,
                         format!("the bot was stopped while joining ({reason})"),
                     )));
                 }
@@ -493,11 +446,14 @@ impl Handler<StartInSession> for SessionActor {
                         ..
                     })) => Ok((participant_id, seq)),
                     Ok(Ok(other)) => Err(EspError::new(
-                        "internal",
+                        ErrorCode::Internal,
                         format!("unexpected join answer {other:?}"),
                     )),
                     Ok(Err(e)) => Err(chat_error(e)),
-                    Err(e) => Err(EspError::new("internal", format!("chat link: {e}"))),
+                    Err(e) => Err(EspError::new(
+                        ErrorCode::Internal,
+                        format!("chat link: {e}"),
+                    )),
                 };
                 match outcome {
                     Ok((pid, seq)) => {
@@ -535,7 +491,7 @@ impl Handler<StartInSession> for SessionActor {
                 actix::fut::wrap_future(async move {
                     started.await.unwrap_or_else(|_| {
                         Err(EspError::new(
-                            "internal",
+                            ErrorCode::Internal,
                             "the session stopped while starting the bot",
                         ))
                     })
@@ -620,7 +576,7 @@ impl Handler<StopInSession> for SessionActor {
             let key = msg.key;
             return Box::pin(async move {
                 Err(EspError::new(
-                    "no_such_instance",
+                    ErrorCode::NoSuchInstance,
                     format!("no running bot {key}"),
                 ))
             });
@@ -646,19 +602,19 @@ impl Handler<DataInSession> for SessionActor {
         let found = self.pid_of(&msg.key).and_then(|pid| self.bots.get(&pid));
         let Some(slot) = found else {
             return Err(EspError::new(
-                "no_such_instance",
+                ErrorCode::NoSuchInstance,
                 format!("no running bot {}", msg.key),
             ));
         };
         if slot.done.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(EspError::new(
-                "no_such_instance",
+                ErrorCode::NoSuchInstance,
                 format!("bot {} is stopping", msg.key),
             ));
         }
         let Some(addr) = &slot.addr else {
             return Err(EspError::new(
-                "no_such_instance",
+                ErrorCode::NoSuchInstance,
                 format!("bot {} is still starting", msg.key),
             ));
         };
@@ -667,12 +623,14 @@ impl Handler<DataInSession> for SessionActor {
                 metrics().queued(Kind::Bot);
                 Ok(slot.instance_id.clone())
             }
-            Err(SendError::Full(_)) => {
-                Err(EspError::new("busy", "the bot has too many inputs waiting"))
-            }
-            Err(SendError::Closed(_)) => {
-                Err(EspError::new("no_such_instance", "the bot has stopped"))
-            }
+            Err(SendError::Full(_)) => Err(EspError::new(
+                ErrorCode::Busy,
+                "the bot has too many inputs waiting",
+            )),
+            Err(SendError::Closed(_)) => Err(EspError::new(
+                ErrorCode::NoSuchInstance,
+                "the bot has stopped",
+            )),
         }
     }
 }
@@ -705,7 +663,10 @@ impl Handler<RestoreInSession> for SessionActor {
                     let outcome = match result {
                         Ok(Ok(_)) => Ok(()),
                         Ok(Err(e)) => Err(chat_error(e)),
-                        Err(e) => Err(EspError::new("internal", format!("chat link: {e}"))),
+                        Err(e) => Err(EspError::new(
+                            ErrorCode::Internal,
+                            format!("chat link: {e}"),
+                        )),
                     };
                     if let Err(e) = outcome {
                         act.maybe_end(ctx);

@@ -12,7 +12,7 @@ use bgs_proto::esp::{BotStatus, EspRequest, EspResponse, EspResult};
 use crate::bot::{BotFactory, CreateBot, StopReason};
 use crate::chat_link::ChatLink;
 use crate::esp::BotKey;
-use crate::esp::{self, EspCommand, EspError, StartSpec};
+use crate::esp::{self, ErrorCode, EspCommand, EspError, StartSpec};
 use crate::ha::Replicate;
 use crate::metrics::{metrics, Kind};
 use crate::now_ms;
@@ -166,7 +166,7 @@ impl Supervisor {
         let Some(factory) = self.plugins.get(&spec.key.bot_id).cloned() else {
             let known: Vec<&str> = self.plugins.keys().map(String::as_str).collect();
             return fail(EspError::new(
-                "unknown_bot",
+                ErrorCode::UnknownBot,
                 format!(
                     "no plugin has ChatBotID {:?} (this node has {})",
                     spec.key.bot_id,
@@ -176,7 +176,7 @@ impl Supervisor {
         };
         if self.registry.running.contains_key(&spec.key) {
             return fail(EspError::new(
-                "already_running",
+                ErrorCode::AlreadyRunning,
                 format!("bot {} is already running", spec.key),
             ));
         }
@@ -192,12 +192,12 @@ impl Supervisor {
         let bot = match made {
             Ok(Ok(bot)) => bot,
             Ok(Err(e)) if e.unavailable => {
-                return fail(EspError::new("bot_unavailable", e.message))
+                return fail(EspError::new(ErrorCode::BotUnavailable, e.message))
             }
-            Ok(Err(e)) => return fail(EspError::new("bad_parameter", e.message)),
+            Ok(Err(e)) => return fail(EspError::new(ErrorCode::BadParameter, e.message)),
             Err(panic) => {
                 return fail(EspError::new(
-                    "internal",
+                    ErrorCode::Internal,
                     format!("the plugin panicked: {panic}"),
                 ))
             }
@@ -233,7 +233,7 @@ impl Supervisor {
         Box::pin(session.send(start).into_actor(self).map(move |result, act, _ctx| {
             // The session actor was stopping (its last bot had just ended): a retry gets a new one.
             let result = result.unwrap_or_else(|_| {
-                Err(EspError::new("busy", "the chat's session was closing; retry the request"))
+                Err(EspError::new(ErrorCode::Busy, "the chat's session was closing; retry the request"))
             });
             match result {
                 Ok(started) => {
@@ -251,7 +251,7 @@ impl Supervisor {
                 }
                 Err(e) => {
                     act.registry.running.remove(&key);
-                    tracing::warn!(bot = %key, code = e.code, error = %e.message, "StartBot failed");
+                    tracing::warn!(bot = %key, code = e.code.as_str(), error = %e.message, "StartBot failed");
                     e.into_response(request_id)
                 }
             }
@@ -311,20 +311,17 @@ impl Supervisor {
         SessionActor: Handler<M>,
     {
         let Some(session) = self.sessions.get(&key.interaction_id).cloned() else {
-            let e = EspError::new("no_such_instance", format!("no running bot {key}"));
+            let e = EspError::new(ErrorCode::NoSuchInstance, format!("no running bot {key}"));
             return Box::pin(actix::fut::ready(e.into_response(id)));
         };
-        Box::pin(
-            session
-                .send(msg)
-                .into_actor(self)
-                .map(move |r, _, _| match r {
-                    Ok(Ok(instance_id)) => EspResponse::ok(id, done(instance_id)),
-                    Ok(Err(e)) => e.into_response(id),
-                    Err(_) => EspError::new("no_such_instance", "the bot's session has ended")
-                        .into_response(id),
-                }),
-        )
+        Box::pin(session.send(msg).into_actor(self).map(move |r, _, _| {
+            match r {
+                Ok(Ok(instance_id)) => EspResponse::ok(id, done(instance_id)),
+                Ok(Err(e)) => e.into_response(id),
+                Err(_) => EspError::new(ErrorCode::NoSuchInstance, "the bot's session has ended")
+                    .into_response(id),
+            }
+        }))
     }
 
     fn esp(
@@ -341,11 +338,13 @@ impl Supervisor {
             Err(e) => return ready(e.into_response(id)),
         };
         if self.shutting_down {
-            return ready(EspError::new("draining", "the node is shutting down").into_response(id));
+            return ready(
+                EspError::new(ErrorCode::Draining, "the node is shutting down").into_response(id),
+            );
         }
         if !self.primary {
             let mut e = EspError::new(
-                "not_primary",
+                ErrorCode::NotPrimary,
                 "this node is a backup; send ESP to the primary",
             );
             e.primary = self.primary_url.clone();
@@ -353,8 +352,11 @@ impl Supervisor {
         }
         if self.draining {
             return ready(
-                EspError::new("draining", "a switchover is in progress; retry shortly")
-                    .into_response(id),
+                EspError::new(
+                    ErrorCode::Draining,
+                    "a switchover is in progress; retry shortly",
+                )
+                .into_response(id),
             );
         }
         match command {

@@ -17,6 +17,15 @@ pub enum HaRole {
     Backup,
 }
 
+impl HaRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HaRole::Primary => "primary",
+            HaRole::Backup => "backup",
+        }
+    }
+}
+
 /// Everything needed to bring a bot back on the other node.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReplicatedBot {
