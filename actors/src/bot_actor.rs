@@ -16,6 +16,22 @@ use tokio::sync::oneshot;
 
 use crate::bot::{Bot, BotAction, BotContext, BotInput, BotStart, BotWaker, Handoff, StopReason};
 use crate::chat_link::{ChatCall, ChatCallError, ChatCallLater, ChatLink};
+
+/// Where a bot's requests to the Chat Server go: the node's ChatLink, or a test's stand-in.
+#[derive(Clone)]
+pub struct ChatPort {
+    pub call: Recipient<ChatCall>,
+    pub later: Recipient<ChatCallLater>,
+}
+
+impl ChatPort {
+    pub fn of(link: &Addr<ChatLink>) -> Self {
+        ChatPort {
+            call: link.clone().recipient(),
+            later: link.clone().recipient(),
+        }
+    }
+}
 use crate::esp::StartSpec;
 use crate::ha::Replicate;
 use crate::metrics::{metrics, Kind};
@@ -37,7 +53,7 @@ pub struct BotSetup {
     pub bot: Box<dyn Bot>,
     pub history: Vec<ChatEvent>,
     pub restored: Option<Vec<u8>>,
-    pub link: Addr<ChatLink>,
+    pub link: ChatPort,
     pub notices: Recipient<BotNotice>,
     pub ha: Recipient<Replicate>,
     pub handling_timeout: Duration,
@@ -100,7 +116,7 @@ pub struct BotActor {
     instance_id: String,
     session_id: String,
     participant_id: String,
-    link: Addr<ChatLink>,
+    link: ChatPort,
     notices: Recipient<BotNotice>,
     ha: Recipient<Replicate>,
     handling_timeout: Duration,
@@ -258,7 +274,7 @@ async fn call(
 /// Where a bot's posts and userdata go, and how their client keys are made.
 #[derive(Clone)]
 struct Outbox {
-    link: Addr<ChatLink>,
+    link: ChatPort,
     session_id: String,
     participant_id: String,
     instance_id: String,
@@ -329,6 +345,7 @@ impl Outbox {
     /// A userdata change as the system, sent whenever the Chat Server can be reached again.
     fn system_userdata_later(&self, changes: UserdataChanges) {
         self.link
+            .later
             .do_send(ChatCallLater(ChatRequest::UpdateUserdata {
                 session_id: self.session_id.clone(),
                 participant_id: String::new(),
@@ -350,6 +367,7 @@ impl Outbox {
     async fn call(&self, request: ChatRequest) -> Result<(), ActionError> {
         match self
             .link
+            .call
             .send(ChatCall {
                 request,
                 follow: None,
@@ -790,5 +808,283 @@ impl Handler<StopBotActor> for BotActor {
                     ctx.stop();
                 }),
         );
+    }
+}
+
+/// The BotActor alone, in process: a stand-in Chat Server link and probes for what the bot tells
+/// its session and the HA coordinator.
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use crate::bot::{BotError, Handoff};
+    use crate::esp::BotKey;
+    use bgs_proto::chat::{ChatResponse, ParticipantType, Style, Visibility};
+    use futures_util::future::BoxFuture;
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+    use tokio::sync::mpsc;
+
+    /// Answers every request at once and reports it.
+    struct FakeChat(mpsc::UnboundedSender<ChatRequest>);
+
+    impl Actor for FakeChat {
+        type Context = Context<Self>;
+    }
+
+    impl Handler<ChatCall> for FakeChat {
+        type Result = Result<bgs_proto::chat::ChatResponse, ChatCallError>;
+
+        fn handle(&mut self, msg: ChatCall, _ctx: &mut Context<Self>) -> Self::Result {
+            let answer = match &msg.request {
+                ChatRequest::Post(_) => ChatResponse::Posted {
+                    seq: 100,
+                    duplicate: false,
+                },
+                ChatRequest::Leave(_) => ChatResponse::Left { seq: 101 },
+                _ => ChatResponse::Userdata(Default::default()),
+            };
+            let _ = self.0.send(msg.request);
+            Ok(answer)
+        }
+    }
+
+    impl Handler<ChatCallLater> for FakeChat {
+        type Result = ();
+
+        fn handle(&mut self, msg: ChatCallLater, _ctx: &mut Context<Self>) {
+            let _ = self.0.send(msg.0);
+        }
+    }
+
+    /// Forwards what it gets into a channel.
+    struct Probe<M: Send>(mpsc::UnboundedSender<M>);
+
+    impl<M: Send + 'static> Actor for Probe<M> {
+        type Context = Context<Self>;
+    }
+
+    impl Handler<BotNotice> for Probe<BotNotice> {
+        type Result = ();
+        fn handle(&mut self, msg: BotNotice, _ctx: &mut Context<Self>) {
+            let _ = self.0.send(msg);
+        }
+    }
+
+    impl Handler<Replicate> for Probe<HaOp> {
+        type Result = ();
+        fn handle(&mut self, msg: Replicate, _ctx: &mut Context<Self>) {
+            let _ = self.0.send(msg.0);
+        }
+    }
+
+    /// Answers `got: TEXT` and saves how many it answered; `handoff` hands off, `boom` fails.
+    struct TestBot {
+        count: u32,
+    }
+
+    impl Bot for TestBot {
+        fn handle<'a>(
+            &'a mut self,
+            ctx: &'a mut BotContext,
+            input: BotInput,
+        ) -> BoxFuture<'a, Result<(), BotError>> {
+            Box::pin(async move {
+                if let BotInput::Event(e) = input {
+                    if e.participant_type != ParticipantType::Customer {
+                        return Ok(());
+                    }
+                    match e.text.as_deref().unwrap_or_default() {
+                        "boom" => return Err(BotError::new("asked to fail")),
+                        "handoff" => ctx.handoff(Handoff {
+                            reason: "requested".into(),
+                            summary: "wants a person".into(),
+                            ..Handoff::default()
+                        }),
+                        text => {
+                            self.count += 1;
+                            ctx.say(format!("got: {text}"));
+                            ctx.save_context(self.count.to_string().into_bytes());
+                        }
+                    }
+                }
+                Ok(())
+            })
+        }
+    }
+
+    fn message(seq: u64, text: &str) -> ChatEvent {
+        ChatEvent {
+            seq,
+            ts_ms: 0,
+            kind: EventKind::Message,
+            participant_id: "customer".into(),
+            nickname: "Ann".into(),
+            participant_type: ParticipantType::Customer,
+            style: Style::Regular,
+            visibility: Visibility::All,
+            text: Some(text.into()),
+            after_action: None,
+            reason: None,
+            userdata: None,
+            rich: None,
+        }
+    }
+
+    struct Harness {
+        bot: Addr<BotActor>,
+        chat: mpsc::UnboundedReceiver<ChatRequest>,
+        notices: mpsc::UnboundedReceiver<BotNotice>,
+        ops: mpsc::UnboundedReceiver<HaOp>,
+    }
+
+    async fn next<T>(rx: &mut mpsc::UnboundedReceiver<T>) -> T {
+        tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("in time")
+            .expect("open")
+    }
+
+    fn start(holdup: bool) -> Harness {
+        let (chat_tx, chat) = mpsc::unbounded_channel();
+        let (notice_tx, notices) = mpsc::unbounded_channel();
+        let (op_tx, ops) = mpsc::unbounded_channel();
+        let fake = FakeChat(chat_tx).start();
+        let spec = StartSpec {
+            key: BotKey {
+                interaction_id: "s".into(),
+                bot_id: "test".into(),
+                bot_name: String::new(),
+            },
+            nickname: "Bot".into(),
+            visibility: Visibility::All,
+            stop_on_agent_arrival: false,
+            stop_on_customer_left: false,
+            holdup,
+            category: String::new(),
+            function: String::new(),
+            parameters: KeyValues::new(),
+            userdata: KeyValues::new(),
+        };
+        let bot = BotActor::new(BotSetup {
+            spec,
+            instance_id: "inst".into(),
+            session_id: "s".into(),
+            participant_id: "bot".into(),
+            joined_seq: 5,
+            bot: Box::new(TestBot { count: 0 }),
+            history: Vec::new(),
+            restored: None,
+            link: ChatPort {
+                call: fake.clone().recipient(),
+                later: fake.recipient(),
+            },
+            notices: Probe(notice_tx).start().recipient(),
+            ha: Probe(op_tx).start().recipient(),
+            handling_timeout: Duration::from_secs(5),
+            started_ms: 0,
+            checkpoint: 5,
+            done: Arc::new(AtomicBool::new(false)),
+        })
+        .start();
+        Harness {
+            bot,
+            chat,
+            notices,
+            ops,
+        }
+    }
+
+    #[actix::test]
+    async fn posts_carry_keys_saves_follow_posts_and_a_replay_is_not_handled_twice() {
+        let mut h = start(false);
+        h.bot.do_send(Deliver::Event(message(6, "hi")));
+        let ChatRequest::Post(post) = next(&mut h.chat).await else {
+            panic!("a post first")
+        };
+        assert_eq!(post.text, "got: hi");
+        assert_eq!(post.key.as_deref(), Some("inst:6:0"));
+        // The save is replicated after the post, covering the event handled.
+        match next(&mut h.ops).await {
+            HaOp::Saved {
+                context,
+                checkpoint_seq,
+                ..
+            } => assert_eq!((context, checkpoint_seq), (b"1".to_vec(), 6)),
+            other => panic!("{other:?}"),
+        }
+        // The same event again (a replay overlap) is not handled; the next one is.
+        h.bot.do_send(Deliver::Event(message(6, "hi")));
+        h.bot.do_send(Deliver::Event(message(7, "again")));
+        let ChatRequest::Post(post) = next(&mut h.chat).await else {
+            panic!("a post")
+        };
+        assert_eq!(post.text, "got: again");
+        assert_eq!(post.key.as_deref(), Some("inst:7:0"));
+    }
+
+    #[actix::test]
+    async fn a_handoff_writes_userdata_then_asks_to_leave_and_is_reported() {
+        let mut h = start(true);
+        h.bot.do_send(Deliver::Event(message(6, "handoff")));
+        let ChatRequest::UpdateUserdata { changes, .. } = next(&mut h.chat).await else {
+            panic!("userdata first")
+        };
+        assert_eq!(changes["ChatBotHandoff"].as_deref(), Some("true"));
+        assert_eq!(
+            changes["ChatBotHandoffReason"].as_deref(),
+            Some("requested")
+        );
+        assert_eq!(changes["ChatBotTranscript"].as_deref(), Some("s:5-6"));
+        assert!(matches!(
+            next(&mut h.notices).await,
+            BotNotice::WantsToLeave { .. }
+        ));
+        // The session then stops it: waiting-mode outcome, leave, report with the hand-off.
+        h.bot.do_send(StopBotActor {
+            reason: StopReason::BotLeft,
+            done: None,
+        });
+        let ChatRequest::UpdateUserdata { changes, .. } = next(&mut h.chat).await else {
+            panic!("the outcome")
+        };
+        assert_eq!(changes["ChatBotResult"].as_deref(), Some("bot_left"));
+        assert!(matches!(next(&mut h.chat).await, ChatRequest::Leave(_)));
+        match next(&mut h.notices).await {
+            BotNotice::Finished { report, .. } => {
+                assert_eq!(report.end_reason, "bot_left");
+                assert_eq!(report.handoff.unwrap().summary, "wants a person");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[actix::test]
+    async fn a_failing_handler_posts_nothing_and_the_bot_is_reported_failed() {
+        let mut h = start(false);
+        h.bot.do_send(Deliver::Event(message(6, "boom")));
+        match next(&mut h.notices).await {
+            BotNotice::Failed { error, .. } => {
+                assert_eq!(error, "bot error: asked to fail")
+            }
+            other => panic!("{other:?}"),
+        }
+        // Halted: later inputs are skipped.
+        h.bot.do_send(Deliver::Event(message(7, "hi")));
+        h.bot.do_send(StopBotActor {
+            reason: StopReason::Error,
+            done: None,
+        });
+        assert!(matches!(next(&mut h.chat).await, ChatRequest::Leave(_)));
+        match next(&mut h.notices).await {
+            BotNotice::Finished { report, .. } => {
+                assert_eq!(report.end_reason, "error");
+                assert_eq!(report.error.as_deref(), Some("bot error: asked to fail"));
+                assert_eq!(report.messages_sent, 0);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(h.ops.try_recv().is_err(), "nothing saved");
     }
 }

@@ -258,7 +258,7 @@ impl SessionActor {
             bot: p.bot,
             history: p.history,
             restored: p.restored,
-            link: self.link.clone(),
+            link: crate::bot_actor::ChatPort::of(&self.link),
             notices: ctx.address().recipient(),
             ha: self.ha.clone(),
             handling_timeout: self.handling_timeout,

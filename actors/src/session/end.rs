@@ -123,6 +123,15 @@ mod tests {
         e
     }
 
+    /// (case, who joined before, options, the event, the reason it should give)
+    type Case = (
+        &'static str,
+        Vec<ChatEvent>,
+        EndOptions,
+        ChatEvent,
+        Option<StopReason>,
+    );
+
     #[test]
     fn the_end_conditions_on_a_table_of_cases() {
         use AfterAction::{CloseIfNoAgents, ForceClose, KeepAlive};
@@ -134,14 +143,7 @@ mod tests {
         };
         let closed = event(EventKind::Closed, "system", System, Style::Regular);
         let message = event(EventKind::Message, "c", Customer, Style::Regular);
-        // (case, who was present before, options, event, expected)
-        let cases: Vec<(
-            &str,
-            Vec<ChatEvent>,
-            EndOptions,
-            ChatEvent,
-            Option<StopReason>,
-        )> = vec![
+        let cases: Vec<Case> = vec![
             (
                 "a message ends nothing",
                 vec![],
