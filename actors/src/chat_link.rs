@@ -282,9 +282,7 @@ impl ChatLink {
     fn lost(&mut self, ctx: &mut Context<Self>) {
         let was_up = matches!(self.state, State::Up(_));
         self.state = State::Down;
-        metrics()
-            .chat_connected
-            .store(0, std::sync::atomic::Ordering::Relaxed);
+        metrics().chat_connected.set(0);
         self.generation += 1;
         self.handshake.clear();
         if was_up {
@@ -302,9 +300,7 @@ impl ChatLink {
         ctx.run_later(self.config.reconnect_delay, |act, ctx| {
             if act.active && matches!(act.state, State::Down) {
                 act.reconnects += 1;
-                metrics()
-                    .chat_reconnects
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                metrics().chat_reconnects.inc();
                 act.connect(ctx);
             }
         });
@@ -554,9 +550,7 @@ impl ChatLink {
         self.active = false;
         self.paused = false;
         self.state = State::Down;
-        metrics()
-            .chat_connected
-            .store(0, std::sync::atomic::Ordering::Relaxed);
+        metrics().chat_connected.set(0);
         self.generation += 1;
         self.handshake.clear();
         self.routes.clear();
@@ -569,9 +563,7 @@ impl ChatLink {
 
     fn up(&mut self, tx: mpsc::UnboundedSender<ClientFrame>) {
         self.state = State::Up(tx);
-        metrics()
-            .chat_connected
-            .store(1, std::sync::atomic::Ordering::Relaxed);
+        metrics().chat_connected.set(1);
         if self.failures > 0 || self.reconnects > 0 {
             tracing::info!(address = %self.config.address, "chat server connection restored");
         }
@@ -749,9 +741,7 @@ impl Handler<Activate> for ChatLink {
         self.failures = 0;
         // A connection of an older epoch is replaced.
         self.state = State::Down;
-        metrics()
-            .chat_connected
-            .store(0, std::sync::atomic::Ordering::Relaxed);
+        metrics().chat_connected.set(0);
         self.handshake.clear();
         tracing::info!(epoch = msg.epoch, address = %self.config.address, "connecting to the chat server as primary");
         self.connect(ctx);
@@ -786,9 +776,7 @@ impl Handler<ResumeEvents> for ChatLink {
         // each resumed from the last event routed: nothing old can overtake the replay.
         tracing::info!("reconnecting to re-fetch the chat events of an abandoned switchover");
         self.state = State::Down;
-        metrics()
-            .chat_connected
-            .store(0, std::sync::atomic::Ordering::Relaxed);
+        metrics().chat_connected.set(0);
         self.handshake.clear();
         self.connect(ctx);
     }

@@ -829,18 +829,16 @@ impl HaCoordinator {
     }
 
     fn publish_metrics(&self) {
-        use std::sync::atomic::Ordering::Relaxed;
         let m = metrics();
         m.ha_role_primary
-            .store(i64::from(self.role == HaRole::Primary), Relaxed);
-        m.ha_epoch.store(self.epoch as i64, Relaxed);
-        m.ha_peer_connected
-            .store(i64::from(self.link_up()), Relaxed);
-        m.ha_pending.store(self.unacked.len() as i64, Relaxed);
-        let lag = self.unacked.front().map_or(0, |(_, _, at)| {
-            Instant::now().duration_since(*at).as_micros() as i64
+            .set(i64::from(self.role == HaRole::Primary));
+        m.ha_epoch.set(self.epoch as i64);
+        m.ha_peer_connected.set(i64::from(self.link_up()));
+        m.ha_pending.set(self.unacked.len() as i64);
+        let lag = self.unacked.front().map_or(0.0, |(_, _, at)| {
+            Instant::now().duration_since(*at).as_secs_f64()
         });
-        m.ha_lag_micros.store(lag, Relaxed);
+        m.ha_lag_seconds.set(lag);
     }
 
     fn tick(&mut self, ctx: &mut Context<Self>) {

@@ -1,15 +1,22 @@
-//! Metrics measured where the work happens, rendered in the Prometheus text format by `src`.
+//! Metrics measured where the work happens, kept in a `prometheus-client` registry and rendered
+//! in the Prometheus text format by `src` (`GET /metrics`).
 //!
-//! One process-wide registry ([`metrics()`]): counters and gauges are atomics or small maps
-//! behind a mutex keyed by label values; histograms have fixed buckets. Label values are low
-//! cardinality by construction (actor kinds, ESP methods and codes, plugin ids, reasons,
-//! categories, event kinds): never interaction or instance ids.
+//! One process-wide set ([`metrics()`]). Label values are low cardinality by construction (actor
+//! kinds, ESP methods and codes, plugin ids and configured endpoint names, reasons, categories,
+//! event kinds): never interaction or instance ids. docs/OPERATIONS.md section 8 lists them.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
 
 /// Actor kinds, the `kind` label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -50,90 +57,116 @@ pub const BUCKETS: [f64; 12] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
 ];
 
-#[derive(Default)]
-pub struct Histogram {
-    counts: [AtomicU64; BUCKETS.len() + 1],
-    sum_micros: AtomicU64,
+/// A label set: names and values, in the order they are rendered.
+type Labels = Vec<(String, String)>;
+
+/// `prometheus-client` writes label values as they are: quotes, backslashes and newlines are
+/// escaped here (a workflow's ChatBotFunction may hold any of them).
+fn labels(names: &[&str], values: &[&str]) -> Labels {
+    names
+        .iter()
+        .zip(values)
+        .map(|(n, v)| (n.to_string(), escape(v)))
+        .collect()
 }
 
-impl Histogram {
-    pub fn observe(&self, d: Duration) {
-        let secs = d.as_secs_f64();
-        let i = BUCKETS
-            .iter()
-            .position(|b| secs <= *b)
-            .unwrap_or(BUCKETS.len());
-        self.counts[i].fetch_add(1, Ordering::Relaxed);
-        self.sum_micros
-            .fetch_add(d.as_micros() as u64, Ordering::Relaxed);
+fn escape(v: &str) -> String {
+    if !v.contains(['\\', '"', '\n']) {
+        return v.to_string();
     }
-
-    fn render(&self, out: &mut String, name: &str, labels: &str) {
-        let mut cumulative = 0;
-        let sep = if labels.is_empty() { "" } else { "," };
-        for (i, b) in BUCKETS.iter().enumerate() {
-            cumulative += self.counts[i].load(Ordering::Relaxed);
-            let _ = writeln!(out, "{name}_bucket{{{labels}{sep}le=\"{b}\"}} {cumulative}");
-        }
-        cumulative += self.counts[BUCKETS.len()].load(Ordering::Relaxed);
-        let _ = writeln!(
-            out,
-            "{name}_bucket{{{labels}{sep}le=\"+Inf\"}} {cumulative}"
-        );
-        let sum = self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6;
-        if labels.is_empty() {
-            let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {cumulative}");
-        } else {
-            let _ = writeln!(
-                out,
-                "{name}_sum{{{labels}}} {sum}\n{name}_count{{{labels}}} {cumulative}"
-            );
-        }
-    }
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
-/// A counter family keyed by label values.
-#[derive(Default)]
-pub struct Counters(Mutex<BTreeMap<Vec<String>, u64>>);
+fn histogram() -> Histogram {
+    Histogram::new(BUCKETS)
+}
+
+/// A counter family whose label names are fixed; `inc` takes the values in that order.
+#[derive(Clone)]
+pub struct Counters {
+    names: &'static [&'static str],
+    family: Family<Labels, Counter>,
+}
 
 impl Counters {
-    pub fn inc(&self, labels: &[&str]) {
-        self.add(labels, 1);
+    fn new(names: &'static [&'static str]) -> Self {
+        Counters {
+            names,
+            family: Family::default(),
+        }
     }
 
-    pub fn add(&self, labels: &[&str], n: u64) {
-        let key: Vec<String> = labels.iter().map(|s| s.to_string()).collect();
-        let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        *m.entry(key).or_default() += n;
+    pub fn inc(&self, values: &[&str]) {
+        self.add(values, 1);
     }
 
-    fn snapshot(&self) -> Vec<(Vec<String>, u64)> {
-        let m = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        m.iter().map(|(k, v)| (k.clone(), *v)).collect()
+    pub fn add(&self, values: &[&str], n: u64) {
+        self.family
+            .get_or_create(&labels(self.names, values))
+            .inc_by(n);
     }
 }
 
-#[derive(Default)]
-pub struct Histograms(Mutex<BTreeMap<String, std::sync::Arc<Histogram>>>);
+/// A histogram family with one label (`method`).
+#[derive(Clone)]
+pub struct Histograms {
+    name: &'static str,
+    family: Family<Labels, Histogram, fn() -> Histogram>,
+}
 
 impl Histograms {
+    fn new(name: &'static str) -> Self {
+        Histograms {
+            name,
+            family: Family::new_with_constructor(histogram),
+        }
+    }
+
     pub fn observe(&self, label: &str, d: Duration) {
-        let h = {
-            let mut m = self.0.lock().unwrap_or_else(|p| p.into_inner());
-            m.entry(label.to_string()).or_default().clone()
-        };
-        h.observe(d);
+        self.family
+            .get_or_create(&labels(&[self.name], &[label]))
+            .observe(d.as_secs_f64());
     }
 }
 
-/// The registry.
-#[derive(Default)]
+/// Counts that are approximate (an actor can be counted out without having been counted in,
+/// for example a message dropped with its stopped actor): encoded at each scrape, never below 0.
+#[derive(Debug, Default)]
+struct ActorCounts {
+    alive: [AtomicI64; 5],
+    backlog: [AtomicI64; 5],
+}
+
+impl Collector for ActorCounts {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        for (name, help, values) in [
+            ("bgs_actors", "Actors alive, by kind", &self.alive),
+            (
+                "bgs_actor_mailbox_backlog",
+                "Messages sent to actors of a kind and not yet handled",
+                &self.backlog,
+            ),
+        ] {
+            let gauge = ConstGauge::new(0i64);
+            let mut metric = encoder.encode_descriptor(name, help, None, gauge.metric_type())?;
+            for k in Kind::ALL {
+                let v = values[k.index()].load(Ordering::Relaxed).max(0);
+                let kind = labels(&["kind"], &[k.as_str()]);
+                ConstGauge::new(v).encode(metric.encode_family(&kind)?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 pub struct Metrics {
-    pub actors: [AtomicI64; 5],
-    pub backlog: [AtomicI64; 5],
-    pub handled: [AtomicU64; 5],
-    pub failures: [AtomicU64; 5],
-    pub handler_seconds: [Histogram; 5],
+    registry: Registry,
+    actor_counts: Arc<ActorCounts>,
+    handled: [Counter; 5],
+    failures: [Counter; 5],
+    handler_seconds: [Histogram; 5],
     /// method, result
     pub esp_requests: Counters,
     /// by method
@@ -144,243 +177,250 @@ pub struct Metrics {
     pub bots_stopped: Counters,
     /// direction, kind
     pub chat_events: Counters,
-    pub chat_reconnects: AtomicU64,
-    pub chat_connected: AtomicI64,
-    pub ha_role_primary: AtomicI64,
-    pub ha_epoch: AtomicI64,
-    pub ha_peer_connected: AtomicI64,
-    pub ha_pending: AtomicI64,
-    pub ha_lag_micros: AtomicI64,
     /// kind (manual, failover)
     pub switchovers: Counters,
     /// plugin, endpoint, result (ok, retry, failed): calls of connector plugins to external bots
     pub external_requests: Counters,
     /// plugin, outcome (restarted, given_up): exits of process plugins
     pub plugin_exits: Counters,
+    /// plugin: set from the node's registry of bots at each scrape
+    bots_active: Family<Labels, Gauge>,
+    pub chat_reconnects: Counter,
+    pub chat_connected: Gauge,
+    pub ha_role_primary: Gauge,
+    pub ha_epoch: Gauge,
+    pub ha_peer_connected: Gauge,
+    pub ha_pending: Gauge,
+    pub ha_lag_seconds: Gauge<f64, AtomicU64>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::default();
+        let by_kind = |name: &str, help: &str, registry: &mut Registry| -> [Counter; 5] {
+            let family = Family::<Labels, Counter>::default();
+            registry.register(name, help, family.clone());
+            Kind::ALL.map(|k| {
+                family
+                    .get_or_create(&labels(&["kind"], &[k.as_str()]))
+                    .clone()
+            })
+        };
+        let actor_counts = Arc::new(ActorCounts::default());
+        registry.register_collector(Box::new(actor_counts.clone()));
+        let handled = by_kind(
+            "bgs_actor_messages",
+            "Messages handled, by actor kind",
+            &mut registry,
+        );
+        let seconds =
+            Family::<Labels, Histogram, fn() -> Histogram>::new_with_constructor(histogram);
+        registry.register(
+            "bgs_actor_handler_seconds",
+            "Time to handle one message (for bots: the plugin call and its actions)",
+            seconds.clone(),
+        );
+        let handler_seconds = Kind::ALL.map(|k| {
+            seconds
+                .get_or_create(&labels(&["kind"], &[k.as_str()]))
+                .clone()
+        });
+        let failures = by_kind(
+            "bgs_actor_failures",
+            "Actor failures (a bot's error, panic or overrun), by kind",
+            &mut registry,
+        );
+        let mut counters = |name: &str, help: &str, names: &'static [&'static str]| {
+            let c = Counters::new(names);
+            registry.register(name, help, c.family.clone());
+            c
+        };
+        let esp_requests = counters(
+            "bgs_esp_requests",
+            "ESP requests by method and result (ok or the error code)",
+            &["method", "result"],
+        );
+        let esp_seconds = Histograms::new("method");
+        let bots_started = counters(
+            "bgs_bots_started",
+            "Bots started, by plugin, category and function",
+            &["plugin", "category", "function"],
+        );
+        let bots_stopped = counters(
+            "bgs_bots_stopped",
+            "Bots stopped, by plugin, reason, category and function",
+            &["plugin", "reason", "category", "function"],
+        );
+        let chat_events = counters(
+            "bgs_chat_events",
+            "Chat events received (in) and posted (out), by kind",
+            &["direction", "kind"],
+        );
+        let switchovers = counters(
+            "bgs_ha_switchovers",
+            "Role changes to primary on this node, by kind (manual, failover)",
+            &["kind"],
+        );
+        let external_requests = counters(
+            "bgs_external_requests",
+            "Attempts of connector plugins to reach their external bots, by plugin, endpoint and result (ok; retry: failed, tried again; failed: failed, given up)",
+            &["plugin", "endpoint", "result"],
+        );
+        let plugin_exits = counters(
+            "bgs_plugin_process_exits",
+            "Exits of process plugins, by plugin and outcome (restarted, given_up)",
+            &["plugin", "outcome"],
+        );
+        registry.register(
+            "bgs_esp_request_seconds",
+            "ESP request latency by method",
+            esp_seconds.family.clone(),
+        );
+        let bots_active = Family::<Labels, Gauge>::default();
+        registry.register(
+            "bgs_bots_active",
+            "Bots running on this node, by plugin",
+            bots_active.clone(),
+        );
+        let chat_reconnects = Counter::default();
+        registry.register(
+            "bgs_chat_reconnects",
+            "Reconnections to the Chat Server",
+            chat_reconnects.clone(),
+        );
+        let mut gauge = |name: &str, help: &str| {
+            let g = Gauge::default();
+            registry.register(name, help, g.clone());
+            g
+        };
+        let chat_connected = gauge(
+            "bgs_chat_connected",
+            "1 while this node's Chat Server connection is up",
+        );
+        let ha_role_primary = gauge("bgs_ha_role", "1 on the primary, 0 on a backup");
+        let ha_epoch = gauge("bgs_ha_epoch", "The node's epoch");
+        let ha_peer_connected = gauge(
+            "bgs_ha_peer_connected",
+            "1 when the HA link to the peer is up",
+        );
+        let ha_pending = gauge(
+            "bgs_ha_replication_pending",
+            "Changes sent to the backup and not yet acknowledged",
+        );
+        let ha_lag_seconds = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "bgs_ha_replication_lag_seconds",
+            "Age of the oldest change the backup has not acknowledged",
+            ha_lag_seconds.clone(),
+        );
+        Metrics {
+            registry,
+            actor_counts,
+            handled,
+            failures,
+            handler_seconds,
+            esp_requests,
+            esp_seconds,
+            bots_started,
+            bots_stopped,
+            chat_events,
+            switchovers,
+            external_requests,
+            plugin_exits,
+            bots_active,
+            chat_reconnects,
+            chat_connected,
+            ha_role_primary,
+            ha_epoch,
+            ha_peer_connected,
+            ha_pending,
+            ha_lag_seconds,
+        }
+    }
 }
 
 static METRICS: OnceLock<Metrics> = OnceLock::new();
 
-/// The process-wide registry.
+/// The process-wide set.
 pub fn metrics() -> &'static Metrics {
     METRICS.get_or_init(Metrics::default)
 }
 
 impl Metrics {
     pub fn actor_started(&self, k: Kind) {
-        self.actors[k.index()].fetch_add(1, Ordering::Relaxed);
+        self.actor_counts.alive[k.index()].fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn actor_stopped(&self, k: Kind) {
-        self.actors[k.index()].fetch_sub(1, Ordering::Relaxed);
+        self.actor_counts.alive[k.index()].fetch_sub(1, Ordering::Relaxed);
     }
 
     pub fn queued(&self, k: Kind) {
-        self.backlog[k.index()].fetch_add(1, Ordering::Relaxed);
+        self.actor_counts.backlog[k.index()].fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn dequeued(&self, k: Kind) {
-        self.backlog[k.index()].fetch_sub(1, Ordering::Relaxed);
+        self.actor_counts.backlog[k.index()].fetch_sub(1, Ordering::Relaxed);
     }
 
     pub fn handled(&self, k: Kind, took: Duration) {
-        self.handled[k.index()].fetch_add(1, Ordering::Relaxed);
-        self.handler_seconds[k.index()].observe(took);
+        self.handled[k.index()].inc();
+        self.handler_seconds[k.index()].observe(took.as_secs_f64());
     }
 
     pub fn failed(&self, k: Kind) {
-        self.failures[k.index()].fetch_add(1, Ordering::Relaxed);
+        self.failures[k.index()].inc();
     }
 
-    /// The Prometheus text exposition. `bots_active` comes from the registry of the node.
+    /// The Prometheus text exposition (format 0.0.4). `bots_active` comes from the node's
+    /// registry of bots.
     pub fn render(&self, bots_active: &BTreeMap<String, u64>) -> String {
-        let mut out = String::new();
-        let _ = writeln!(
-            out,
-            "# HELP bgs_actors Actors alive, by kind.\n# TYPE bgs_actors gauge"
-        );
-        for k in Kind::ALL {
-            let _ = writeln!(
-                out,
-                "bgs_actors{{kind=\"{}\"}} {}",
-                k.as_str(),
-                self.actors[k.index()].load(Ordering::Relaxed).max(0)
-            );
-        }
-        let _ = writeln!(out, "# HELP bgs_actor_mailbox_backlog Messages sent to actors of a kind and not yet handled.\n# TYPE bgs_actor_mailbox_backlog gauge");
-        for k in Kind::ALL {
-            let _ = writeln!(
-                out,
-                "bgs_actor_mailbox_backlog{{kind=\"{}\"}} {}",
-                k.as_str(),
-                self.backlog[k.index()].load(Ordering::Relaxed).max(0)
-            );
-        }
-        let _ = writeln!(out, "# HELP bgs_actor_messages_total Messages handled, by actor kind.\n# TYPE bgs_actor_messages_total counter");
-        for k in Kind::ALL {
-            let _ = writeln!(
-                out,
-                "bgs_actor_messages_total{{kind=\"{}\"}} {}",
-                k.as_str(),
-                self.handled[k.index()].load(Ordering::Relaxed)
-            );
-        }
-        let _ = writeln!(out, "# HELP bgs_actor_handler_seconds Time to handle one message (for bots: the plugin call and its actions).\n# TYPE bgs_actor_handler_seconds histogram");
-        for k in Kind::ALL {
-            self.handler_seconds[k.index()].render(
-                &mut out,
-                "bgs_actor_handler_seconds",
-                &format!("kind=\"{}\"", k.as_str()),
-            );
-        }
-        let _ = writeln!(out, "# HELP bgs_actor_failures_total Actor failures (a bot's error, panic or overrun), by kind.\n# TYPE bgs_actor_failures_total counter");
-        for k in Kind::ALL {
-            let _ = writeln!(
-                out,
-                "bgs_actor_failures_total{{kind=\"{}\"}} {}",
-                k.as_str(),
-                self.failures[k.index()].load(Ordering::Relaxed)
-            );
-        }
-        counter_family(
-            &mut out,
-            "bgs_esp_requests_total",
-            "ESP requests by method and result (ok or the error code).",
-            &["method", "result"],
-            &self.esp_requests,
-        );
-        let _ = writeln!(out, "# HELP bgs_esp_request_seconds ESP request latency by method.\n# TYPE bgs_esp_request_seconds histogram");
-        {
-            let m = self.esp_seconds.0.lock().unwrap_or_else(|p| p.into_inner());
-            for (method, h) in m.iter() {
-                h.render(
-                    &mut out,
-                    "bgs_esp_request_seconds",
-                    &format!("method=\"{}\"", escape(method)),
-                );
-            }
-        }
-        let _ = writeln!(out, "# HELP bgs_bots_active Bots running on this node, by plugin.\n# TYPE bgs_bots_active gauge");
+        self.bots_active.clear();
         for (plugin, n) in bots_active {
-            let _ = writeln!(out, "bgs_bots_active{{plugin=\"{}\"}} {n}", escape(plugin));
+            self.bots_active
+                .get_or_create(&labels(&["plugin"], &[plugin]))
+                .set(*n as i64);
         }
-        counter_family(
-            &mut out,
-            "bgs_bots_started_total",
-            "Bots started, by plugin, category and function.",
-            &["plugin", "category", "function"],
-            &self.bots_started,
-        );
-        counter_family(
-            &mut out,
-            "bgs_bots_stopped_total",
-            "Bots stopped, by plugin, reason, category and function.",
-            &["plugin", "reason", "category", "function"],
-            &self.bots_stopped,
-        );
-        counter_family(
-            &mut out,
-            "bgs_chat_events_total",
-            "Chat events received (in) and posted (out), by kind.",
-            &["direction", "kind"],
-            &self.chat_events,
-        );
-        let g = |out: &mut String, name: &str, kind: &str, help: &str, v: String| {
-            let _ = writeln!(
-                out,
-                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
-            );
-        };
-        g(
-            &mut out,
-            "bgs_chat_reconnects_total",
-            "counter",
-            "Reconnections to the Chat Server.",
-            self.chat_reconnects.load(Ordering::Relaxed).to_string(),
-        );
-        g(
-            &mut out,
-            "bgs_chat_connected",
-            "gauge",
-            "1 while this node's Chat Server connection is up.",
-            self.chat_connected.load(Ordering::Relaxed).to_string(),
-        );
-        g(
-            &mut out,
-            "bgs_ha_role",
-            "gauge",
-            "1 on the primary, 0 on a backup.",
-            self.ha_role_primary.load(Ordering::Relaxed).to_string(),
-        );
-        g(
-            &mut out,
-            "bgs_ha_epoch",
-            "gauge",
-            "The node's epoch.",
-            self.ha_epoch.load(Ordering::Relaxed).to_string(),
-        );
-        g(
-            &mut out,
-            "bgs_ha_peer_connected",
-            "gauge",
-            "1 when the HA link to the peer is up.",
-            self.ha_peer_connected.load(Ordering::Relaxed).to_string(),
-        );
-        g(
-            &mut out,
-            "bgs_ha_replication_lag_seconds",
-            "gauge",
-            "Age of the oldest change the backup has not acknowledged.",
-            (self.ha_lag_micros.load(Ordering::Relaxed) as f64 / 1e6).to_string(),
-        );
-        g(
-            &mut out,
-            "bgs_ha_replication_pending",
-            "gauge",
-            "Changes sent to the backup and not yet acknowledged.",
-            self.ha_pending.load(Ordering::Relaxed).to_string(),
-        );
-        counter_family(
-            &mut out,
-            "bgs_ha_switchovers_total",
-            "Role changes to primary on this node, by kind (manual, failover).",
-            &["kind"],
-            &self.switchovers,
-        );
-        counter_family(
-            &mut out,
-            "bgs_external_requests_total",
-            "Attempts of connector plugins to reach their external bots, by plugin, endpoint and result (ok; retry: failed, tried again; failed: failed, given up).",
-            &["plugin", "endpoint", "result"],
-            &self.external_requests,
-        );
-        counter_family(
-            &mut out,
-            "bgs_plugin_process_exits_total",
-            "Exits of process plugins, by plugin and outcome (restarted, given_up).",
-            &["plugin", "outcome"],
-            &self.plugin_exits,
-        );
-        out
+        let mut open_metrics = String::new();
+        if prometheus_client::encoding::text::encode(&mut open_metrics, &self.registry).is_err() {
+            tracing::error!("cannot encode the metrics");
+        }
+        prometheus_text(&open_metrics)
     }
 }
 
-fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
-
-fn counter_family(out: &mut String, name: &str, help: &str, labels: &[&str], c: &Counters) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-    for (values, n) in c.snapshot() {
-        let pairs: Vec<String> = labels
-            .iter()
-            .zip(values.iter())
-            .map(|(l, v)| format!("{l}=\"{}\"", escape(v)))
-            .collect();
-        let _ = writeln!(out, "{name}{{{}}} {n}", pairs.join(","));
+/// The OpenMetrics text `prometheus-client` writes, as the Prometheus text format 0.0.4 that
+/// every scraper and `promtool check metrics` read: a counter family is named with its `_total`
+/// suffix, as its samples are, and there is no `# EOF`.
+fn prometheus_text(open_metrics: &str) -> String {
+    let mut counters = std::collections::HashSet::new();
+    for line in open_metrics.lines() {
+        if let Some(name) = line
+            .strip_prefix("# TYPE ")
+            .and_then(|rest| rest.strip_suffix(" counter"))
+        {
+            counters.insert(name.to_string());
+        }
     }
+    let mut out = String::with_capacity(open_metrics.len() + counters.len() * 12);
+    for line in open_metrics.lines() {
+        if line == "# EOF" {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        match renamed {
+            Some(l) => out.push_str(&l),
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
 }
 
 #[cfg(test)]
@@ -388,20 +428,34 @@ mod tests {
     use super::*;
 
     #[test]
-    fn renders_the_text_format() {
+    fn renders_the_prometheus_text_format() {
         let m = Metrics::default();
         m.actor_started(Kind::Bot);
+        m.dequeued(Kind::Session); // approximate counts never show below 0
         m.handled(Kind::Bot, Duration::from_millis(3));
         m.esp_requests.inc(&["StartBot", "ok"]);
         m.esp_seconds.observe("StartBot", Duration::from_millis(2));
         m.bots_stopped
             .inc(&["echo", "stop_requested", "", "faq \"x\""]);
+        m.ha_lag_seconds.set(0.25);
         let text = m.render(&[("echo".to_string(), 1)].into());
-        assert!(text.contains("bgs_actors{kind=\"bot\"} 1"));
-        assert!(text.contains("bgs_actor_handler_seconds_bucket{kind=\"bot\",le=\"0.005\"} 1"));
-        assert!(text.contains("bgs_actor_handler_seconds_count{kind=\"bot\"} 1"));
-        assert!(text.contains("bgs_esp_requests_total{method=\"StartBot\",result=\"ok\"} 1"));
-        assert!(text.contains("function=\"faq \\\"x\\\"\""));
-        assert!(text.contains("bgs_bots_active{plugin=\"echo\"} 1"));
+        for line in [
+            "bgs_actors{kind=\"bot\"} 1",
+            "bgs_actor_mailbox_backlog{kind=\"session\"} 0",
+            "bgs_actor_handler_seconds_bucket{le=\"0.005\",kind=\"bot\"} 1",
+            "bgs_actor_handler_seconds_count{kind=\"bot\"} 1",
+            "# TYPE bgs_esp_requests_total counter",
+            "bgs_esp_requests_total{method=\"StartBot\",result=\"ok\"} 1",
+            "bgs_bots_active{plugin=\"echo\"} 1",
+            "bgs_ha_replication_lag_seconds 0.25",
+            "# TYPE bgs_ha_role gauge",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} not in\n{text}");
+        }
+        assert!(text.contains("function=\"faq \\\"x\\\"\""), "{text}");
+        assert!(!text.contains("# EOF"));
+        // A plugin with no bot left has no series.
+        let text = m.render(&BTreeMap::new());
+        assert!(!text.contains("bgs_bots_active{"), "{text}");
     }
 }
