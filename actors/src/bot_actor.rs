@@ -15,23 +15,7 @@ use futures_util::FutureExt;
 use tokio::sync::oneshot;
 
 use crate::bot::{Bot, BotAction, BotContext, BotInput, BotStart, BotWaker, Handoff, StopReason};
-use crate::chat_link::{ChatCall, ChatCallError, ChatCallLater, ChatLink};
-
-/// Where a bot's requests to the Chat Server go: the node's ChatLink, or a test's stand-in.
-#[derive(Clone)]
-pub struct ChatPort {
-    pub call: Recipient<ChatCall>,
-    pub later: Recipient<ChatCallLater>,
-}
-
-impl ChatPort {
-    pub fn of(link: &Addr<ChatLink>) -> Self {
-        ChatPort {
-            call: link.clone().recipient(),
-            later: link.clone().recipient(),
-        }
-    }
-}
+use crate::chat_link::{ChatCall, ChatCallError, ChatCallLater, ChatPort};
 use crate::esp::StartSpec;
 use crate::ha::Replicate;
 use crate::metrics::{metrics, Kind};
@@ -858,6 +842,12 @@ mod tests {
         }
     }
 
+    impl Handler<crate::chat_link::Unfollow> for FakeChat {
+        type Result = ();
+
+        fn handle(&mut self, _: crate::chat_link::Unfollow, _ctx: &mut Context<Self>) {}
+    }
+
     /// Forwards what it gets into a channel.
     struct Probe<M: Send>(mpsc::UnboundedSender<M>);
 
@@ -978,7 +968,8 @@ mod tests {
             restored: None,
             link: ChatPort {
                 call: fake.clone().recipient(),
-                later: fake.recipient(),
+                later: fake.clone().recipient(),
+                unfollow: fake.recipient(),
             },
             notices: Probe(notice_tx).start().recipient(),
             ha: Probe(op_tx).start().recipient(),

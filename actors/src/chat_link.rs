@@ -96,6 +96,25 @@ pub struct ChatCall {
 #[rtype(result = "()")]
 pub struct ChatCallLater(pub ChatRequest);
 
+/// What sessions and bots use of the ChatLink, as Recipients: the node's ChatLink, or a test's
+/// stand-in.
+#[derive(Clone)]
+pub struct ChatPort {
+    pub call: Recipient<ChatCall>,
+    pub later: Recipient<ChatCallLater>,
+    pub unfollow: Recipient<Unfollow>,
+}
+
+impl ChatPort {
+    pub fn of(link: &Addr<ChatLink>) -> Self {
+        ChatPort {
+            call: link.clone().recipient(),
+            later: link.clone().recipient(),
+            unfollow: link.clone().recipient(),
+        }
+    }
+}
+
 #[derive(Clone)]
 pub struct Follower {
     pub events: Recipient<ParticipantEvents>,

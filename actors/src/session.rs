@@ -22,7 +22,7 @@ use crate::bot_actor::{
     AbandonBot, BotActor, BotNotice, BotSetup, Deliver, FlushBot, StopBotActor,
 };
 use crate::chat_link::{
-    ChatCall, ChatCallError, ChatLink, FeedLost, Follower, ParticipantEvents, Unfollow,
+    ChatCall, ChatCallError, ChatPort, FeedLost, Follower, ParticipantEvents, Unfollow,
 };
 use crate::esp::{BotKey, ErrorCode, EspError, StartSpec};
 use crate::ha::Replicate;
@@ -141,7 +141,7 @@ struct PendingStart {
 
 pub struct SessionActor {
     interaction_id: String,
-    link: Addr<ChatLink>,
+    link: ChatPort,
     finished: Recipient<BotFinished>,
     ended: Recipient<SessionEnded>,
     ha: Recipient<Replicate>,
@@ -176,7 +176,7 @@ fn chat_error(e: ChatCallError) -> EspError {
 impl SessionActor {
     pub fn new(
         interaction_id: String,
-        link: Addr<ChatLink>,
+        link: ChatPort,
         finished: Recipient<BotFinished>,
         ended: Recipient<SessionEnded>,
         ha: Recipient<Replicate>,
@@ -258,7 +258,7 @@ impl SessionActor {
             bot: p.bot,
             history: p.history,
             restored: p.restored,
-            link: crate::bot_actor::ChatPort::of(&self.link),
+            link: self.link.clone(),
             notices: ctx.address().recipient(),
             ha: self.ha.clone(),
             handling_timeout: self.handling_timeout,
@@ -355,7 +355,7 @@ impl SessionActor {
                     )));
                 }
                 if reason.sends_leave() {
-                    self.link.do_send(ChatCall {
+                    self.link.call.do_send(ChatCall {
                         request: ChatRequest::Leave(LeaveRequest {
                             session_id: self.interaction_id.clone(),
                             participant_id: pid.to_string(),
@@ -364,7 +364,7 @@ impl SessionActor {
                         follow: None,
                     });
                 }
-                self.link.do_send(Unfollow {
+                self.link.unfollow.do_send(Unfollow {
                     session_id: self.interaction_id.clone(),
                     participant_id: pid.to_string(),
                 });
@@ -435,6 +435,7 @@ impl Handler<StartInSession> for SessionActor {
         let instance_id = msg.instance_id;
         let joined = self
             .link
+            .call
             .send(join)
             .into_actor(self)
             .map(move |result, act, ctx| {
@@ -550,7 +551,7 @@ impl Handler<BotNotice> for SessionActor {
                             instance_id: slot.instance_id.clone(),
                         }));
                     }
-                    self.link.do_send(Unfollow {
+                    self.link.unfollow.do_send(Unfollow {
                         session_id: self.interaction_id.clone(),
                         participant_id,
                     });
@@ -656,6 +657,7 @@ impl Handler<RestoreInSession> for SessionActor {
         let bot = msg.bot;
         Box::pin(
             self.link
+                .call
                 .send(resume)
                 .into_actor(self)
                 .map(move |result, act, ctx| {
@@ -729,7 +731,7 @@ impl Handler<Abandon> for SessionActor {
             if let Some(addr) = slot.addr {
                 addr.do_send(AbandonBot);
             }
-            self.link.do_send(Unfollow {
+            self.link.unfollow.do_send(Unfollow {
                 session_id: self.interaction_id.clone(),
                 participant_id: pid,
             });
@@ -814,5 +816,291 @@ impl Handler<StopAll> for SessionActor {
                 let _ = w.await;
             }
         })
+    }
+}
+
+/// The SessionActor alone, in process: a stand-in ChatLink that answers the join and feeds the
+/// bot's events, and probes for what the session tells the Supervisor and the HA coordinator.
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use crate::bot::{BotContext, BotError, BotInput};
+    use crate::chat_link::ChatCallLater;
+    use bgs_proto::chat::{EventKind, Visibility};
+    use futures_util::future::BoxFuture;
+    use tokio::sync::mpsc;
+
+    /// Answers a Join with participant `bot-1` at seq 3 and replays events 1 to 3 to the
+    /// follower; answers posts, leaves and userdata; reports every request.
+    struct FakeChat {
+        seen: mpsc::UnboundedSender<ChatRequest>,
+        follower: mpsc::UnboundedSender<Follower>,
+    }
+
+    impl Actor for FakeChat {
+        type Context = Context<Self>;
+    }
+
+    impl Handler<ChatCall> for FakeChat {
+        type Result = Result<ChatResponse, ChatCallError>;
+
+        fn handle(&mut self, msg: ChatCall, _ctx: &mut Context<Self>) -> Self::Result {
+            let answer = match &msg.request {
+                ChatRequest::Join(j) => {
+                    if let Some(f) = msg.follow.clone() {
+                        f.events.do_send(ParticipantEvents {
+                            session_id: j.session_id.clone(),
+                            participant_id: "bot-1".into(),
+                            events: vec![
+                                event(1, EventKind::Joined, "ann", ParticipantType::Customer, ""),
+                                event(
+                                    2,
+                                    EventKind::Message,
+                                    "ann",
+                                    ParticipantType::Customer,
+                                    "hi",
+                                ),
+                                event(3, EventKind::Joined, "bot-1", ParticipantType::Agent, ""),
+                            ],
+                        });
+                        let _ = self.follower.send(f);
+                    }
+                    ChatResponse::Joined {
+                        session_id: j.session_id.clone(),
+                        participant_id: "bot-1".into(),
+                        seq: 3,
+                    }
+                }
+                ChatRequest::Post(_) => ChatResponse::Posted {
+                    seq: 50,
+                    duplicate: false,
+                },
+                ChatRequest::Leave(_) => ChatResponse::Left { seq: 51 },
+                _ => ChatResponse::Userdata(Default::default()),
+            };
+            let _ = self.seen.send(msg.request);
+            Ok(answer)
+        }
+    }
+
+    impl Handler<ChatCallLater> for FakeChat {
+        type Result = ();
+        fn handle(&mut self, _: ChatCallLater, _ctx: &mut Context<Self>) {}
+    }
+
+    impl Handler<Unfollow> for FakeChat {
+        type Result = ();
+        fn handle(&mut self, _: Unfollow, _ctx: &mut Context<Self>) {}
+    }
+
+    /// What the session tells its Supervisor and the HA coordinator.
+    enum Told {
+        Finished(BotFinished),
+        Ended,
+        Op(HaOp),
+    }
+
+    struct Probe(mpsc::UnboundedSender<Told>);
+
+    impl Actor for Probe {
+        type Context = Context<Self>;
+    }
+
+    impl Handler<BotFinished> for Probe {
+        type Result = ();
+        fn handle(&mut self, msg: BotFinished, _ctx: &mut Context<Self>) {
+            let _ = self.0.send(Told::Finished(msg));
+        }
+    }
+
+    impl Handler<SessionEnded> for Probe {
+        type Result = ();
+        fn handle(&mut self, _: SessionEnded, _ctx: &mut Context<Self>) {
+            let _ = self.0.send(Told::Ended);
+        }
+    }
+
+    impl Handler<Replicate> for Probe {
+        type Result = ();
+        fn handle(&mut self, msg: Replicate, _ctx: &mut Context<Self>) {
+            let _ = self.0.send(Told::Op(msg.0));
+        }
+    }
+
+    fn event(seq: u64, kind: EventKind, who: &str, t: ParticipantType, text: &str) -> ChatEvent {
+        ChatEvent {
+            seq,
+            ts_ms: 0,
+            kind,
+            participant_id: who.into(),
+            nickname: who.into(),
+            participant_type: t,
+            style: if who.starts_with("bot") {
+                Style::Bot
+            } else {
+                Style::Regular
+            },
+            visibility: Visibility::All,
+            text: (!text.is_empty()).then(|| text.to_string()),
+            after_action: (kind == EventKind::Left).then_some(AfterAction::KeepAlive),
+            reason: None,
+            userdata: None,
+            rich: None,
+        }
+    }
+
+    /// Says how many events of history it got, then `got: TEXT` to each customer message.
+    struct TestBot;
+
+    impl Bot for TestBot {
+        fn handle<'a>(
+            &'a mut self,
+            ctx: &'a mut BotContext,
+            input: BotInput,
+        ) -> BoxFuture<'a, Result<(), BotError>> {
+            Box::pin(async move {
+                match input {
+                    BotInput::Start(s) => ctx.say(format!("history: {}", s.history.len())),
+                    BotInput::Event(e)
+                        if e.kind == EventKind::Message
+                            && e.participant_type == ParticipantType::Customer =>
+                    {
+                        ctx.say(format!("got: {}", e.text.unwrap_or_default()))
+                    }
+                    _ => {}
+                }
+                Ok(())
+            })
+        }
+    }
+
+    async fn next<T>(rx: &mut mpsc::UnboundedReceiver<T>) -> T {
+        tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("in time")
+            .expect("open")
+    }
+
+    async fn next_post(
+        rx: &mut mpsc::UnboundedReceiver<ChatRequest>,
+    ) -> bgs_proto::chat::PostRequest {
+        loop {
+            if let ChatRequest::Post(p) = next(rx).await {
+                return p;
+            }
+        }
+    }
+
+    #[actix::test]
+    async fn a_bot_joins_gets_its_history_and_events_and_ends_when_the_customer_leaves() {
+        let (seen_tx, mut seen) = mpsc::unbounded_channel();
+        let (follower_tx, mut followers) = mpsc::unbounded_channel();
+        let (told_tx, mut told) = mpsc::unbounded_channel();
+        let fake = FakeChat {
+            seen: seen_tx,
+            follower: follower_tx,
+        }
+        .start();
+        let probe = Probe(told_tx).start();
+        let session = SessionActor::new(
+            "chat-1".into(),
+            ChatPort {
+                call: fake.clone().recipient(),
+                later: fake.clone().recipient(),
+                unfollow: fake.recipient(),
+            },
+            probe.clone().recipient(),
+            probe.clone().recipient(),
+            probe.recipient(),
+            Duration::from_secs(5),
+        )
+        .start();
+        let spec = StartSpec {
+            key: BotKey {
+                interaction_id: "chat-1".into(),
+                bot_id: "test".into(),
+                bot_name: String::new(),
+            },
+            nickname: "Bot".into(),
+            visibility: Visibility::All,
+            stop_on_agent_arrival: false,
+            stop_on_customer_left: true,
+            holdup: false,
+            category: String::new(),
+            function: String::new(),
+            parameters: KeyValues::new(),
+            userdata: KeyValues::new(),
+        };
+        let started = session
+            .send(StartInSession {
+                spec,
+                instance_id: "inst".into(),
+                bot: Box::new(TestBot),
+                restored: None,
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(started.participant_id, "bot-1");
+        assert!(matches!(next(&mut seen).await, ChatRequest::Join(_)));
+        // The bot's start is replicated; its history is the two events before its join.
+        match next(&mut told).await {
+            Told::Op(HaOp::Started(b)) => assert_eq!(b.joined_seq, 3),
+            _ => panic!("the start is replicated first"),
+        }
+        assert_eq!(next_post(&mut seen).await.text, "history: 2");
+
+        // A live event after the join reaches the bot.
+        let follower = next(&mut followers).await;
+        follower.events.do_send(ParticipantEvents {
+            session_id: "chat-1".into(),
+            participant_id: "bot-1".into(),
+            events: vec![event(
+                4,
+                EventKind::Message,
+                "ann",
+                ParticipantType::Customer,
+                "hello",
+            )],
+        });
+        let post = next_post(&mut seen).await;
+        assert_eq!(post.text, "got: hello");
+        assert_eq!(post.key.as_deref(), Some("inst:4:0"));
+
+        // The customer leaves with StopBotOnCustomerLeft: the bot leaves, is reported and removed.
+        follower.events.do_send(ParticipantEvents {
+            session_id: "chat-1".into(),
+            participant_id: "bot-1".into(),
+            events: vec![event(
+                5,
+                EventKind::Left,
+                "ann",
+                ParticipantType::Customer,
+                "",
+            )],
+        });
+        loop {
+            if let ChatRequest::Leave(l) = next(&mut seen).await {
+                assert_eq!(l.participant_id, "bot-1");
+                break;
+            }
+        }
+        let mut finished = None;
+        let mut removed = false;
+        let mut ended = false;
+        while finished.is_none() || !removed || !ended {
+            match next(&mut told).await {
+                Told::Finished(f) => finished = Some(f),
+                Told::Op(HaOp::Removed { .. }) => removed = true,
+                Told::Ended => ended = true,
+                Told::Op(_) => {}
+            }
+        }
+        let f = finished.unwrap();
+        assert_eq!(f.report.end_reason, "customer_left");
+        assert_eq!(f.report.messages_received, 1);
+        assert_eq!(f.report.messages_sent, 2);
     }
 }

@@ -134,7 +134,7 @@ impl Supervisor {
         let mut h = DefaultHasher::new();
         interaction_id.hash(&mut h);
         let arbiter = &self.arbiters[(h.finish() as usize) % self.arbiters.len()];
-        let link = self.link.clone();
+        let link = crate::chat_link::ChatPort::of(&self.link);
         let me = ctx.address();
         let id = interaction_id.to_string();
         let timeout = self.config.handling_timeout;
