@@ -897,7 +897,7 @@ mod tests {
 
     /// What the session tells its Supervisor and the HA coordinator.
     enum Told {
-        Finished(BotFinished),
+        Finished(Box<BotFinished>),
         Ended,
         Op(HaOp),
     }
@@ -911,7 +911,7 @@ mod tests {
     impl Handler<BotFinished> for Probe {
         type Result = ();
         fn handle(&mut self, msg: BotFinished, _ctx: &mut Context<Self>) {
-            let _ = self.0.send(Told::Finished(msg));
+            let _ = self.0.send(Told::Finished(Box::new(msg)));
         }
     }
 
