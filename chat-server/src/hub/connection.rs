@@ -1,0 +1,230 @@
+//! TCP connections: their attachments (which participants they speak for, with their feed
+//! tasks), the Hello with epoch fencing, and detaching when a connection ends.
+
+use super::*;
+
+#[derive(Default)]
+pub(super) struct Attachments {
+    pub(super) closed: bool,
+    pub(super) next_gen: u64,
+    /// (session, participant) -> (feed generation, the feed task).
+    pub(super) map: HashMap<(String, String), (u64, Option<AbortHandle>)>,
+}
+
+/// A TCP connection as the hub knows it.
+pub struct Connection {
+    pub id: u64,
+    pub owner: Owner,
+    pub epoch: u64,
+    pub name: String,
+    pub(super) fenced: AtomicBool,
+    /// Frames to the client (bounded: a full queue makes feeds wait, never grow).
+    pub tx: mpsc::Sender<ServerFrame>,
+    /// Cancelled when the connection closes or is fenced: ends its feeds.
+    pub cancel: CancellationToken,
+    pub(super) attachments: Mutex<Attachments>,
+}
+
+pub(super) type Key = (String, String);
+
+impl Connection {
+    pub(super) fn attachments(&self) -> MutexGuard<'_, Attachments> {
+        self.attachments.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn is_fenced(&self) -> bool {
+        self.fenced.load(Ordering::SeqCst)
+    }
+
+    /// Refuses requests of a fenced connection.
+    pub fn check_live(&self) -> Result<()> {
+        if self.is_fenced() {
+            let cluster = match &self.owner {
+                Owner::Gateway(c) => c.as_str(),
+                _ => "",
+            };
+            return refuse(
+                ChatErrorCode::Fenced,
+                format!(
+                    "this connection (cluster {cluster}, epoch {}) is fenced: a higher epoch of its cluster is connected",
+                    self.epoch
+                ),
+            );
+        }
+        Ok(())
+    }
+
+    /// Records that this connection speaks for a participant. False once the connection is gone.
+    pub(super) fn attach(&self, key: Key) -> bool {
+        let mut a = self.attachments();
+        if a.closed {
+            return false;
+        }
+        a.map.entry(key).or_insert((0, None));
+        true
+    }
+
+    /// Starts a new feed generation for a participant (ending the previous feed, if any).
+    pub fn begin_feed(&self, key: &Key) -> Option<u64> {
+        let mut a = self.attachments();
+        if a.closed {
+            return None;
+        }
+        a.next_gen += 1;
+        let gen = a.next_gen;
+        if let Some((_, Some(old))) = a.map.insert(key.clone(), (gen, None)) {
+            old.abort();
+        }
+        Some(gen)
+    }
+
+    pub fn set_feed_task(&self, key: &Key, gen: u64, handle: AbortHandle) {
+        let mut a = self.attachments();
+        match a.map.get_mut(key) {
+            Some(entry) if entry.0 == gen => entry.1 = Some(handle),
+            _ => {}
+        }
+    }
+
+    pub fn feed_finished(&self, key: &Key, gen: u64) {
+        let mut a = self.attachments();
+        if a.map.get(key).is_some_and(|e| e.0 == gen) {
+            a.map.remove(key);
+        }
+    }
+
+    /// Another connection took the participant over.
+    pub(super) fn release(&self, key: &Key) {
+        if let Some((_, Some(task))) = self.attachments().map.remove(key) {
+            task.abort();
+        }
+    }
+
+    /// Ends every feed and returns what this connection was attached to.
+    pub(super) fn close_attachments(&self) -> Vec<Key> {
+        let mut a = self.attachments();
+        a.closed = true;
+        a.map
+            .drain()
+            .map(|(k, (_, task))| {
+                if let Some(t) = task {
+                    t.abort();
+                }
+                k
+            })
+            .collect()
+    }
+}
+
+impl Hub {
+    /// Registers a TCP connection after its Hello; a gateway's epoch may fence older connections
+    /// of its cluster, or be fenced itself.
+    pub fn hello(
+        &self,
+        hello: Hello,
+        tx: mpsc::Sender<ServerFrame>,
+    ) -> Result<Ack<Arc<Connection>>> {
+        // Changes are journaled under the gate's read side (see `compact`).
+        let _gate = self.gate.read().unwrap_or_else(|p| p.into_inner());
+        if hello.version != CHAT_PROTOCOL_VERSION {
+            return refuse(
+                ChatErrorCode::UnsupportedVersion,
+                format!(
+                    "chat protocol version {} is not supported (this server speaks {CHAT_PROTOCOL_VERSION})",
+                    hello.version
+                ),
+            );
+        }
+        check_len("client_name", &hello.client_name, 0, MAX_ID)?;
+        let (owner, epoch) = match &hello.role {
+            ClientRole::Gateway {
+                cluster_id,
+                epoch,
+                node_id,
+            } => {
+                check_id("cluster_id", cluster_id)?;
+                check_len("node_id", node_id, 0, MAX_ID)?;
+                (Owner::Gateway(cluster_id.clone()), *epoch)
+            }
+            ClientRole::Agent => (Owner::Agent, 0),
+        };
+        let conn = Arc::new(Connection {
+            id: self.next_conn.fetch_add(1, Ordering::SeqCst),
+            owner: owner.clone(),
+            epoch,
+            name: hello.client_name,
+            fenced: AtomicBool::new(false),
+            tx,
+            cancel: CancellationToken::new(),
+            attachments: Mutex::new(Attachments::default()),
+        });
+        let Owner::Gateway(cluster) = &owner else {
+            self.connections.insert(conn.id, conn.clone());
+            return Ok(Ack::now(conn));
+        };
+        let mut epochs = self.epochs.lock().unwrap_or_else(|p| p.into_inner());
+        let highest = epochs.get(cluster).copied().unwrap_or(0);
+        if epoch < highest {
+            tracing::warn!(cluster_id = %cluster, epoch, highest, "fenced connection refused");
+            return refuse(
+                ChatErrorCode::Fenced,
+                format!("cluster {cluster} epoch {epoch} is fenced: epoch {highest} has been seen"),
+            );
+        }
+        self.connections.insert(conn.id, conn.clone());
+        let mut wait = Wait::Nothing;
+        if epoch > highest {
+            epochs.insert(cluster.clone(), epoch);
+            if let Some(j) = &self.journal {
+                let record = JournalRecord::Epoch {
+                    cluster_id: cluster.clone(),
+                    epoch,
+                };
+                wait = Wait::Journal(j.append(&[record], None)?);
+            }
+            let older: Vec<Arc<Connection>> = self
+                .connections
+                .iter()
+                .filter(|c| c.owner == owner && c.epoch < epoch)
+                .map(|c| c.value().clone())
+                .collect();
+            for old in older {
+                tracing::warn!(cluster_id = %cluster, old_epoch = old.epoch, epoch, connection = old.id, "connection fenced");
+                old.fenced.store(true, Ordering::SeqCst);
+                let _ = old.tx.try_send(ServerFrame::Fenced {
+                    cluster_id: cluster.clone(),
+                    epoch,
+                });
+                self.detach(&old);
+            }
+        }
+        drop(epochs);
+        tracing::info!(connection = conn.id, owner = ?conn.owner, epoch, name = %conn.name, "connection registered");
+        Ok(Ack { value: conn, wait })
+    }
+
+    /// Participants of a connection that is gone (or fenced) stay, detached, for the grace period.
+    pub(super) fn detach(&self, conn: &Connection) {
+        conn.cancel.cancel();
+        let now = Instant::now();
+        for (sid, pid) in conn.close_attachments() {
+            let Ok(session) = self.session(&sid) else {
+                continue;
+            };
+            let mut st = session.lock();
+            if let Some(p) = st.participant_mut(&pid) {
+                if p.attached == Some(conn.id) {
+                    p.attached = None;
+                    p.detached_since = Some(now);
+                    tracing::info!(session_id = %sid, participant_id = %pid, "participant detached");
+                }
+            }
+        }
+    }
+
+    pub fn connection_closed(&self, conn: &Connection) {
+        self.detach(conn);
+        self.connections.remove(&conn.id);
+        tracing::info!(connection = conn.id, "connection closed");
+    }
+}

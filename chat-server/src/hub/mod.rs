@@ -1,0 +1,272 @@
+//! The hub: every session, every TCP connection, fencing, durability and the sweeper. This file
+//! holds the types and the feed (`follow`); the rest is split by concern: `changes` (the
+//! requests), `connection` (TCP connections, Hello and fencing, detach), `durability` (the
+//! journal glue and compaction), `recovery` (start-up and replay), `sweep` (idle, grace,
+//! shutdown).
+//!
+//! Locking: a session's state sits behind its own short-held mutex (never held across an await).
+//! Lock order is session, then a connection's attachment table; the fencing table is taken before
+//! either. Events become readable only when durable: [`Session::publish`] advances the session's
+//! `visible_seq` and wakes its readers through a `watch` channel. Readers (TCP feeds, WebSockets,
+//! long-polls) keep only a cursor, so a slow reader costs no memory on the server.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bgs_proto::chat::{
+    AfterAction, ChatErrorCode, ChatEvent, ClientRole, EventKind, Hello, Participant,
+    ParticipantType, PostKind, Reason, RichContent, ServerFrame, Style, Userdata, UserdataChanges,
+    Visibility, CHAT_PROTOCOL_VERSION, MAX_RICH_ITEMS,
+};
+use dashmap::DashMap;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::AbortHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::error::{refuse, ChatServerError, Result};
+use crate::journal::{self, Journal, JournalRecord};
+use crate::session::{Owner, PostOutcome, SessionLimits, SessionState};
+
+mod changes;
+mod connection;
+mod durability;
+mod recovery;
+mod sweep;
+
+pub use connection::Connection;
+use durability::session_records;
+
+/// Most events one feed delivers in one frame, and about how many bytes of them.
+pub const FEED_BATCH_EVENTS: usize = 256;
+pub const FEED_BATCH_BYTES: usize = 64 * 1024;
+const MAX_ID: usize = 128;
+const MAX_USERDATA_KEYS: usize = 256;
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn new_id() -> String {
+    uuid::Uuid::new_v4().simple().to_string()
+}
+
+/// One session and the channel that tells its readers how far they may read.
+pub struct Session {
+    pub id: String,
+    state: Mutex<SessionState>,
+    visible: watch::Sender<u64>,
+}
+
+impl Session {
+    fn new(state: SessionState) -> Arc<Session> {
+        Arc::new(Session {
+            id: state.id.clone(),
+            visible: watch::Sender::new(state.visible_seq),
+            state: Mutex::new(state),
+        })
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, SessionState> {
+        // A panic while holding the lock is a bug that stops the process (panic hook); if it did
+        // not, the state is still the last consistent one: every change is one `apply`.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.visible.subscribe()
+    }
+
+    /// Makes events up to `seq` readable (called once they are durable).
+    pub fn publish(&self, seq: u64) {
+        let mut st = self.lock();
+        st.visible_seq = st.visible_seq.max(seq);
+        drop(st);
+        self.signal(seq);
+    }
+
+    fn signal(&self, seq: u64) {
+        self.visible.send_modify(|v| *v = (*v).max(seq));
+    }
+}
+
+/// What must happen before an acknowledgement may go out.
+pub enum Wait {
+    Nothing,
+    Journal(oneshot::Receiver<()>),
+    /// A duplicate post: its original may still be on its way to disk.
+    Visible(Arc<Session>, u64),
+}
+
+/// A result that may be acknowledged once it is durable.
+pub struct Ack<T> {
+    pub value: T,
+    pub wait: Wait,
+}
+
+impl<T> Ack<T> {
+    pub fn now(value: T) -> Self {
+        Ack {
+            value,
+            wait: Wait::Nothing,
+        }
+    }
+
+    pub fn map<U>(self, f: impl FnOnce(T) -> U) -> Ack<U> {
+        Ack {
+            value: f(self.value),
+            wait: self.wait,
+        }
+    }
+
+    /// Waits until the change is durable (and readable), then yields the value.
+    pub async fn durable(self) -> Result<T> {
+        match self.wait {
+            Wait::Nothing => {}
+            Wait::Journal(rx) => rx
+                .await
+                .map_err(|_| ChatServerError::Journal("journal writer stopped".into()))?,
+            Wait::Visible(session, seq) => {
+                let mut rx = session.subscribe();
+                rx.wait_for(|v| *v >= seq)
+                    .await
+                    .map_err(|_| ChatServerError::Journal("session was dropped".into()))?;
+            }
+        }
+        Ok(self.value)
+    }
+}
+
+/// Who is asking: a stateless HTTP client or a TCP connection.
+#[derive(Clone, Copy)]
+pub enum Actor<'a> {
+    Http,
+    Conn(&'a Connection),
+}
+
+/// A successful join (or resume).
+pub struct Joined {
+    pub session: Arc<Session>,
+    pub participant_id: String,
+    pub seq: u64,
+}
+
+#[derive(Debug, Clone, Copy, serde::Serialize)]
+pub struct Stats {
+    pub sessions_open: usize,
+    pub sessions_closed: usize,
+    pub connections: usize,
+    pub events: u64,
+}
+
+pub struct Hub {
+    pub config: Config,
+    pub server_id: String,
+    limits: SessionLimits,
+    sessions: DashMap<String, Arc<Session>>,
+    epochs: Mutex<HashMap<String, u64>>,
+    connections: DashMap<u64, Arc<Connection>>,
+    next_conn: AtomicU64,
+    journal: Option<Journal>,
+    /// Every change takes the read side while it journals; a compaction takes the write side,
+    /// so it sees every session and epoch at one point of the journal's order.
+    gate: std::sync::RwLock<()>,
+}
+
+pub fn check_id(what: &str, value: &str) -> Result<()> {
+    let ok = !value.is_empty()
+        && value.len() <= MAX_ID
+        && value
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:@".contains(&b));
+    if !ok {
+        return refuse(
+            ChatErrorCode::BadRequest,
+            format!(
+                "{what} must be 1 to {MAX_ID} characters of A-Z a-z 0-9 - _ . : @, not {value:?}"
+            ),
+        );
+    }
+    Ok(())
+}
+
+fn check_len(what: &str, value: &str, min: usize, max: usize) -> Result<()> {
+    if value.len() < min || value.len() > max {
+        return refuse(
+            ChatErrorCode::BadRequest,
+            format!(
+                "{what} must be {min} to {max} bytes long, not {}",
+                value.len()
+            ),
+        );
+    }
+    Ok(())
+}
+
+/// Follows a session for one participant: delivers, in order and without gaps, every event after
+/// `since` that it may see, until its own `left` event or the session's `closed` event has been
+/// delivered, the feed is cancelled, or `deliver` says the reader is gone. Holds only a cursor.
+/// `attached_to`: stop as soon as another connection speaks for the participant.
+pub async fn follow<F, Fut>(
+    session: Arc<Session>,
+    participant_id: String,
+    mut since: u64,
+    attached_to: Option<u64>,
+    cancel: CancellationToken,
+    mut deliver: F,
+) where
+    F: FnMut(Vec<ChatEvent>) -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let mut rx = session.subscribe();
+    loop {
+        rx.borrow_and_update();
+        let (mut events, scanned, more) = {
+            let st = session.lock();
+            let Some(p) = st.participant(&participant_id) else {
+                return;
+            };
+            if let (Some(me), Some(now)) = (attached_to, p.attached) {
+                if me != now {
+                    return;
+                }
+            }
+            let (events, scanned) = st.read_for(p, since, FEED_BATCH_EVENTS, FEED_BATCH_BYTES);
+            // Past the event that removed the participant there is nothing more for it.
+            if events.is_empty() && p.ended_at.is_some_and(|end| scanned >= end) {
+                return;
+            }
+            (events, scanned, scanned < st.visible_seq)
+        };
+        since = scanned;
+        let end = events.iter().position(|e| {
+            e.kind == EventKind::Closed
+                || (e.kind == EventKind::Left && e.participant_id == participant_id)
+        });
+        if let Some(end) = end {
+            events.truncate(end + 1);
+        }
+        if !events.is_empty() && !deliver(events).await {
+            return;
+        }
+        if end.is_some() {
+            return;
+        }
+        if more {
+            continue;
+        }
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => return,
+            changed = rx.changed() => if changed.is_err() { return },
+        }
+    }
+}
