@@ -95,6 +95,33 @@ impl fmt::Display for StopReason {
     }
 }
 
+/// Where a bot is in its life, as its BotActor and its SessionActor each see it. The one thing
+/// they share besides messages is the `done` flag (an `AtomicBool`): set as soon as either
+/// decides the bot takes no more inputs, so that inputs already queued are skipped at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BotPhase {
+    /// Joining the chat (the session waits for the bot's own `joined` event).
+    Starting,
+    /// Taking inputs.
+    Running,
+    /// The bot failed or asked to leave: it takes no more inputs; its stop is on the way.
+    Halted,
+    /// Being stopped with this reason (or, with `None`, dropped without a stop: it moves to the
+    /// other node of the pair).
+    Stopping(Option<StopReason>),
+}
+
+impl BotPhase {
+    /// Whether the bot still takes inputs.
+    pub fn takes_inputs(self) -> bool {
+        self == BotPhase::Running
+    }
+
+    pub fn is_stopping(self) -> bool {
+        matches!(self, BotPhase::Stopping(_))
+    }
+}
+
 /// What a bot is started with.
 #[derive(Debug, Clone)]
 pub struct BotStart {

@@ -14,7 +14,9 @@ use bgs_proto::esp::KeyValues;
 use futures_util::FutureExt;
 use tokio::sync::oneshot;
 
-use crate::bot::{Bot, BotAction, BotContext, BotInput, BotStart, BotWaker, Handoff, StopReason};
+use crate::bot::{
+    Bot, BotAction, BotContext, BotInput, BotPhase, BotStart, BotWaker, Handoff, StopReason,
+};
 use crate::chat_link::{ChatCall, ChatCallError, ChatCallLater, ChatPort};
 use crate::esp::StartSpec;
 use crate::ha::Replicate;
@@ -118,10 +120,10 @@ pub struct BotActor {
     /// The hand-off the bot ended with.
     handoff: Option<Handoff>,
     wake_count: u64,
-    /// The bot failed or asked to leave: it takes no more inputs (its stop is on the way).
-    halted: bool,
+    /// Running, halted (failed or leaving: no more inputs), or stopping.
+    phase: BotPhase,
+    /// Shared with the session: set when either decides the bot takes no more inputs.
     done: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    stopping: bool,
     /// The last saved context and the event sequence it covers (what HA replicates).
     pub saved: Option<(Vec<u8>, u64)>,
     waiters: Vec<oneshot::Sender<()>>,
@@ -477,9 +479,8 @@ impl BotActor {
             error: None,
             handoff: None,
             wake_count: 0,
-            halted: false,
+            phase: BotPhase::Running,
             done: setup.done.clone(),
-            stopping: false,
             saved: None,
             waiters: Vec::new(),
             setup_spec: setup.spec,
@@ -568,8 +569,7 @@ impl BotActor {
                     }
                     if let Some(error) = error {
                         tracing::warn!(bot_instance = %act.instance_id, %error, "bot failed");
-                        act.halted = true;
-                        act.done.store(true, std::sync::atomic::Ordering::SeqCst);
+                        act.halt();
                         metrics().failed(Kind::Bot);
                         act.error = Some(error.clone());
                         act.notices.do_send(BotNotice::Failed {
@@ -577,8 +577,7 @@ impl BotActor {
                             error,
                         });
                     } else if outcome.leave {
-                        act.halted = true;
-                        act.done.store(true, std::sync::atomic::Ordering::SeqCst);
+                        act.halt();
                         act.notices.do_send(BotNotice::WantsToLeave {
                             participant_id: act.participant_id.clone(),
                         });
@@ -642,6 +641,14 @@ impl Actor for BotActor {
 }
 
 impl BotActor {
+    /// The bot failed or asked to leave: no more inputs, including those already queued.
+    fn halt(&mut self) {
+        if self.phase == BotPhase::Running {
+            self.phase = BotPhase::Halted;
+        }
+        self.done.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
     fn gone(&self) {
         metrics().actor_stopped(Kind::Bot);
     }
@@ -653,7 +660,7 @@ impl Handler<Deliver> for BotActor {
     fn handle(&mut self, msg: Deliver, ctx: &mut Context<Self>) {
         metrics().dequeued(Kind::Bot);
         let done = self.done.load(std::sync::atomic::Ordering::SeqCst);
-        if done || self.stopping || self.halted || self.bot.is_none() {
+        if done || !self.phase.takes_inputs() || self.bot.is_none() {
             return;
         }
         match msg {
@@ -698,7 +705,7 @@ impl Handler<AbandonBot> for BotActor {
     type Result = ();
 
     fn handle(&mut self, _: AbandonBot, ctx: &mut Context<Self>) {
-        self.stopping = true;
+        self.phase = BotPhase::Stopping(None);
         ctx.stop();
     }
 }
@@ -708,11 +715,11 @@ impl Handler<StopBotActor> for BotActor {
 
     fn handle(&mut self, msg: StopBotActor, ctx: &mut Context<Self>) {
         self.waiters.extend(msg.done);
-        if self.stopping {
+        if self.phase.is_stopping() {
             return;
         }
-        self.stopping = true;
         let reason = msg.reason;
+        self.phase = BotPhase::Stopping(Some(reason));
         let bot = self.bot.take();
         let bctx = self.context("stop");
         let transcript = self.transcript();

@@ -17,7 +17,7 @@ use bgs_proto::chat::{
 use bgs_proto::esp::KeyValues;
 use tokio::sync::oneshot;
 
-use crate::bot::{Bot, StopReason};
+use crate::bot::{Bot, BotPhase, StopReason};
 use crate::bot_actor::{
     AbandonBot, BotActor, BotNotice, BotSetup, Deliver, FlushBot, StopBotActor,
 };
@@ -120,7 +120,8 @@ struct Slot {
     /// Until the bot's own join event has arrived: the events before it, and what starts the bot.
     pending: Option<PendingStart>,
     addr: Option<Addr<BotActor>>,
-    stopping: bool,
+    /// Starting (until its own join event), running, or stopping.
+    phase: BotPhase,
     /// Shared with the bot actor: set when it is being stopped or has halted.
     done: std::sync::Arc<std::sync::atomic::AtomicBool>,
     /// The stop comes from an end condition whose event is queued and must be delivered.
@@ -202,7 +203,7 @@ impl SessionActor {
     fn pid_of(&self, key: &BotKey) -> Option<String> {
         self.bots
             .iter()
-            .find(|(_, s)| s.spec.key == *key && !s.stopping)
+            .find(|(_, s)| s.spec.key == *key && !s.phase.is_stopping())
             .map(|(pid, _)| pid.clone())
     }
 
@@ -267,6 +268,9 @@ impl SessionActor {
             done: slot.done.clone(),
         };
         slot.addr = Some(BotActor::new(setup).start());
+        if slot.phase == BotPhase::Starting {
+            slot.phase = BotPhase::Running;
+        }
         tracing::info!(
             interaction_id = %self.interaction_id,
             bot_id = %slot.spec.key.bot_id,
@@ -285,7 +289,7 @@ impl SessionActor {
         let Some(slot) = self.bots.get_mut(pid) else {
             return;
         };
-        if slot.stopping {
+        if slot.phase.is_stopping() {
             return;
         }
         slot.roster.apply(&e);
@@ -328,10 +332,10 @@ impl SessionActor {
             return;
         };
         slot.waiters.extend(done);
-        if slot.stopping {
+        if slot.phase.is_stopping() {
             return;
         }
-        slot.stopping = true;
+        slot.phase = BotPhase::Stopping(Some(reason));
         // Inputs still queued are skipped (a StopBot does not wait behind them), except for an
         // end condition: its ending event was queued last and is delivered before the stop.
         if !slot.deliver_ending {
@@ -468,7 +472,7 @@ impl Handler<StartInSession> for SessionActor {
                                 roster: Roster::default(),
                                 pending: Some(pending),
                                 addr: None,
-                                stopping: false,
+                                phase: BotPhase::Starting,
                                 waiters: Vec::new(),
                                 done: Default::default(),
                                 deliver_ending: false,
@@ -686,7 +690,7 @@ impl Handler<RestoreInSession> for SessionActor {
                             roster: Roster::default(),
                             pending: None,
                             addr: None,
-                            stopping: false,
+                            phase: BotPhase::Starting,
                             waiters: Vec::new(),
                             done: Default::default(),
                             deliver_ending: false,
