@@ -181,8 +181,14 @@ pub async fn start(config: Config) -> Result<Node, ServeError> {
     )
     .start();
     coordinator.do_send(Attach {
-        supervisor: supervisor.clone(),
-        link: link.clone(),
+        set_role: supervisor.clone().recipient(),
+        become_primary: supervisor.clone().recipient(),
+        become_backup: supervisor.clone().recipient(),
+        drain: supervisor.clone().recipient(),
+        activate: link.clone().recipient(),
+        deactivate: link.clone().recipient(),
+        pause: link.clone().recipient(),
+        resume: link.clone().recipient(),
     });
     let intake = Arc::new(Intake {
         node_id: config.node.id.clone(),

@@ -19,7 +19,7 @@ use crate::bot::{
 };
 use crate::chat_link::{ChatCall, ChatCallError, ChatCallLater, ChatPort};
 use crate::esp::StartSpec;
-use crate::ha::Replicate;
+use crate::messages::Replicate;
 use crate::metrics::{metrics, Kind};
 use crate::now_ms;
 use crate::report::BotReport;

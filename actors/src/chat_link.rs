@@ -18,6 +18,8 @@ use bgs_proto::chat::{
 };
 use futures_util::future::BoxFuture;
 
+use crate::messages::{Activate, ChatFenced, Deactivate, PauseEvents, ResumeEvents};
+
 use crate::metrics::{metrics, Kind};
 
 /// How long the Chat Server may take to answer the Hello of a new connection.
@@ -129,28 +131,6 @@ pub struct Unfollow {
     pub participant_id: String,
 }
 
-/// Connect (or reconnect) as the primary of the cluster with this epoch.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Activate {
-    pub epoch: u64,
-}
-
-/// Drop the connection and every route: this node is no longer the primary.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Deactivate;
-
-/// Stop routing chat events (a switchover is draining); requests still go out.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct PauseEvents;
-
-/// Route chat events again (a switchover was abandoned).
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct ResumeEvents;
-
 /// Whether the link is up, for status and readiness.
 #[derive(Message)]
 #[rtype(result = "LinkStatus")]
@@ -189,7 +169,7 @@ pub struct ChatLinkConfig {
     /// The gateway role; its epoch is replaced by the one [`Activate`] gives.
     pub role: ClientRole,
     /// Told when the Chat Server fences this node.
-    pub on_fenced: Option<Recipient<crate::ha::ChatFenced>>,
+    pub on_fenced: Option<Recipient<ChatFenced>>,
     pub reconnect_delay: Duration,
     pub reconnect_attempts: u32,
     /// Requests queued while the link is down, beyond which calls fail at once.
@@ -560,7 +540,7 @@ impl ChatLink {
 
     fn fenced(&mut self, ctx: &mut Context<Self>) {
         if let Some(r) = &self.config.on_fenced {
-            r.do_send(crate::ha::ChatFenced);
+            r.do_send(ChatFenced);
         }
         self.deactivate(ctx);
     }

@@ -18,9 +18,11 @@ use sha2::Sha256;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
-use crate::chat_link::{Activate, ChatLink, Deactivate, PauseEvents};
+use crate::messages::{
+    Activate, BecomeBackup, BecomePrimary, ChatFenced, Deactivate, Drain, PauseEvents, Replicate,
+    ResumeEvents, SetRole,
+};
 use crate::metrics::{metrics, Kind};
-use crate::supervisor::{BecomeBackup, BecomePrimary, Drain, Supervisor};
 
 /// A link to the peer as typed frames.
 pub struct HaConnection {
@@ -38,22 +40,19 @@ pub trait HaDialer: Send + Sync + 'static {
 #[rtype(result = "()")]
 pub struct Accepted(pub HaConnection);
 
-/// Replicate one change. Resolves when the backup has it (sync mode), else at once.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Replicate(pub HaOp);
-
-/// The Chat Server fenced this node: a newer epoch of the cluster is connected.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct ChatFenced;
-
-/// Tells the coordinator which actors to drive (they are created after it).
-#[derive(Message)]
+/// Tells the coordinator what to drive (the Supervisor and the ChatLink are created after it):
+/// their messages, as Recipients.
+#[derive(Message, Clone)]
 #[rtype(result = "()")]
 pub struct Attach {
-    pub supervisor: Addr<Supervisor>,
-    pub link: Addr<ChatLink>,
+    pub set_role: Recipient<SetRole>,
+    pub become_primary: Recipient<BecomePrimary>,
+    pub become_backup: Recipient<BecomeBackup>,
+    pub drain: Recipient<Drain>,
+    pub activate: Recipient<Activate>,
+    pub deactivate: Recipient<Deactivate>,
+    pub pause: Recipient<PauseEvents>,
+    pub resume: Recipient<ResumeEvents>,
 }
 
 /// Planned switchover (this node must be the primary with a backup in sync).
@@ -215,8 +214,8 @@ pub struct HaCoordinator {
     synced_once: bool,
     /// Primary: the op number the last snapshot covered (the backup is in sync once it acks it).
     snapshot_upto: u64,
-    supervisor: Option<Addr<Supervisor>>,
-    chat: Option<Addr<ChatLink>>,
+    /// What the coordinator drives, once attached.
+    peers: Option<Attach>,
     generation: u64,
     link: Option<Link>,
     dialer: Arc<dyn HaDialer>,
@@ -306,8 +305,7 @@ impl HaCoordinator {
             draining: false,
             synced_once: false,
             snapshot_upto: 0,
-            supervisor: None,
-            chat: None,
+            peers: None,
             generation: 0,
             link: None,
             dialer,
@@ -718,7 +716,7 @@ impl HaCoordinator {
     }
 
     fn refresh_supervisor(&self) {
-        if let Some(sup) = &self.supervisor {
+        if let Some(p) = &self.peers {
             let primary = match self.role {
                 HaRole::Primary => None,
                 // The configured address first: the one learned in the handshake is the
@@ -729,7 +727,7 @@ impl HaCoordinator {
                     .clone()
                     .or_else(|| self.primary_http.clone()),
             };
-            sup.do_send(crate::supervisor::SetRole {
+            p.set_role.do_send(SetRole {
                 primary: self.role == HaRole::Primary,
                 draining: self.draining,
                 primary_url: primary,
@@ -753,14 +751,14 @@ impl HaCoordinator {
         self.primary_http = None;
         let bots: Vec<ReplicatedBot> = self.store.values().cloned().collect();
         tracing::warn!(epoch, bots = bots.len(), node = %self.s.node_id, "this node is now the primary");
-        if let Some(chat) = &self.chat {
-            chat.do_send(Activate { epoch });
+        if let Some(p) = &self.peers {
+            p.activate.do_send(Activate { epoch });
         }
         self.save_state();
         self.publish_metrics();
         self.refresh_supervisor();
-        if let Some(sup) = &self.supervisor {
-            sup.do_send(BecomePrimary { bots });
+        if let Some(p) = &self.peers {
+            p.become_primary.do_send(BecomePrimary { bots });
         }
     }
 
@@ -782,13 +780,13 @@ impl HaCoordinator {
         self.applied = 0;
         self.release_waiters(u64::MAX);
         self.last_primary = Instant::now();
-        if let Some(chat) = &self.chat {
-            chat.do_send(Deactivate);
+        if let Some(p) = &self.peers {
+            p.deactivate.do_send(Deactivate);
         }
         self.save_state();
         self.publish_metrics();
-        if let Some(sup) = &self.supervisor {
-            sup.do_send(BecomeBackup);
+        if let Some(p) = &self.peers {
+            p.become_backup.do_send(BecomeBackup);
         }
         self.refresh_supervisor();
     }
@@ -1065,12 +1063,11 @@ impl Handler<Attach> for HaCoordinator {
     type Result = ();
 
     fn handle(&mut self, msg: Attach, _ctx: &mut Context<Self>) {
-        self.supervisor = Some(msg.supervisor);
-        self.chat = Some(msg.link);
+        self.peers = Some(msg);
         self.refresh_supervisor();
         if self.role == HaRole::Primary {
-            if let Some(chat) = &self.chat {
-                chat.do_send(Activate { epoch: self.epoch });
+            if let Some(p) = &self.peers {
+                p.activate.do_send(Activate { epoch: self.epoch });
             }
         }
     }
@@ -1123,7 +1120,7 @@ impl Handler<Switchover> for HaCoordinator {
         if !self.link_up() {
             return refuse(SwitchoverError::NoBackup);
         }
-        let (Some(sup), Some(chat)) = (self.supervisor.clone(), self.chat.clone()) else {
+        let Some(peers) = self.peers.clone() else {
             return refuse(SwitchoverError::Starting);
         };
         let started = Instant::now();
@@ -1132,8 +1129,8 @@ impl Handler<Switchover> for HaCoordinator {
         tracing::info!(epoch = self.epoch, "switchover: draining");
         let fut = async move {
             // No more chat events in; every bot finishes what it has; then every save is out.
-            let _ = chat.send(PauseEvents).await;
-            let _ = sup.send(Drain).await;
+            let _ = peers.pause.send(PauseEvents).await;
+            let _ = peers.drain.send(Drain).await;
         };
         Box::pin(
             fut.into_actor(self)
@@ -1165,8 +1162,8 @@ impl Handler<Switchover> for HaCoordinator {
                     if !act.link_up() || !all_acked {
                         act.draining = false;
                         act.refresh_supervisor();
-                        if let Some(chat) = &act.chat {
-                            chat.do_send(crate::chat_link::ResumeEvents);
+                        if let Some(p) = &act.peers {
+                            p.resume.do_send(ResumeEvents);
                         }
                         let why = if !act.link_up() {
                             SwitchoverError::BackupGone
@@ -1191,8 +1188,8 @@ impl Handler<Switchover> for HaCoordinator {
                         act.drop_link("hand-over could not be sent");
                         act.draining = false;
                         act.refresh_supervisor();
-                        if let Some(chat) = &act.chat {
-                            chat.do_send(crate::chat_link::ResumeEvents);
+                        if let Some(p) = &act.peers {
+                            p.resume.do_send(ResumeEvents);
                         }
                         return Err(SwitchoverError::HandOverNotSent);
                     }

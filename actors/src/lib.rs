@@ -9,6 +9,7 @@ pub mod bot_actor;
 pub mod chat_link;
 pub mod esp;
 pub mod ha;
+pub mod messages;
 pub mod metrics;
 pub mod report;
 pub mod session;
@@ -20,4 +21,79 @@ pub fn now_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::collections::{BTreeMap, BTreeSet};
+
+    /// The modules of this crate import each other without a circle: cross-actor messages live
+    /// in the leaf `messages`, and actors hold Recipients (docs/ARCHITECTURE.md, invariants).
+    #[test]
+    fn the_modules_import_each_other_without_a_circle() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut imports: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        let mut files = vec![];
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                for sub in std::fs::read_dir(&path).unwrap() {
+                    let sub = sub.unwrap().path();
+                    files.push((path.file_name().unwrap().to_string_lossy().to_string(), sub));
+                }
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                let module = path.file_stem().unwrap().to_string_lossy().to_string();
+                files.push((module, path));
+            }
+        }
+        for (module, path) in files {
+            if module == "lib" {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            let uses = imports.entry(module.clone()).or_default();
+            for part in text.split("crate::").skip(1) {
+                let name: String = part
+                    .chars()
+                    .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                    .collect();
+                if !name.is_empty() && name != module && name != "now_ms" {
+                    uses.insert(name);
+                }
+            }
+        }
+        // Depth-first search for a back edge.
+        fn visit(
+            m: &str,
+            imports: &BTreeMap<String, BTreeSet<String>>,
+            path: &mut Vec<String>,
+            done: &mut BTreeSet<String>,
+        ) {
+            if done.contains(m) {
+                return;
+            }
+            if let Some(i) = path.iter().position(|p| p == m) {
+                panic!("import circle: {} -> {m}", path[i..].join(" -> "));
+            }
+            path.push(m.to_string());
+            for next in imports.get(m).into_iter().flatten() {
+                visit(next, imports, path, done);
+            }
+            path.pop();
+            done.insert(m.to_string());
+        }
+        let mut done = BTreeSet::new();
+        for m in imports.keys() {
+            visit(m, &imports, &mut Vec::new(), &mut done);
+        }
+        assert!(
+            imports["ha"]
+                .iter()
+                .all(|m| m == "messages" || m == "metrics"),
+            "{:?}",
+            imports["ha"]
+        );
+    }
 }

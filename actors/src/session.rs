@@ -25,7 +25,7 @@ use crate::chat_link::{
     ChatCall, ChatCallError, ChatPort, FeedLost, Follower, ParticipantEvents, Unfollow,
 };
 use crate::esp::{BotKey, ErrorCode, EspError, StartSpec};
-use crate::ha::Replicate;
+use crate::messages::Replicate;
 use crate::metrics::{metrics, Kind};
 use crate::now_ms;
 use crate::report::BotReport;

@@ -13,7 +13,7 @@ use crate::bot::{BotFactory, CreateBot, StopReason};
 use crate::chat_link::ChatLink;
 use crate::esp::BotKey;
 use crate::esp::{self, ErrorCode, EspCommand, EspError, StartSpec};
-use crate::ha::Replicate;
+use crate::messages::{BecomeBackup, BecomePrimary, Drain, Replicate, SetRole};
 use crate::metrics::{metrics, Kind};
 use crate::now_ms;
 use crate::report::{Registry, ReportSink};
@@ -32,33 +32,6 @@ pub struct Esp(pub EspRequest);
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Barrier;
-
-/// The node's HA role, from the HaCoordinator.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct SetRole {
-    pub primary: bool,
-    pub draining: bool,
-    /// Where the primary answers, for `not_primary` answers.
-    pub primary_url: Option<String>,
-}
-
-/// This node became the primary: bring every replicated bot back.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct BecomePrimary {
-    pub bots: Vec<ReplicatedBot>,
-}
-
-/// This node became a backup: drop every bot without a leave (they go on at the primary).
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct BecomeBackup;
-
-/// Switchover: let every bot finish what it has, then answer.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct Drain;
 
 /// Stop every bot (no leave: the node is going away) and answer when they are all done.
 #[derive(Message)]

@@ -1,0 +1,67 @@
+//! The messages between the node's actors that no one actor owns: what the HA coordinator
+//! tells the Supervisor and the ChatLink, what sessions and bots tell the HA coordinator, what
+//! the ChatLink tells the HA coordinator. Every actor imports this leaf; it imports no actor, so
+//! the actors do not import each other in a circle. Actors hold `Recipient`s of these, never
+//! each other's concrete types.
+
+use actix::prelude::*;
+use bgs_proto::ha::{HaOp, ReplicatedBot};
+
+/// Replicate one change. Resolves when the backup has it (sync mode), else at once.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Replicate(pub HaOp);
+
+/// The Chat Server fenced this node: a newer epoch of the cluster is connected.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ChatFenced;
+
+/// Connect (or reconnect) as the primary of the cluster with this epoch.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Activate {
+    pub epoch: u64,
+}
+
+/// Drop the connection and every route: this node is no longer the primary.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Deactivate;
+
+/// Stop routing chat events (a switchover is draining); requests still go out.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct PauseEvents;
+
+/// Route chat events again (a switchover was abandoned).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ResumeEvents;
+
+/// The node's HA role, from the HaCoordinator.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct SetRole {
+    pub primary: bool,
+    pub draining: bool,
+    /// Where the primary answers, for `not_primary` answers.
+    pub primary_url: Option<String>,
+}
+
+/// This node became the primary: bring every replicated bot back.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct BecomePrimary {
+    pub bots: Vec<ReplicatedBot>,
+}
+
+/// This node became a backup: drop every bot without a leave (they go on at the primary).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct BecomeBackup;
+
+/// Switchover: let every bot finish what it has, then answer.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Drain;
