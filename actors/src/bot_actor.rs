@@ -18,7 +18,7 @@ use crate::bot::{
     Bot, BotAction, BotContext, BotInput, BotPhase, BotStart, BotWaker, Handoff, StopReason,
 };
 use crate::chat_link::{ChatCall, ChatCallError, ChatCallLater, ChatPort};
-use crate::esp::StartSpec;
+use crate::esp::BotSpec;
 use crate::messages::Replicate;
 use crate::metrics::{metrics, Kind};
 use crate::now_ms;
@@ -31,7 +31,7 @@ pub const BOT_MAILBOX: usize = 1024;
 
 /// Everything a BotActor starts with.
 pub struct BotSetup {
-    pub spec: StartSpec,
+    pub spec: BotSpec,
     pub instance_id: String,
     pub session_id: String,
     pub participant_id: String,
@@ -98,7 +98,7 @@ pub enum BotNotice {
 }
 
 pub struct BotActor {
-    setup_spec: StartSpec,
+    setup_spec: BotSpec,
     instance_id: String,
     session_id: String,
     participant_id: String,
@@ -948,7 +948,7 @@ mod tests {
         let (notice_tx, notices) = mpsc::unbounded_channel();
         let (op_tx, ops) = mpsc::unbounded_channel();
         let fake = FakeChat(chat_tx).start();
-        let spec = StartSpec {
+        let spec = BotSpec {
             key: BotKey {
                 interaction_id: "s".into(),
                 bot_id: "test".into(),

@@ -124,47 +124,11 @@ pub fn status_of(code: &str) -> u16 {
     ErrorCode::parse(code).map_or(500, ErrorCode::status)
 }
 
-/// Identifies a bot instance: one per (interaction, ChatBotID, ChatBotName).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct BotKey {
-    pub interaction_id: String,
-    pub bot_id: String,
-    pub bot_name: String,
-}
-
-impl fmt::Display for BotKey {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.bot_name.is_empty() {
-            write!(f, "{} in {}", self.bot_id, self.interaction_id)
-        } else {
-            write!(
-                f,
-                "{}/{} in {}",
-                self.bot_id, self.bot_name, self.interaction_id
-            )
-        }
-    }
-}
-
-/// A checked StartBot.
-#[derive(Debug, Clone, PartialEq)]
-pub struct StartSpec {
-    pub key: BotKey,
-    pub nickname: String,
-    pub visibility: Visibility,
-    pub stop_on_agent_arrival: bool,
-    pub stop_on_customer_left: bool,
-    pub holdup: bool,
-    pub category: String,
-    pub function: String,
-    /// Every other parameter: the bot's start parameters.
-    pub parameters: KeyValues,
-    pub userdata: KeyValues,
-}
+pub use bgs_proto::bot::{BotKey, BotSpec};
 
 #[derive(Debug, Clone, PartialEq)]
 pub enum EspCommand {
-    Start(StartSpec),
+    Start(BotSpec),
     Stop(BotKey),
     SendData {
         key: BotKey,
@@ -337,7 +301,7 @@ pub fn parse(request: &EspRequest, chat_server: &str) -> Result<EspCommand, EspE
                 .filter(|(k, _)| !START_KEYS.contains(&k.as_str()))
                 .map(|(k, v)| (k.clone(), v.clone()))
                 .collect();
-            Ok(EspCommand::Start(StartSpec {
+            Ok(EspCommand::Start(BotSpec {
                 stop_on_agent_arrival: boolean(p, "StopBotOnAgentArrival")?,
                 stop_on_customer_left: boolean(p, "StopBotOnCustomerLeft")?,
                 holdup: boolean(p, "ChatBotHoldup")?,

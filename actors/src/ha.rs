@@ -553,8 +553,8 @@ impl HaCoordinator {
             };
             let bytes = 512
                 + bot.context.as_ref().map_or(0, Vec::len)
-                + kv(&bot.parameters)
-                + kv(&bot.userdata);
+                + kv(&bot.spec.parameters)
+                + kv(&bot.spec.userdata);
             if size + bytes > SNAPSHOT_CHUNK_BYTES && chunks.last().is_some_and(|c| !c.is_empty()) {
                 chunks.push(Vec::new());
                 size = 0;

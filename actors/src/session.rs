@@ -24,7 +24,7 @@ use crate::bot_actor::{
 use crate::chat_link::{
     ChatCall, ChatCallError, ChatPort, FeedLost, Follower, ParticipantEvents, Unfollow,
 };
-use crate::esp::{BotKey, ErrorCode, EspError, StartSpec};
+use crate::esp::{BotKey, BotSpec, ErrorCode, EspError};
 use crate::messages::Replicate;
 use crate::metrics::{metrics, Kind};
 use crate::now_ms;
@@ -39,7 +39,7 @@ pub const SESSION_MAILBOX: usize = 256;
 #[derive(Message)]
 #[rtype(result = "Result<Started, EspError>")]
 pub struct StartInSession {
-    pub spec: StartSpec,
+    pub spec: BotSpec,
     pub instance_id: String,
     pub bot: Box<dyn Bot>,
     pub restored: Option<Vec<u8>>,
@@ -110,7 +110,7 @@ pub struct SessionEnded {
 }
 
 struct Slot {
-    spec: StartSpec,
+    spec: BotSpec,
     instance_id: String,
     joined_seq: u64,
     /// Events up to here only build the roster; later ones go to the bot (its join for a new
@@ -679,7 +679,7 @@ impl Handler<RestoreInSession> for SessionActor {
                         return Err(e);
                     }
                     let pid = r.participant_id.clone();
-                    let spec = spec_of(&r);
+                    let spec = r.spec.clone();
                     act.bots.insert(
                         pid.clone(),
                         Slot {
@@ -758,49 +758,19 @@ impl Handler<Quiesce> for SessionActor {
 
 /// What the HA link carries for a bot.
 fn replica_of(
-    spec: &StartSpec,
+    spec: &BotSpec,
     instance_id: &str,
     participant_id: &str,
     joined_seq: u64,
 ) -> ReplicatedBot {
     ReplicatedBot {
         instance_id: instance_id.to_string(),
-        interaction_id: spec.key.interaction_id.clone(),
-        bot_id: spec.key.bot_id.clone(),
-        bot_name: spec.key.bot_name.clone(),
-        nickname: spec.nickname.clone(),
-        visibility: spec.visibility,
-        stop_on_agent_arrival: spec.stop_on_agent_arrival,
-        stop_on_customer_left: spec.stop_on_customer_left,
-        holdup: spec.holdup,
-        category: spec.category.clone(),
-        function: spec.function.clone(),
-        parameters: spec.parameters.clone(),
-        userdata: spec.userdata.clone(),
+        spec: spec.clone(),
         participant_id: participant_id.to_string(),
         joined_seq,
         started_ms: now_ms(),
         context: None,
         checkpoint_seq: joined_seq,
-    }
-}
-
-fn spec_of(r: &ReplicatedBot) -> StartSpec {
-    StartSpec {
-        key: BotKey {
-            interaction_id: r.interaction_id.clone(),
-            bot_id: r.bot_id.clone(),
-            bot_name: r.bot_name.clone(),
-        },
-        nickname: r.nickname.clone(),
-        visibility: r.visibility,
-        stop_on_agent_arrival: r.stop_on_agent_arrival,
-        stop_on_customer_left: r.stop_on_customer_left,
-        holdup: r.holdup,
-        category: r.category.clone(),
-        function: r.function.clone(),
-        parameters: r.parameters.clone(),
-        userdata: r.userdata.clone(),
     }
 }
 
@@ -1021,7 +991,7 @@ mod tests {
             Duration::from_secs(5),
         )
         .start();
-        let spec = StartSpec {
+        let spec = BotSpec {
             key: BotKey {
                 interaction_id: "chat-1".into(),
                 bot_id: "test".into(),

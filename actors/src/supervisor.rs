@@ -12,7 +12,7 @@ use bgs_proto::esp::{BotStatus, EspRequest, EspResponse, EspResult};
 use crate::bot::{BotFactory, CreateBot, StopReason};
 use crate::chat_link::ChatLink;
 use crate::esp::BotKey;
-use crate::esp::{self, ErrorCode, EspCommand, EspError, StartSpec};
+use crate::esp::{self, BotSpec, ErrorCode, EspCommand, EspError};
 use crate::messages::{BecomeBackup, BecomePrimary, Drain, Replicate, SetRole};
 use crate::metrics::{metrics, Kind};
 use crate::now_ms;
@@ -21,7 +21,7 @@ use crate::session::{
     Abandon, BotFinished, DataInSession, Quiesce, RestoreInSession, SessionActor, SessionEnded,
     StartInSession, StopAll, StopInSession,
 };
-use bgs_proto::ha::{HaOp, ReplicatedBot};
+use bgs_proto::ha::HaOp;
 
 /// One ESP request; the answer carries the request id.
 #[derive(Message)]
@@ -130,7 +130,7 @@ impl Supervisor {
     fn start(
         &mut self,
         request_id: u64,
-        spec: StartSpec,
+        spec: BotSpec,
         ctx: &mut Context<Self>,
     ) -> ResponseActFuture<Self, EspResponse> {
         let fail = |e: EspError| -> ResponseActFuture<Self, EspResponse> {
@@ -178,22 +178,7 @@ impl Supervisor {
         let instance_id = uuid::Uuid::new_v4().simple().to_string();
         self.registry.running.insert(
             spec.key.clone(),
-            BotStatus {
-                instance_id: instance_id.clone(),
-                interaction_id: spec.key.interaction_id.clone(),
-                bot_id: spec.key.bot_id.clone(),
-                bot_name: spec.key.bot_name.clone(),
-                state: "starting".into(),
-                reason: None,
-                started_ms: now_ms(),
-                ended_ms: None,
-                nickname: spec.nickname.clone(),
-                visibility: spec.visibility.to_string(),
-                category: spec.category.clone(),
-                function: spec.function.clone(),
-                holdup: spec.holdup,
-                handoff: None,
-            },
+            BotStatus::of(&spec, &instance_id, "starting", now_ms()),
         );
         let key = spec.key.clone();
         let session = self.session(&key.interaction_id, ctx);
@@ -450,11 +435,7 @@ impl Handler<BecomePrimary> for Supervisor {
         let mut batches: Vec<Vec<(Addr<SessionActor>, RestoreInSession)>> = Vec::new();
         let total = msg.bots.len();
         for bot in msg.bots {
-            let key = BotKey {
-                interaction_id: bot.interaction_id.clone(),
-                bot_id: bot.bot_id.clone(),
-                bot_name: bot.bot_name.clone(),
-            };
+            let key = bot.spec.key.clone();
             // A bot that cannot come back is dropped from the replicated state too.
             let forget = |why: String| {
                 tracing::error!(bot = %key, reason = %why, "cannot restore a bot");
@@ -462,13 +443,13 @@ impl Handler<BecomePrimary> for Supervisor {
                     instance_id: bot.instance_id.clone(),
                 }));
             };
-            let Some(factory) = self.plugins.get(&bot.bot_id).cloned() else {
+            let Some(factory) = self.plugins.get(&bot.spec.key.bot_id).cloned() else {
                 forget("its plugin is not on this node".into());
                 continue;
             };
             let create = CreateBot {
-                bot_name: bot.bot_name.clone(),
-                parameters: bot.parameters.clone(),
+                bot_name: bot.spec.key.bot_name.clone(),
+                parameters: bot.spec.parameters.clone(),
             };
             let instance = match crate::bot_actor::plugin_call(|| factory.create(&create)) {
                 Ok(Ok(b)) => b,
@@ -481,9 +462,10 @@ impl Handler<BecomePrimary> for Supervisor {
                     continue;
                 }
             };
-            self.registry
-                .running
-                .insert(key.clone(), status_of_replica(&bot));
+            self.registry.running.insert(
+                key.clone(),
+                BotStatus::of(&bot.spec, &bot.instance_id, "running", bot.started_ms),
+            );
             let session = self.session(&key.interaction_id, ctx);
             if batches
                 .last()
@@ -510,11 +492,7 @@ impl Handler<BecomePrimary> for Supervisor {
                 for batch in batches {
                     let results =
                         futures_util::future::join_all(batch.into_iter().map(|(s, r)| {
-                            let key = BotKey {
-                                interaction_id: r.replica.interaction_id.clone(),
-                                bot_id: r.replica.bot_id.clone(),
-                                bot_name: r.replica.bot_name.clone(),
-                            };
+                            let key = r.replica.spec.key.clone();
                             let instance_id = r.replica.instance_id.clone();
                             async move { (key, instance_id, s.send(r).await) }
                         }))
@@ -543,25 +521,6 @@ impl Handler<BecomePrimary> for Supervisor {
             }
             .into_actor(self),
         )
-    }
-}
-
-fn status_of_replica(b: &ReplicatedBot) -> BotStatus {
-    BotStatus {
-        instance_id: b.instance_id.clone(),
-        interaction_id: b.interaction_id.clone(),
-        bot_id: b.bot_id.clone(),
-        bot_name: b.bot_name.clone(),
-        state: "running".into(),
-        reason: None,
-        started_ms: b.started_ms,
-        ended_ms: None,
-        nickname: b.nickname.clone(),
-        visibility: b.visibility.to_string(),
-        category: b.category.clone(),
-        function: b.function.clone(),
-        holdup: b.holdup,
-        handoff: None,
     }
 }
 

@@ -1,14 +1,17 @@
 //! The HA link between the two nodes of a pair: handshake, heartbeats, and the replication
 //! stream of bot starts, context saves and removals (docs/HA.md).
 
-use std::collections::BTreeMap;
-
 use serde::{Deserialize, Serialize};
 
+#[cfg(test)]
+use crate::bot::BotKey;
+use crate::bot::BotSpec;
+#[cfg(test)]
 use crate::chat::Visibility;
 
-/// Version of the HA link protocol, declared in [`HaFrame::Hello`].
-pub const HA_PROTOCOL_VERSION: u16 = 1;
+/// Version of the HA link protocol, declared in [`HaFrame::Hello`]. 2: a replicated bot carries
+/// its [`BotSpec`] whole.
+pub const HA_PROTOCOL_VERSION: u16 = 2;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -30,18 +33,8 @@ impl HaRole {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReplicatedBot {
     pub instance_id: String,
-    pub interaction_id: String,
-    pub bot_id: String,
-    pub bot_name: String,
-    pub nickname: String,
-    pub visibility: Visibility,
-    pub stop_on_agent_arrival: bool,
-    pub stop_on_customer_left: bool,
-    pub holdup: bool,
-    pub category: String,
-    pub function: String,
-    pub parameters: BTreeMap<String, String>,
-    pub userdata: BTreeMap<String, String>,
+    /// What the bot was started with (its StartBot).
+    pub spec: BotSpec,
     /// The participant the bot joined as, and the sequence number of its join.
     pub participant_id: String,
     pub joined_seq: u64,
@@ -134,18 +127,22 @@ mod tests {
     fn frames_round_trip() {
         let bot = ReplicatedBot {
             instance_id: "b".into(),
-            interaction_id: "i".into(),
-            bot_id: "echo".into(),
-            bot_name: String::new(),
-            nickname: "Echo".into(),
-            visibility: Visibility::Int,
-            stop_on_agent_arrival: true,
-            stop_on_customer_left: false,
-            holdup: false,
-            category: "c".into(),
-            function: "f".into(),
-            parameters: BTreeMap::new(),
-            userdata: [("InteractionId".to_string(), "i".to_string())].into(),
+            spec: BotSpec {
+                key: BotKey {
+                    interaction_id: "i".into(),
+                    bot_id: "echo".into(),
+                    bot_name: String::new(),
+                },
+                nickname: "Echo".into(),
+                visibility: Visibility::Int,
+                stop_on_agent_arrival: true,
+                stop_on_customer_left: false,
+                holdup: false,
+                category: "c".into(),
+                function: "f".into(),
+                parameters: Default::default(),
+                userdata: [("InteractionId".to_string(), "i".to_string())].into(),
+            },
             participant_id: "p".into(),
             joined_seq: 2,
             started_ms: 1,

@@ -11,6 +11,7 @@
 //!
 //! Every type here also has a JSON form through serde (the HTTP transports use it).
 
+pub mod bot;
 pub mod chat;
 pub mod codec;
 pub mod esp;
