@@ -1,0 +1,1081 @@
+//! The HA protocol as a pure state machine: [`HaState::step`] takes the time and one [`Input`]
+//! (a peer frame, a timer tick, a local bot change, an operator command) and returns the
+//! [`Effect`]s to carry out (send a frame, close the link, dial, change role, respawn bots,
+//! write the state file). No actix, no tokio, no sockets, no clock: the HaCoordinator actor
+//! feeds it and carries its effects out, and the simulation in `sim.rs` steps two of them over
+//! an in-memory network that loses, delays, duplicates and reorders (docs/HA.md).
+//!
+//! Connections are numbered by the caller (`conn`); frames and closes of a connection that is
+//! not the current link are ignored.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use bgs_proto::ha::{HaFrame, HaOp, HaRole, ReplicatedBot, HA_PROTOCOL_VERSION};
+
+use super::handshake::{proof, verify};
+use super::state_file::SavedRole;
+use super::{HaStatus, RoleChange, SwitchoverError, SwitchoverReport};
+
+/// Ops per Ops frame (a group commit); more wait for the next frame.
+pub const OPS_PER_FRAME: usize = 2048;
+/// About this many bytes of bots per snapshot frame (frames are at most 16 MiB).
+pub const SNAPSHOT_CHUNK_BYTES: usize = 4 << 20;
+/// How long a switchover waits for the backup to acknowledge everything.
+pub const SWITCHOVER_WAIT_MS: u64 = 30_000;
+const RECENT_CHANGES: usize = 10;
+
+/// The time of a step: a monotonic clock for durations and the wall clock for what operators
+/// read (milliseconds).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Time {
+    pub mono_ms: u64,
+    pub wall_ms: u64,
+}
+
+/// What the state machine is told.
+#[derive(Debug, Clone)]
+pub enum Input {
+    /// The heartbeat timer (every `heartbeat` of the configuration).
+    Tick,
+    /// The Supervisor and the ChatLink are there to be driven.
+    Attached,
+    /// The dial asked for by [`Effect::Dial`] ended: a connection, or none.
+    Dialed(Option<u64>),
+    /// The listener accepted a connection; `nonce` is fresh randomness for its challenge.
+    Accepted {
+        conn: u64,
+        nonce: [u8; 32],
+    },
+    Frame {
+        conn: u64,
+        frame: HaFrame,
+    },
+    /// The connection ended (its peer closed it, or it broke).
+    Closed {
+        conn: u64,
+    },
+    /// A frame could not be queued on the connection (it is congested).
+    SendFailed {
+        conn: u64,
+    },
+    /// A bot change to replicate; `waiter` is told (in sync mode) once the backup has it.
+    Replicate {
+        op: HaOp,
+        waiter: Option<u64>,
+    },
+    /// The batch of changes since the last flush goes out (after [`Effect::ScheduleFlush`]).
+    Flush,
+    /// The Chat Server fenced this node: a newer epoch of the cluster is connected.
+    Fenced,
+    /// An operator asks for a switchover.
+    Switchover,
+    /// The ChatLink paused its events and the Supervisor drained every bot (after
+    /// [`Effect::Drain`]).
+    Drained,
+    /// The state file was written (or not).
+    StateWritten {
+        saved: SavedRole,
+        error: Option<String>,
+    },
+}
+
+/// What the caller carries out, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Effect {
+    Send {
+        conn: u64,
+        frame: HaFrame,
+    },
+    /// Close the connection (frames already sent on it still go out).
+    Close {
+        conn: u64,
+    },
+    /// Dial the peer; answer with [`Input::Dialed`].
+    Dial,
+    /// Send [`Input::Flush`] soon (after the changes already queued).
+    ScheduleFlush,
+    /// Chat link: connect as the primary with this epoch.
+    Activate {
+        epoch: u64,
+    },
+    /// Chat link: disconnect (this node is no longer the primary).
+    Deactivate,
+    /// Chat link: route events again (an abandoned switchover).
+    ResumeEvents,
+    /// Pause the chat link's events, then drain the Supervisor; answer with [`Input::Drained`].
+    Drain,
+    /// The Supervisor's view of the role.
+    SetRole {
+        primary: bool,
+        draining: bool,
+        primary_url: Option<String>,
+    },
+    BecomePrimary {
+        bots: Vec<ReplicatedBot>,
+    },
+    BecomeBackup,
+    /// These waiters' changes are done with: acknowledged by the backup (`acked`), or no longer
+    /// waited for (no backup, not the primary).
+    Release {
+        waiters: Vec<u64>,
+        acked: bool,
+    },
+    /// The answer to [`Input::Switchover`].
+    SwitchoverDone(Result<SwitchoverReport, SwitchoverError>),
+    /// Write the state file; answer with [`Input::StateWritten`].
+    WriteState(SavedRole),
+    /// A role change to primary: `manual` (a hand-over) or `failover`.
+    Switched {
+        kind: &'static str,
+    },
+}
+
+/// The settings the state machine needs (from `HaSettings`).
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub node_id: String,
+    pub cluster_id: String,
+    /// The configured role (the first role of a node without a state file).
+    pub role: HaRole,
+    pub has_peer: bool,
+    pub peer: Option<String>,
+    pub secret: String,
+    pub failover_after_ms: u64,
+    pub sync: bool,
+    pub http_url: String,
+    pub peer_http: Option<String>,
+    /// Whether a state file is configured (without one, the role is kept in memory only).
+    pub state_file: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum Stage {
+    /// Dialer: waiting for the Challenge.
+    AwaitChallenge,
+    /// Acceptor: sent a Challenge, waiting for Hello.
+    AwaitHello([u8; 32]),
+    /// Dialer: sent Hello, waiting for Welcome.
+    AwaitWelcome,
+    Up,
+}
+
+#[derive(Debug, Clone)]
+struct Link {
+    conn: u64,
+    stage: Stage,
+    last_seen: u64,
+    peer_node: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum SwitchoverPhase {
+    /// Waiting for the chat link's pause and the Supervisor's drain.
+    Draining,
+    /// Waiting for the backup to acknowledge every op up to `last`.
+    Waiting { last: u64, deadline: u64 },
+}
+
+#[derive(Debug, Clone, Copy)]
+struct SwitchoverRun {
+    started: u64,
+    phase: SwitchoverPhase,
+}
+
+/// One node's HA state.
+#[derive(Debug)]
+pub struct HaState {
+    c: Config,
+    role: HaRole,
+    epoch: u64,
+    draining: bool,
+    attached: bool,
+    /// Holds a primary's state (a snapshot since the last start or demotion): only then may
+    /// silence make this node promote itself. A backup that never reached a primary (wrong
+    /// secret, no route) never takes over by itself.
+    synced_once: bool,
+    /// Primary: the op number the last snapshot covered (the backup is in sync once it acks it).
+    snapshot_upto: u64,
+    link: Option<Link>,
+    dialing: bool,
+    // Primary side.
+    store: BTreeMap<String, ReplicatedBot>,
+    next_op: u64,
+    unacked: VecDeque<(u64, u64)>,
+    outbox: Vec<HaOp>,
+    flush_scheduled: bool,
+    acked: u64,
+    waiters: BTreeMap<u64, Vec<u64>>,
+    switchover: Option<SwitchoverRun>,
+    link_lost_at: u64,
+    // Backup side.
+    applied: u64,
+    in_sync: bool,
+    last_primary: u64,
+    primary_http: Option<String>,
+    switchovers_manual: u64,
+    switchovers_failover: u64,
+    peer_http: Option<String>,
+    recent: VecDeque<RoleChange>,
+    saved: Option<SavedRole>,
+    state_write_failed: Option<SavedRole>,
+    /// This run of the process (told to backups in Welcome).
+    run_id: String,
+    /// Backup: the run of the primary whose state it holds, and of the one it is linking to.
+    synced_run: Option<String>,
+    pending_run: Option<String>,
+    /// Backup: snapshot chunks received so far.
+    staging: BTreeMap<String, ReplicatedBot>,
+    out: Vec<Effect>,
+}
+
+impl HaState {
+    /// A node starting in `role` at `epoch` (from its state file, or the configuration).
+    pub fn new(c: Config, role: HaRole, epoch: u64, run_id: String, now: Time) -> Self {
+        HaState {
+            primary_http: if role == HaRole::Backup {
+                c.peer_http.clone()
+            } else {
+                None
+            },
+            c,
+            role,
+            epoch,
+            draining: false,
+            attached: false,
+            synced_once: false,
+            snapshot_upto: 0,
+            link: None,
+            dialing: false,
+            store: BTreeMap::new(),
+            next_op: 1,
+            unacked: VecDeque::new(),
+            outbox: Vec::new(),
+            flush_scheduled: false,
+            acked: 0,
+            waiters: BTreeMap::new(),
+            switchover: None,
+            link_lost_at: now.mono_ms,
+            applied: 0,
+            in_sync: false,
+            last_primary: now.mono_ms,
+            switchovers_manual: 0,
+            switchovers_failover: 0,
+            peer_http: None,
+            recent: VecDeque::new(),
+            saved: None,
+            state_write_failed: None,
+            run_id,
+            synced_run: None,
+            pending_run: None,
+            staging: BTreeMap::new(),
+            out: Vec::new(),
+        }
+    }
+
+    pub fn role(&self) -> HaRole {
+        self.role
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// The bots this node holds (the primary's, or the backup's copy).
+    pub fn store(&self) -> &BTreeMap<String, ReplicatedBot> {
+        &self.store
+    }
+
+    /// What the node starts with: a backup dials its peer at once.
+    pub fn start(&mut self, now: Time) -> Vec<Effect> {
+        if self.role == HaRole::Backup {
+            self.dial();
+        }
+        let _ = now;
+        std::mem::take(&mut self.out)
+    }
+
+    /// One input; the effects to carry out, in order.
+    pub fn step(&mut self, now: Time, input: Input) -> Vec<Effect> {
+        match input {
+            Input::Tick => self.tick(now),
+            Input::Attached => {
+                self.attached = true;
+                self.refresh_supervisor();
+                if self.role == HaRole::Primary {
+                    self.out.push(Effect::Activate { epoch: self.epoch });
+                }
+            }
+            Input::Dialed(conn) => {
+                self.dialing = false;
+                match conn {
+                    Some(conn) if self.link.is_none() && self.role == HaRole::Backup => {
+                        self.install(conn, Stage::AwaitChallenge, now);
+                    }
+                    Some(conn) => self.out.push(Effect::Close { conn }),
+                    None => {}
+                }
+            }
+            Input::Accepted { conn, nonce } => self.accepted(conn, nonce, now),
+            Input::Frame { conn, frame } => {
+                if self.link.as_ref().is_some_and(|l| l.conn == conn) {
+                    self.on_frame(frame, now);
+                }
+            }
+            Input::Closed { conn } => {
+                if self.link.as_ref().is_some_and(|l| l.conn == conn) {
+                    self.drop_link("connection closed", now);
+                }
+            }
+            Input::SendFailed { conn } => {
+                if self.link.as_ref().is_some_and(|l| l.conn == conn) {
+                    self.drop_link("HA link congested", now);
+                }
+            }
+            Input::Replicate { op, waiter } => self.replicate(op, waiter, now),
+            Input::Flush => self.flush(),
+            Input::Fenced => {
+                if self.role == HaRole::Primary {
+                    tracing::error!(
+                        epoch = self.epoch,
+                        "the Chat Server fenced this node; becoming backup"
+                    );
+                    self.demote(true, now);
+                    self.remember("fenced", now);
+                }
+            }
+            Input::Switchover => self.switchover(now),
+            Input::Drained => self.drained(now),
+            Input::StateWritten { saved, error } => match error {
+                None => {
+                    self.state_write_failed = None;
+                    self.saved = Some(saved);
+                }
+                Some(e) => {
+                    // Retried every tick; said once per failing state.
+                    if self.state_write_failed != Some(saved) {
+                        tracing::error!(error = %e, "cannot write the HA state file");
+                        self.state_write_failed = Some(saved);
+                    }
+                }
+            },
+        }
+        std::mem::take(&mut self.out)
+    }
+
+    /// What `/status` and the metrics show.
+    pub fn status(&self, now: Time) -> HaStatus {
+        HaStatus {
+            node_id: self.c.node_id.clone(),
+            cluster_id: self.c.cluster_id.clone(),
+            role: self.role,
+            epoch: self.epoch,
+            draining: self.draining,
+            peer: self.c.peer.clone(),
+            peer_connected: self.link_up(),
+            in_sync: match self.role {
+                HaRole::Backup => self.in_sync && self.link_up(),
+                HaRole::Primary => {
+                    self.link_up() && self.acked >= self.snapshot_upto && self.unacked.is_empty()
+                }
+            },
+            replication_pending: self.unacked.len() as u64,
+            replication_lag_seconds: self.lag_ms(now) as f64 / 1000.0,
+            primary_http: self.primary_http.clone(),
+            replicated_bots: self.store.len(),
+            switchovers_manual: self.switchovers_manual,
+            switchovers_failover: self.switchovers_failover,
+            peer_http: self.c.peer_http.clone().or_else(|| self.peer_http.clone()),
+            recent: self.recent.iter().cloned().collect(),
+        }
+    }
+
+    /// Age of the oldest change the backup has not acknowledged.
+    pub fn lag_ms(&self, now: Time) -> u64 {
+        self.unacked
+            .front()
+            .map_or(0, |(_, at)| now.mono_ms.saturating_sub(*at))
+    }
+
+    fn send(&mut self, frame: HaFrame) -> bool {
+        match &self.link {
+            Some(l) => {
+                self.out.push(Effect::Send {
+                    conn: l.conn,
+                    frame,
+                });
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn link_up(&self) -> bool {
+        self.link.as_ref().is_some_and(|l| l.stage == Stage::Up)
+    }
+
+    fn drop_link(&mut self, why: &str, now: Time) {
+        if let Some(l) = self.link.take() {
+            tracing::warn!(peer = ?l.peer_node, reason = why, "HA link closed");
+            self.link_lost_at = now.mono_ms;
+            self.out.push(Effect::Close { conn: l.conn });
+        }
+        // Unacknowledged ops are covered by the snapshot the backup gets when it comes back.
+        self.unacked.clear();
+        // Nobody can acknowledge now: sync-mode saves go on without the backup (it gets a
+        // snapshot when it comes back).
+        self.release_waiters(u64::MAX, false);
+    }
+
+    fn release_waiters(&mut self, upto: u64, acked: bool) {
+        let later = self.waiters.split_off(&(upto.saturating_add(1)));
+        let done: Vec<u64> = std::mem::replace(&mut self.waiters, later)
+            .into_values()
+            .flatten()
+            .collect();
+        if !done.is_empty() {
+            self.out.push(Effect::Release {
+                waiters: done,
+                acked,
+            });
+        }
+    }
+
+    fn install(&mut self, conn: u64, stage: Stage, now: Time) {
+        if let Some(old) = self.link.take() {
+            self.out.push(Effect::Close { conn: old.conn });
+        }
+        self.link = Some(Link {
+            conn,
+            stage,
+            last_seen: now.mono_ms,
+            peer_node: None,
+        });
+    }
+
+    fn dial(&mut self) {
+        if !self.c.has_peer || self.dialing || self.link.is_some() || self.role != HaRole::Backup {
+            return;
+        }
+        self.dialing = true;
+        self.out.push(Effect::Dial);
+    }
+
+    fn accepted(&mut self, conn: u64, nonce: [u8; 32], now: Time) {
+        if self.link_up() {
+            // One link at a time: a newer connection replaces a silent one only via the tick.
+            self.out.push(Effect::Send {
+                conn,
+                frame: HaFrame::Refused {
+                    reason: "a link is already up".into(),
+                },
+            });
+            self.out.push(Effect::Close { conn });
+            return;
+        }
+        self.install(conn, Stage::AwaitHello(nonce), now);
+        self.send(HaFrame::Challenge { nonce });
+    }
+
+    fn set_stage(&mut self, stage: Stage) {
+        if let Some(l) = self.link.as_mut() {
+            l.stage = stage;
+        }
+    }
+
+    fn on_frame(&mut self, frame: HaFrame, now: Time) {
+        let Some(link) = self.link.as_mut() else {
+            return;
+        };
+        link.last_seen = now.mono_ms;
+        let stage = std::mem::replace(&mut link.stage, Stage::Up);
+        match (stage, frame) {
+            (Stage::AwaitChallenge, HaFrame::Challenge { nonce }) => {
+                let hello = HaFrame::Hello {
+                    version: HA_PROTOCOL_VERSION,
+                    cluster_id: self.c.cluster_id.clone(),
+                    node_id: self.c.node_id.clone(),
+                    role: self.role,
+                    epoch: self.epoch,
+                    proof: proof(&self.c.secret, &nonce, &self.c.cluster_id, &self.c.node_id),
+                    http: self.c.http_url.clone(),
+                };
+                self.set_stage(Stage::AwaitWelcome);
+                self.send(hello);
+            }
+            (
+                Stage::AwaitHello(nonce),
+                HaFrame::Hello {
+                    version,
+                    cluster_id,
+                    node_id,
+                    role,
+                    proof,
+                    http,
+                    ..
+                },
+            ) => {
+                let refuse = if version != HA_PROTOCOL_VERSION {
+                    Some(format!("HA protocol version {version} is not supported (this node speaks {HA_PROTOCOL_VERSION})"))
+                } else if cluster_id != self.c.cluster_id {
+                    Some(format!(
+                        "cluster {cluster_id:?} is not this node's cluster {:?}",
+                        self.c.cluster_id
+                    ))
+                } else if !verify(&self.c.secret, &nonce, &cluster_id, &node_id, &proof) {
+                    Some("wrong secret".to_string())
+                } else if self.role != HaRole::Primary {
+                    Some("this node is not the primary".to_string())
+                } else if role == HaRole::Primary {
+                    Some(
+                        "two primaries: the Chat Server's fencing decides; not linking".to_string(),
+                    )
+                } else {
+                    None
+                };
+                if let Some(reason) = refuse {
+                    tracing::error!(peer = %node_id, %reason, "HA peer refused");
+                    self.send(HaFrame::Refused { reason });
+                    self.drop_link("peer refused", now);
+                    return;
+                }
+                // The dialer is a backup (a primary was refused above). Its epoch may be higher
+                // than ours (it was primary once): no reason to step down — the Chat Server's
+                // fencing decides who may post — so it is accepted; it promotes above its own
+                // epoch if it must.
+                if let Some(l) = self.link.as_mut() {
+                    l.peer_node = Some(node_id.clone());
+                }
+                self.peer_http = Some(http);
+                tracing::info!(peer = %node_id, "HA backup connected; sending a snapshot");
+                self.send(HaFrame::Welcome {
+                    node_id: self.c.node_id.clone(),
+                    role: self.role,
+                    epoch: self.epoch,
+                    http: self.c.http_url.clone(),
+                    run_id: self.run_id.clone(),
+                });
+                self.send_snapshot();
+            }
+            (
+                Stage::AwaitWelcome,
+                HaFrame::Welcome {
+                    node_id,
+                    role,
+                    epoch,
+                    http,
+                    run_id,
+                },
+            ) => {
+                if role != HaRole::Primary || self.role != HaRole::Backup {
+                    self.drop_link(
+                        "the peer is not primary (or this node is not a backup)",
+                        now,
+                    );
+                    return;
+                }
+                // A primary that restarted at the same epoch has lost every bot (its state is in
+                // memory) and would replace ours with nothing. We hold the bots: take over, and
+                // the Chat Server fences it.
+                let restarted = self.synced_run.as_ref().is_some_and(|r| *r != run_id);
+                if restarted && epoch <= self.epoch && !self.store.is_empty() {
+                    tracing::warn!(peer = %node_id, bots = self.store.len(), "the primary restarted without its state; taking over");
+                    self.drop_link("the primary restarted without its state", now);
+                    self.switchovers_failover += 1;
+                    self.out.push(Effect::Switched { kind: "failover" });
+                    let epoch = self.epoch + 1;
+                    self.promote(epoch, now);
+                    self.remember("failover", now);
+                    return;
+                }
+                self.pending_run = Some(run_id);
+                tracing::info!(peer = %node_id, epoch, "connected to the HA primary");
+                if let Some(l) = self.link.as_mut() {
+                    l.peer_node = Some(node_id);
+                }
+                self.epoch = self.epoch.max(epoch);
+                self.peer_http = Some(http.clone());
+                self.primary_http = Some(http);
+                self.last_primary = now.mono_ms;
+                self.in_sync = false;
+                self.refresh_supervisor();
+            }
+            (_, HaFrame::Refused { reason }) => {
+                tracing::error!(%reason, "the HA peer refused this node");
+                self.drop_link("refused by peer", now);
+            }
+            (Stage::Up, frame) => self.on_stream(frame, now),
+            (_, other) => {
+                tracing::warn!(frame = ?std::mem::discriminant(&other), "unexpected HA frame during the handshake");
+                self.drop_link("handshake violated", now);
+            }
+        }
+    }
+
+    /// Sends the whole state in frames of at most about [`SNAPSHOT_CHUNK_BYTES`].
+    fn send_snapshot(&mut self) {
+        self.snapshot_upto = self.next_op - 1;
+        self.acked = 0;
+        // Ops already queued are covered by the snapshot.
+        self.outbox.clear();
+        self.unacked.clear();
+        let mut chunks: Vec<Vec<ReplicatedBot>> = vec![Vec::new()];
+        let mut size = 0;
+        for bot in self.store.values() {
+            let kv = |m: &BTreeMap<String, String>| -> usize {
+                m.iter().map(|(k, v)| k.len() + v.len() + 4).sum()
+            };
+            let bytes = 512
+                + bot.context.as_ref().map_or(0, Vec::len)
+                + kv(&bot.spec.parameters)
+                + kv(&bot.spec.userdata);
+            if size + bytes > SNAPSHOT_CHUNK_BYTES && chunks.last().is_some_and(|c| !c.is_empty()) {
+                chunks.push(Vec::new());
+                size = 0;
+            }
+            size += bytes;
+            if let Some(c) = chunks.last_mut() {
+                c.push(bot.clone());
+            }
+        }
+        let n = chunks.len();
+        for (i, bots) in chunks.into_iter().enumerate() {
+            let frame = HaFrame::Snapshot {
+                epoch: self.epoch,
+                upto_op: self.snapshot_upto,
+                bots,
+                first: i == 0,
+                last: i + 1 == n,
+            };
+            self.send(frame);
+        }
+    }
+
+    fn on_stream(&mut self, frame: HaFrame, now: Time) {
+        match frame {
+            HaFrame::Heartbeat { epoch } => {
+                if self.role == HaRole::Backup {
+                    self.last_primary = now.mono_ms;
+                    self.epoch = self.epoch.max(epoch);
+                }
+            }
+            HaFrame::Snapshot {
+                epoch,
+                upto_op,
+                bots,
+                first,
+                last,
+            } if self.role == HaRole::Backup => {
+                self.last_primary = now.mono_ms;
+                self.epoch = self.epoch.max(epoch);
+                // Chunks go to a staging copy: the state held so far stays whole until the
+                // last chunk arrives (a snapshot cut in the middle changes nothing).
+                if first {
+                    self.staging.clear();
+                }
+                self.staging
+                    .extend(bots.into_iter().map(|b| (b.instance_id.clone(), b)));
+                if !last {
+                    self.send(HaFrame::Heartbeat { epoch: self.epoch });
+                    return;
+                }
+                self.store = std::mem::take(&mut self.staging);
+                self.synced_run = self.pending_run.clone();
+                self.applied = upto_op;
+                self.in_sync = true;
+                self.synced_once = true;
+                tracing::info!(bots = self.store.len(), upto_op, "HA snapshot applied");
+                self.send(HaFrame::Ack { upto_op });
+            }
+            HaFrame::Ops {
+                epoch,
+                first_op,
+                ops,
+            } if self.role == HaRole::Backup => {
+                self.last_primary = now.mono_ms;
+                self.epoch = self.epoch.max(epoch);
+                if !self.in_sync || first_op != self.applied + 1 {
+                    tracing::warn!(
+                        first_op,
+                        applied = self.applied,
+                        "HA stream gap; reconnecting for a snapshot"
+                    );
+                    self.drop_link("stream gap", now);
+                    return;
+                }
+                for op in ops {
+                    apply(&mut self.store, op);
+                    self.applied += 1;
+                }
+                self.send(HaFrame::Ack {
+                    upto_op: self.applied,
+                });
+            }
+            HaFrame::HandOver { epoch, upto_op } if self.role == HaRole::Backup => {
+                if upto_op != self.applied {
+                    tracing::warn!(
+                        upto_op,
+                        applied = self.applied,
+                        "hand-over with a gap; taking over anyway"
+                    );
+                }
+                tracing::info!(epoch, "switchover: taking over as primary");
+                self.switchovers_manual += 1;
+                self.out.push(Effect::Switched { kind: "manual" });
+                self.drop_link("hand-over", now);
+                // Never below an epoch this node has seen (the Chat Server would refuse it).
+                let epoch = epoch.max(self.epoch + 1);
+                self.promote(epoch, now);
+                self.remember("switchover", now);
+            }
+            HaFrame::Ack { upto_op } if self.role == HaRole::Primary => {
+                self.acked = self.acked.max(upto_op);
+                while self.unacked.front().is_some_and(|(id, _)| *id <= upto_op) {
+                    self.unacked.pop_front();
+                }
+                self.release_waiters(upto_op, true);
+                if let Some(SwitchoverRun {
+                    phase: SwitchoverPhase::Waiting { last, .. },
+                    ..
+                }) = self.switchover
+                {
+                    if self.acked >= last {
+                        self.finish_switchover(now);
+                    }
+                }
+            }
+            other => {
+                tracing::debug!(frame = ?std::mem::discriminant(&other), role = ?self.role, "HA frame ignored");
+            }
+        }
+    }
+
+    fn replicate(&mut self, op: HaOp, waiter: Option<u64>, now: Time) {
+        if self.role != HaRole::Primary {
+            self.release(waiter, false);
+            return;
+        }
+        apply(&mut self.store, op.clone());
+        let id = self.next_op;
+        self.next_op += 1;
+        if !self.link_up() {
+            self.release(waiter, false);
+            return;
+        }
+        self.unacked.push_back((id, now.mono_ms));
+        self.outbox.push(op);
+        if !self.flush_scheduled {
+            self.flush_scheduled = true;
+            self.out.push(Effect::ScheduleFlush);
+        }
+        match waiter {
+            Some(w) if self.c.sync => self.waiters.entry(id).or_default().push(w),
+            other => self.release(other, false),
+        }
+    }
+
+    fn release(&mut self, waiter: Option<u64>, acked: bool) {
+        if let Some(w) = waiter {
+            self.out.push(Effect::Release {
+                waiters: vec![w],
+                acked,
+            });
+        }
+    }
+
+    /// Sends queued ops as few frames as possible (everything that arrived since the last flush).
+    fn flush(&mut self) {
+        self.flush_scheduled = false;
+        if self.outbox.is_empty() {
+            return;
+        }
+        let ops = std::mem::take(&mut self.outbox);
+        if !self.link_up() || self.role != HaRole::Primary {
+            return;
+        }
+        let mut first = self.next_op - ops.len() as u64;
+        for chunk in ops.chunks(OPS_PER_FRAME) {
+            let frame = HaFrame::Ops {
+                epoch: self.epoch,
+                first_op: first,
+                ops: chunk.to_vec(),
+            };
+            first += chunk.len() as u64;
+            self.send(frame);
+        }
+    }
+
+    fn refresh_supervisor(&mut self) {
+        if !self.attached {
+            return;
+        }
+        let primary_url = match self.role {
+            HaRole::Primary => None,
+            // The configured address first: the one learned in the handshake is the peer's
+            // bound address, which may be 0.0.0.0.
+            HaRole::Backup => self
+                .c
+                .peer_http
+                .clone()
+                .or_else(|| self.primary_http.clone()),
+        };
+        self.out.push(Effect::SetRole {
+            primary: self.role == HaRole::Primary,
+            draining: self.draining,
+            primary_url,
+        });
+    }
+
+    /// Becomes primary with `epoch`: respawns every replicated bot, fences the old primary.
+    fn promote(&mut self, epoch: u64, now: Time) {
+        // A link still handshaking with the old primary must not complete as primary-primary.
+        if self.link.is_some() {
+            self.drop_link("promoted", now);
+        }
+        self.role = HaRole::Primary;
+        self.epoch = epoch;
+        self.draining = false;
+        self.in_sync = false;
+        self.next_op = self.applied + 1;
+        self.acked = self.applied;
+        self.unacked.clear();
+        self.primary_http = None;
+        let bots: Vec<ReplicatedBot> = self.store.values().cloned().collect();
+        tracing::warn!(epoch, bots = bots.len(), node = %self.c.node_id, "this node is now the primary");
+        self.out.push(Effect::Activate { epoch });
+        self.save_state();
+        self.refresh_supervisor();
+        self.out.push(Effect::BecomePrimary { bots });
+    }
+
+    /// Becomes backup: drops every bot without a leave (they go on at the primary).
+    fn demote(&mut self, fenced: bool, now: Time) {
+        if self.role == HaRole::Backup {
+            return;
+        }
+        tracing::warn!(epoch = self.epoch, fenced, node = %self.c.node_id, "this node is now a backup");
+        self.role = HaRole::Backup;
+        self.draining = false;
+        // Another node is (or is becoming) the primary: do not fail over to ourselves before we
+        // hold its state.
+        self.synced_once = false;
+        self.in_sync = false;
+        self.store.clear();
+        self.outbox.clear();
+        self.unacked.clear();
+        self.applied = 0;
+        self.release_waiters(u64::MAX, false);
+        self.last_primary = now.mono_ms;
+        self.out.push(Effect::Deactivate);
+        self.save_state();
+        self.out.push(Effect::BecomeBackup);
+        self.refresh_supervisor();
+        if self.switchover.take().is_some() {
+            tracing::warn!("switchover abandoned: this node stopped being the primary");
+            self.out
+                .push(Effect::SwitchoverDone(Err(SwitchoverError::Demoted)));
+        }
+    }
+
+    fn remember(&mut self, kind: &str, now: Time) {
+        self.recent.push_back(RoleChange {
+            at_ms: now.wall_ms,
+            kind: kind.to_string(),
+            role: self.role,
+            epoch: self.epoch,
+        });
+        while self.recent.len() > RECENT_CHANGES {
+            self.recent.pop_front();
+        }
+    }
+
+    /// Keeps the role and epoch for the next start (asks for a write when they changed).
+    fn save_state(&mut self) {
+        if !self.c.state_file {
+            return;
+        }
+        let saved = SavedRole {
+            role: self.role,
+            epoch: self.epoch,
+        };
+        if self.saved != Some(saved) {
+            self.out.push(Effect::WriteState(saved));
+        }
+    }
+
+    fn switchover(&mut self, now: Time) {
+        let refused = if self.role != HaRole::Primary {
+            Some(SwitchoverError::NotPrimary)
+        } else if self.draining {
+            Some(SwitchoverError::InProgress)
+        } else if !self.link_up() {
+            Some(SwitchoverError::NoBackup)
+        } else if !self.attached {
+            Some(SwitchoverError::Starting)
+        } else {
+            None
+        };
+        if let Some(e) = refused {
+            self.out.push(Effect::SwitchoverDone(Err(e)));
+            return;
+        }
+        self.draining = true;
+        self.switchover = Some(SwitchoverRun {
+            started: now.mono_ms,
+            phase: SwitchoverPhase::Draining,
+        });
+        self.refresh_supervisor();
+        tracing::info!(epoch = self.epoch, "switchover: draining");
+        // No more chat events in; every bot finishes what it has; then every save is out.
+        self.out.push(Effect::Drain);
+    }
+
+    fn drained(&mut self, now: Time) {
+        if self.switchover.is_none() {
+            return;
+        }
+        // Wait until the backup has acknowledged every op.
+        self.flush();
+        let last = self.next_op - 1;
+        if self.acked >= last || !self.link_up() {
+            self.finish_switchover(now);
+        } else if let Some(run) = self.switchover.as_mut() {
+            run.phase = SwitchoverPhase::Waiting {
+                last,
+                deadline: now.mono_ms + SWITCHOVER_WAIT_MS,
+            };
+        }
+    }
+
+    fn finish_switchover(&mut self, now: Time) {
+        let Some(run) = self.switchover.take() else {
+            return;
+        };
+        if self.role != HaRole::Primary || !self.draining {
+            // Fenced or demoted meanwhile: nothing to hand over.
+            tracing::warn!("switchover abandoned: this node stopped being the primary");
+            self.out
+                .push(Effect::SwitchoverDone(Err(SwitchoverError::Demoted)));
+            return;
+        }
+        let last = match run.phase {
+            SwitchoverPhase::Waiting { last, .. } => last,
+            SwitchoverPhase::Draining => self.next_op - 1,
+        };
+        // Everything up to the drained state is acknowledged; anything later (a bot that ended
+        // meanwhile) is already on the link, ahead of the hand-over.
+        let all_acked = self.acked >= last;
+        self.flush();
+        if !self.link_up() || !all_acked {
+            self.draining = false;
+            self.refresh_supervisor();
+            self.out.push(Effect::ResumeEvents);
+            let why = if !self.link_up() {
+                SwitchoverError::BackupGone
+            } else {
+                SwitchoverError::NotAcknowledged
+            };
+            tracing::warn!(reason = %why, "switchover abandoned; this node stays primary");
+            self.out.push(Effect::SwitchoverDone(Err(why)));
+            return;
+        }
+        let new_epoch = self.epoch + 1;
+        let upto_op = self.next_op - 1;
+        let bots = self.store.len();
+        self.send(HaFrame::HandOver {
+            epoch: new_epoch,
+            upto_op,
+        });
+        self.switchovers_manual += 1;
+        self.primary_http = None;
+        let peer_http = self.c.peer_http.clone();
+        self.epoch = new_epoch;
+        self.demote(false, now);
+        self.remember("switchover", now);
+        self.drop_link("hand-over sent", now);
+        self.primary_http = peer_http;
+        self.refresh_supervisor();
+        self.out.push(Effect::SwitchoverDone(Ok(SwitchoverReport {
+            new_epoch,
+            bots,
+            drain_ms: now.mono_ms.saturating_sub(run.started),
+        })));
+    }
+
+    fn tick(&mut self, now: Time) {
+        self.save_state();
+        let t = now.mono_ms;
+        let failover_after = self.c.failover_after_ms;
+        if let Some(SwitchoverRun {
+            phase: SwitchoverPhase::Waiting { deadline, .. },
+            ..
+        }) = self.switchover
+        {
+            // A switchover gives up after its wait, or once its backup has been gone for a
+            // whole failover period.
+            let gone = self.link.is_none() && t.saturating_sub(self.link_lost_at) > failover_after;
+            if t >= deadline || gone {
+                self.finish_switchover(now);
+            }
+        }
+        if self
+            .link
+            .as_ref()
+            .is_some_and(|l| t.saturating_sub(l.last_seen) > failover_after)
+        {
+            self.drop_link("peer silent", now);
+        }
+        match self.role {
+            HaRole::Primary => {
+                if self.link_up() {
+                    let epoch = self.epoch;
+                    self.send(HaFrame::Heartbeat { epoch });
+                }
+            }
+            HaRole::Backup => {
+                if self.link.is_none() {
+                    self.dial();
+                }
+                let silent = t.saturating_sub(self.last_primary) > failover_after;
+                if silent && !self.link_up() && self.synced_once && self.c.has_peer {
+                    tracing::warn!(
+                        silence_ms = t.saturating_sub(self.last_primary),
+                        "the primary is silent; failing over"
+                    );
+                    self.switchovers_failover += 1;
+                    self.out.push(Effect::Switched { kind: "failover" });
+                    let epoch = self.epoch + 1;
+                    self.promote(epoch, now);
+                    self.remember("failover", now);
+                } else if self.link_up() && self.in_sync {
+                    let upto_op = self.applied;
+                    self.send(HaFrame::Ack { upto_op });
+                } else if self.link_up() {
+                    // Still receiving a snapshot: tell the primary we are alive.
+                    let epoch = self.epoch;
+                    self.send(HaFrame::Heartbeat { epoch });
+                }
+            }
+        }
+    }
+}
+
+fn apply(store: &mut BTreeMap<String, ReplicatedBot>, op: HaOp) {
+    match op {
+        HaOp::Started(bot) => {
+            store.insert(bot.instance_id.clone(), *bot);
+        }
+        HaOp::Saved {
+            instance_id,
+            context,
+            checkpoint_seq,
+        } => {
+            if let Some(b) = store.get_mut(&instance_id) {
+                b.context = Some(context);
+                b.checkpoint_seq = checkpoint_seq;
+            }
+        }
+        HaOp::Removed { instance_id } => {
+            store.remove(&instance_id);
+        }
+    }
+}
