@@ -12,7 +12,6 @@ use bgs_proto::chat::{
 };
 use bgs_proto::esp::KeyValues;
 use futures_util::FutureExt;
-use tokio::sync::oneshot;
 
 use crate::bot::{
     Bot, BotAction, BotContext, BotInput, BotPhase, BotStart, BotWaker, Handoff, StopReason,
@@ -77,7 +76,6 @@ pub enum Deliver {
 #[rtype(result = "()")]
 pub struct StopBotActor {
     pub reason: StopReason,
-    pub done: Option<oneshot::Sender<()>>,
 }
 
 /// What a bot tells its SessionActor.
@@ -124,9 +122,7 @@ pub struct BotActor {
     phase: BotPhase,
     /// Shared with the session: set when either decides the bot takes no more inputs.
     done: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    /// The last saved context and the event sequence it covers (what HA replicates).
-    pub saved: Option<(Vec<u8>, u64)>,
-    waiters: Vec<oneshot::Sender<()>>,
+
 }
 
 /// Why an action of a bot was not carried out.
@@ -481,8 +477,7 @@ impl BotActor {
             wake_count: 0,
             phase: BotPhase::Running,
             done: setup.done.clone(),
-            saved: None,
-            waiters: Vec::new(),
+
             setup_spec: setup.spec,
         }
     }
@@ -563,9 +558,6 @@ impl BotActor {
                     act.sent += outcome.sent;
                     if outcome.handoff.is_some() {
                         act.handoff = outcome.handoff;
-                    }
-                    if let Some(bytes) = outcome.saved {
-                        act.saved = Some((bytes, covered));
                     }
                     if let Some(error) = error {
                         tracing::warn!(bot_instance = %act.instance_id, %error, "bot failed");
@@ -714,7 +706,6 @@ impl Handler<StopBotActor> for BotActor {
     type Result = ();
 
     fn handle(&mut self, msg: StopBotActor, ctx: &mut Context<Self>) {
-        self.waiters.extend(msg.done);
         if self.phase.is_stopping() {
             return;
         }
@@ -793,9 +784,6 @@ impl Handler<StopBotActor> for BotActor {
                         participant_id: act.participant_id.clone(),
                         report: Box::new(report),
                     });
-                    for w in act.waiters.drain(..) {
-                        let _ = w.send(());
-                    }
                     ctx.stop();
                 }),
         );
@@ -1042,7 +1030,6 @@ mod tests {
         // The session then stops it: waiting-mode outcome, leave, report with the hand-off.
         h.bot.do_send(StopBotActor {
             reason: StopReason::BotLeft,
-            done: None,
         });
         let ChatRequest::UpdateUserdata { changes, .. } = next(&mut h.chat).await else {
             panic!("the outcome")
@@ -1072,7 +1059,6 @@ mod tests {
         h.bot.do_send(Deliver::Event(message(7, "hi")));
         h.bot.do_send(StopBotActor {
             reason: StopReason::Error,
-            done: None,
         });
         assert!(matches!(next(&mut h.chat).await, ChatRequest::Leave(_)));
         match next(&mut h.notices).await {

@@ -106,7 +106,6 @@ pub struct BotFinished {
 #[rtype(result = "()")]
 pub struct SessionEnded {
     pub interaction_id: String,
-    pub addr: Addr<SessionActor>,
 }
 
 struct Slot {
@@ -348,7 +347,7 @@ impl SessionActor {
             "stopping bot"
         );
         match &slot.addr {
-            Some(addr) => addr.do_send(StopBotActor { reason, done: None }),
+            Some(addr) => addr.do_send(StopBotActor { reason }),
             None => {
                 // Still waiting for its join event: it never started. Leave if it should, stop
                 // following it, and answer the StartBot that is waiting.
@@ -397,11 +396,10 @@ impl Actor for SessionActor {
         ctx.set_mailbox_capacity(SESSION_MAILBOX);
     }
 
-    fn stopped(&mut self, ctx: &mut Context<Self>) {
+    fn stopped(&mut self, _ctx: &mut Context<Self>) {
         metrics().actor_stopped(Kind::Session);
         self.ended.do_send(SessionEnded {
             interaction_id: self.interaction_id.clone(),
-            addr: ctx.address(),
         });
     }
 }
