@@ -122,7 +122,6 @@ pub struct BotActor {
     phase: BotPhase,
     /// Shared with the session: set when either decides the bot takes no more inputs.
     done: std::sync::Arc<std::sync::atomic::AtomicBool>,
-
 }
 
 /// Why an action of a bot was not carried out.

@@ -367,6 +367,11 @@ impl Sim {
                     for w in waiters {
                         if let Some((_, bot, v)) = self.waiters.remove(&w) {
                             if acked {
+                                self.log.push(format!(
+                                    "{} {} acked {bot}={v}",
+                                    self.now,
+                                    self.nodes[1 - n].name
+                                ));
                                 let backup = 1 - n;
                                 let inc = self.nodes[backup].incarnation;
                                 let e = self.acked.entry(bot).or_insert((0, backup, inc));
@@ -459,8 +464,9 @@ impl Sim {
             let has = held.get(bot.as_str()).copied();
             assert!(
                 has.is_some_and(|h| h >= *v),
-                "{} took over without the acknowledged save {bot}={v} (has {has:?})",
-                self.nodes[n].name
+                "{} took over without the acknowledged save {bot}={v} (has {has:?}); log (newest first) {:#?}",
+                self.nodes[n].name,
+                self.log.iter().rev().take(30).collect::<Vec<_>>()
             );
         }
     }

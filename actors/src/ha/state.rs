@@ -165,6 +165,10 @@ struct Link {
     stage: Stage,
     last_seen: u64,
     peer_node: Option<String>,
+    /// Backup: the snapshot of this connection has been applied. A primary sends one snapshot
+    /// per connection: another one is a stale or repeated frame, and must not roll the store
+    /// back past what was acknowledged since.
+    snapshot_applied: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -449,6 +453,7 @@ impl HaState {
             stage,
             last_seen: now.mono_ms,
             peer_node: None,
+            snapshot_applied: false,
         });
     }
 
@@ -665,6 +670,11 @@ impl HaState {
                 first,
                 last,
             } if self.role == HaRole::Backup => {
+                if self.link.as_ref().is_some_and(|l| l.snapshot_applied) {
+                    tracing::warn!("a second HA snapshot on one connection; reconnecting");
+                    self.drop_link("snapshot repeated", now);
+                    return;
+                }
                 self.last_primary = now.mono_ms;
                 self.epoch = self.epoch.max(epoch);
                 // Chunks go to a staging copy: the state held so far stays whole until the
@@ -679,6 +689,9 @@ impl HaState {
                     return;
                 }
                 self.store = std::mem::take(&mut self.staging);
+                if let Some(l) = self.link.as_mut() {
+                    l.snapshot_applied = true;
+                }
                 self.synced_run = self.pending_run.clone();
                 self.applied = upto_op;
                 self.in_sync = true;
