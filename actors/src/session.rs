@@ -1,13 +1,16 @@
 //! SessionActor: one per chat session (interaction) with bots on this node. Joins bots to the
 //! session, holds each bot's view of who is present, applies the end conditions of SPEC section 3,
-//! and relays each bot's events to its BotActor.
+//! and relays each bot's events to its BotActor. `slot.rs` is one bot as the session keeps it;
+//! `end.rs` the end conditions, a pure function.
 
 mod end;
+mod slot;
 
 use std::collections::HashMap;
 use std::time::Duration;
 
-use end::{end_reason, EndOptions, Roster};
+use end::{end_reason, EndOptions};
+use slot::{PendingStart, Slot};
 
 use actix::prelude::*;
 use bgs_proto::chat::{
@@ -106,37 +109,6 @@ pub struct BotFinished {
 #[rtype(result = "()")]
 pub struct SessionEnded {
     pub interaction_id: String,
-}
-
-struct Slot {
-    spec: BotSpec,
-    instance_id: String,
-    joined_seq: u64,
-    /// Events up to here only build the roster; later ones go to the bot (its join for a new
-    /// bot, its checkpoint for a restored one).
-    deliver_after: u64,
-    roster: Roster,
-    /// Until the bot's own join event has arrived: the events before it, and what starts the bot.
-    pending: Option<PendingStart>,
-    addr: Option<Addr<BotActor>>,
-    /// Starting (until its own join event), running, or stopping.
-    phase: BotPhase,
-    /// Shared with the bot actor: set when it is being stopped or has halted.
-    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
-    /// The stop comes from an end condition whose event is queued and must be delivered.
-    deliver_ending: bool,
-    waiters: Vec<oneshot::Sender<()>>,
-}
-
-struct PendingStart {
-    /// A new bot (not a restored one): its start is replicated.
-    new: bool,
-    /// A restored bot keeps the start time it had on the old primary.
-    started_ms: Option<u64>,
-    history: Vec<ChatEvent>,
-    bot: Box<dyn Bot>,
-    restored: Option<Vec<u8>>,
-    reply: oneshot::Sender<Result<Started, EspError>>,
 }
 
 pub struct SessionActor {
@@ -462,19 +434,7 @@ impl Handler<StartInSession> for SessionActor {
                     Ok((pid, seq)) => {
                         act.bots.insert(
                             pid.clone(),
-                            Slot {
-                                spec,
-                                instance_id,
-                                joined_seq: seq,
-                                deliver_after: seq,
-                                roster: Roster::default(),
-                                pending: Some(pending),
-                                addr: None,
-                                phase: BotPhase::Starting,
-                                waiters: Vec::new(),
-                                done: Default::default(),
-                                deliver_ending: false,
-                            },
+                            Slot::new(spec, instance_id, seq, seq, Some(pending)),
                         );
                         let early = act.early.remove(&pid).unwrap_or_default();
                         if act.joining == 0 {
@@ -680,19 +640,13 @@ impl Handler<RestoreInSession> for SessionActor {
                     let spec = r.spec.clone();
                     act.bots.insert(
                         pid.clone(),
-                        Slot {
+                        Slot::new(
                             spec,
-                            instance_id: r.instance_id.clone(),
-                            joined_seq: r.joined_seq,
-                            deliver_after: r.checkpoint_seq.max(r.joined_seq),
-                            roster: Roster::default(),
-                            pending: None,
-                            addr: None,
-                            phase: BotPhase::Starting,
-                            waiters: Vec::new(),
-                            done: Default::default(),
-                            deliver_ending: false,
-                        },
+                            r.instance_id.clone(),
+                            r.joined_seq,
+                            r.checkpoint_seq.max(r.joined_seq),
+                            None,
+                        ),
                     );
                     let (reply, _started) = oneshot::channel();
                     act.start_bot(

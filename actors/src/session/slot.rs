@@ -1,0 +1,68 @@
+//! One bot of a session as its SessionActor keeps it: its spec, where it is in its life, its
+//! view of who is present, and what waits for it.
+
+use actix::prelude::*;
+use bgs_proto::chat::ChatEvent;
+use tokio::sync::oneshot;
+
+use super::end::Roster;
+use super::Started;
+use crate::bot::{Bot, BotPhase};
+use crate::bot_actor::BotActor;
+use crate::esp::{BotSpec, EspError};
+
+pub(super) struct Slot {
+    pub(super) spec: BotSpec,
+    pub(super) instance_id: String,
+    pub(super) joined_seq: u64,
+    /// Events up to here only build the roster; later ones go to the bot (its join for a new
+    /// bot, its checkpoint for a restored one).
+    pub(super) deliver_after: u64,
+    pub(super) roster: Roster,
+    /// Until the bot's own join event has arrived: the events before it, and what starts the bot.
+    pub(super) pending: Option<PendingStart>,
+    pub(super) addr: Option<Addr<BotActor>>,
+    /// Starting (until its own join event), running, or stopping.
+    pub(super) phase: BotPhase,
+    /// Shared with the bot actor: set when it is being stopped or has halted.
+    pub(super) done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// The stop comes from an end condition whose event is queued and must be delivered.
+    pub(super) deliver_ending: bool,
+    pub(super) waiters: Vec<oneshot::Sender<()>>,
+}
+
+pub(super) struct PendingStart {
+    /// A new bot (not a restored one): its start is replicated.
+    pub(super) new: bool,
+    /// A restored bot keeps the start time it had on the old primary.
+    pub(super) started_ms: Option<u64>,
+    pub(super) history: Vec<ChatEvent>,
+    pub(super) bot: Box<dyn Bot>,
+    pub(super) restored: Option<Vec<u8>>,
+    pub(super) reply: oneshot::Sender<Result<Started, EspError>>,
+}
+
+impl Slot {
+    /// A bot whose join is under way (`pending` for a new one, the restoring path fills it in).
+    pub(super) fn new(
+        spec: BotSpec,
+        instance_id: String,
+        joined_seq: u64,
+        deliver_after: u64,
+        pending: Option<PendingStart>,
+    ) -> Self {
+        Slot {
+            spec,
+            instance_id,
+            joined_seq,
+            deliver_after,
+            roster: Roster::default(),
+            pending,
+            addr: None,
+            phase: BotPhase::Starting,
+            done: Default::default(),
+            deliver_ending: false,
+            waiters: Vec::new(),
+        }
+    }
+}
