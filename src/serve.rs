@@ -164,6 +164,7 @@ pub async fn start(config: Config) -> Result<Node, ServeError> {
     )
     .start();
     let registry = Arc::new(Registry::default());
+    let role_view = bgs_actors::role::RoleView::default();
     let supervisor = Supervisor::new(
         SupervisorConfig {
             node_id: config.node.id.clone(),
@@ -178,10 +179,11 @@ pub async fn start(config: Config) -> Result<Node, ServeError> {
         registry.clone(),
         reports.clone(),
         coordinator.clone().recipient(),
+        role_view.clone(),
     )
     .start();
     coordinator.do_send(Attach {
-        set_role: supervisor.clone().recipient(),
+        role: role_view.clone(),
         become_primary: supervisor.clone().recipient(),
         become_backup: supervisor.clone().recipient(),
         drain: supervisor.clone().recipient(),

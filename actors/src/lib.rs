@@ -12,6 +12,7 @@ pub mod ha;
 pub mod messages;
 pub mod metrics;
 pub mod report;
+pub mod role;
 pub mod session;
 pub mod supervisor;
 

@@ -1,5 +1,5 @@
 //! The messages between the node's actors that no one actor owns: what the HA coordinator
-//! tells the Supervisor and the ChatLink, what sessions and bots tell the HA coordinator, what
+//! tells the Supervisor and the ChatLink (the role itself is shared: `role::RoleView`), what sessions and bots tell the HA coordinator, what
 //! the ChatLink tells the HA coordinator. Every actor imports this leaf; it imports no actor, so
 //! the actors do not import each other in a circle. Actors hold `Recipient`s of these, never
 //! each other's concrete types.
@@ -38,16 +38,6 @@ pub struct PauseEvents;
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct ResumeEvents;
-
-/// The node's HA role, from the HaCoordinator.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub struct SetRole {
-    pub primary: bool,
-    pub draining: bool,
-    /// Where the primary answers, for `not_primary` answers.
-    pub primary_url: Option<String>,
-}
 
 /// This node became the primary: bring every replicated bot back.
 #[derive(Message)]

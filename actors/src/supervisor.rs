@@ -13,10 +13,11 @@ use crate::bot::{BotFactory, CreateBot, StopReason};
 use crate::chat_link::ChatLink;
 use crate::esp::BotKey;
 use crate::esp::{self, BotSpec, ErrorCode, EspCommand, EspError};
-use crate::messages::{BecomeBackup, BecomePrimary, Drain, Replicate, SetRole};
+use crate::messages::{BecomeBackup, BecomePrimary, Drain, Replicate};
 use crate::metrics::{metrics, Kind};
 use crate::now_ms;
 use crate::report::{Registry, ReportSink};
+use crate::role::RoleView;
 use crate::session::{
     Abandon, BotFinished, DataInSession, Quiesce, RestoreInSession, SessionActor, SessionEnded,
     StartInSession, StopAll, StopInSession,
@@ -61,9 +62,8 @@ pub struct Supervisor {
     arbiters: Vec<ArbiterHandle>,
     shutting_down: bool,
     ha: Recipient<Replicate>,
-    primary: bool,
-    draining: bool,
-    primary_url: Option<String>,
+    /// The node's role, as the HaCoordinator sets it.
+    role: RoleView,
 }
 
 impl Supervisor {
@@ -74,6 +74,7 @@ impl Supervisor {
         registry: Arc<Registry>,
         reports: Arc<dyn ReportSink>,
         ha: Recipient<Replicate>,
+        role: RoleView,
     ) -> Self {
         let n = if config.arbiters == 0 {
             std::thread::available_parallelism().map_or(2, |n| n.get())
@@ -94,9 +95,7 @@ impl Supervisor {
             arbiters,
             shutting_down: false,
             ha,
-            primary: false,
-            draining: false,
-            primary_url: None,
+            role,
         }
     }
 
@@ -300,15 +299,16 @@ impl Supervisor {
                 EspError::new(ErrorCode::Draining, "the node is shutting down").into_response(id),
             );
         }
-        if !self.primary {
+        let role = self.role.get();
+        if !role.primary {
             let mut e = EspError::new(
                 ErrorCode::NotPrimary,
                 "this node is a backup; send ESP to the primary",
             );
-            e.primary = self.primary_url.clone();
+            e.primary = role.primary_url;
             return ready(e.into_response(id));
         }
-        if self.draining {
+        if role.draining {
             return ready(
                 EspError::new(
                     ErrorCode::Draining,
@@ -391,16 +391,6 @@ impl Handler<Barrier> for Supervisor {
     type Result = ();
 
     fn handle(&mut self, _: Barrier, _ctx: &mut Context<Self>) {}
-}
-
-impl Handler<SetRole> for Supervisor {
-    type Result = ();
-
-    fn handle(&mut self, msg: SetRole, _ctx: &mut Context<Self>) {
-        self.primary = msg.primary;
-        self.draining = msg.draining;
-        self.primary_url = msg.primary_url;
-    }
 }
 
 impl Handler<BecomeBackup> for Supervisor {

@@ -18,9 +18,10 @@ use super::{
 };
 use crate::messages::{
     Activate, BecomeBackup, BecomePrimary, ChatFenced, Deactivate, Drain, PauseEvents, Replicate,
-    ResumeEvents, SetRole,
+    ResumeEvents,
 };
 use crate::metrics::{metrics, Kind};
+use crate::role::Role;
 
 type SwitchoverReply = oneshot::Sender<Result<SwitchoverReport, SwitchoverError>>;
 
@@ -165,7 +166,7 @@ impl HaCoordinator {
                 primary_url,
             } => {
                 if let Some(p) = &self.peers {
-                    p.set_role.do_send(SetRole {
+                    p.role.set(Role {
                         primary,
                         draining,
                         primary_url,

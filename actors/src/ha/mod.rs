@@ -20,7 +20,7 @@ use futures_util::future::BoxFuture;
 use tokio::sync::mpsc;
 
 use crate::messages::{
-    Activate, BecomeBackup, BecomePrimary, Deactivate, Drain, PauseEvents, ResumeEvents, SetRole,
+    Activate, BecomeBackup, BecomePrimary, Deactivate, Drain, PauseEvents, ResumeEvents,
 };
 
 mod coordinator;
@@ -55,7 +55,8 @@ pub struct Accepted(pub HaConnection);
 #[derive(Message, Clone)]
 #[rtype(result = "()")]
 pub struct Attach {
-    pub set_role: Recipient<SetRole>,
+    /// The node's role, for the Supervisor's ESP answers.
+    pub role: crate::role::RoleView,
     pub become_primary: Recipient<BecomePrimary>,
     pub become_backup: Recipient<BecomeBackup>,
     pub drain: Recipient<Drain>,
