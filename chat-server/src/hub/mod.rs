@@ -1,8 +1,8 @@
 //! The hub: every session, every TCP connection, fencing, durability and the sweeper. This file
-//! holds the types and the feed (`follow`); the rest is split by concern: `changes` (the
-//! requests), `connection` (TCP connections, Hello and fencing, detach), `durability` (the
-//! journal glue and compaction), `recovery` (start-up and replay), `sweep` (idle, grace,
-//! shutdown).
+//! holds the types; the rest is split by concern: `changes` (the requests), `connection` (TCP
+//! connections and their attachments, detach), `fencing` (the Hello and epochs), `feed` (the
+//! feed loop, `follow`), `durability` (the journal glue and compaction), `recovery` (start-up
+//! and replay), `sweep` (idle, grace, shutdown).
 //!
 //! Locking: a session's state sits behind its own short-held mutex (never held across an await).
 //! Lock order is session, then a connection's attachment table; the fencing table is taken before
@@ -36,11 +36,14 @@ use crate::session::{Owner, PostOutcome, SessionLimits, SessionState};
 mod changes;
 mod connection;
 mod durability;
+mod feed;
+mod fencing;
 mod recovery;
 mod sweep;
 
 pub use connection::Connection;
 use durability::session_records;
+pub use feed::follow;
 
 /// Most events one feed delivers in one frame, and about how many bytes of them.
 pub const FEED_BATCH_EVENTS: usize = 256;
@@ -209,64 +212,4 @@ fn check_len(what: &str, value: &str, min: usize, max: usize) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// Follows a session for one participant: delivers, in order and without gaps, every event after
-/// `since` that it may see, until its own `left` event or the session's `closed` event has been
-/// delivered, the feed is cancelled, or `deliver` says the reader is gone. Holds only a cursor.
-/// `attached_to`: stop as soon as another connection speaks for the participant.
-pub async fn follow<F, Fut>(
-    session: Arc<Session>,
-    participant_id: String,
-    mut since: u64,
-    attached_to: Option<u64>,
-    cancel: CancellationToken,
-    mut deliver: F,
-) where
-    F: FnMut(Vec<ChatEvent>) -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let mut rx = session.subscribe();
-    loop {
-        rx.borrow_and_update();
-        let (mut events, scanned, more) = {
-            let st = session.lock();
-            let Some(p) = st.participant(&participant_id) else {
-                return;
-            };
-            if let (Some(me), Some(now)) = (attached_to, p.attached) {
-                if me != now {
-                    return;
-                }
-            }
-            let (events, scanned) = st.read_for(p, since, FEED_BATCH_EVENTS, FEED_BATCH_BYTES);
-            // Past the event that removed the participant there is nothing more for it.
-            if events.is_empty() && p.ended_at.is_some_and(|end| scanned >= end) {
-                return;
-            }
-            (events, scanned, scanned < st.visible_seq)
-        };
-        since = scanned;
-        let end = events.iter().position(|e| {
-            e.kind == EventKind::Closed
-                || (e.kind == EventKind::Left && e.participant_id == participant_id)
-        });
-        if let Some(end) = end {
-            events.truncate(end + 1);
-        }
-        if !events.is_empty() && !deliver(events).await {
-            return;
-        }
-        if end.is_some() {
-            return;
-        }
-        if more {
-            continue;
-        }
-        tokio::select! {
-            biased;
-            _ = cancel.cancelled() => return,
-            changed = rx.changed() => if changed.is_err() { return },
-        }
-    }
 }
