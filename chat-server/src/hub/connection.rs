@@ -86,10 +86,14 @@ impl Connection {
         }
     }
 
+    /// A feed ended (its participant left, or its reader is gone). The participant stays
+    /// attached to this connection: when the connection closes, it is detached like the others
+    /// (and leaves after the grace period). Forgetting it here left a participant attached to a
+    /// dead connection for ever when its feed ended just before the connection did.
     pub fn feed_finished(&self, key: &Key, gen: u64) {
         let mut a = self.attachments();
-        if a.map.get(key).is_some_and(|e| e.0 == gen) {
-            a.map.remove(key);
+        if let Some(entry) = a.map.get_mut(key).filter(|e| e.0 == gen) {
+            entry.1 = None;
         }
     }
 
@@ -140,5 +144,36 @@ impl Hub {
         self.detach(conn);
         self.connections.remove(&conn.id);
         tracing::info!(connection = conn.id, "connection closed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    /// A participant whose feed ended just before its connection closed is still detached when
+    /// the connection closes (so it leaves after the grace period, instead of staying attached
+    /// to a dead connection).
+    #[test]
+    fn a_finished_feed_keeps_its_participant_attached_until_the_connection_closes() {
+        let (tx, _rx) = mpsc::channel(1);
+        let conn = Connection {
+            id: 1,
+            owner: Owner::Agent,
+            epoch: 0,
+            name: "t".into(),
+            fenced: AtomicBool::new(false),
+            tx,
+            cancel: CancellationToken::new(),
+            attachments: Mutex::new(Attachments::default()),
+        };
+        let key: Key = ("s".into(), "p".into());
+        assert!(conn.attach(key.clone()));
+        let gen = conn.begin_feed(&key).unwrap();
+        conn.feed_finished(&key, gen);
+        assert_eq!(conn.close_attachments(), vec![key.clone()]);
+        assert!(!conn.attach(key), "a closed connection takes no attachment");
     }
 }
