@@ -280,7 +280,35 @@ async fn bf_activity(
     }
 }
 
+/// The methods [`ROUTES`] serves at `path` (`{name}` segments match any one segment).
+pub fn methods_at(path: &str) -> Vec<&'static str> {
+    let segments: Vec<&str> = path.trim_end_matches('/').split('/').collect();
+    ROUTES
+        .iter()
+        .filter_map(|route| {
+            let (method, pattern) = route.split_once(' ')?;
+            let pattern: Vec<&str> = pattern.trim_end_matches('/').split('/').collect();
+            let matches = pattern.len() == segments.len()
+                && pattern
+                    .iter()
+                    .zip(&segments)
+                    .all(|(p, s)| p == s || (p.starts_with('{') && p.ends_with('}')));
+            matches.then_some(method)
+        })
+        .collect()
+}
+
+/// No route: 405 with `Allow` when the path is served with other methods, else 404.
 async fn not_found(req: HttpRequest) -> HttpResponse {
+    let allowed = methods_at(req.path());
+    if !allowed.is_empty() {
+        return HttpResponse::MethodNotAllowed()
+            .insert_header(("Allow", allowed.join(", ")))
+            .json(json!({
+                "status": "error", "code": "method_not_allowed",
+                "message": format!("{} {} is not served; use {}", req.method(), req.path(), allowed.join(" or "))
+            }));
+    }
     HttpResponse::NotFound().json(json!({
         "status": "error", "code": "not_found", "message": format!("no route {} {}", req.method(), req.path())
     }))

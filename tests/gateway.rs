@@ -1111,3 +1111,25 @@ async fn wait_outcome(chat: &ChatServer, session: &str, reason: &str) -> serde_j
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test]
+async fn a_wrong_method_is_405_an_unknown_path_404_and_logs_to_a_file_have_no_colour() {
+    let chat = ChatServer::start(&[]);
+    let gw = Gateway::start(chat.tcp, "");
+    let (status, body) = support::http(gw.http, "GET", "/esp", None).await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (405, Some("method_not_allowed")),
+        "{body}"
+    );
+    assert!(body["message"].as_str().unwrap().contains("POST"), "{body}");
+    let (status, body) =
+        support::http(gw.http, "GET", "/v3/conversations/x/activities/y", None).await;
+    assert_eq!(status, 405, "{body}");
+    let (status, body) = support::http(gw.http, "GET", "/nope", None).await;
+    assert_eq!((status, body["code"].as_str()), (404, Some("not_found")));
+    // The node's stderr is a file here, not a terminal: no colour codes in it.
+    let log = gw.log();
+    assert!(log.contains("bgs node started"), "{log}");
+    assert!(!log.contains('\u{1b}'), "colour codes in a log file");
+}

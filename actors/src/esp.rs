@@ -285,16 +285,23 @@ pub fn parse(request: &EspRequest, chat_server: &str) -> Result<EspCommand, EspE
                     .parse()
                     .map_err(|e: String| EspError::new(ErrorCode::BadVisibility, e))?,
             };
-            let nickname = match p.get("Nickname") {
-                Some(n) if !n.is_empty() => n.clone(),
-                _ if !key.bot_name.is_empty() => key.bot_name.clone(),
-                _ => key.bot_id.clone(),
+            // The nickname is Nickname, else ChatBotName, else ChatBotID: a refusal names the
+            // parameter it came from.
+            let (nickname, from) = match p.get("Nickname") {
+                Some(n) if !n.is_empty() => (n.clone(), "Nickname"),
+                _ if !key.bot_name.is_empty() => (key.bot_name.clone(), "ChatBotName"),
+                _ => (key.bot_id.clone(), "ChatBotID"),
             };
             if nickname.len() > 128 {
-                return Err(EspError::new(
-                    ErrorCode::BadParameter,
-                    "Nickname is longer than 128 bytes",
-                ));
+                let message = if from == "Nickname" {
+                    "Nickname is longer than 128 bytes".to_string()
+                } else {
+                    format!(
+                        "{from} is longer than 128 bytes, the most a nickname may have (it is the \
+                         nickname when Nickname is not given); give a shorter Nickname"
+                    )
+                };
+                return Err(EspError::new(ErrorCode::BadParameter, message));
             }
             let parameters = p
                 .iter()
@@ -389,6 +396,33 @@ mod tests {
             s.parameters,
             [("Greeting".to_string(), "hi".to_string())].into()
         );
+    }
+
+    #[test]
+    fn a_long_default_nickname_names_the_parameter_it_came_from() {
+        // 40 characters of 4 bytes: under the 49-character rule, over 128 bytes.
+        let name = "\u{1F600}".repeat(40);
+        let p = [
+            ("ChatBotID", "echo"),
+            ("_umsChannel", "channel-chatbot"),
+            ("ChatBotName", name.as_str()),
+        ];
+        let e = parse(&request("StartBot", &p), "default").unwrap_err();
+        assert_eq!(e.code, ErrorCode::BadParameter);
+        assert!(
+            e.message
+                .starts_with("ChatBotName is longer than 128 bytes"),
+            "{}",
+            e.message
+        );
+        let long = "n".repeat(129);
+        let mut p = p.to_vec();
+        p.push(("Nickname", long.as_str()));
+        let e = parse(&request("StartBot", &p), "default").unwrap_err();
+        assert_eq!(e.message, "Nickname is longer than 128 bytes");
+        p.pop();
+        p.push(("Nickname", "Bot"));
+        assert!(parse(&request("StartBot", &p), "default").is_ok());
     }
 
     #[test]
