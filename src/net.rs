@@ -24,11 +24,16 @@ use bgs_proto::ha::HaFrame;
 /// Frames buffered each way on the HA link (a snapshot is a few frames of about 4 MiB).
 const HA_BUFFER: usize = 4096;
 
+/// The socket of an HA connection as typed channels. When the coordinator drops the outbound
+/// sender (it closed the connection) the writer ends, and the reader with it: the socket is
+/// closed whole, even if the peer never sends again (a silent stranger holds nothing).
 fn ha_connection(stream: TcpStream) -> HaConnection {
     let _ = stream.set_nodelay(true);
     let (rd, wr) = stream.into_split();
     let (out_tx, mut out_rx) = mpsc::channel::<HaFrame>(HA_BUFFER);
     let (in_tx, in_rx) = mpsc::channel::<HaFrame>(HA_BUFFER);
+    let closed = tokio_util::sync::CancellationToken::new();
+    let writer_closed = closed.clone();
     tokio::spawn(async move {
         let mut sink = FramedWrite::new(
             wr,
@@ -40,15 +45,25 @@ fn ha_connection(stream: TcpStream) -> HaConnection {
                 break;
             }
         }
+        writer_closed.cancel();
     });
     tokio::spawn(async move {
         let mut frames = FramedRead::new(
             rd,
             FrameCodec::<HaFrame, HaFrame>::new(bgs_proto::MAX_FRAME_LIMIT),
         );
-        while let Some(Ok(f)) = frames.next().await {
-            if in_tx.send(f).await.is_err() {
-                break;
+        loop {
+            let frame = tokio::select! {
+                _ = closed.cancelled() => break,
+                f = frames.next() => f,
+            };
+            match frame {
+                Some(Ok(f)) => {
+                    if in_tx.send(f).await.is_err() {
+                        break;
+                    }
+                }
+                _ => break,
             }
         }
     });

@@ -639,3 +639,85 @@ async fn process_and_webhook_bots_survive_a_failover() {
         ["wh: one", "wh: two"]
     );
 }
+
+/// Reads until the peer closes; false if it stays open for 10 s.
+async fn closed_by_peer(mut s: tokio::net::TcpStream) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = [0u8; 1024];
+    let read_all = async {
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), read_all)
+        .await
+        .is_ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strangers_on_the_ha_ports_neither_force_a_failover_nor_stay_connected() {
+    let chat = ChatServer::start(&[]);
+    let pair = start_pair(&chat).await;
+    pair.a
+        .wait_status("a primary", |s| role(s) == "primary")
+        .await;
+    let _customers = chats(&chat, &pair.a, "stranger", 2).await;
+    in_sync_backup(&pair.b, 2).await;
+    let epoch = pair.b.status().await["epoch"].clone();
+
+    // A blip of the link while strangers connect to the backup's HA port: the backup refuses
+    // them, dials its primary again, and catches up; it does not take over.
+    pair.to_a.cut();
+    let mut strangers = Vec::new();
+    for _ in 0..20 {
+        strangers.push(
+            tokio::net::TcpStream::connect(pair.b.ha.unwrap())
+                .await
+                .unwrap(),
+        );
+    }
+    pair.to_a.heal();
+    in_sync_backup(&pair.b, 2).await;
+    // Both ends agree the new link is up (the backup may report its old one a moment longer).
+    pair.a
+        .wait_status("a linked", |s| {
+            s["ha"]["peer_connected"] == true && s["ha"]["in_sync"] == true
+        })
+        .await;
+    in_sync_backup(&pair.b, 2).await;
+    let st = pair.b.status().await;
+    assert_eq!(role(&st), "backup");
+    assert_eq!(st["epoch"], epoch);
+    assert_eq!(st["ha"]["switchovers_failover"], 0);
+    assert_eq!(role(&pair.a.status().await), "primary");
+    for s in strangers {
+        assert!(
+            closed_by_peer(s).await,
+            "the backup closes a stranger's connection"
+        );
+    }
+
+    // Silent strangers on the primary's HA port are closed (refused while its link is up; a
+    // handshake that sends no Hello is closed when its time runs out). The backup stays in sync.
+    let mut silent = Vec::new();
+    for _ in 0..100 {
+        silent.push(
+            tokio::net::TcpStream::connect(pair.a.ha.unwrap())
+                .await
+                .unwrap(),
+        );
+    }
+    for s in silent {
+        assert!(
+            closed_by_peer(s).await,
+            "the primary closes a silent connection"
+        );
+    }
+    let st = pair.a.status().await;
+    assert_eq!(role(&st), "primary");
+    assert_eq!(st["ha"]["peer_connected"], true, "{st}\n{}", pair.a.log());
+    assert_eq!(pair.b.status().await["ha"]["switchovers_failover"], 0);
+}

@@ -526,7 +526,7 @@ impl Sim {
     }
 
     fn faults(&mut self) {
-        match self.rng.below(7) {
+        match self.rng.below(8) {
             0 | 1 => {
                 // Single failures: a node crashes only while the pair is whole and in sync
                 // (two failures at once, with no node holding the bots, lose them by design:
@@ -542,6 +542,22 @@ impl Sim {
                     self.log.push(format!("{} reset", self.now));
                     self.reset(*id);
                 }
+            }
+            5 => {
+                // A stranger connects to a node and never says anything.
+                let n = self.rng.below(2) as usize;
+                let id = self.next_conn;
+                self.next_conn += 1;
+                self.log
+                    .push(format!("{} stranger on {}", self.now, self.nodes[n].name));
+                self.later(
+                    n,
+                    1,
+                    Input::Accepted {
+                        conn: id,
+                        nonce: [9; 32],
+                    },
+                );
             }
             3 => {
                 self.partitioned_until = self.now + 200 + self.rng.below(3000);

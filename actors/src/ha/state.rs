@@ -23,6 +23,10 @@ pub const SNAPSHOT_CHUNK_BYTES: usize = 4 << 20;
 /// How long a switchover waits for the backup to acknowledge everything.
 pub const SWITCHOVER_WAIT_MS: u64 = 30_000;
 const RECENT_CHANGES: usize = 10;
+/// Accepted connections that may be handshaking at once; a new one evicts the oldest.
+pub const MAX_HANDSHAKES: usize = 4;
+/// The least time an accepted connection has to send its Hello (else `failover-after`).
+const HANDSHAKE_MIN_MS: u64 = 2000;
 
 /// The time of a step: a monotonic clock for durations and the wall clock for what operators
 /// read (milliseconds).
@@ -152,8 +156,6 @@ pub struct Config {
 enum Stage {
     /// Dialer: waiting for the Challenge.
     AwaitChallenge,
-    /// Acceptor: sent a Challenge, waiting for Hello.
-    AwaitHello([u8; 32]),
     /// Dialer: sent Hello, waiting for Welcome.
     AwaitWelcome,
     Up,
@@ -200,6 +202,9 @@ pub struct HaState {
     /// Primary: the op number the last snapshot covered (the backup is in sync once it acks it).
     snapshot_upto: u64,
     link: Option<Link>,
+    /// Accepted connections that were sent a Challenge and have not answered it: the nonce and
+    /// when. Nothing they send but a valid Hello is acted on, and they never hold the link slot.
+    handshakes: BTreeMap<u64, ([u8; 32], u64)>,
     dialing: bool,
     // Primary side.
     store: BTreeMap<String, ReplicatedBot>,
@@ -249,6 +254,7 @@ impl HaState {
             synced_once: false,
             snapshot_upto: 0,
             link: None,
+            handshakes: BTreeMap::new(),
             dialing: false,
             store: BTreeMap::new(),
             next_op: 1,
@@ -321,16 +327,22 @@ impl HaState {
             }
             Input::Accepted { conn, nonce } => self.accepted(conn, nonce, now),
             Input::Frame { conn, frame } => {
-                if self.link.as_ref().is_some_and(|l| l.conn == conn) {
+                if let Some((nonce, _)) = self.handshakes.remove(&conn) {
+                    self.on_hello(conn, nonce, frame, now);
+                } else if self.link.as_ref().is_some_and(|l| l.conn == conn) {
                     self.on_frame(frame, now);
                 }
             }
             Input::Closed { conn } => {
+                self.handshakes.remove(&conn);
                 if self.link.as_ref().is_some_and(|l| l.conn == conn) {
                     self.drop_link("connection closed", now);
                 }
             }
             Input::SendFailed { conn } => {
+                if self.handshakes.remove(&conn).is_some() {
+                    self.out.push(Effect::Close { conn });
+                }
                 if self.link.as_ref().is_some_and(|l| l.conn == conn) {
                     self.drop_link("HA link congested", now);
                 }
@@ -465,20 +477,104 @@ impl HaState {
         self.out.push(Effect::Dial);
     }
 
+    /// Refuses a connection before anything it says is acted on.
+    fn refuse(&mut self, conn: u64, reason: &str) {
+        self.out.push(Effect::Send {
+            conn,
+            frame: HaFrame::Refused {
+                reason: reason.into(),
+            },
+        });
+        self.out.push(Effect::Close { conn });
+    }
+
     fn accepted(&mut self, conn: u64, nonce: [u8; 32], now: Time) {
-        if self.link_up() {
+        // Backups dial the primary; they never accept. An accepted connection must not keep a
+        // backup from reaching its primary (which would look like silence: a forced failover).
+        if self.role != HaRole::Primary {
+            self.refuse(conn, "this node is a backup: backups dial the primary");
+        } else if self.link_up() {
             // One link at a time: a newer connection replaces a silent one only via the tick.
+            self.refuse(conn, "a link is already up");
+        } else {
+            // Full: the oldest handshake makes room. A real backup answers its Challenge within
+            // a round trip, so silent connections cannot keep it out.
+            if self.handshakes.len() >= MAX_HANDSHAKES {
+                let oldest = self
+                    .handshakes
+                    .iter()
+                    .min_by_key(|(_, (_, since))| *since)
+                    .map(|(c, _)| *c);
+                if let Some(old) = oldest {
+                    self.handshakes.remove(&old);
+                    self.refuse(old, "too many handshakes in progress");
+                }
+            }
+            self.handshakes.insert(conn, (nonce, now.mono_ms));
             self.out.push(Effect::Send {
                 conn,
-                frame: HaFrame::Refused {
-                    reason: "a link is already up".into(),
-                },
+                frame: HaFrame::Challenge { nonce },
             });
+        }
+    }
+
+    /// The first frame of an accepted connection: a Hello that proves the secret makes it the
+    /// link; anything else closes it.
+    fn on_hello(&mut self, conn: u64, nonce: [u8; 32], frame: HaFrame, now: Time) {
+        let HaFrame::Hello {
+            version,
+            cluster_id,
+            node_id,
+            role,
+            proof,
+            http,
+            ..
+        } = frame
+        else {
+            tracing::warn!(frame = ?std::mem::discriminant(&frame), "an HA connection sent something else than a Hello; closing it");
             self.out.push(Effect::Close { conn });
             return;
+        };
+        let refuse = if version != HA_PROTOCOL_VERSION {
+            Some(format!("HA protocol version {version} is not supported (this node speaks {HA_PROTOCOL_VERSION})"))
+        } else if cluster_id != self.c.cluster_id {
+            Some(format!(
+                "cluster {cluster_id:?} is not this node's cluster {:?}",
+                self.c.cluster_id
+            ))
+        } else if !verify(&self.c.secret, &nonce, &cluster_id, &node_id, &proof) {
+            Some("wrong secret".to_string())
+        } else if self.role != HaRole::Primary {
+            Some("this node is not the primary".to_string())
+        } else if role == HaRole::Primary {
+            Some("two primaries: the Chat Server's fencing decides; not linking".to_string())
+        } else if self.link_up() {
+            Some("a link is already up".to_string())
+        } else {
+            None
+        };
+        if let Some(reason) = refuse {
+            tracing::error!(peer = %node_id, %reason, "HA peer refused");
+            self.refuse(conn, &reason);
+            return;
         }
-        self.install(conn, Stage::AwaitHello(nonce), now);
-        self.send(HaFrame::Challenge { nonce });
+        // The dialer is a backup (a primary was refused above). Its epoch may be higher than ours
+        // (it was primary once): no reason to step down — the Chat Server's fencing decides who
+        // may post — so it is accepted; it promotes above its own epoch if it must.
+        self.install(conn, Stage::Up, now);
+        if let Some(l) = self.link.as_mut() {
+            l.peer_node = Some(node_id.clone());
+        }
+        self.peer_http = Some(http);
+        tracing::info!(peer = %node_id, "HA backup connected; sending a snapshot");
+        self.send(HaFrame::Welcome {
+            node_id: self.c.node_id.clone(),
+            role: self.role,
+            epoch: self.epoch,
+            http: self.c.http_url.clone(),
+            run_id: self.run_id.clone(),
+        });
+        self.send_snapshot();
     }
 
     fn set_stage(&mut self, stage: Stage) {
@@ -506,60 +602,6 @@ impl HaState {
                 };
                 self.set_stage(Stage::AwaitWelcome);
                 self.send(hello);
-            }
-            (
-                Stage::AwaitHello(nonce),
-                HaFrame::Hello {
-                    version,
-                    cluster_id,
-                    node_id,
-                    role,
-                    proof,
-                    http,
-                    ..
-                },
-            ) => {
-                let refuse = if version != HA_PROTOCOL_VERSION {
-                    Some(format!("HA protocol version {version} is not supported (this node speaks {HA_PROTOCOL_VERSION})"))
-                } else if cluster_id != self.c.cluster_id {
-                    Some(format!(
-                        "cluster {cluster_id:?} is not this node's cluster {:?}",
-                        self.c.cluster_id
-                    ))
-                } else if !verify(&self.c.secret, &nonce, &cluster_id, &node_id, &proof) {
-                    Some("wrong secret".to_string())
-                } else if self.role != HaRole::Primary {
-                    Some("this node is not the primary".to_string())
-                } else if role == HaRole::Primary {
-                    Some(
-                        "two primaries: the Chat Server's fencing decides; not linking".to_string(),
-                    )
-                } else {
-                    None
-                };
-                if let Some(reason) = refuse {
-                    tracing::error!(peer = %node_id, %reason, "HA peer refused");
-                    self.send(HaFrame::Refused { reason });
-                    self.drop_link("peer refused", now);
-                    return;
-                }
-                // The dialer is a backup (a primary was refused above). Its epoch may be higher
-                // than ours (it was primary once): no reason to step down — the Chat Server's
-                // fencing decides who may post — so it is accepted; it promotes above its own
-                // epoch if it must.
-                if let Some(l) = self.link.as_mut() {
-                    l.peer_node = Some(node_id.clone());
-                }
-                self.peer_http = Some(http);
-                tracing::info!(peer = %node_id, "HA backup connected; sending a snapshot");
-                self.send(HaFrame::Welcome {
-                    node_id: self.c.node_id.clone(),
-                    role: self.role,
-                    epoch: self.epoch,
-                    http: self.c.http_url.clone(),
-                    run_id: self.run_id.clone(),
-                });
-                self.send_snapshot();
             }
             (
                 Stage::AwaitWelcome,
@@ -868,6 +910,9 @@ impl HaState {
         tracing::warn!(epoch = self.epoch, fenced, node = %self.c.node_id, "this node is now a backup");
         self.role = HaRole::Backup;
         self.draining = false;
+        for conn in std::mem::take(&mut self.handshakes).into_keys() {
+            self.refuse(conn, "this node is no longer the primary");
+        }
         // Another node is (or is becoming) the primary: do not fail over to ourselves before we
         // hold its state.
         self.synced_once = false;
@@ -1018,6 +1063,19 @@ impl HaState {
         self.save_state();
         let t = now.mono_ms;
         let failover_after = self.c.failover_after_ms;
+        // An accepted connection that has not proved itself in time is closed.
+        let deadline = failover_after.max(HANDSHAKE_MIN_MS);
+        let late: Vec<u64> = self
+            .handshakes
+            .iter()
+            .filter(|(_, (_, since))| t.saturating_sub(*since) > deadline)
+            .map(|(conn, _)| *conn)
+            .collect();
+        for conn in late {
+            tracing::warn!("an HA connection sent no Hello in time; closing it");
+            self.handshakes.remove(&conn);
+            self.out.push(Effect::Close { conn });
+        }
         if let Some(SwitchoverRun {
             phase: SwitchoverPhase::Waiting { deadline, .. },
             ..
@@ -1090,5 +1148,115 @@ fn apply(store: &mut BTreeMap<String, ReplicatedBot>, op: HaOp) {
         HaOp::Removed { instance_id } => {
             store.remove(&instance_id);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(role: HaRole) -> HaState {
+        let c = Config {
+            node_id: "n".into(),
+            cluster_id: "bgs".into(),
+            role,
+            has_peer: true,
+            peer: Some("peer".into()),
+            secret: "s".into(),
+            failover_after_ms: 1000,
+            sync: false,
+            http_url: "http://n".into(),
+            peer_http: None,
+            state_file: false,
+        };
+        HaState::new(c, role, 1, "run".into(), Time::default())
+    }
+
+    fn at(ms: u64) -> Time {
+        Time {
+            mono_ms: ms,
+            wall_ms: ms,
+        }
+    }
+
+    #[test]
+    fn a_backup_refuses_what_it_is_offered_and_keeps_dialing_its_primary() {
+        let mut b = node(HaRole::Backup);
+        assert_eq!(b.start(at(0)), vec![Effect::Dial]);
+        let out = b.step(
+            at(1),
+            Input::Accepted {
+                conn: 7,
+                nonce: [1; 32],
+            },
+        );
+        assert!(matches!(
+            out[0],
+            Effect::Send {
+                conn: 7,
+                frame: HaFrame::Refused { .. }
+            }
+        ));
+        assert_eq!(out[1], Effect::Close { conn: 7 });
+        // Its own dial is not displaced.
+        let out = b.step(at(2), Input::Dialed(Some(8)));
+        assert!(out.is_empty(), "{out:?}");
+    }
+
+    #[test]
+    fn a_primary_acts_on_nothing_but_a_valid_hello_and_closes_the_silent() {
+        let mut a = node(HaRole::Primary);
+        for conn in 1..=(MAX_HANDSHAKES as u64 + 1) {
+            a.step(
+                at(conn),
+                Input::Accepted {
+                    conn,
+                    nonce: [conn as u8; 32],
+                },
+            );
+        }
+        // The first was evicted by the last; the rest wait.
+        assert_eq!(a.handshakes.len(), MAX_HANDSHAKES);
+        assert!(!a.handshakes.contains_key(&1));
+        // Anything but a Hello closes it; a Hello with a wrong proof is refused.
+        let out = a.step(
+            at(10),
+            Input::Frame {
+                conn: 2,
+                frame: HaFrame::Heartbeat { epoch: 9 },
+            },
+        );
+        assert_eq!(out, vec![Effect::Close { conn: 2 }]);
+        let hello = HaFrame::Hello {
+            version: HA_PROTOCOL_VERSION,
+            cluster_id: "bgs".into(),
+            node_id: "x".into(),
+            role: HaRole::Backup,
+            epoch: 1,
+            proof: vec![0; 32],
+            http: String::new(),
+        };
+        let out = a.step(
+            at(11),
+            Input::Frame {
+                conn: 3,
+                frame: hello,
+            },
+        );
+        assert!(
+            matches!(&out[0], Effect::Send { conn: 3, frame: HaFrame::Refused { reason } } if reason == "wrong secret")
+        );
+        assert!(!a.link_up());
+        // The silent ones are closed when their time runs out.
+        let out = a.step(at(HANDSHAKE_MIN_MS + 100), Input::Tick);
+        let closed: Vec<u64> = out
+            .iter()
+            .filter_map(|e| match e {
+                Effect::Close { conn } => Some(*conn),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(closed, vec![4, 5]);
+        assert!(a.handshakes.is_empty());
     }
 }
