@@ -18,6 +18,8 @@ pub const DEFAULT_MAX_FRAME: usize = 1 << 20;
 /// decode, so a length field inside a payload can never make the decoder reserve more.
 pub const MAX_FRAME_LIMIT: usize = 16 << 20;
 const LEN_PREFIX: usize = 4;
+/// The most a partial frame makes the buffer grow by ahead of the bytes (64 KiB).
+const RESERVE_STEP: usize = 64 << 10;
 
 /// Why bytes could not become a value (or a value could not become bytes).
 #[derive(Debug, thiserror::Error)]
@@ -90,7 +92,9 @@ pub fn split_frame(buf: &mut BytesMut, max_frame: usize) -> Result<Option<BytesM
         });
     }
     if buf.len() < LEN_PREFIX + len {
-        buf.reserve(LEN_PREFIX + len - buf.len());
+        // Room for what may come next, not for what the peer announced: a partial frame holds
+        // only the bytes that really arrived (a length field alone allocates nothing big).
+        buf.reserve((LEN_PREFIX + len - buf.len()).min(RESERVE_STEP));
         return Ok(None);
     }
     buf.advance(LEN_PREFIX);
@@ -164,6 +168,21 @@ impl<In, Out: Serialize> Encoder<Out> for FrameCodec<In, Out> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn an_announced_length_alone_allocates_little() {
+        // A peer announces 16 MiB and sends 10 bytes: the buffer holds what came, plus a step.
+        let mut buf = BytesMut::new();
+        buf.extend_from_slice(&((MAX_FRAME_LIMIT as u32).to_be_bytes()));
+        buf.extend_from_slice(&[0u8; 10]);
+        assert!(split_frame(&mut buf, MAX_FRAME_LIMIT).unwrap().is_none());
+        assert!(
+            buf.capacity() <= 2 * RESERVE_STEP,
+            "{} bytes reserved",
+            buf.capacity()
+        );
+    }
+
     use super::*;
     use crate::chat::{
         ChatRequest, ClientFrame, ClientRole, Hello, PostKind, PostRequest, Visibility,
