@@ -71,6 +71,8 @@ pub struct NodeConfig {
     pub role: HaRole,
     pub http_listen: SocketAddr,
     pub esp_listen: SocketAddr,
+    /// Time an HTTP client has to send a request's head, and then its body (milliseconds).
+    pub http_read_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -265,6 +267,7 @@ impl Default for NodeConfig {
             role: HaRole::Primary,
             http_listen: addr("127.0.0.1:7080"),
             esp_listen: addr("127.0.0.1:7010"),
+            http_read_timeout_ms: 10_000,
         }
     }
 }
@@ -433,6 +436,15 @@ impl Config {
         }
         if self.node.cluster_id.is_empty() {
             return Err(invalid("node.cluster-id", "must not be empty"));
+        }
+        if !(100..=600_000).contains(&self.node.http_read_timeout_ms) {
+            return Err(invalid(
+                "node.http-read-timeout-ms",
+                format!(
+                    "must be 100 to 600000, not {}",
+                    self.node.http_read_timeout_ms
+                ),
+            ));
         }
         if self.node.role == HaRole::Backup && self.ha.peer.is_none() {
             return Err(invalid(

@@ -27,6 +27,8 @@ pub struct HttpState {
     pub started: Instant,
     /// Where Bot Framework bots send their replies.
     pub connector: Arc<crate::plugins::botframework::Connector>,
+    /// Time a client has to send a request body (`node.http-read-timeout-ms`).
+    pub read_timeout: std::time::Duration,
 }
 
 /// The JSON form of an ESP answer and its HTTP status (docs/ESP.md).
@@ -76,10 +78,52 @@ fn error(e: EspError) -> HttpResponse {
         .json(body)
 }
 
-async fn esp(state: web::Data<HttpState>, req: HttpRequest, body: web::Bytes) -> HttpResponse {
+/// Largest request body a route reads (the same as the ESP frame limit).
+const MAX_BODY: usize = 1 << 20;
+
+/// Reads a request body of at most [`MAX_BODY`] within the node's HTTP read time: a client that
+/// sends it a byte at a time holds nothing for long (408), one that sends too much gets 413.
+async fn read_body(
+    mut payload: web::Payload,
+    timeout: std::time::Duration,
+) -> Result<web::Bytes, HttpResponse> {
+    use futures_util::StreamExt;
+    let read = async {
+        let mut body = web::BytesMut::new();
+        while let Some(chunk) = payload.next().await {
+            let chunk = chunk.map_err(|e| {
+                error(EspError::new(
+                    ErrorCode::BadRequest,
+                    format!("cannot read the body: {e}"),
+                ))
+            })?;
+            if body.len() + chunk.len() > MAX_BODY {
+                return Err(HttpResponse::PayloadTooLarge().json(json!({
+                    "status": "error", "code": "bad_request",
+                    "message": format!("the body is larger than {MAX_BODY} bytes")
+                })));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body.freeze())
+    };
+    match tokio::time::timeout(timeout, read).await {
+        Ok(result) => result,
+        Err(_) => Err(HttpResponse::RequestTimeout().json(json!({
+            "status": "error", "code": "bad_request",
+            "message": format!("the request body did not arrive within {} ms", timeout.as_millis())
+        }))),
+    }
+}
+
+async fn esp(state: web::Data<HttpState>, req: HttpRequest, payload: web::Payload) -> HttpResponse {
     if let Err(e) = state.intake.authorize(bearer(&req)) {
         return error(e);
     }
+    let body = match read_body(payload, state.read_timeout).await {
+        Ok(b) => b,
+        Err(response) => return response,
+    };
     let request: EspRequest = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => {
@@ -242,9 +286,13 @@ async fn switchover(state: web::Data<HttpState>, req: HttpRequest) -> HttpRespon
 async fn bf_activity(
     state: web::Data<HttpState>,
     path: web::Path<Vec<String>>,
-    body: web::Bytes,
+    payload: web::Payload,
 ) -> HttpResponse {
     use crate::plugins::botframework::ConnectorError;
+    let body = match read_body(payload, state.read_timeout).await {
+        Ok(b) => b,
+        Err(response) => return response,
+    };
     let bf_error = |status: StatusCode, code: &str, message: &str| {
         HttpResponse::build(status).json(json!({"error": {"code": code, "message": message}}))
     };

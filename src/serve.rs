@@ -208,6 +208,7 @@ pub async fn start(config: Config) -> Result<Node, ServeError> {
         role: config.node.role,
         started: Instant::now(),
         connector,
+        read_timeout: Duration::from_millis(config.node.http_read_timeout_ms),
     });
     let server = HttpServer::new(move || {
         App::new()
@@ -215,6 +216,7 @@ pub async fn start(config: Config) -> Result<Node, ServeError> {
             .configure(crate::http::configure)
     })
     .workers(2)
+    .client_request_timeout(Duration::from_millis(config.node.http_read_timeout_ms))
     .disable_signals()
     .shutdown_timeout(2)
     .listen(http_listener)

@@ -1133,3 +1133,37 @@ async fn a_wrong_method_is_405_an_unknown_path_404_and_logs_to_a_file_have_no_co
     assert!(log.contains("bgs node started"), "{log}");
     assert!(!log.contains('\u{1b}'), "colour codes in a log file");
 }
+
+#[tokio::test]
+async fn a_request_body_sent_a_byte_at_a_time_is_refused_when_its_time_runs_out() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let chat = ChatServer::start(&[]);
+    let gw = Gateway::start(chat.tcp, "[node]\nhttp-read-timeout-ms = 300\n");
+    let mut slow = tokio::net::TcpStream::connect(gw.http).await.unwrap();
+    slow.write_all(
+        b"POST /esp HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{",
+    )
+    .await
+    .unwrap();
+    // One more byte now and then, never the whole body: the node answers 408 and closes.
+    let drip = async {
+        loop {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            if slow.write_all(b" ").await.is_err() {
+                return;
+            }
+        }
+    };
+    let mut answer = Vec::new();
+    tokio::select! {
+        _ = drip => {}
+        _ = tokio::time::sleep(Duration::from_secs(5)) => panic!("the slow request is still open"),
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(2), slow.read_to_end(&mut answer)).await;
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("did not arrive within 300 ms"), "{text}");
+    // The node still answers others.
+    let (status, _) = support::http(gw.http, "GET", "/healthz", None).await;
+    assert_eq!(status, 200);
+}
