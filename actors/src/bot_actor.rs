@@ -798,7 +798,7 @@ mod tests {
     use super::*;
     use crate::bot::{BotError, Handoff};
     use crate::esp::BotKey;
-    use bgs_proto::chat::{ChatResponse, ParticipantType, Style, Visibility};
+    use bgs_proto::chat::{ChatResponse, ParticipantType, Visibility};
     use futures_util::future::BoxFuture;
     use std::sync::atomic::AtomicBool;
     use std::sync::Arc;
@@ -900,19 +900,14 @@ mod tests {
 
     fn message(seq: u64, text: &str) -> ChatEvent {
         ChatEvent {
-            seq,
-            ts_ms: 0,
-            kind: EventKind::Message,
-            participant_id: "customer".into(),
             nickname: "Ann".into(),
-            participant_type: ParticipantType::Customer,
-            style: Style::Regular,
-            visibility: Visibility::All,
             text: Some(text.into()),
-            after_action: None,
-            reason: None,
-            userdata: None,
-            rich: None,
+            ..ChatEvent::new(
+                seq,
+                EventKind::Message,
+                "customer",
+                ParticipantType::Customer,
+            )
         }
     }
 

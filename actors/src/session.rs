@@ -857,23 +857,14 @@ mod tests {
 
     fn event(seq: u64, kind: EventKind, who: &str, t: ParticipantType, text: &str) -> ChatEvent {
         ChatEvent {
-            seq,
-            ts_ms: 0,
-            kind,
-            participant_id: who.into(),
-            nickname: who.into(),
-            participant_type: t,
             style: if who.starts_with("bot") {
                 Style::Bot
             } else {
                 Style::Regular
             },
-            visibility: Visibility::All,
             text: (!text.is_empty()).then(|| text.to_string()),
             after_action: (kind == EventKind::Left).then_some(AfterAction::KeepAlive),
-            reason: None,
-            userdata: None,
-            rich: None,
+            ..ChatEvent::new(seq, kind, who, t)
         }
     }
 

@@ -234,6 +234,35 @@ pub struct ChatEvent {
     pub rich: Option<RichContent>,
 }
 
+impl ChatEvent {
+    /// An event of `kind` by `participant_id` (also its nickname), regular style, seen by all,
+    /// at time 0, with no text, reason or userdata: the start of an event a test or a bot
+    /// author builds, with the fields that matter set by struct update.
+    pub fn new(
+        seq: u64,
+        kind: EventKind,
+        participant_id: impl Into<String>,
+        participant_type: ParticipantType,
+    ) -> Self {
+        let participant_id = participant_id.into();
+        ChatEvent {
+            seq,
+            ts_ms: 0,
+            kind,
+            nickname: participant_id.clone(),
+            participant_id,
+            participant_type,
+            style: Style::Regular,
+            visibility: Visibility::All,
+            text: None,
+            after_action: None,
+            reason: None,
+            userdata: None,
+            rich: None,
+        }
+    }
+}
+
 /// Structured content a post may carry besides its text: quick-reply buttons and cards.
 ///
 /// The post's `text` is always the plain-text fallback ([`RichContent::fallback`] writes one that

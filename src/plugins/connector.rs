@@ -337,21 +337,10 @@ mod tests {
 
     #[test]
     fn only_a_customer_message_left_unanswered_is_taken_from_the_history() {
-        use bgs_proto::chat::{ChatEvent, EventKind, ParticipantType, Style, Visibility};
+        use bgs_proto::chat::{ChatEvent, EventKind, ParticipantType};
         let event = |seq, kind, who: ParticipantType, text: &str| ChatEvent {
-            seq,
-            ts_ms: 0,
-            kind,
-            participant_id: format!("p{seq}"),
-            nickname: String::new(),
-            participant_type: who,
-            style: Style::Regular,
-            visibility: Visibility::All,
             text: Some(text.into()),
-            after_action: None,
-            reason: None,
-            userdata: None,
-            rich: None,
+            ..ChatEvent::new(seq, kind, format!("p{seq}"), who)
         };
         use ParticipantType::{Agent, Customer};
         let asked = vec![

@@ -7,7 +7,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use actix::prelude::*;
-use bgs_proto::ha::{HaFrame, HaRole};
+use bgs_proto::ha::HaFrame;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
@@ -240,12 +240,12 @@ impl HaCoordinator {
 
     fn publish_metrics(&self) {
         let m = metrics();
-        let st = self.state.status(self.now());
-        m.ha_role_primary.set(i64::from(st.role == HaRole::Primary));
-        m.ha_epoch.set(st.epoch as i64);
-        m.ha_peer_connected.set(i64::from(st.peer_connected));
-        m.ha_pending.set(st.replication_pending as i64);
-        m.ha_lag_seconds.set(st.replication_lag_seconds);
+        let g = self.state.gauges(self.now());
+        m.ha_role_primary.set(i64::from(g.primary));
+        m.ha_epoch.set(g.epoch as i64);
+        m.ha_peer_connected.set(i64::from(g.peer_connected));
+        m.ha_pending.set(g.replication_pending as i64);
+        m.ha_lag_seconds.set(g.replication_lag_seconds);
     }
 }
 
@@ -257,10 +257,9 @@ impl Actor for HaCoordinator {
         ctx.set_mailbox_capacity(4096);
         let every = self.s.heartbeat;
         ctx.run_interval(every, |act, ctx| act.step(Input::Tick, ctx));
-        let now = self.now();
         let mut inputs = VecDeque::new();
         let mut none = None;
-        for effect in self.state.start(now) {
+        for effect in self.state.start() {
             self.carry_out(effect, &mut inputs, &mut none, ctx);
         }
         for input in inputs {

@@ -254,7 +254,7 @@ impl Sim {
             run,
             t,
         );
-        let mut effects = state.start(t);
+        let mut effects = state.start();
         node.state = Some(state);
         node.next_tick = t.mono_ms + TICK_MS;
         self.log

@@ -152,6 +152,16 @@ pub struct Config {
     pub state_file: bool,
 }
 
+/// The numbers the HA metrics show, read after every step.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct HaGauges {
+    pub primary: bool,
+    pub epoch: u64,
+    pub peer_connected: bool,
+    pub replication_pending: u64,
+    pub replication_lag_seconds: f64,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 enum Stage {
     /// Dialer: waiting for the Challenge.
@@ -296,11 +306,10 @@ impl HaState {
     }
 
     /// What the node starts with: a backup dials its peer at once.
-    pub fn start(&mut self, now: Time) -> Vec<Effect> {
+    pub fn start(&mut self) -> Vec<Effect> {
         if self.role == HaRole::Backup {
             self.dial();
         }
-        let _ = now;
         std::mem::take(&mut self.out)
     }
 
@@ -402,6 +411,17 @@ impl HaState {
             switchovers_failover: self.switchovers_failover,
             peer_http: self.c.peer_http.clone().or_else(|| self.peer_http.clone()),
             recent: self.recent.iter().cloned().collect(),
+        }
+    }
+
+    /// The few numbers the metrics show, without the copies `status` makes.
+    pub fn gauges(&self, now: Time) -> HaGauges {
+        HaGauges {
+            primary: self.role == HaRole::Primary,
+            epoch: self.epoch,
+            peer_connected: self.link_up(),
+            replication_pending: self.unacked.len() as u64,
+            replication_lag_seconds: self.lag_ms(now) as f64 / 1000.0,
         }
     }
 
@@ -1182,7 +1202,7 @@ mod tests {
     #[test]
     fn a_backup_refuses_what_it_is_offered_and_keeps_dialing_its_primary() {
         let mut b = node(HaRole::Backup);
-        assert_eq!(b.start(at(0)), vec![Effect::Dial]);
+        assert_eq!(b.start(), vec![Effect::Dial]);
         let out = b.step(
             at(1),
             Input::Accepted {

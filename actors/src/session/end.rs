@@ -92,24 +92,13 @@ pub(super) fn end_reason(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bgs_proto::chat::Visibility;
     use ParticipantType::{Agent, Customer, External, Supervisor, System};
 
     fn event(kind: EventKind, who: &str, t: ParticipantType, style: Style) -> ChatEvent {
         ChatEvent {
-            seq: 1,
-            ts_ms: 0,
-            kind,
-            participant_id: who.into(),
-            nickname: who.into(),
-            participant_type: t,
             style,
-            visibility: Visibility::All,
-            text: None,
             after_action: (kind == EventKind::Left).then_some(AfterAction::KeepAlive),
-            reason: None,
-            userdata: None,
-            rich: None,
+            ..ChatEvent::new(1, kind, who, t)
         }
     }
 
