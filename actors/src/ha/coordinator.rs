@@ -196,6 +196,9 @@ impl HaCoordinator {
                 }
             }
             Effect::WriteState(saved) => {
+                // Written here, in the handler, on purpose: it happens only when the role or
+                // epoch changes, the file is a few dozen bytes, and two writes handed to
+                // separate tasks could land out of order and leave the older role on disk.
                 let error = self.s.state_file.as_ref().and_then(|path| {
                     write_state(path, saved)
                         .err()
