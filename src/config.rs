@@ -97,6 +97,9 @@ pub struct ChatServerConfig {
     pub address: String,
     /// The name workflows may give in userdata `ChatServer`.
     pub name: String,
+    /// The token the Chat Server's `--credentials` file lists for this node's cluster; sent in
+    /// the Hello. Absent: a Hello with no credential (a Chat Server without `--credentials`).
+    pub credential: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -292,6 +295,7 @@ impl Default for ChatServerConfig {
         Self {
             address: "127.0.0.1:7100".into(),
             name: "ChatServer".into(),
+            credential: None,
         }
     }
 }
@@ -388,6 +392,7 @@ impl Config {
             ("ha", "peer-http"),
             ("ha", "state-file"),
             ("auth", "token"),
+            ("chat-server", "credential"),
             ("reporting", "file"),
             ("plugins", "dir"),
         ] {
@@ -402,8 +407,8 @@ impl Config {
                     let value = match key.as_str() {
                         // Addresses, ids and paths stay strings even when they look like numbers.
                         "id" | "cluster-id" | "role" | "address" | "name" | "secret" | "token"
-                        | "file" | "peer" | "peer-http" | "level" | "mode" | "state-file"
-                        | "dir" => toml::Value::String(raw),
+                        | "credential" | "file" | "peer" | "peer-http" | "level" | "mode"
+                        | "state-file" | "dir" => toml::Value::String(raw),
                         _ => env_value(&raw),
                     };
                     t.insert(key, value);
@@ -505,6 +510,12 @@ impl Config {
             return Err(invalid(
                 "auth.token",
                 "must not be empty when set (remove the key to disable)",
+            ));
+        }
+        if self.chat_server.credential.as_deref() == Some("") {
+            return Err(invalid(
+                "chat-server.credential",
+                "must not be empty when set (remove the key to send none)",
             ));
         }
         if self.ha.heartbeat_interval_ms == 0

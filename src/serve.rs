@@ -10,7 +10,7 @@ use bgs_actors::chat_link::{ChatLink, ChatLinkConfig};
 use bgs_actors::ha::{read_state, Attach, GetHaStatus, HaCoordinator, HaSettings, Switchover};
 use bgs_actors::report::{Registry, ReportSink};
 use bgs_actors::supervisor::{Barrier, Shutdown, Supervisor, SupervisorConfig};
-use bgs_proto::chat::ClientRole;
+use bgs_proto::chat::{ClientRole, Secret};
 use bgs_proto::ha::HaRole;
 
 use crate::config::Config;
@@ -156,6 +156,7 @@ pub async fn start(config: Config) -> Result<Node, ServeError> {
                 epoch: 1,
                 node_id: config.node.id.clone(),
             },
+            credential: Secret::new(config.chat_server.credential.clone().unwrap_or_default()),
             reconnect_delay: config.reconnect_delay(),
             reconnect_attempts: config.channel_chatbot.ha_chat_reconnecting_attempts,
             max_queued: 100_000,

@@ -15,7 +15,7 @@ use bgs_proto::esp::{
 };
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
-use support::{messages, ChatServer, Customer, Gateway};
+use support::{http, messages, ChatServer, Customer, Gateway, TempDir};
 
 fn esp_request(id: u64, method: &str, interaction: &str, params: &[(&str, &str)]) -> EspRequest {
     let mut parameters: std::collections::BTreeMap<String, String> = params
@@ -535,23 +535,55 @@ async fn invalid_requests_get_stable_codes() {
     );
 }
 
+/// Every port of a node and of its Chat Server refuses a missing or wrong credential: ESP over
+/// HTTP and TCP, the admin routes, and the Chat Server's TCP port (a node with the wrong
+/// credential never connects; one with the right one serves bots).
 #[tokio::test]
-async fn a_token_protects_esp() {
-    let chat = ChatServer::start(&[]);
-    let gw = Gateway::start(chat.tcp, "[auth]\ntoken = \"s3cret\"\n");
-    let (status, a) = gw.esp("GetBotStatus", "x", &[]).await;
-    assert_eq!((status, a["code"].as_str()), (401, Some("unauthorized")));
+async fn every_port_refuses_a_missing_or_wrong_credential() {
+    let dir = TempDir::new("creds");
+    let file = dir.path().join("credentials");
+    let chat_token = "chat-gateway-token-0123456789";
+    std::fs::write(&file, format!("gateway bgs {chat_token}\n")).unwrap();
+    let chat = ChatServer::start(&["--credentials", file.to_str().unwrap()]);
+    let gw = Gateway::start(
+        chat.tcp,
+        &format!("[auth]\ntoken = \"s3cret\"\n[chat-server]\ncredential = \"{chat_token}\"\n"),
+    );
+    for token in [None, Some("wrong")] {
+        let (status, a) = gw.esp_with("GetBotStatus", "x", &[], token).await;
+        assert_eq!((status, a["code"].as_str()), (401, Some("unauthorized")));
+    }
+    for (method, path) in [("GET", "/admin/bots"), ("POST", "/admin/switchover")] {
+        let (status, _) = http(gw.http, method, path, None).await;
+        assert_eq!(status, 401, "{method} {path}");
+    }
+    let tcp_hello = |token: Option<&str>| EspHello {
+        version: ESP_PROTOCOL_VERSION,
+        client_name: "t".into(),
+        token: token.map(str::to_string),
+    };
+    for token in [None, Some("wrong")] {
+        let stream = tokio::net::TcpStream::connect(gw.esp).await.unwrap();
+        let mut framed = tokio_util::codec::Framed::new(
+            stream,
+            FrameCodec::<EspResponse, EspClientFrame>::default(),
+        );
+        framed
+            .send(EspClientFrame::Hello(tcp_hello(token)))
+            .await
+            .unwrap();
+        let refused = framed.next().await.unwrap().unwrap();
+        assert_eq!(refused.code.as_deref(), Some("unauthorized"), "{refused:?}");
+    }
     let stream = tokio::net::TcpStream::connect(gw.esp).await.unwrap();
     let mut framed = tokio_util::codec::Framed::new(
         stream,
         FrameCodec::<EspResponse, EspClientFrame>::default(),
     );
-    let hello = EspHello {
-        version: ESP_PROTOCOL_VERSION,
-        client_name: "t".into(),
-        token: Some("s3cret".into()),
-    };
-    framed.send(EspClientFrame::Hello(hello)).await.unwrap();
+    framed
+        .send(EspClientFrame::Hello(tcp_hello(Some("s3cret"))))
+        .await
+        .unwrap();
     assert_eq!(framed.next().await.unwrap().unwrap().status, EspStatus::Ok);
     framed
         .send(EspClientFrame::Request(esp_request(
@@ -563,11 +595,45 @@ async fn a_token_protects_esp() {
         .await
         .unwrap();
     assert_eq!(framed.next().await.unwrap().unwrap().status, EspStatus::Ok);
+
+    // The node with the Chat Server's credential serves a bot.
+    let mut customer = Customer::open(&chat, "creds-1").await;
+    let (status, a) = gw
+        .esp_with(
+            "StartBot",
+            &customer.session,
+            &[("ChatBotID", "echo")],
+            Some("s3cret"),
+        )
+        .await;
+    assert_eq!(status, 200, "{a}");
+    customer.say("hello").await;
+    assert_eq!(customer.next_reply().await, "1: hello");
+
+    // A node with a wrong credential is refused by the Chat Server, says why, and is not ready.
+    let wrong = Gateway::start(
+        chat.tcp,
+        "[node]\nid = \"bgs-wrong\"\n[chat-server]\ncredential = \"not-the-token-at-all\"\n",
+    );
+    wrong
+        .wait_log("the chat server refused this node's credential")
+        .await;
+    let (status, _) = http(wrong.http, "GET", "/readyz", None).await;
+    assert_eq!(status, 503);
+    assert!(
+        !wrong.log().contains("not-the-token-at-all"),
+        "a secret in the log"
+    );
+    let (_, stats) = chat.get("/stats").await;
+    assert!(
+        stats["refused"]["unauthorized"].as_u64().unwrap() >= 1,
+        "{stats}"
+    );
 }
 
 #[tokio::test]
 async fn chat_server_kill_9_and_restart_mid_chat() {
-    let dir = support::TempDir::new("chat-data");
+    let dir = TempDir::new("chat-data");
     let data = dir.path().to_str().unwrap().to_string();
     let chat = ChatServer::start(&["--data-dir", &data]);
     let (http, tcp) = (chat.http.to_string(), chat.tcp.to_string());
@@ -1011,7 +1077,7 @@ async fn a_request_not_processed_within_esp_proc_timeout_gets_a_negative_answer(
 
 #[tokio::test]
 async fn a_waiting_workflow_learns_the_outcome_even_when_the_chat_server_removed_the_bot() {
-    let dir = support::TempDir::new("holdup-data");
+    let dir = TempDir::new("holdup-data");
     let data = dir.path().to_str().unwrap().to_string();
     let chat = ChatServer::start(&["--data-dir", &data, "--detach-grace", "1"]);
     let (http, tcp) = (chat.http.to_string(), chat.tcp.to_string());
@@ -1075,7 +1141,7 @@ async fn a_waiting_workflow_learns_the_outcome_when_the_session_closes_or_the_no
 
 #[tokio::test]
 async fn the_outcome_of_a_bot_lost_with_its_chat_server_is_written_when_it_is_back() {
-    let dir = support::TempDir::new("lost-data");
+    let dir = TempDir::new("lost-data");
     let data = dir.path().to_str().unwrap().to_string();
     let chat = ChatServer::start(&["--data-dir", &data]);
     let (http, tcp) = (chat.http.to_string(), chat.tcp.to_string());

@@ -14,7 +14,7 @@ use std::time::Duration;
 use actix::prelude::*;
 use bgs_proto::chat::{
     ChatError, ChatErrorCode, ChatEvent, ChatRequest, ChatResponse, ClientFrame, ClientRole, Hello,
-    ResumeRequest, ServerFrame, CHAT_PROTOCOL_VERSION,
+    ResumeRequest, Secret, ServerFrame, CHAT_PROTOCOL_VERSION,
 };
 use futures_util::future::BoxFuture;
 
@@ -168,6 +168,8 @@ pub struct ChatLinkConfig {
     pub address: String,
     /// The gateway role; its epoch is replaced by the one [`Activate`] gives.
     pub role: ClientRole,
+    /// The token the Chat Server's `--credentials` lists for this cluster (empty: none).
+    pub credential: Secret,
     /// Told when the Chat Server fences this node.
     pub on_fenced: Option<Recipient<ChatFenced>>,
     pub reconnect_delay: Duration,
@@ -250,6 +252,7 @@ impl ChatLink {
                 version: CHAT_PROTOCOL_VERSION,
                 role: self.config.role.clone(),
                 client_name: "bgs".into(),
+                credential: self.config.credential.clone(),
             }),
         };
         if outbound.send(hello).is_err() {
@@ -483,6 +486,10 @@ impl ChatLink {
             (Handshake::Hello, Err(e)) if e.code == ChatErrorCode::Fenced => {
                 tracing::error!(detail = %e.message, "the chat server refused this node's epoch");
                 self.fenced(ctx);
+            }
+            (Handshake::Hello, Err(e)) if e.code == ChatErrorCode::Unauthorized => {
+                tracing::error!(detail = %e.message, "the chat server refused this node's credential: set chat-server.credential to the token its --credentials file lists for this cluster");
+                self.lost(ctx);
             }
             (Handshake::Hello, Err(e)) => {
                 tracing::error!(code = e.code.as_str(), detail = %e.message, "the chat server refused the handshake");

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use bgs_proto::chat::{
     AfterAction, ChatError, ChatEvent, ChatRequest, ChatResponse, ClientFrame, ClientRole, Hello,
-    JoinRequest, LeaveRequest, ParticipantType, PostKind, PostRequest, ResumeRequest, ServerFrame,
-    Style, Visibility, CHAT_PROTOCOL_VERSION,
+    JoinRequest, LeaveRequest, ParticipantType, PostKind, PostRequest, ResumeRequest, Secret,
+    ServerFrame, Style, Visibility, CHAT_PROTOCOL_VERSION,
 };
 use bgs_proto::codec::{CodecError, FrameCodec, DEFAULT_MAX_FRAME};
 use futures_util::{SinkExt, StreamExt};
@@ -45,10 +45,19 @@ pub struct ChatClient {
 }
 
 impl ChatClient {
-    /// Connects and says Hello as `role`.
+    /// Connects and says Hello as `role`, with no credential (a server without --credentials).
     pub async fn connect(
         addr: impl ToSocketAddrs,
         role: ClientRole,
+    ) -> Result<ChatClient, ClientError> {
+        Self::connect_with(addr, role, Secret::default()).await
+    }
+
+    /// Connects and says Hello as `role` with the token the server's --credentials gives it.
+    pub async fn connect_with(
+        addr: impl ToSocketAddrs,
+        role: ClientRole,
+        credential: Secret,
     ) -> Result<ChatClient, ClientError> {
         let stream = TcpStream::connect(addr).await?;
         stream.set_nodelay(true)?;
@@ -64,6 +73,7 @@ impl ChatClient {
             version: CHAT_PROTOCOL_VERSION,
             role,
             client_name: "bgs-chat-client".into(),
+            credential,
         };
         match client.request(ChatRequest::Hello(hello)).await? {
             ChatResponse::Welcome { .. } => Ok(client),

@@ -69,6 +69,13 @@ pub struct Config {
     /// Seconds a TCP client may stay silent (clients send Ping) before it is disconnected.
     #[arg(long, default_value_t = 120, value_name = "SECS")]
     pub read_timeout: u64,
+    /// Seconds an HTTP client has to send a request's head, and then its body (408 after).
+    #[arg(long, default_value_t = 10, value_name = "SECS")]
+    pub http_read_timeout: u64,
+    /// Tokens gateways and agent tools must present in their Hello: lines `gateway CLUSTER_ID
+    /// TOKEN` and `agent TOKEN` (docs/CHAT.md 6.2). Without it any client may connect.
+    #[arg(long, value_name = "FILE", env = "BGS_CHAT_CREDENTIALS")]
+    pub credentials: Option<PathBuf>,
     /// Log as JSON lines instead of human text.
     #[arg(long)]
     pub log_json: bool,
@@ -99,10 +106,14 @@ impl Config {
             ("--outbound-frames", self.outbound_frames),
             ("--write-timeout", self.write_timeout as usize),
             ("--read-timeout", self.read_timeout as usize),
+            ("--http-read-timeout", self.http_read_timeout as usize),
         ] {
             if v == 0 {
                 return bad(format!("{name} must be at least 1"));
             }
+        }
+        if let Some(path) = &self.credentials {
+            crate::auth::Credentials::load(path)?;
         }
         Ok(())
     }

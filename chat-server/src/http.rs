@@ -54,6 +54,7 @@ impl ResponseError for ApiError {
             ChatErrorCode::LimitExceeded => StatusCode::TOO_MANY_REQUESTS,
             ChatErrorCode::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             ChatErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+            ChatErrorCode::Unauthorized => StatusCode::UNAUTHORIZED,
             _ => StatusCode::BAD_REQUEST,
         }
     }
@@ -66,6 +67,72 @@ impl ResponseError for ApiError {
 }
 
 type ApiResult = Result<HttpResponse, ApiError>;
+
+fn error_response(status: StatusCode, code: ChatErrorCode, message: String) -> actix_web::Error {
+    let body = json!({"error": {"code": code.as_str(), "message": message}});
+    actix_web::error::InternalError::from_response("", HttpResponse::build(status).json(body))
+        .into()
+}
+
+/// A JSON body of at most [`MAX_BODY`] bytes that must arrive within `--http-read-timeout`: a
+/// client that sends it a byte at a time is answered 408 and holds nothing for long; one that
+/// sends too much gets 413 as soon as it has.
+pub struct Body<T>(pub T);
+
+impl<T: serde::de::DeserializeOwned + 'static> actix_web::FromRequest for Body<T> {
+    type Error = actix_web::Error;
+    type Future = futures_util::future::LocalBoxFuture<'static, Result<Self, Self::Error>>;
+
+    fn from_request(req: &HttpRequest, payload: &mut actix_web::dev::Payload) -> Self::Future {
+        use futures_util::StreamExt;
+        let within = req
+            .app_data::<web::Data<Arc<Hub>>>()
+            .map_or(Duration::from_secs(10), |hub| {
+                Duration::from_secs(hub.config.http_read_timeout)
+            });
+        let mut payload = payload.take();
+        Box::pin(async move {
+            let read = async {
+                let mut body = web::BytesMut::new();
+                while let Some(chunk) = payload.next().await {
+                    let chunk = chunk.map_err(|e| {
+                        error_response(
+                            StatusCode::BAD_REQUEST,
+                            ChatErrorCode::BadRequest,
+                            format!("cannot read the body: {e}"),
+                        )
+                    })?;
+                    if body.len() + chunk.len() > MAX_BODY {
+                        return Err(error_response(
+                            StatusCode::PAYLOAD_TOO_LARGE,
+                            ChatErrorCode::BadRequest,
+                            format!("the body is larger than {MAX_BODY} bytes"),
+                        ));
+                    }
+                    body.extend_from_slice(&chunk);
+                }
+                Ok(body)
+            };
+            let body = tokio::time::timeout(within, read).await.map_err(|_| {
+                error_response(
+                    StatusCode::REQUEST_TIMEOUT,
+                    ChatErrorCode::BadRequest,
+                    format!(
+                        "the request body did not arrive within {} s (--http-read-timeout)",
+                        within.as_secs()
+                    ),
+                )
+            })??;
+            serde_json::from_slice(&body).map(Body).map_err(|e| {
+                error_response(
+                    StatusCode::BAD_REQUEST,
+                    ChatErrorCode::BadRequest,
+                    format!("bad body: {e}"),
+                )
+            })
+        })
+    }
+}
 
 /// An event object without the fields that do not apply (`null`s left out).
 pub fn event_json(event: &ChatEvent) -> Value {
@@ -89,8 +156,8 @@ struct CreateSession {
     userdata: Userdata,
 }
 
-async fn create_session(hub: web::Data<Arc<Hub>>, body: web::Json<CreateSession>) -> ApiResult {
-    let body = body.into_inner();
+async fn create_session(hub: web::Data<Arc<Hub>>, body: Body<CreateSession>) -> ApiResult {
+    let body = body.0;
     let (session_id, participant_id, seq) = hub
         .create_session(body.interaction_id, body.nickname, body.userdata)?
         .durable()
@@ -112,12 +179,8 @@ struct Join {
     style: Style,
 }
 
-async fn join(
-    hub: web::Data<Arc<Hub>>,
-    path: web::Path<String>,
-    body: web::Json<Join>,
-) -> ApiResult {
-    let b = body.into_inner();
+async fn join(hub: web::Data<Arc<Hub>>, path: web::Path<String>, body: Body<Join>) -> ApiResult {
+    let b = body.0;
     let joined = hub
         .join(
             Actor::Http,
@@ -149,12 +212,8 @@ struct Post {
     rich: Option<RichContent>,
 }
 
-async fn post(
-    hub: web::Data<Arc<Hub>>,
-    path: web::Path<String>,
-    body: web::Json<Post>,
-) -> ApiResult {
-    let b = body.into_inner();
+async fn post(hub: web::Data<Arc<Hub>>, path: web::Path<String>, body: Body<Post>) -> ApiResult {
+    let b = body.0;
     let (seq, duplicate) = hub
         .post(
             Actor::Http,
@@ -214,36 +273,57 @@ struct Leave {
     after_action: AfterAction,
 }
 
-async fn leave(
-    hub: web::Data<Arc<Hub>>,
-    path: web::Path<String>,
-    body: web::Json<Leave>,
-) -> ApiResult {
+async fn leave(hub: web::Data<Arc<Hub>>, path: web::Path<String>, body: Body<Leave>) -> ApiResult {
     let seq = hub
-        .leave(Actor::Http, &path, &body.participant_id, body.after_action)?
+        .leave(
+            Actor::Http,
+            &path,
+            &body.0.participant_id,
+            body.0.after_action,
+        )?
         .durable()
         .await?;
     Ok(HttpResponse::Ok().json(json!({"seq": seq})))
 }
 
-async fn transcript(hub: web::Data<Arc<Hub>>, path: web::Path<String>) -> ApiResult {
+/// The bearer token of a request, if any.
+fn bearer(req: &HttpRequest) -> Option<&str> {
+    req.headers()
+        .get(actix_web::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+}
+
+async fn transcript(
+    hub: web::Data<Arc<Hub>>,
+    req: HttpRequest,
+    path: web::Path<String>,
+) -> ApiResult {
+    hub.authorize_http(bearer(&req))?;
     let (events, closed, userdata) = hub.transcript(&path)?;
     Ok(HttpResponse::Ok().json(json!({
         "session_id": path.as_str(), "events": events_json(&events), "closed": closed, "userdata": userdata
     })))
 }
 
-async fn get_userdata(hub: web::Data<Arc<Hub>>, path: web::Path<String>) -> ApiResult {
+async fn get_userdata(
+    hub: web::Data<Arc<Hub>>,
+    req: HttpRequest,
+    path: web::Path<String>,
+) -> ApiResult {
+    hub.authorize_http(bearer(&req))?;
     Ok(HttpResponse::Ok().json(hub.userdata(&path)?))
 }
 
 async fn patch_userdata(
     hub: web::Data<Arc<Hub>>,
+    req: HttpRequest,
     path: web::Path<String>,
-    body: web::Json<UserdataChanges>,
+    body: Body<UserdataChanges>,
 ) -> ApiResult {
+    hub.authorize_http(bearer(&req))?;
     let userdata = hub
-        .update_userdata(Actor::Http, &path, None, body.into_inner())?
+        .update_userdata(Actor::Http, &path, None, body.0)?
         .durable()
         .await?;
     Ok(HttpResponse::Ok().json(userdata))
@@ -334,13 +414,9 @@ async fn not_found(req: HttpRequest) -> HttpResponse {
 
 /// The routes, with JSON errors for bad bodies and queries.
 pub fn configure(cfg: &mut web::ServiceConfig) {
-    let json = web::JsonConfig::default()
-        .limit(MAX_BODY)
-        .error_handler(|err, _| bad_request(format!("bad body: {err}")).into());
     let query = web::QueryConfig::default()
         .error_handler(|err, _| bad_request(format!("bad query: {err}")).into());
-    cfg.app_data(json)
-        .app_data(query)
+    cfg.app_data(query)
         .route("/", web::get().to(index))
         .route("/healthz", web::get().to(healthz))
         .route("/stats", web::get().to(stats))

@@ -6,6 +6,7 @@
 //! - [`journal`]: the append-only journal behind `--data-dir`.
 //! - [`tcp`], [`http`]: the transports. [`client`]: a TCP client for tools and tests.
 
+pub mod auth;
 pub mod client;
 pub mod config;
 pub mod error;
@@ -69,6 +70,7 @@ pub async fn run_ready(
             .map_or(2, |n| n.get())
             .min(4),
     )
+    .client_request_timeout(Duration::from_secs(config.http_read_timeout))
     .disable_signals()
     .shutdown_timeout(2)
     .listen(http_listener)?

@@ -8,6 +8,7 @@
 //! does not read for `--write-timeout` is disconnected (slow reader) and may re-join with
 //! since_seq; until then it costs the server at most its queued frames.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,7 +16,7 @@ use bgs_proto::chat::{
     ChatError, ChatErrorCode, ChatRequest, ChatResponse, ClientFrame, ServerFrame,
     CHAT_PROTOCOL_VERSION,
 };
-use bgs_proto::codec::{CodecError, FrameCodec};
+use bgs_proto::codec::{CodecError, FrameCodec, PRE_AUTH_MAX_FRAME};
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::tcp::OwnedWriteHalf;
 use tokio::net::{TcpListener, TcpStream};
@@ -66,6 +67,7 @@ pub async fn serve(listener: TcpListener, hub: Arc<Hub>, shutdown: CancellationT
                 );
             }
             Err(_) => {
+                hub.refusals.capacity.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(%peer, "connection refused: --max-connections reached");
                 tokio::spawn(refuse_connection(stream, hub.config.max_frame));
             }
@@ -135,7 +137,8 @@ fn goodbye(code: ChatErrorCode, message: impl Into<String>) -> ServerFrame {
 async fn handle(stream: TcpStream, hub: Arc<Hub>) {
     let max_frame = hub.config.max_frame;
     let (rd, wr) = stream.into_split();
-    let mut reader = FramedRead::new(rd, Codec::new(max_frame));
+    // Until the Hello is accepted a frame may be 16 KiB at most, whatever --max-frame says.
+    let mut reader = FramedRead::new(rd, Codec::new(PRE_AUTH_MAX_FRAME));
     let (tx, rx) = mpsc::channel(hub.config.outbound_frames);
     let writer = tokio::spawn(write_loop(
         wr,
@@ -145,7 +148,10 @@ async fn handle(stream: TcpStream, hub: Arc<Hub>) {
     ));
 
     let conn = match handshake(&mut reader, &hub, &tx).await {
-        Some(conn) => conn,
+        Some(conn) => {
+            reader.decoder_mut().set_max_frame(max_frame);
+            conn
+        }
         None => {
             drop(tx);
             let _ = writer.await;
@@ -179,6 +185,7 @@ async fn handshake(
             request: ChatRequest::Hello(hello),
         }))) => (id, hello),
         Ok(Some(Ok(_))) => {
+            hub.refusals.handshake.fetch_add(1, Ordering::Relaxed);
             let _ = tx
                 .send(goodbye(
                     ChatErrorCode::HandshakeRequired,
@@ -188,11 +195,22 @@ async fn handshake(
             return None;
         }
         Ok(Some(Err(e))) => {
-            let _ = tx.send(codec_goodbye(&e)).await;
+            hub.refusals.handshake.fetch_add(1, Ordering::Relaxed);
+            let bye = match e {
+                // A Hello of protocol 2 or older ends before the credential: say which version
+                // this server speaks instead of only "malformed".
+                CodecError::Malformed(m) => goodbye(
+                    ChatErrorCode::MalformedFrame,
+                    format!("malformed Hello (this server speaks chat protocol {CHAT_PROTOCOL_VERSION}): {m}"),
+                ),
+                other => codec_goodbye(&other),
+            };
+            let _ = tx.send(bye).await;
             return None;
         }
         Ok(None) => return None,
         Err(_) => {
+            hub.refusals.handshake.fetch_add(1, Ordering::Relaxed);
             let _ = tx
                 .send(goodbye(
                     ChatErrorCode::HandshakeRequired,

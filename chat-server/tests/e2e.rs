@@ -658,6 +658,7 @@ fn hello_frame() -> Vec<u8> {
             version: CHAT_PROTOCOL_VERSION,
             role: ClientRole::Agent,
             client_name: "raw".into(),
+            credential: Default::default(),
         }),
     };
     encode_frame(&hello, 1 << 20).unwrap()
@@ -749,6 +750,7 @@ async fn garbage_oversize_and_half_frames_are_refused_and_others_go_on() {
         version: 999,
         role: ClientRole::Agent,
         client_name: "old".into(),
+        credential: Default::default(),
     };
     codec_stream
         .send(ClientFrame {
@@ -884,6 +886,7 @@ async fn stuck_readers_cannot_grow_the_server_memory() {
                     version: CHAT_PROTOCOL_VERSION,
                     role: ClientRole::Agent,
                     client_name: format!("stuck-{i}"),
+                    credential: Default::default(),
                 }),
             })
             .await
@@ -1068,4 +1071,199 @@ async fn the_journal_is_compacted_while_running() {
     );
     let (status, _) = server.get("/sessions/gone-0/transcript").await;
     assert_eq!(status, 404);
+}
+
+/// Sends a raw HTTP request and returns the status (and the body text).
+async fn raw_http(server: &Server, request: String) -> (u16, String) {
+    let mut s = tokio::net::TcpStream::connect(server.http).await.unwrap();
+    s.write_all(request.as_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut raw))
+        .await
+        .expect("an answer in time")
+        .unwrap();
+    let text = String::from_utf8_lossy(&raw).to_string();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    (status, text)
+}
+
+fn get_with(path: &str, token: Option<&str>) -> String {
+    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
+    format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{auth}\r\n")
+}
+
+/// The attack of issue 11: a stranger who knows the cluster id, an epoch and the bot's
+/// participant id can neither resume the bot's participant (and post as it) nor fence the
+/// gateway; every refusal is counted, no token reaches a reply.
+#[tokio::test]
+async fn with_credentials_only_the_clusters_own_gateway_may_connect_fence_or_resume() {
+    let dir = TempDir::new("creds");
+    let file = dir.path().join("credentials");
+    let (gw_token, agent_token) = ("gateway-token-0123456789", "agent-token-0123456789");
+    std::fs::write(
+        &file,
+        format!("gateway bgs {gw_token}\nagent {agent_token}\n"),
+    )
+    .unwrap();
+    let data = dir.path().join("data");
+    let server = Server::start(&[
+        "--credentials",
+        file.to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--http-read-timeout",
+        "1",
+    ]);
+    let (sid, customer) = server.create_session("auth").await;
+    let token = |t: &str| bgs_proto::chat::Secret::new(t);
+    let mut real = ChatClient::connect_with(server.tcp, gateway(1), token(gw_token))
+        .await
+        .unwrap();
+    let (bot, _) = real
+        .join(
+            &sid,
+            "Bot",
+            ParticipantType::Agent,
+            Style::Bot,
+            Visibility::All,
+            0,
+        )
+        .await
+        .unwrap();
+    real.post(&sid, &bot, "hello, I am the bot", Visibility::All, None)
+        .await
+        .unwrap();
+
+    // Strangers: no credential, a wrong one, the agent token as a gateway, the gateway token
+    // as an agent, and a cluster the file does not list.
+    let other_cluster = ClientRole::Gateway {
+        cluster_id: "elsewhere".into(),
+        epoch: 1,
+        node_id: "x".into(),
+    };
+    for (role, credential) in [
+        (gateway(99), ""),
+        (gateway(99), "gateway-token-0123456780"),
+        (gateway(99), agent_token),
+        (ClientRole::Agent, gw_token),
+        (ClientRole::Agent, ""),
+        (other_cluster, gw_token),
+    ] {
+        match ChatClient::connect_with(server.tcp, role.clone(), token(credential)).await {
+            Err(ClientError::Refused(e)) => {
+                assert_eq!(e.code, ChatErrorCode::Unauthorized, "{role:?}: {e}");
+                assert!(!e.message.contains("0123456789"), "{}", e.message);
+            }
+            Err(other) => panic!("{role:?}: {other}"),
+            Ok(_) => panic!("{role:?} with {credential:?} was let in"),
+        }
+    }
+    // The real gateway was not fenced: it still speaks for its bot; epoch 1 still connects.
+    real.post(&sid, &bot, "still the bot", Visibility::All, None)
+        .await
+        .unwrap();
+    ChatClient::connect_with(server.tcp, gateway(1), token(gw_token))
+        .await
+        .unwrap();
+    // An agent tool with its token is served.
+    ChatClient::connect_with(server.tcp, ClientRole::Agent, token(agent_token))
+        .await
+        .unwrap();
+
+    // Before a Hello is accepted a frame may be 16 KiB at most: 1 MiB announced is refused.
+    let mut s = tokio::net::TcpStream::connect(server.tcp).await.unwrap();
+    s.write_all(&(1u32 << 20).to_be_bytes()).await.unwrap();
+    s.write_all(&[0u8; 1024]).await.unwrap();
+    assert_eq!(
+        goodbye_code(&read_to_close(s).await),
+        Some(ChatErrorCode::FrameTooLarge)
+    );
+
+    // Transcripts and userdata show participant ids: they need the agent token.
+    let path = format!("/sessions/{sid}/transcript");
+    assert_eq!(raw_http(&server, get_with(&path, None)).await.0, 401);
+    assert_eq!(
+        raw_http(&server, get_with(&path, Some(gw_token))).await.0,
+        401
+    );
+    let (status, body) = raw_http(&server, get_with(&path, Some(agent_token))).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("still the bot"), "{body}");
+    let path = format!("/sessions/{sid}/userdata");
+    assert_eq!(raw_http(&server, get_with(&path, None)).await.0, 401);
+    // The customer's own routes need no token.
+    server
+        .post(
+            &format!("/sessions/{sid}/messages"),
+            json!({"participant_id": customer, "text": "hi bot"}),
+        )
+        .await;
+    real.events_until(&sid, &bot, is_message("hi bot"))
+        .await
+        .unwrap();
+
+    // A body sent too slowly is answered 408 (--http-read-timeout 1).
+    let mut s = tokio::net::TcpStream::connect(server.http).await.unwrap();
+    s.write_all(b"POST /sessions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{")
+        .await
+        .unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut raw))
+        .await
+        .expect("the server ends a slow body")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&raw);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+
+    let (_, stats) = server.get("/stats").await;
+    assert_eq!(stats["refused"]["unauthorized"], 6 + 3, "{stats}");
+    assert!(
+        stats["refused"]["handshake"].as_u64().unwrap() >= 1,
+        "{stats}"
+    );
+
+    // The refused epoch 99 was never journaled: after a restart epoch 1 is still welcome.
+    let (http, tcp) = (server.http.to_string(), server.tcp.to_string());
+    drop(real);
+    server.kill9();
+    let server = Server::start_at(
+        &http,
+        &tcp,
+        &[
+            "--credentials",
+            file.to_str().unwrap(),
+            "--data-dir",
+            data.to_str().unwrap(),
+        ],
+    );
+    let mut again = ChatClient::connect_with(server.tcp, gateway(1), token(gw_token))
+        .await
+        .unwrap();
+    again.resume(&sid, &bot, 0).await.unwrap();
+    again
+        .post(&sid, &bot, "back after a restart", Visibility::All, None)
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_bad_credentials_file_stops_the_server_with_its_line() {
+    let dir = TempDir::new("badcreds");
+    let file = dir.path().join("credentials");
+    std::fs::write(&file, "gateway bgs short-secret-token-1\nagent tiny\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_bgs-chat-server"))
+        .args(["--credentials", file.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("line 2: the token is shorter than 16"),
+        "{err}"
+    );
+    assert!(!err.contains("short-secret-token-1"), "{err}");
 }

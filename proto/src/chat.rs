@@ -11,8 +11,8 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 /// Version of the chat protocol, declared in [`Hello`]. The server refuses other versions.
-/// 2: posts and events carry `rich` content.
-pub const CHAT_PROTOCOL_VERSION: u16 = 2;
+/// 2: posts and events carry `rich` content. 3: Hello carries a `credential`.
+pub const CHAT_PROTOCOL_VERSION: u16 = 3;
 
 /// Userdata of a session: string keys to string values.
 pub type Userdata = BTreeMap<String, String>;
@@ -396,6 +396,45 @@ pub struct Hello {
     pub version: u16,
     pub role: ClientRole,
     pub client_name: String,
+    /// The token the Chat Server is configured with for this role (a gateway's cluster, or
+    /// agents); empty when the server asks for none.
+    pub credential: Secret,
+}
+
+/// A credential on the wire: its `Debug` never shows it, so it cannot reach a log by accident.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Self(value.into())
+    }
+
+    /// The credential itself: compare it, never print it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Compares with `other` in time that depends on the lengths only.
+    pub fn matches(&self, other: &str) -> bool {
+        let (a, b) = (self.0.as_bytes(), other.as_bytes());
+        a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(if self.0.is_empty() {
+            "<none>"
+        } else {
+            "<redacted>"
+        })
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -551,6 +590,8 @@ pub enum ChatErrorCode {
     SlowReader,
     ShuttingDown,
     Internal,
+    /// The Hello carried no credential, or a wrong one, for its role (appended in protocol 3).
+    Unauthorized,
 }
 
 impl ChatErrorCode {
@@ -571,6 +612,7 @@ impl ChatErrorCode {
             ChatErrorCode::SlowReader => "slow_reader",
             ChatErrorCode::ShuttingDown => "shutting_down",
             ChatErrorCode::Internal => "internal",
+            ChatErrorCode::Unauthorized => "unauthorized",
         }
     }
 }

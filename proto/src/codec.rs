@@ -17,6 +17,9 @@ pub const DEFAULT_MAX_FRAME: usize = 1 << 20;
 /// The largest maximum a configuration may choose: 16 MiB. Also the allocation limit of every
 /// decode, so a length field inside a payload can never make the decoder reserve more.
 pub const MAX_FRAME_LIMIT: usize = 16 << 20;
+/// Largest frame accepted before a peer has authenticated (its Hello): 16 KiB. A stranger can make
+/// a connection hold no more than this until the handshake completes or its deadline passes.
+pub const PRE_AUTH_MAX_FRAME: usize = 16 << 10;
 const LEN_PREFIX: usize = 4;
 /// The most a partial frame makes the buffer grow by ahead of the bytes (64 KiB).
 const RESERVE_STEP: usize = 64 << 10;
@@ -120,6 +123,12 @@ impl<In, Out> FrameCodec<In, Out> {
     pub fn max_frame(&self) -> usize {
         self.max_frame
     }
+
+    /// Changes the maximum payload length (clamped as in [`FrameCodec::new`]): a link starts at
+    /// [`PRE_AUTH_MAX_FRAME`] and is raised once its peer has authenticated.
+    pub fn set_max_frame(&mut self, max_frame: usize) {
+        self.max_frame = max_frame.clamp(1, MAX_FRAME_LIMIT);
+    }
 }
 
 impl<In, Out> Default for FrameCodec<In, Out> {
@@ -206,6 +215,32 @@ mod tests {
         }
     }
 
+    /// The examples of docs/CHAT.md 6.1, byte for byte.
+    #[test]
+    fn the_documented_chat_frames_are_these_bytes() {
+        let hello = ClientFrame {
+            id: 1,
+            request: ChatRequest::Hello(Hello {
+                version: CHAT_PROTOCOL_VERSION,
+                role: ClientRole::Agent,
+                client_name: "x".into(),
+                credential: Default::default(),
+            }),
+        };
+        assert_eq!(
+            encode_frame(&hello, DEFAULT_MAX_FRAME).unwrap(),
+            [0, 0, 0, 7, 1, 0, 3, 1, 1, 0x78, 0]
+        );
+        let ping = ClientFrame {
+            id: 1,
+            request: ChatRequest::Ping,
+        };
+        assert_eq!(
+            encode_frame(&ping, DEFAULT_MAX_FRAME).unwrap(),
+            [0, 0, 0, 2, 1, 7]
+        );
+    }
+
     #[test]
     fn frame_round_trip() {
         let mut codec = ServerSide::default();
@@ -220,6 +255,7 @@ mod tests {
                     node_id: "bgs-a".into(),
                 },
                 client_name: "test".into(),
+                credential: Default::default(),
             }),
         };
         codec.encode(hello.clone(), &mut buf).unwrap();

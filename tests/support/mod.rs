@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-pub use chat::{http, Server as ChatServer, TempDir};
+pub use chat::{http, http_with, Server as ChatServer, TempDir};
 use serde_json::{json, Value};
 
 pub struct Gateway {
@@ -96,6 +96,17 @@ enabled = true
         interaction: &str,
         params: &[(&str, &str)],
     ) -> (u16, Value) {
+        self.esp_with(method, interaction, params, None).await
+    }
+
+    /// [`Gateway::esp`] with a bearer token.
+    pub async fn esp_with(
+        &self,
+        method: &str,
+        interaction: &str,
+        params: &[(&str, &str)],
+        token: Option<&str>,
+    ) -> (u16, Value) {
         let mut parameters: serde_json::Map<String, Value> = params
             .iter()
             .map(|(k, v)| (k.to_string(), json!(v)))
@@ -107,7 +118,7 @@ enabled = true
             "service": "ChatBotPlatform", "method": method,
             "parameters": parameters, "userdata": {"InteractionId": interaction}
         });
-        http(self.http, "POST", "/esp", Some(body)).await
+        http_with(self.http, "POST", "/esp", Some(body), token).await
     }
 
     /// StartBot that must succeed; returns the answer's result.
@@ -181,6 +192,19 @@ impl Gateway {
     /// What the node logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("bgs.log")).unwrap_or_default()
+    }
+
+    /// Waits (30 s at most) until the node's log holds `needle`.
+    pub async fn wait_log(&self, needle: &str) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while !self.log().contains(needle) {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no {needle:?} in the log:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     /// SIGKILL, no chance to do anything.

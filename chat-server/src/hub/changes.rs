@@ -11,6 +11,7 @@ impl Hub {
             sessions_closed: 0,
             connections: self.connections.len(),
             events: 0,
+            refused: self.refusals.counts(),
         };
         for entry in self.sessions.iter() {
             let st = entry.value().lock();

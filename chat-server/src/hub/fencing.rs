@@ -7,6 +7,17 @@ use super::connection::Attachments;
 use super::*;
 
 impl Hub {
+    /// With `--credentials`, transcripts and userdata over HTTP need an agent token: they show
+    /// every participant's id, and an HTTP participant's id is all it takes to post as it.
+    pub fn authorize_http(&self, bearer: Option<&str>) -> Result<()> {
+        match &self.credentials {
+            Some(creds) => creds.check_bearer(bearer).inspect_err(|_| {
+                self.refusals.unauthorized.fetch_add(1, Ordering::Relaxed);
+            }),
+            None => Ok(()),
+        }
+    }
+
     /// Registers a TCP connection after its Hello; a gateway's epoch may fence older connections
     /// of its cluster, or be fenced itself.
     pub fn hello(
@@ -38,6 +49,14 @@ impl Hub {
             }
             ClientRole::Agent => (Owner::Agent, 0),
         };
+        // Nothing a stranger says is acted on: no epoch, fence or connection before this.
+        if let Some(creds) = &self.credentials {
+            if let Err(e) = creds.check(&hello.role, &hello.credential) {
+                self.refusals.unauthorized.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(owner = ?owner, client_name = %hello.client_name, "connection refused: unauthorized");
+                return Err(e);
+            }
+        }
         let conn = Arc::new(Connection {
             id: self.next_conn.fetch_add(1, Ordering::SeqCst),
             owner: owner.clone(),

@@ -28,6 +28,7 @@ use tokio::task::AbortHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::Credentials;
 use crate::config::Config;
 use crate::error::{refuse, ChatServerError, Result};
 use crate::journal::{self, Journal, JournalRecord};
@@ -168,6 +169,36 @@ pub struct Stats {
     pub sessions_closed: usize,
     pub connections: usize,
     pub events: u64,
+    /// TCP connections refused since start, by cause (docs/CHAT.md 6.2).
+    pub refused: RefusalCounts,
+}
+
+/// Connections refused since start, by cause.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct RefusalCounts {
+    /// A Hello without its role's credential, or with a wrong one.
+    pub unauthorized: u64,
+    /// `--max-connections` was reached.
+    pub capacity: u64,
+    /// No Hello in time, another first frame, or an undecodable or oversized one.
+    pub handshake: u64,
+}
+
+#[derive(Default)]
+pub struct Refusals {
+    pub unauthorized: AtomicU64,
+    pub capacity: AtomicU64,
+    pub handshake: AtomicU64,
+}
+
+impl Refusals {
+    pub fn counts(&self) -> RefusalCounts {
+        RefusalCounts {
+            unauthorized: self.unauthorized.load(Ordering::Relaxed),
+            capacity: self.capacity.load(Ordering::Relaxed),
+            handshake: self.handshake.load(Ordering::Relaxed),
+        }
+    }
 }
 
 pub struct Hub {
@@ -176,6 +207,9 @@ pub struct Hub {
     limits: SessionLimits,
     sessions: DashMap<String, Arc<Session>>,
     epochs: Mutex<HashMap<String, u64>>,
+    /// `--credentials`: who may say Hello (none: anyone).
+    credentials: Option<Credentials>,
+    pub refusals: Refusals,
     connections: DashMap<u64, Arc<Connection>>,
     next_conn: AtomicU64,
     journal: Option<Journal>,

@@ -6,6 +6,13 @@ impl Hub {
     /// A hub with memory only, or rebuilt from the journal in `--data-dir`.
     pub fn open(config: Config) -> Result<Arc<Hub>> {
         config.validate()?;
+        let credentials = match &config.credentials {
+            Some(path) => Some(Credentials::load(path)?),
+            None => {
+                tracing::warn!("no --credentials: any client that reaches the TCP port may connect as a gateway or agent tool (docs/CHAT.md 6.2)");
+                None
+            }
+        };
         let limits = SessionLimits {
             max_participants: config.max_participants,
             max_events: config.max_events,
@@ -15,6 +22,8 @@ impl Hub {
             limits,
             sessions: DashMap::new(),
             epochs: Mutex::new(HashMap::new()),
+            credentials,
+            refusals: Refusals::default(),
             connections: DashMap::new(),
             next_conn: AtomicU64::new(1),
             journal: None,
