@@ -73,6 +73,10 @@ pub struct NodeConfig {
     pub esp_listen: SocketAddr,
     /// Time an HTTP client has to send a request's head, and then its body (milliseconds).
     pub http_read_timeout_ms: u64,
+    /// Framed ESP connections past their Hello at once; one more is refused `capacity`.
+    pub esp_max_connections: usize,
+    /// HTTP connections at once (the listener stops accepting beyond, until one closes).
+    pub http_max_connections: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -271,6 +275,8 @@ impl Default for NodeConfig {
             http_listen: addr("127.0.0.1:7080"),
             esp_listen: addr("127.0.0.1:7010"),
             http_read_timeout_ms: 10_000,
+            esp_max_connections: 1000,
+            http_max_connections: 1000,
         }
     }
 }
@@ -450,6 +456,14 @@ impl Config {
                     self.node.http_read_timeout_ms
                 ),
             ));
+        }
+        for (key, n) in [
+            ("node.esp-max-connections", self.node.esp_max_connections),
+            ("node.http-max-connections", self.node.http_max_connections),
+        ] {
+            if !(2..=1_000_000).contains(&n) {
+                return Err(invalid(key, format!("must be 2 to 1000000, not {n}")));
+            }
         }
         if self.node.role == HaRole::Backup && self.ha.peer.is_none() {
             return Err(invalid(

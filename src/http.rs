@@ -117,7 +117,7 @@ async fn read_body(
 }
 
 async fn esp(state: web::Data<HttpState>, req: HttpRequest, payload: web::Payload) -> HttpResponse {
-    if let Err(e) = state.intake.authorize(bearer(&req)) {
+    if let Err(e) = state.intake.authorize(bearer(&req), "http") {
         return error(e);
     }
     let body = match read_body(payload, state.read_timeout).await {
@@ -199,7 +199,7 @@ async fn bots(
     req: HttpRequest,
     q: web::Query<BotsQuery>,
 ) -> HttpResponse {
-    if let Err(e) = state.intake.authorize(bearer(&req)) {
+    if let Err(e) = state.intake.authorize(bearer(&req), "http") {
         return error(e);
     }
     let mut bots: Vec<bgs_proto::esp::BotStatus> = state
@@ -262,7 +262,7 @@ async fn prometheus(state: web::Data<HttpState>) -> HttpResponse {
 
 /// `POST /admin/switchover`: hands the primary role to the backup; answers when done.
 async fn switchover(state: web::Data<HttpState>, req: HttpRequest) -> HttpResponse {
-    if let Err(e) = state.intake.authorize(bearer(&req)) {
+    if let Err(e) = state.intake.authorize(bearer(&req), "http") {
         return error(e);
     }
     let started = Instant::now();

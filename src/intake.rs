@@ -17,15 +17,19 @@ pub struct Intake {
 }
 
 impl Intake {
-    /// Checks a client's token against `auth.token`.
-    pub fn authorize(&self, token: Option<&str>) -> Result<(), EspError> {
+    /// Checks a client's token against `auth.token`; a refusal is counted for `port`
+    /// (`bgs_connections_refused`).
+    pub fn authorize(&self, token: Option<&str>, port: &'static str) -> Result<(), EspError> {
         match (&self.token, token) {
             (None, _) => Ok(()),
             (Some(want), Some(got)) if constant_time_eq(want.as_bytes(), got.as_bytes()) => Ok(()),
-            (Some(_), _) => Err(EspError::new(
-                ErrorCode::Unauthorized,
-                "a valid bearer token is required",
-            )),
+            (Some(_), _) => {
+                metrics().refused.inc(&[port, "unauthorized"]);
+                Err(EspError::new(
+                    ErrorCode::Unauthorized,
+                    "a valid bearer token is required",
+                ))
+            }
         }
     }
 

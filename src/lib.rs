@@ -7,6 +7,7 @@ pub mod demo;
 pub mod esp_client;
 pub mod http;
 pub mod intake;
+pub mod limits;
 pub mod net;
 pub mod plugins;
 pub mod report;

@@ -1,28 +1,69 @@
 //! Sockets: the TCP connection to the Chat Server (for the ChatLink actor) and the framed ESP
 //! listener. One tokio task per direction owns each socket half and its codec.
 
+use std::collections::VecDeque;
 use std::io;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bgs_actors::chat_link::{ChatConnection, ChatConnector};
 use bgs_actors::esp::{ErrorCode, EspError};
 use bgs_proto::chat::{ChatRequest, ClientFrame, ServerFrame};
-use bgs_proto::codec::{FrameCodec, DEFAULT_MAX_FRAME};
+use bgs_proto::codec::{CodecError, FrameCodec, DEFAULT_MAX_FRAME, PRE_AUTH_MAX_FRAME};
 use bgs_proto::esp::{EspClientFrame, EspResponse, EspResult, ESP_PROTOCOL_VERSION};
 use futures_util::future::BoxFuture;
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
-use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_util::codec::{Decoder, FramedRead, FramedWrite};
+use tokio_util::sync::CancellationToken;
 
 use crate::intake::Intake;
 use actix::Addr;
 use bgs_actors::ha::{Accepted, HaConnection, HaCoordinator, HaDialer};
+use bgs_actors::metrics::metrics;
 use bgs_proto::ha::HaFrame;
 
 /// Frames buffered each way on the HA link (a snapshot is a few frames of about 4 MiB).
 const HA_BUFFER: usize = 4096;
+
+/// Reads HA frames of at most [`PRE_AUTH_MAX_FRAME`] until the handshake is done: `authenticated`
+/// is set when this node sends a Welcome (it verified the dialer's proof) or reads one (the node
+/// it dialed accepted its proof). Each decode reads the flag, so a frame that follows the
+/// Welcome on the wire is already decoded with the full limit.
+struct HaDecoder {
+    codec: FrameCodec<HaFrame, HaFrame>,
+    authenticated: Arc<AtomicBool>,
+}
+
+impl HaDecoder {
+    fn new(authenticated: Arc<AtomicBool>) -> Self {
+        Self {
+            codec: FrameCodec::new(PRE_AUTH_MAX_FRAME),
+            authenticated,
+        }
+    }
+}
+
+impl Decoder for HaDecoder {
+    type Item = HaFrame;
+    type Error = CodecError;
+
+    fn decode(&mut self, src: &mut bytes::BytesMut) -> Result<Option<HaFrame>, CodecError> {
+        let authenticated = self.authenticated.load(Ordering::SeqCst);
+        self.codec.set_max_frame(if authenticated {
+            bgs_proto::MAX_FRAME_LIMIT
+        } else {
+            PRE_AUTH_MAX_FRAME
+        });
+        let frame = self.codec.decode(src)?;
+        if matches!(frame, Some(HaFrame::Welcome { .. })) {
+            self.authenticated.store(true, Ordering::SeqCst);
+        }
+        Ok(frame)
+    }
+}
 
 /// The socket of an HA connection as typed channels. When the coordinator drops the outbound
 /// sender (it closed the connection) the writer ends, and the reader with it: the socket is
@@ -32,14 +73,20 @@ fn ha_connection(stream: TcpStream) -> HaConnection {
     let (rd, wr) = stream.into_split();
     let (out_tx, mut out_rx) = mpsc::channel::<HaFrame>(HA_BUFFER);
     let (in_tx, in_rx) = mpsc::channel::<HaFrame>(HA_BUFFER);
-    let closed = tokio_util::sync::CancellationToken::new();
+    let closed = CancellationToken::new();
     let writer_closed = closed.clone();
+    let authenticated = Arc::new(AtomicBool::new(false));
+    let writer_authenticated = authenticated.clone();
     tokio::spawn(async move {
         let mut sink = FramedWrite::new(
             wr,
             FrameCodec::<HaFrame, HaFrame>::new(bgs_proto::MAX_FRAME_LIMIT),
         );
         while let Some(f) = out_rx.recv().await {
+            if matches!(f, HaFrame::Welcome { .. }) {
+                // Before the Welcome is on the wire: the dialer's next frames may be large.
+                writer_authenticated.store(true, Ordering::SeqCst);
+            }
             if let Err(e) = sink.send(f).await {
                 tracing::warn!(error = %e, "HA link write failed; closing the link");
                 break;
@@ -48,10 +95,7 @@ fn ha_connection(stream: TcpStream) -> HaConnection {
         writer_closed.cancel();
     });
     tokio::spawn(async move {
-        let mut frames = FramedRead::new(
-            rd,
-            FrameCodec::<HaFrame, HaFrame>::new(bgs_proto::MAX_FRAME_LIMIT),
-        );
+        let mut frames = FramedRead::new(rd, HaDecoder::new(authenticated));
         loop {
             let frame = tokio::select! {
                 _ = closed.cancelled() => break,
@@ -190,9 +234,47 @@ impl ChatConnector for TcpChatConnector {
 
 /// Requests one ESP connection may have in flight.
 const ESP_IN_FLIGHT: usize = 256;
+/// ESP connections that may wait for their Hello at once; one more closes the oldest of them
+/// (a real client says Hello within milliseconds, a stranger holds a slot at most until then).
+pub const ESP_PENDING_MAX: usize = 64;
+const ESP_HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The connections waiting for their Hello, oldest first, each with what closes it.
+#[derive(Default)]
+struct Pending {
+    next: u64,
+    queue: VecDeque<(u64, CancellationToken)>,
+}
+
+impl Pending {
+    fn lock(m: &Mutex<Pending>) -> std::sync::MutexGuard<'_, Pending> {
+        m.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Admits a connection, closing the oldest one if [`ESP_PENDING_MAX`] are waiting.
+    fn admit(m: &Mutex<Pending>) -> (u64, CancellationToken) {
+        let mut p = Self::lock(m);
+        if p.queue.len() >= ESP_PENDING_MAX {
+            if let Some((_, oldest)) = p.queue.pop_front() {
+                oldest.cancel();
+            }
+        }
+        p.next += 1;
+        let entry = (p.next, CancellationToken::new());
+        p.queue.push_back(entry.clone());
+        entry
+    }
+
+    fn leave(m: &Mutex<Pending>, id: u64) {
+        Self::lock(m).queue.retain(|(i, _)| *i != id);
+    }
+}
 
 /// Serves framed ESP: a Hello, then pipelined requests answered (in any order) by request id.
-pub async fn serve_esp(listener: TcpListener, intake: Arc<Intake>) {
+/// At most `max_connections` past their Hello and [`ESP_PENDING_MAX`] before it.
+pub async fn serve_esp(listener: TcpListener, intake: Arc<Intake>, max_connections: usize) {
+    let admitted = Arc::new(Semaphore::new(max_connections));
+    let pending = Arc::new(Mutex::new(Pending::default()));
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(a) => a,
@@ -204,17 +286,27 @@ pub async fn serve_esp(listener: TcpListener, intake: Arc<Intake>) {
         };
         let _ = stream.set_nodelay(true);
         let intake = intake.clone();
+        let (admitted, pending) = (admitted.clone(), pending.clone());
         tokio::spawn(async move {
-            if let Err(e) = esp_connection(stream, intake).await {
+            if let Err(e) = esp_connection(stream, intake, admitted, pending).await {
                 tracing::info!(%peer, error = %e, "esp connection ended");
             }
         });
     }
 }
 
-async fn esp_connection(stream: TcpStream, intake: Arc<Intake>) -> io::Result<()> {
+async fn esp_connection(
+    stream: TcpStream,
+    intake: Arc<Intake>,
+    admitted: Arc<Semaphore>,
+    pending: Arc<Mutex<Pending>>,
+) -> io::Result<()> {
     let (rd, wr) = stream.into_split();
-    let mut frames = FramedRead::new(rd, FrameCodec::<EspClientFrame, EspResponse>::default());
+    // Until the Hello is accepted a frame may be 16 KiB at most.
+    let mut frames = FramedRead::new(
+        rd,
+        FrameCodec::<EspClientFrame, EspResponse>::new(PRE_AUTH_MAX_FRAME),
+    );
     let (tx, mut rx) = mpsc::channel::<EspResponse>(ESP_IN_FLIGHT);
     let writer = tokio::spawn(async move {
         let mut sink = FramedWrite::new(wr, FrameCodec::<EspClientFrame, EspResponse>::default());
@@ -224,13 +316,37 @@ async fn esp_connection(stream: TcpStream, intake: Arc<Intake>) -> io::Result<()
             }
         }
     });
-    let hello = tokio::time::timeout(Duration::from_secs(10), frames.next()).await;
+    let (slot, evicted) = Pending::admit(&pending);
+    let hello = tokio::select! {
+        hello = tokio::time::timeout(ESP_HELLO_TIMEOUT, frames.next()) => Some(hello),
+        _ = evicted.cancelled() => None,
+    };
+    Pending::leave(&pending, slot);
+    let capacity = |why: &str| {
+        metrics().refused.inc(&["esp", "capacity"]);
+        tracing::warn!("esp connection refused: {why}");
+        Err(EspError::new(ErrorCode::Capacity, why.to_string()))
+    };
+    let mut permit = None;
     let answer = match hello {
-        Ok(Some(Ok(EspClientFrame::Hello(h)))) if h.version != ESP_PROTOCOL_VERSION => Err(EspError::new(ErrorCode::BadRequest,
+        None => capacity("more than 64 connections were waiting for their Hello; this was the oldest"),
+        Some(Ok(Some(Ok(EspClientFrame::Hello(h))))) if h.version != ESP_PROTOCOL_VERSION => Err(EspError::new(ErrorCode::BadRequest,
             format!("ESP protocol version {} is not supported (this node speaks {ESP_PROTOCOL_VERSION})", h.version),
         )),
-        Ok(Some(Ok(EspClientFrame::Hello(h)))) => intake.authorize(h.token.as_deref()),
-        Ok(Some(Err(e))) => Err(EspError::new(ErrorCode::BadRequest, format!("bad frame: {e}"))),
+        Some(Ok(Some(Ok(EspClientFrame::Hello(h))))) => match intake.authorize(h.token.as_deref(), "esp") {
+            Ok(()) => match admitted.clone().try_acquire_owned() {
+                Ok(p) => {
+                    permit = Some(p);
+                    Ok(())
+                }
+                Err(_) => capacity("node.esp-max-connections connections are open; reuse one or retry later"),
+            },
+            Err(e) => {
+                tracing::warn!("esp connection refused: unauthorized");
+                Err(e)
+            }
+        },
+        Some(Ok(Some(Err(e)))) => Err(EspError::new(ErrorCode::BadRequest, format!("bad frame: {e}"))),
         _ => Err(EspError::new(ErrorCode::BadRequest, "the first frame must be an EspHello")),
     };
     let ok = answer.is_ok();
@@ -245,6 +361,7 @@ async fn esp_connection(stream: TcpStream, intake: Arc<Intake>) -> io::Result<()
     };
     let _ = tx.send(reply).await;
     if ok {
+        frames.decoder_mut().set_max_frame(DEFAULT_MAX_FRAME);
         let permits = Arc::new(Semaphore::new(ESP_IN_FLIGHT));
         while let Some(frame) = frames.next().await {
             match frame {
@@ -282,5 +399,55 @@ async fn esp_connection(stream: TcpStream, intake: Arc<Intake>) -> io::Result<()
     }
     drop(tx);
     let _ = writer.await;
+    drop(permit);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use bgs_proto::codec::encode_frame;
+    use bgs_proto::ha::HaRole;
+
+    fn welcome() -> HaFrame {
+        HaFrame::Welcome {
+            node_id: "bgs-a".into(),
+            role: HaRole::Primary,
+            epoch: 1,
+            http: String::new(),
+            run_id: "r".into(),
+        }
+    }
+
+    /// Before the handshake a peer's frame may be 16 KiB at most; the Welcome raises the limit
+    /// for the frames after it, even when they arrive in the same read.
+    #[test]
+    fn ha_frames_are_small_until_a_welcome() {
+        let big = (1u32 << 20).to_be_bytes();
+        let mut stranger = HaDecoder::new(Arc::new(AtomicBool::new(false)));
+        let mut buf = bytes::BytesMut::from(&big[..]);
+        assert!(matches!(
+            stranger.decode(&mut buf),
+            Err(CodecError::FrameTooLarge { .. })
+        ));
+
+        let mut dialer = HaDecoder::new(Arc::new(AtomicBool::new(false)));
+        let mut buf = bytes::BytesMut::from(&encode_frame(&welcome(), 1 << 20).unwrap()[..]);
+        buf.extend_from_slice(&big);
+        assert!(matches!(
+            dialer.decode(&mut buf),
+            Ok(Some(HaFrame::Welcome { .. }))
+        ));
+        assert!(
+            matches!(dialer.decode(&mut buf), Ok(None)),
+            "a 1 MiB frame may follow"
+        );
+
+        // The acceptor's side: its writer set the flag when it sent the Welcome.
+        let mut acceptor = HaDecoder::new(Arc::new(AtomicBool::new(true)));
+        let mut buf = bytes::BytesMut::from(&big[..]);
+        assert!(matches!(acceptor.decode(&mut buf), Ok(None)));
+    }
 }

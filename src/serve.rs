@@ -14,6 +14,9 @@ use bgs_proto::chat::{ClientRole, Secret};
 use bgs_proto::ha::HaRole;
 
 use crate::config::Config;
+
+/// actix-web workers serving the node's HTTP port.
+const HTTP_WORKERS: usize = 2;
 use crate::http::HttpState;
 use crate::intake::Intake;
 use crate::net::{serve_esp, serve_ha, TcpChatConnector, TcpHaDialer};
@@ -199,7 +202,12 @@ pub async fn start(config: Config) -> Result<Node, ServeError> {
         timeout: Duration::from_secs(config.settings.esp_proc_timeout),
         token: config.auth.token.clone(),
     });
-    actix_rt::spawn(serve_esp(esp_listener, intake.clone()));
+    let caps = crate::limits::ConnectionCaps::fit(
+        config.node.esp_max_connections,
+        config.node.http_max_connections,
+        crate::limits::open_files_limit(),
+    );
+    actix_rt::spawn(serve_esp(esp_listener, intake.clone(), caps.esp));
     let state = web::Data::new(HttpState {
         intake,
         registry,
@@ -216,7 +224,8 @@ pub async fn start(config: Config) -> Result<Node, ServeError> {
             .app_data(state.clone())
             .configure(crate::http::configure)
     })
-    .workers(2)
+    .workers(HTTP_WORKERS)
+    .max_connections(caps.http.div_ceil(HTTP_WORKERS))
     .client_request_timeout(Duration::from_millis(config.node.http_read_timeout_ms))
     .disable_signals()
     .shutdown_timeout(2)

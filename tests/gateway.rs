@@ -631,6 +631,102 @@ async fn every_port_refuses_a_missing_or_wrong_credential() {
     );
 }
 
+/// Framed ESP cannot be held by strangers: a Hello-less flood closes its oldest connections,
+/// connections past `node.esp-max-connections` are refused `capacity`, a frame announced before
+/// the Hello may be 16 KiB at most, and health and admin answer throughout.
+#[tokio::test]
+async fn framed_esp_connections_are_capped_and_the_node_keeps_answering() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let chat = ChatServer::start(&[]);
+    let gw = Gateway::start(chat.tcp, "[node]\nesp-max-connections = 3\n");
+    let hello = |framed: EspFramed| async move {
+        let mut framed = framed;
+        framed
+            .send(EspClientFrame::Hello(EspHello {
+                version: ESP_PROTOCOL_VERSION,
+                client_name: "t".into(),
+                token: None,
+            }))
+            .await
+            .unwrap();
+        let answer = framed.next().await.unwrap().unwrap();
+        (framed, answer)
+    };
+    let connect = || async {
+        tokio_util::codec::Framed::new(
+            tokio::net::TcpStream::connect(gw.esp).await.unwrap(),
+            FrameCodec::<EspResponse, EspClientFrame>::default(),
+        )
+    };
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        let (framed, answer) = hello(connect().await).await;
+        assert_eq!(answer.status, EspStatus::Ok, "{answer:?}");
+        open.push(framed);
+    }
+    let (_, refused) = hello(connect().await).await;
+    assert_eq!(refused.code.as_deref(), Some("capacity"), "{refused:?}");
+    assert_eq!(http(gw.http, "GET", "/healthz", None).await.0, 200);
+    // The open ones still work; one closed makes room for another.
+    open[0]
+        .send(EspClientFrame::Request(esp_request(
+            1,
+            "GetBotStatus",
+            "x",
+            &[],
+        )))
+        .await
+        .unwrap();
+    assert_eq!(open[0].next().await.unwrap().unwrap().status, EspStatus::Ok);
+    drop(open.pop());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (framed, answer) = hello(connect().await).await;
+        if answer.status == EspStatus::Ok {
+            open.push(framed);
+            break;
+        }
+        assert_eq!(answer.code.as_deref(), Some("capacity"));
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no room after a close"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // 80 connections that never say Hello: the oldest are closed with `capacity` as more come.
+    let mut silent = Vec::new();
+    for _ in 0..80 {
+        silent.push(tokio::net::TcpStream::connect(gw.esp).await.unwrap());
+    }
+    let mut first = silent.remove(0);
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), first.read_to_end(&mut raw))
+        .await
+        .expect("the oldest silent connection is closed at once, not after the Hello timeout")
+        .unwrap();
+    assert!(String::from_utf8_lossy(&raw).contains("waiting for their Hello"));
+    assert_eq!(http(gw.http, "GET", "/healthz", None).await.0, 200);
+
+    // A frame announcing 1 MiB before the Hello is refused from its length.
+    drop(silent);
+    let mut s = tokio::net::TcpStream::connect(gw.esp).await.unwrap();
+    s.write_all(&(1u32 << 20).to_be_bytes()).await.unwrap();
+    let mut raw = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut raw))
+        .await
+        .expect("refused at once")
+        .unwrap();
+    assert!(String::from_utf8_lossy(&raw).contains("exceeds the maximum of 16384"));
+
+    let (_, metrics) = http(gw.http, "GET", "/metrics", None).await;
+    let metrics = metrics.as_str().unwrap_or_default().to_string();
+    assert!(
+        metrics.contains("bgs_connections_refused_total{port=\"esp\",reason=\"capacity\"}"),
+        "{metrics}"
+    );
+}
+
 #[tokio::test]
 async fn chat_server_kill_9_and_restart_mid_chat() {
     let dir = TempDir::new("chat-data");

@@ -98,6 +98,7 @@ error_codes! {
     NoSuchSession = "no_such_session", 404, "the Chat Server has no open session for the interaction";
     AlreadyRunning = "already_running", 409, "the same (interaction, ChatBotID, ChatBotName) is already running";
     Busy = "busy", 503, "the node is overloaded; retry later";
+    Capacity = "capacity", 503, "the node holds as many framed ESP connections as node.esp-max-connections allows; reuse a connection or retry later";
     BotUnavailable = "bot_unavailable", 503, "the plugin cannot take a bot now (its process is given up, or it runs max_instances bots)";
     ChatServerUnavailable = "chat_server_unavailable", 503, "the Chat Server cannot be reached";
     NotPrimary = "not_primary", 503, "this node is a backup; the answer names the primary";

@@ -183,6 +183,8 @@ pub struct Metrics {
     pub external_requests: Counters,
     /// plugin, outcome (restarted, given_up): exits of process plugins
     pub plugin_exits: Counters,
+    /// port (esp, http, ha), reason (unauthorized, capacity, handshake)
+    pub refused: Counters,
     /// plugin: set from the node's registry of bots at each scrape
     bots_active: Family<Labels, Gauge>,
     pub chat_reconnects: Counter,
@@ -271,6 +273,11 @@ impl Default for Metrics {
             "Exits of process plugins, by plugin and outcome (restarted, given_up)",
             &["plugin", "outcome"],
         );
+        let refused = counters(
+            "bgs_connections_refused",
+            "Connections and requests refused before any work, by port (esp: framed ESP, http, ha) and reason (unauthorized, capacity, handshake)",
+            &["port", "reason"],
+        );
         registry.register(
             "bgs_esp_request_seconds",
             "ESP request latency by method",
@@ -327,6 +334,7 @@ impl Default for Metrics {
             switchovers,
             external_requests,
             plugin_exits,
+            refused,
             bots_active,
             chat_reconnects,
             chat_connected,

@@ -116,6 +116,10 @@ impl HaCoordinator {
     ) {
         match effect {
             Effect::Send { conn, frame } => {
+                if let HaFrame::Refused { reason } = &frame {
+                    tracing::warn!(%reason, "HA connection refused");
+                    metrics().refused.inc(&["ha", "handshake"]);
+                }
                 let sent = self
                     .links
                     .get(&conn)
