@@ -73,6 +73,8 @@ pub struct NodeConfig {
     pub esp_listen: SocketAddr,
     /// Time an HTTP client has to send a request's head, and then its body (milliseconds).
     pub http_read_timeout_ms: u64,
+    /// Time a framed ESP frame may take from its first byte to its last (milliseconds).
+    pub esp_frame_timeout_ms: u64,
     /// Framed ESP connections past their Hello at once; one more is refused `capacity`.
     pub esp_max_connections: usize,
     /// HTTP connections at once (the listener stops accepting beyond, until one closes).
@@ -275,6 +277,7 @@ impl Default for NodeConfig {
             http_listen: addr("127.0.0.1:7080"),
             esp_listen: addr("127.0.0.1:7010"),
             http_read_timeout_ms: 10_000,
+            esp_frame_timeout_ms: 10_000,
             esp_max_connections: 1000,
             http_max_connections: 1000,
         }
@@ -454,6 +457,15 @@ impl Config {
                 format!(
                     "must be 100 to 600000, not {}",
                     self.node.http_read_timeout_ms
+                ),
+            ));
+        }
+        if !(100..=600_000).contains(&self.node.esp_frame_timeout_ms) {
+            return Err(invalid(
+                "node.esp-frame-timeout-ms",
+                format!(
+                    "must be 100 to 600000, not {}",
+                    self.node.esp_frame_timeout_ms
                 ),
             ));
         }

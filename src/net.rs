@@ -270,9 +270,52 @@ impl Pending {
     }
 }
 
+/// Reads frames of an open-ended connection (a client may stay idle for ever) while bounding a
+/// frame that has begun: a client sending one a byte at a time is cut off `deadline` (give or
+/// take a tenth of it) after its first byte instead of holding its buffer for ever.
+struct PartialFrame {
+    deadline: Duration,
+    since: Option<tokio::time::Instant>,
+}
+
+impl PartialFrame {
+    /// The next frame (`Ok(None)` at the end of the stream), or `Err(())` when a partial frame
+    /// outlived its deadline. Dropping `FramedRead::next` loses nothing: the bytes stay buffered.
+    async fn next<R, D>(
+        &mut self,
+        frames: &mut FramedRead<R, D>,
+    ) -> Result<Option<Result<D::Item, D::Error>>, ()>
+    where
+        R: tokio::io::AsyncRead + Unpin,
+        D: Decoder,
+    {
+        let tick = self.deadline / 10;
+        loop {
+            match tokio::time::timeout(tick, frames.next()).await {
+                Ok(item) => {
+                    self.since = None;
+                    return Ok(item);
+                }
+                Err(_) if frames.read_buffer().is_empty() => self.since = None,
+                Err(_) => {
+                    let since = *self.since.get_or_insert_with(tokio::time::Instant::now);
+                    if since.elapsed() >= self.deadline {
+                        return Err(());
+                    }
+                }
+            }
+        }
+    }
+}
+
 /// Serves framed ESP: a Hello, then pipelined requests answered (in any order) by request id.
 /// At most `max_connections` past their Hello and [`ESP_PENDING_MAX`] before it.
-pub async fn serve_esp(listener: TcpListener, intake: Arc<Intake>, max_connections: usize) {
+pub async fn serve_esp(
+    listener: TcpListener,
+    intake: Arc<Intake>,
+    max_connections: usize,
+    frame_timeout: Duration,
+) {
     let admitted = Arc::new(Semaphore::new(max_connections));
     let pending = Arc::new(Mutex::new(Pending::default()));
     loop {
@@ -288,7 +331,7 @@ pub async fn serve_esp(listener: TcpListener, intake: Arc<Intake>, max_connectio
         let intake = intake.clone();
         let (admitted, pending) = (admitted.clone(), pending.clone());
         tokio::spawn(async move {
-            if let Err(e) = esp_connection(stream, intake, admitted, pending).await {
+            if let Err(e) = esp_connection(stream, intake, admitted, pending, frame_timeout).await {
                 tracing::info!(%peer, error = %e, "esp connection ended");
             }
         });
@@ -300,6 +343,7 @@ async fn esp_connection(
     intake: Arc<Intake>,
     admitted: Arc<Semaphore>,
     pending: Arc<Mutex<Pending>>,
+    frame_timeout: Duration,
 ) -> io::Result<()> {
     let (rd, wr) = stream.into_split();
     // Until the Hello is accepted a frame may be 16 KiB at most.
@@ -363,7 +407,26 @@ async fn esp_connection(
     if ok {
         frames.decoder_mut().set_max_frame(DEFAULT_MAX_FRAME);
         let permits = Arc::new(Semaphore::new(ESP_IN_FLIGHT));
-        while let Some(frame) = frames.next().await {
+        let mut partial = PartialFrame {
+            deadline: frame_timeout,
+            since: None,
+        };
+        loop {
+            let frame = match partial.next(&mut frames).await {
+                Ok(Some(frame)) => frame,
+                Ok(None) => break,
+                Err(()) => {
+                    let ms = frame_timeout.as_millis();
+                    tracing::info!(
+                        "esp connection closed: a frame was not complete within {ms} ms"
+                    );
+                    let message = format!("a frame was not complete within {ms} ms of its first byte (node.esp-frame-timeout-ms)");
+                    let _ = tx
+                        .send(EspError::new(ErrorCode::BadRequest, message).into_response(0))
+                        .await;
+                    break;
+                }
+            };
             match frame {
                 Ok(EspClientFrame::Request(request)) => {
                     let Ok(permit) = permits.clone().acquire_owned().await else {

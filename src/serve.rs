@@ -207,7 +207,12 @@ pub async fn start(config: Config) -> Result<Node, ServeError> {
         config.node.http_max_connections,
         crate::limits::open_files_limit(),
     );
-    actix_rt::spawn(serve_esp(esp_listener, intake.clone(), caps.esp));
+    actix_rt::spawn(serve_esp(
+        esp_listener,
+        intake.clone(),
+        caps.esp,
+        Duration::from_millis(config.node.esp_frame_timeout_ms),
+    ));
     let state = web::Data::new(HttpState {
         intake,
         registry,

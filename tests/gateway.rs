@@ -638,7 +638,10 @@ async fn every_port_refuses_a_missing_or_wrong_credential() {
 async fn framed_esp_connections_are_capped_and_the_node_keeps_answering() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let chat = ChatServer::start(&[]);
-    let gw = Gateway::start(chat.tcp, "[node]\nesp-max-connections = 3\n");
+    let gw = Gateway::start(
+        chat.tcp,
+        "[node]\nesp-max-connections = 3\nesp-frame-timeout-ms = 300\n",
+    );
     let hello = |framed: EspFramed| async move {
         let mut framed = framed;
         framed
@@ -694,6 +697,25 @@ async fn framed_esp_connections_are_capped_and_the_node_keeps_answering() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
+    // A frame begun and never finished closes its connection after esp-frame-timeout-ms.
+    open[1]
+        .get_mut()
+        .write_all(&[0, 0, 0, 100, 1, 2])
+        .await
+        .unwrap();
+    let cut = tokio::time::timeout(Duration::from_secs(10), open[1].next())
+        .await
+        .expect("a stalled frame is cut off")
+        .unwrap()
+        .unwrap();
+    assert!(
+        cut.message
+            .as_deref()
+            .unwrap_or("")
+            .contains("not complete within 300 ms"),
+        "{cut:?}"
+    );
+
     // 80 connections that never say Hello: the oldest are closed with `capacity` as more come.
     let mut silent = Vec::new();
     for _ in 0..80 {
@@ -725,6 +747,52 @@ async fn framed_esp_connections_are_capped_and_the_node_keeps_answering() {
         metrics.contains("bgs_connections_refused_total{port=\"esp\",reason=\"capacity\"}"),
         "{metrics}"
     );
+}
+
+/// Issue 11's case: with a small open-files limit, a crowd of idle framed-ESP clients used to
+/// take every descriptor and the node stopped answering /healthz. The caps are fitted to the
+/// limit, so the crowd is refused `capacity` and health, admin and ESP over HTTP still answer.
+#[tokio::test]
+async fn idle_esp_clients_cannot_take_every_file_descriptor() {
+    let chat = ChatServer::start(&[]);
+    let gw = Gateway::start_with_open_files(chat.tcp, "", Some(400));
+    let mut crowd = Vec::new();
+    let mut refused = 0;
+    for _ in 0..450 {
+        let Ok(stream) = tokio::net::TcpStream::connect(gw.esp).await else {
+            break;
+        };
+        let mut framed = tokio_util::codec::Framed::new(
+            stream,
+            FrameCodec::<EspResponse, EspClientFrame>::default(),
+        );
+        framed
+            .send(EspClientFrame::Hello(EspHello {
+                version: ESP_PROTOCOL_VERSION,
+                client_name: "idle".into(),
+                token: None,
+            }))
+            .await
+            .unwrap();
+        let answer = tokio::time::timeout(Duration::from_secs(10), framed.next())
+            .await
+            .expect("every Hello is answered");
+        match answer {
+            Some(Ok(a)) if a.status == EspStatus::Ok => crowd.push(framed),
+            Some(Ok(a)) if a.code.as_deref() == Some("capacity") => refused += 1,
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+    assert!(
+        refused > 300,
+        "only {refused} refused, {} admitted",
+        crowd.len()
+    );
+    assert!(!crowd.is_empty());
+    assert_eq!(http(gw.http, "GET", "/healthz", None).await.0, 200);
+    let (status, a) = gw.esp("GetBotStatus", "x", &[]).await;
+    assert_eq!(status, 200, "{a}");
+    assert!(gw.log().contains("do not fit the open-files limit"));
 }
 
 #[tokio::test]

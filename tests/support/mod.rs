@@ -26,6 +26,15 @@ pub struct Gateway {
 impl Gateway {
     /// Starts `bgs serve` against a Chat Server at `chat_tcp`; `extra` is appended to the config.
     pub fn start(chat_tcp: SocketAddr, extra: &str) -> Gateway {
+        Self::start_with_open_files(chat_tcp, extra, None)
+    }
+
+    /// [`Gateway::start`] under `ulimit -n open_files` when given.
+    pub fn start_with_open_files(
+        chat_tcp: SocketAddr,
+        extra: &str,
+        open_files: Option<u64>,
+    ) -> Gateway {
         let dir = TempDir::new("gateway");
         let config = format!(
             r#"
@@ -61,7 +70,19 @@ enabled = true
         let path = dir.path().join("bgs.toml");
         std::fs::write(&path, config).expect("write config");
         let log = std::fs::File::create(dir.path().join("bgs.log")).expect("log file");
-        let mut child = Command::new(env!("CARGO_BIN_EXE_bgs"))
+        let mut command = match open_files {
+            None => Command::new(env!("CARGO_BIN_EXE_bgs")),
+            Some(n) => {
+                let mut c = Command::new("sh");
+                c.args([
+                    "-c",
+                    &format!("ulimit -n {n} && exec \"$0\" \"$@\""),
+                    env!("CARGO_BIN_EXE_bgs"),
+                ]);
+                c
+            }
+        };
+        let mut child = command
             .args(["serve", "--config"])
             .arg(&path)
             .env(
