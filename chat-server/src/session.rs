@@ -820,3 +820,151 @@ mod tests {
         assert!(s.is_closed());
     }
 }
+
+/// Random sequences of joins, posts, leaves, userdata changes and closes against the session
+/// state machine, checked after every step: numbering, visibility, keys, the end, and replay.
+#[cfg(test)]
+mod state_machine {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use proptest::prelude::*;
+
+    const LIMITS: SessionLimits = SessionLimits {
+        max_participants: 6,
+        max_events: 40,
+    };
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Join(ParticipantType, Style, Visibility),
+        Post(usize, PostKind, Visibility, Option<u8>),
+        Leave(usize, AfterAction),
+        Userdata(Option<usize>, u8),
+        Close,
+    }
+
+    fn visibility() -> impl Strategy<Value = Visibility> {
+        prop_oneof![
+            Just(Visibility::All),
+            Just(Visibility::Int),
+            Just(Visibility::Vip)
+        ]
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        let kind = prop_oneof![
+            Just(ParticipantType::Customer),
+            Just(ParticipantType::Agent),
+            Just(ParticipantType::Supervisor),
+        ];
+        let style = prop_oneof![Just(Style::Regular), Just(Style::Bot)];
+        let post = prop_oneof![
+            Just(PostKind::Message),
+            Just(PostKind::Notice),
+            Just(PostKind::Typing)
+        ];
+        let after = prop_oneof![
+            Just(AfterAction::KeepAlive),
+            Just(AfterAction::CloseIfNoAgents),
+            Just(AfterAction::ForceClose)
+        ];
+        prop_oneof![
+            3 => (kind, style, visibility()).prop_map(|(k, s, v)| Op::Join(k, s, v)),
+            6 => (0..8usize, post, visibility(), proptest::option::of(0..4u8))
+                .prop_map(|(i, k, v, key)| Op::Post(i, k, v, key)),
+            2 => (0..8usize, after).prop_map(|(i, a)| Op::Leave(i, a)),
+            1 => (proptest::option::of(0..8usize), any::<u8>()).prop_map(|(i, v)| Op::Userdata(i, v)),
+            1 => Just(Op::Close),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+        #[test]
+        fn any_sequence_keeps_the_session_rules(ops in proptest::collection::vec(op(), 1..80)) {
+            let now = Instant::now();
+            let mut s = SessionState::new("s".into(), 0, Userdata::new(), now);
+            let mut joined: Vec<String> = Vec::new();
+            let mut first_post_of_key: HashMap<(String, u8), u64> = HashMap::new();
+            for (n, op) in ops.into_iter().enumerate() {
+                let before = s.last_seq();
+                let was_closed = s.is_closed();
+                match op {
+                    Op::Join(t, style, v) => {
+                        let id = format!("p{n}");
+                        let info = Participant { id: id.clone(), nickname: id.clone(), participant_type: t, style, visibility: v };
+                        if s.join(info, Owner::Http, &LIMITS, 0, now).is_ok() {
+                            joined.push(id);
+                        }
+                    }
+                    Op::Post(i, kind, v, key) => {
+                        let Some(id) = joined.get(i).cloned() else { continue };
+                        let own = s.participant(&id).map(|p| p.info.visibility);
+                        let result = s.post(&id, kind, "t".into(), None, v, key.map(|k| k.to_string()), &LIMITS, 0, now);
+                        match result {
+                            Ok(PostOutcome::New(e)) => {
+                                // A post may narrow its participant's visibility, never widen it.
+                                prop_assert_eq!(e.event.visibility, own.unwrap().narrow(v));
+                                if let Some(k) = key {
+                                    prop_assert!(first_post_of_key.insert((id, k), e.event.seq).is_none());
+                                }
+                            }
+                            Ok(PostOutcome::Duplicate(seq)) => {
+                                // A repeated key writes nothing and names the first post.
+                                prop_assert_eq!(s.last_seq(), before);
+                                prop_assert_eq!(Some(&seq), first_post_of_key.get(&(id, key.unwrap())));
+                            }
+                            Err(_) => prop_assert_eq!(s.last_seq(), before),
+                        }
+                    }
+                    Op::Leave(i, after) => {
+                        let Some(id) = joined.get(i).cloned() else { continue };
+                        let _ = s.leave(&id, after, Reason::Requested, 0, now);
+                        if after == AfterAction::ForceClose && s.last_seq() > before {
+                            prop_assert!(s.is_closed(), "force-close closes");
+                        }
+                    }
+                    Op::Userdata(i, v) => {
+                        let who = i.and_then(|i| joined.get(i).cloned());
+                        let changes: UserdataChanges = [("k".to_string(), Some(v.to_string()))].into();
+                        let ok = s.update_userdata(who.as_deref(), changes, &LIMITS, 0, now).is_ok();
+                        if ok {
+                            prop_assert_eq!(s.userdata.get("k"), Some(&v.to_string()));
+                        }
+                    }
+                    Op::Close => {
+                        let _ = s.close(Reason::Server, 0, now);
+                        prop_assert!(s.is_closed());
+                    }
+                }
+                // Numbering: 1, 2, 3, ... without gaps.
+                for (i, e) in s.events().iter().enumerate() {
+                    prop_assert_eq!(e.seq, i as u64 + 1);
+                }
+                // After the close only the system's userdata may be written.
+                if was_closed {
+                    for e in &s.events()[before as usize..] {
+                        prop_assert!(e.kind == EventKind::Userdata && e.participant_type == ParticipantType::System, "{:?} after the close", e.kind);
+                    }
+                    prop_assert!(s.participants().all(|p| !p.present));
+                }
+                // Joins and posts stop at the limit; leaves and closes may go a little beyond.
+                prop_assert!(s.events().len() <= LIMITS.max_events + 2 * LIMITS.max_participants + 1);
+            }
+            // Replaying what the journal keeps rebuilds the same session.
+            let mut replayed = SessionState::new("s".into(), 0, Userdata::new(), now);
+            for stored in s.stored_events() {
+                replayed.apply(stored, now);
+            }
+            prop_assert_eq!(replayed.events(), s.events());
+            prop_assert_eq!(&replayed.userdata, &s.userdata);
+            prop_assert_eq!(replayed.is_closed(), s.is_closed());
+            for p in s.participants() {
+                let r = replayed.participant(&p.info.id).unwrap();
+                prop_assert_eq!((r.present, r.ended_at, &r.keys), (p.present, p.ended_at, &p.keys));
+            }
+        }
+    }
+}

@@ -16,5 +16,7 @@ pub mod chat;
 pub mod codec;
 pub mod esp;
 pub mod ha;
+#[cfg(test)]
+mod proptests;
 
 pub use codec::{CodecError, FrameCodec, DEFAULT_MAX_FRAME, MAX_FRAME_LIMIT};
