@@ -5,6 +5,8 @@ pub mod config;
 pub mod ctl;
 pub mod demo;
 pub mod esp_client;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http;
 pub mod intake;
 pub mod limits;

@@ -38,7 +38,8 @@ impl Credentials {
             .map_err(|m| ChatServerError::Config(format!("--credentials {}: {m}", path.display())))
     }
 
-    fn parse(text: &str) -> std::result::Result<Self, String> {
+    /// Parses the file's text (what [`Credentials::load`] does after reading it).
+    pub fn parse(text: &str) -> std::result::Result<Self, String> {
         let mut creds = Self::default();
         for (n, raw) in text.lines().enumerate() {
             let line = raw.split('#').next().unwrap_or("").trim();

@@ -330,7 +330,7 @@ fn button(action: &Value) -> Option<Button> {
 }
 
 /// Maps one activity from the bot to actions; true when the bot is done (left, handed off).
-fn act_on(ctx: &mut BotContext, activity: &Value) -> bool {
+pub(crate) fn act_on(ctx: &mut BotContext, activity: &Value) -> bool {
     match activity["type"].as_str().unwrap_or_default() {
         "message" => {
             let text = activity["text"].as_str().unwrap_or_default().to_string();

@@ -122,7 +122,7 @@ pub fn discover(dir: &Path) -> Result<Vec<(PathBuf, Manifest)>, String> {
 /// What a plugin asks for while answering an input (or on its own).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
-enum FromPlugin {
+pub(crate) enum FromPlugin {
     Post {
         bot: String,
         re: Option<u64>,

@@ -169,7 +169,7 @@ struct CustomHandoff {
 }
 
 /// Turns a webhook's answer into the bot's actions, in order.
-fn act_on(ctx: &mut BotContext, bytes: &[u8]) -> Result<bool, String> {
+pub(crate) fn act_on(ctx: &mut BotContext, bytes: &[u8]) -> Result<bool, String> {
     let items: Vec<AnswerItem> = serde_json::from_slice(bytes)
         .map_err(|e| format!("the answer is not a JSON list of messages: {e}"))?;
     let mut handed_off = false;
