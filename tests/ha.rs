@@ -721,3 +721,339 @@ async fn strangers_on_the_ha_ports_neither_force_a_failover_nor_stay_connected()
     assert_eq!(st["ha"]["peer_connected"], true, "{st}\n{}", pair.a.log());
     assert_eq!(pair.b.status().await["ha"]["switchovers_failover"], 0);
 }
+
+/// A customer of the soak: its session, its participant, its bot's plugin, and what it has said
+/// and seen answered.
+struct SoakChat {
+    session: String,
+    customer: String,
+    py: bool,
+    said: u64,
+    answered: Vec<String>,
+    since: u64,
+}
+
+impl SoakChat {
+    fn answer_to(&self, k: u64) -> String {
+        if self.py {
+            format!("py: m{k}")
+        } else {
+            format!("{k}: m{k}")
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Fault {
+    KillPrimary,
+    KillBackup,
+    Switchover,
+    RestartChatServer,
+    CutHaLink,
+    KillPlugin,
+}
+
+const FAULTS: [Fault; 6] = [
+    Fault::KillPrimary,
+    Fault::KillBackup,
+    Fault::Switchover,
+    Fault::RestartChatServer,
+    Fault::CutHaLink,
+    Fault::KillPlugin,
+];
+
+/// The chaos soak of issue 11: a Chat Server with a journal, a pair, customers with echo and
+/// py-echo (process plugin) bots under steady traffic, and a seeded scheduler that kills -9 and
+/// restarts the primary and the backup, switches over, kills -9 and restarts the Chat Server,
+/// cuts the HA link (a partition: the backup takes over, the old primary is fenced) and kills
+/// the plugin process, one fault at a time: each customer posts during the fault and the pair
+/// recovers before the next. At the end every transcript is checked: each customer message
+/// answered exactly once and in order, the bot joined once and never left, no answer twice
+/// (which a second epoch posting would cause).
+///
+/// `BGS_SOAK_FAULTS` (default 6), `BGS_SOAK_CUSTOMERS` (default 12), `BGS_SOAK_SEED` (default
+/// 1). The long run (docs/RELIABILITY.md): `BGS_SOAK_FAULTS=1000 BGS_SOAK_CUSTOMERS=200 cargo
+/// test --release --test ha chaos_soak -- --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn chaos_soak_loses_nothing() {
+    let env = |k: &str, d: u64| {
+        std::env::var(k)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(d)
+    };
+    let (faults, customers, seed) = (
+        env("BGS_SOAK_FAULTS", 6),
+        env("BGS_SOAK_CUSTOMERS", 12),
+        env("BGS_SOAK_SEED", 1),
+    );
+    let started = Instant::now();
+    let mut rng = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = move |n: usize| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        (rng % n as u64) as usize
+    };
+
+    let data = support::TempDir::new("soak-chat");
+    let data_dir = data.path().to_str().unwrap().to_string();
+    let chat_args = ["--data-dir", data_dir.as_str(), "--detach-grace", "600"];
+    let mut chat = Some(ChatServer::start(&chat_args));
+    let (chat_http, chat_tcp) = {
+        let c = chat.as_ref().unwrap();
+        (c.http, c.tcp)
+    };
+    let extra = format!("[plugins]\ndir = \"{}\"\n", repo_plugins().display());
+    let pair = start_pair_with(chat.as_ref().unwrap(), &extra).await;
+    let Pair {
+        a,
+        b,
+        a_cfg,
+        b_cfg,
+        to_a,
+        to_b,
+    } = pair;
+    // nodes[i], its configuration, and the proxy through which the other node reaches it.
+    let mut nodes = [a, b];
+    let cfgs = [a_cfg, b_cfg];
+    let proxies = [to_a, to_b];
+    nodes[0]
+        .wait_status("a primary", |s| role(s) == "primary")
+        .await;
+    child_pid(nodes[0].pid(), "echo.py").await;
+
+    let mut chats = Vec::new();
+    for i in 0..customers {
+        let id = format!("soak-{seed}-{i}");
+        let (session, customer) = chat.as_ref().unwrap().create_session(&id).await;
+        let py = i % 4 == 3;
+        let plugin = if py { "py-echo" } else { "echo" };
+        nodes[0].start_bot(&id, &[("ChatBotID", plugin)]).await;
+        chats.push(SoakChat {
+            session,
+            customer,
+            py,
+            said: 0,
+            answered: Vec::new(),
+            since: 0,
+        });
+    }
+    in_sync_backup(&nodes[1], customers).await;
+
+    let mut counts = std::collections::BTreeMap::<Fault, u64>::new();
+    for round in 0..faults {
+        let fault = FAULTS[next(FAULTS.len())];
+        *counts.entry(fault).or_default() += 1;
+        let primary = primary_of(&nodes).await;
+        let backup = 1 - primary;
+        // The fault, then every customer writes while the pair recovers.
+        match fault {
+            Fault::KillPrimary => nodes[primary].kill9(),
+            Fault::KillBackup => nodes[backup].kill9(),
+            Fault::Switchover => {
+                let (status, report) =
+                    support::http(nodes[primary].http, "POST", "/admin/switchover", None).await;
+                assert_eq!(status, 200, "round {round}: switchover: {report}");
+            }
+            Fault::RestartChatServer => {
+                // Customers cannot post while it is down; the node's link sees the gap.
+                chat.take().unwrap().kill9();
+                chat = Some(ChatServer::start_at(
+                    &chat_http.to_string(),
+                    &chat_tcp.to_string(),
+                    &chat_args,
+                ));
+            }
+            Fault::CutHaLink => {
+                proxies[0].cut();
+                proxies[1].cut();
+            }
+            Fault::KillPlugin => {
+                let pid = child_pid(nodes[primary].pid(), "echo.py").await;
+                support::kill9_pid(pid);
+            }
+        }
+        for c in chats.iter_mut() {
+            c.said += 1;
+            soak_say(chat_http, c, round).await;
+        }
+        // Recovery: killed nodes come back, a cut heals once the backup has taken over.
+        match fault {
+            Fault::KillPrimary => {
+                nodes[backup]
+                    .wait_status("the backup took over", |s| role(s) == "primary")
+                    .await;
+                restart_node(&mut nodes, &cfgs, &proxies, primary, chat_tcp);
+            }
+            Fault::KillBackup => restart_node(&mut nodes, &cfgs, &proxies, backup, chat_tcp),
+            Fault::CutHaLink => {
+                nodes[backup]
+                    .wait_status("the backup took over", |s| role(s) == "primary")
+                    .await;
+                proxies[0].heal();
+                proxies[1].heal();
+            }
+            _ => {}
+        }
+        let primary = primary_of(&nodes).await;
+        let synced = tokio::time::timeout(
+            Duration::from_secs(28),
+            in_sync_backup(&nodes[1 - primary], customers),
+        )
+        .await;
+        if synced.is_err() {
+            let tail = |g: &Gateway| {
+                let log = g.log();
+                log.lines().rev().take(40).collect::<Vec<_>>().join("\n")
+            };
+            panic!(
+                "round {round} ({fault:?}): no backup in sync.\nprimary (newest first):\n{}\nbackup:\n{}",
+                tail(&nodes[primary]),
+                tail(&nodes[1 - primary])
+            );
+        }
+        for c in chats.iter_mut() {
+            soak_wait_answered(chat_http, c, round, fault).await;
+        }
+        eprintln!(
+            "soak round {}/{faults}: {fault:?}, {} s",
+            round + 1,
+            started.elapsed().as_secs()
+        );
+    }
+
+    // The transcripts: exactly once, in order, one join, no leave.
+    let mut messages_checked = 0;
+    for c in &chats {
+        let (status, t) = support::http(
+            chat_http,
+            "GET",
+            &format!("/sessions/{}/transcript", c.session),
+            None,
+        )
+        .await;
+        assert_eq!(status, 200, "{t}");
+        let events = t["events"].as_array().unwrap();
+        let bot = |e: &&Value| e["style"] == "bot";
+        assert_eq!(
+            events
+                .iter()
+                .filter(bot)
+                .filter(|e| e["kind"] == "joined")
+                .count(),
+            1,
+            "{}: the bot joined once",
+            c.session
+        );
+        assert!(
+            !events.iter().filter(bot).any(|e| e["kind"] == "left"),
+            "{}: the bot never left",
+            c.session
+        );
+        let mut want = Vec::new();
+        for k in 1..=c.said {
+            want.push(format!("m{k}"));
+            want.push(c.answer_to(k));
+        }
+        assert_eq!(messages(&t), want, "{}: exactly once, in order", c.session);
+        messages_checked += c.said;
+    }
+    let took = started.elapsed();
+    println!(
+        "chaos soak: seed {seed}, {faults} faults {counts:?}, {customers} customers, {messages_checked} messages answered exactly once, {} s",
+        took.as_secs()
+    );
+}
+
+/// Which node is the primary, once one says primary and the other backup (a restarted node
+/// says primary until the Chat Server fences its old epoch).
+async fn primary_of(nodes: &[Gateway; 2]) -> usize {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut roles = Vec::new();
+        for n in nodes {
+            let s = support::try_http(n.http, "GET", "/status", None, None).await;
+            roles.push(s.map(|(_, s)| role(&s).to_string()).unwrap_or_default());
+        }
+        match (roles[0].as_str(), roles[1].as_str()) {
+            ("primary", "backup") => return 0,
+            ("backup", "primary") => return 1,
+            _ => {}
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no primary and backup: {roles:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+fn restart_node(
+    nodes: &mut [Gateway; 2],
+    cfgs: &[String; 2],
+    proxies: &[LinkProxy; 2],
+    i: usize,
+    chat_tcp: std::net::SocketAddr,
+) {
+    nodes[i].kill9();
+    nodes[i] = Gateway::start(chat_tcp, &cfgs[i]);
+    proxies[i].set_target(nodes[i].ha.unwrap());
+}
+
+/// The customer's next message, with a client key, until the Chat Server takes it.
+async fn soak_say(chat_http: std::net::SocketAddr, c: &SoakChat, round: u64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let body = json!({"participant_id": c.customer, "text": format!("m{}", c.said), "key": format!("m{}", c.said)});
+    loop {
+        let path = format!("/sessions/{}/messages", c.session);
+        match support::try_http(chat_http, "POST", &path, Some(body.clone()), None).await {
+            Ok((200, _)) => return,
+            Ok((status, v)) if status < 500 => panic!("round {round}: post refused {status}: {v}"),
+            _ => {}
+        }
+        assert!(Instant::now() < deadline, "round {round}: cannot post");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Follows the customer's events until its last message has its answer.
+async fn soak_wait_answered(
+    chat_http: std::net::SocketAddr,
+    c: &mut SoakChat,
+    round: u64,
+    fault: Fault,
+) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while (c.answered.len() as u64) < c.said {
+        assert!(
+            Instant::now() < deadline,
+            "round {round} ({fault:?}): {} has answers {:?} to {} messages",
+            c.session,
+            c.answered,
+            c.said
+        );
+        let path = format!(
+            "/sessions/{}/events?participant_id={}&since={}&wait_ms=1000",
+            c.session, c.customer, c.since
+        );
+        let Ok((200, v)) = support::try_http(chat_http, "GET", &path, None, None).await else {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            continue;
+        };
+        c.since = v["last_seq"].as_u64().unwrap_or(c.since);
+        for e in v["events"].as_array().into_iter().flatten() {
+            if e["kind"] == "message" && e["style"] == "bot" {
+                c.answered
+                    .push(e["text"].as_str().unwrap_or_default().to_string());
+            }
+        }
+    }
+    let k = c.said;
+    assert_eq!(
+        c.answered.last().map(String::as_str),
+        Some(c.answer_to(k).as_str()),
+        "round {round} ({fault:?}): {}",
+        c.session
+    );
+}

@@ -11,7 +11,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-pub use chat::{http, http_with, Server as ChatServer, TempDir};
+#[allow(unused_imports)]
+pub use chat::{http, http_with, try_http, Server as ChatServer, TempDir};
 use serde_json::{json, Value};
 
 pub struct Gateway {

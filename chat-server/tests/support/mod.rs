@@ -186,32 +186,59 @@ pub async fn http_with(
     body: Option<Value>,
     token: Option<&str>,
 ) -> (u16, Value) {
+    try_http(addr, method, path, body, token)
+        .await
+        .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+}
+
+/// [`http_with`] that reports a refused connection, a reset or a timeout (10 s) instead of
+/// panicking: for a server that may be down.
+pub async fn try_http(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+    token: Option<&str>,
+) -> Result<(u16, Value), String> {
     let body = body.map(|b| b.to_string()).unwrap_or_default();
-    let mut stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
     let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
     let request = format!(
         "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{auth}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
         body.len()
     );
-    stream.write_all(request.as_bytes()).await.expect("write");
-    let mut raw = Vec::new();
-    tokio::time::timeout(Duration::from_secs(30), stream.read_to_end(&mut raw))
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .map_err(|e| format!("write: {e}"))?;
+        let mut raw = Vec::new();
+        stream
+            .read_to_end(&mut raw)
+            .await
+            .map_err(|e| format!("read: {e}"))?;
+        Ok::<_, String>(raw)
+    };
+    let raw = tokio::time::timeout(Duration::from_secs(30), exchange)
         .await
-        .expect("HTTP answer in time")
-        .expect("read");
+        .map_err(|_| "no HTTP answer within 30 s".to_string())??;
     let text = String::from_utf8_lossy(&raw);
-    let (head, payload) = text.split_once("\r\n\r\n").expect("HTTP head");
+    let (head, payload) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("no HTTP head in {text:?}"))?;
     let status = head
         .split_whitespace()
         .nth(1)
         .and_then(|s| s.parse().ok())
-        .expect("status");
+        .ok_or_else(|| format!("no status in {head:?}"))?;
     let value = if payload.is_empty() {
         Value::Null
     } else {
         serde_json::from_str(payload).unwrap_or_else(|_| Value::String(payload.to_string()))
     };
-    (status, value)
+    Ok((status, value))
 }
 
 pub struct TempDir(pub PathBuf);
