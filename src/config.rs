@@ -60,6 +60,18 @@ pub struct Config {
     pub reporting: ReportingConfig,
     pub log: LogConfig,
     pub plugins: PluginsConfig,
+    pub tls: TlsConfig,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct TlsConfig {
+    /// PEM certificate chain (leaf first): with `key-file`, the HTTP, ESP and HA listeners speak
+    /// TLS only, and the HA link is dialed with TLS.
+    pub cert_file: Option<PathBuf>,
+    pub key_file: Option<PathBuf>,
+    /// PEM CA certificates trusted for the HA peer and (with `chat-server.tls`) the Chat Server.
+    pub ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -106,6 +118,8 @@ pub struct ChatServerConfig {
     /// The token the Chat Server's `--credentials` file lists for this node's cluster; sent in
     /// the Hello. Absent: a Hello with no credential (a Chat Server without `--credentials`).
     pub credential: Option<String>,
+    /// Connect to the Chat Server with TLS, trusting `tls.ca-file`.
+    pub tls: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -305,6 +319,7 @@ impl Default for ChatServerConfig {
             address: "127.0.0.1:7100".into(),
             name: "ChatServer".into(),
             credential: None,
+            tls: false,
         }
     }
 }
@@ -402,6 +417,9 @@ impl Config {
             ("ha", "state-file"),
             ("auth", "token"),
             ("chat-server", "credential"),
+            ("tls", "cert-file"),
+            ("tls", "key-file"),
+            ("tls", "ca-file"),
             ("reporting", "file"),
             ("plugins", "dir"),
         ] {
@@ -416,8 +434,10 @@ impl Config {
                     let value = match key.as_str() {
                         // Addresses, ids and paths stay strings even when they look like numbers.
                         "id" | "cluster-id" | "role" | "address" | "name" | "secret" | "token"
-                        | "credential" | "file" | "peer" | "peer-http" | "level" | "mode"
-                        | "state-file" | "dir" => toml::Value::String(raw),
+                        | "credential" | "cert-file" | "key-file" | "ca-file" | "file" | "peer"
+                        | "peer-http" | "level" | "mode" | "state-file" | "dir" => {
+                            toml::Value::String(raw)
+                        }
                         _ => env_value(&raw),
                     };
                     t.insert(key, value);
@@ -537,6 +557,25 @@ impl Config {
                 "auth.token",
                 "must not be empty when set (remove the key to disable)",
             ));
+        }
+        match (&self.tls.cert_file, &self.tls.key_file) {
+            (Some(_), None) => return Err(invalid("tls.key-file", "is needed with tls.cert-file")),
+            (None, Some(_)) => return Err(invalid("tls.cert-file", "is needed with tls.key-file")),
+            _ => {}
+        }
+        if self.tls.ca_file.is_none() {
+            if self.chat_server.tls {
+                return Err(invalid(
+                    "tls.ca-file",
+                    "is needed with chat-server.tls (the CA that signed the Chat Server's certificate)",
+                ));
+            }
+            if self.tls.cert_file.is_some() && self.ha.peer.is_some() {
+                return Err(invalid(
+                    "tls.ca-file",
+                    "is needed with tls.cert-file in a pair (the CA that signed the peer's certificate)",
+                ));
+            }
         }
         if self.chat_server.credential.as_deref() == Some("") {
             return Err(invalid(

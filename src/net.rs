@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use bgs_actors::chat_link::{ChatConnection, ChatConnector};
 use bgs_actors::esp::{ErrorCode, EspError};
+use bgs_chat_server::tls::{self, BoxIo};
 use bgs_proto::chat::{ChatRequest, ClientFrame, ServerFrame};
 use bgs_proto::codec::{CodecError, FrameCodec, DEFAULT_MAX_FRAME, PRE_AUTH_MAX_FRAME};
 use bgs_proto::esp::{EspClientFrame, EspResponse, EspResult, ESP_PROTOCOL_VERSION};
@@ -16,6 +17,7 @@ use futures_util::future::BoxFuture;
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
+use tokio_rustls::{rustls, TlsAcceptor};
 use tokio_util::codec::{Decoder, FramedRead, FramedWrite};
 use tokio_util::sync::CancellationToken;
 
@@ -68,9 +70,8 @@ impl Decoder for HaDecoder {
 /// The socket of an HA connection as typed channels. When the coordinator drops the outbound
 /// sender (it closed the connection) the writer ends, and the reader with it: the socket is
 /// closed whole, even if the peer never sends again (a silent stranger holds nothing).
-fn ha_connection(stream: TcpStream) -> HaConnection {
-    let _ = stream.set_nodelay(true);
-    let (rd, wr) = stream.into_split();
+fn ha_connection(stream: BoxIo) -> HaConnection {
+    let (rd, wr) = tokio::io::split(stream);
     let (out_tx, mut out_rx) = mpsc::channel::<HaFrame>(HA_BUFFER);
     let (in_tx, in_rx) = mpsc::channel::<HaFrame>(HA_BUFFER);
     let closed = CancellationToken::new();
@@ -130,23 +131,48 @@ async fn connect(address: &str) -> io::Result<TcpStream> {
 }
 
 /// Dials the HA peer over TCP.
-pub struct TcpHaDialer;
+/// With `tls` (the node has `tls.cert-file`), the link is TLS and the peer's certificate must
+/// be signed by `tls.ca-file` for the host of `ha.peer`.
+pub struct TcpHaDialer {
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+}
 
 impl HaDialer for TcpHaDialer {
     fn dial(&self, address: &str) -> BoxFuture<'static, io::Result<HaConnection>> {
         let address = address.to_string();
+        let tls = self.tls.clone();
         Box::pin(async move {
             let stream = connect(&address).await?;
-            Ok(ha_connection(stream))
+            let _ = stream.set_nodelay(true);
+            Ok(ha_connection(
+                tls::connect(stream, &address, tls.as_ref()).await?,
+            ))
         })
     }
 }
 
-/// Accepts HA links from the peer and hands them to the coordinator.
-pub async fn serve_ha(listener: TcpListener, coordinator: Addr<HaCoordinator>) {
+/// Accepts HA links from the peer and hands them to the coordinator (after a TLS handshake in
+/// its own task, with `tls`).
+pub async fn serve_ha(
+    listener: TcpListener,
+    coordinator: Addr<HaCoordinator>,
+    tls: Option<TlsAcceptor>,
+) {
     loop {
         match listener.accept().await {
-            Ok((stream, _)) => coordinator.do_send(Accepted(ha_connection(stream))),
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                let (coordinator, tls) = (coordinator.clone(), tls.clone());
+                tokio::spawn(async move {
+                    match tls::accept(stream, tls.as_ref()).await {
+                        Ok(io) => coordinator.do_send(Accepted(ha_connection(io))),
+                        Err(e) => {
+                            metrics().refused.inc(&["ha", "handshake"]);
+                            tracing::info!(%peer, error = %e, "HA TLS handshake failed");
+                        }
+                    }
+                });
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "HA accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
@@ -162,15 +188,20 @@ const PING_EVERY: Duration = Duration::from_secs(30);
 const LINK_BUFFER: usize = 1024;
 
 /// Connects to the Chat Server over TCP with the proto codec.
-pub struct TcpChatConnector;
+/// With `tls` (`chat-server.tls`), the link is TLS, trusting `tls.ca-file`.
+pub struct TcpChatConnector {
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+}
 
 impl ChatConnector for TcpChatConnector {
     fn connect(&self, address: &str) -> BoxFuture<'static, io::Result<ChatConnection>> {
         let address = address.to_string();
+        let tls = self.tls.clone();
         Box::pin(async move {
             let stream = connect(&address).await?;
             stream.set_nodelay(true)?;
-            let (rd, wr) = stream.into_split();
+            let stream = tls::connect(stream, &address, tls.as_ref()).await?;
+            let (rd, wr) = tokio::io::split(stream);
             let (out_tx, mut out_rx) = mpsc::unbounded_channel::<ClientFrame>();
             let (in_tx, in_rx) = mpsc::channel::<ServerFrame>(LINK_BUFFER);
             tokio::spawn(async move {
@@ -315,6 +346,7 @@ pub async fn serve_esp(
     intake: Arc<Intake>,
     max_connections: usize,
     frame_timeout: Duration,
+    tls: Option<TlsAcceptor>,
 ) {
     let admitted = Arc::new(Semaphore::new(max_connections));
     let pending = Arc::new(Mutex::new(Pending::default()));
@@ -329,9 +361,11 @@ pub async fn serve_esp(
         };
         let _ = stream.set_nodelay(true);
         let intake = intake.clone();
-        let (admitted, pending) = (admitted.clone(), pending.clone());
+        let (admitted, pending, tls) = (admitted.clone(), pending.clone(), tls.clone());
         tokio::spawn(async move {
-            if let Err(e) = esp_connection(stream, intake, admitted, pending, frame_timeout).await {
+            if let Err(e) =
+                esp_connection(stream, tls, intake, admitted, pending, frame_timeout).await
+            {
                 tracing::info!(%peer, error = %e, "esp connection ended");
             }
         });
@@ -340,12 +374,28 @@ pub async fn serve_esp(
 
 async fn esp_connection(
     stream: TcpStream,
+    acceptor: Option<TlsAcceptor>,
     intake: Arc<Intake>,
     admitted: Arc<Semaphore>,
     pending: Arc<Mutex<Pending>>,
     frame_timeout: Duration,
 ) -> io::Result<()> {
-    let (rd, wr) = stream.into_split();
+    // A connection waits for its Hello in one of the 64 pending slots, its TLS handshake
+    // included (within tls::HANDSHAKE_TIMEOUT).
+    let (slot, evicted) = Pending::admit(&pending);
+    let stream = tokio::select! {
+        io = tls::accept(stream, acceptor.as_ref()) => io,
+        _ = evicted.cancelled() => Err(io::Error::other("evicted during the TLS handshake")),
+    };
+    let stream = match stream {
+        Ok(s) => s,
+        Err(e) => {
+            Pending::leave(&pending, slot);
+            metrics().refused.inc(&["esp", "handshake"]);
+            return Err(e);
+        }
+    };
+    let (rd, wr) = tokio::io::split(stream);
     // Until the Hello is accepted a frame may be 16 KiB at most.
     let mut frames = FramedRead::new(
         rd,
@@ -360,7 +410,6 @@ async fn esp_connection(
             }
         }
     });
-    let (slot, evicted) = Pending::admit(&pending);
     let hello = tokio::select! {
         hello = tokio::time::timeout(ESP_HELLO_TIMEOUT, frames.next()) => Some(hello),
         _ = evicted.cancelled() => None,

@@ -38,6 +38,8 @@ pub struct Node {
 pub enum ServeError {
     #[error("{0}")]
     Plugins(String),
+    #[error("TLS: {0}")]
+    Tls(String),
     #[error("cannot listen on {what} {addr}: {source}")]
     Listen {
         what: &'static str,
@@ -57,7 +59,42 @@ pub enum ServeError {
 }
 
 /// Starts a node inside the current actix System.
+/// The node's TLS sides (docs/CONFIG.md, `[tls]`).
+struct Tls {
+    /// The listeners' side, from `tls.cert-file` and `tls.key-file`.
+    server: Option<Arc<tokio_rustls::rustls::ServerConfig>>,
+    /// Dialing the HA peer: when the node's listeners speak TLS, so do the peer's.
+    ha_client: Option<Arc<tokio_rustls::rustls::ClientConfig>>,
+    /// The Chat Server link, with `chat-server.tls`.
+    chat_client: Option<Arc<tokio_rustls::rustls::ClientConfig>>,
+}
+
+impl Tls {
+    fn load(config: &Config) -> Result<Tls, ServeError> {
+        use bgs_chat_server::tls::{client_config, server_config};
+        let t = &config.tls;
+        let server = match (&t.cert_file, &t.key_file) {
+            (Some(cert), Some(key)) => Some(server_config(cert, key).map_err(ServeError::Tls)?),
+            _ => None,
+        };
+        let client = match &t.ca_file {
+            Some(ca) => Some(client_config(ca).map_err(ServeError::Tls)?),
+            None => None,
+        };
+        Ok(Tls {
+            ha_client: server.as_ref().and(client.clone()),
+            chat_client: config.chat_server.tls.then(|| client.clone()).flatten(),
+            server,
+        })
+    }
+
+    fn acceptor(&self) -> Option<tokio_rustls::TlsAcceptor> {
+        self.server.clone().map(tokio_rustls::TlsAcceptor::from)
+    }
+}
+
 pub async fn start(config: Config) -> Result<Node, ServeError> {
+    let tls = Tls::load(&config)?;
     let reports: Arc<dyn ReportSink> = match &config.reporting.file {
         Some(path) => Arc::new(
             FileReports::open(path).map_err(|source| ServeError::Reports {
@@ -139,16 +176,25 @@ pub async fn start(config: Config) -> Result<Node, ServeError> {
             heartbeat: Duration::from_millis(config.ha.heartbeat_interval_ms),
             failover_after: Duration::from_millis(config.ha.failover_after_ms),
             sync: config.ha.mode == crate::config::HaMode::Sync,
-            http_url: format!("http://{http}"),
+            http_url: format!(
+                "{}://{http}",
+                if tls.server.is_some() {
+                    "https"
+                } else {
+                    "http"
+                }
+            ),
             peer_http: config.ha.peer_http.clone(),
             state_file: config.ha.state_file.clone(),
         },
         epoch,
-        Arc::new(TcpHaDialer),
+        Arc::new(TcpHaDialer {
+            tls: tls.ha_client.clone(),
+        }),
     )
     .start();
     if let Some(l) = ha_listener {
-        actix_rt::spawn(serve_ha(l, coordinator.clone()));
+        actix_rt::spawn(serve_ha(l, coordinator.clone(), tls.acceptor()));
     }
     let link = ChatLink::new(
         ChatLinkConfig {
@@ -164,7 +210,9 @@ pub async fn start(config: Config) -> Result<Node, ServeError> {
             reconnect_attempts: config.channel_chatbot.ha_chat_reconnecting_attempts,
             max_queued: 100_000,
         },
-        Arc::new(TcpChatConnector),
+        Arc::new(TcpChatConnector {
+            tls: tls.chat_client.clone(),
+        }),
     )
     .start();
     let registry = Arc::new(Registry::default());
@@ -212,6 +260,7 @@ pub async fn start(config: Config) -> Result<Node, ServeError> {
         intake.clone(),
         caps.esp,
         Duration::from_millis(config.node.esp_frame_timeout_ms),
+        tls.acceptor(),
     ));
     let state = web::Data::new(HttpState {
         intake,
@@ -233,8 +282,11 @@ pub async fn start(config: Config) -> Result<Node, ServeError> {
     .max_connections(caps.http.div_ceil(HTTP_WORKERS))
     .client_request_timeout(Duration::from_millis(config.node.http_read_timeout_ms))
     .disable_signals()
-    .shutdown_timeout(2)
-    .listen(http_listener)
+    .shutdown_timeout(2);
+    let server = match &tls.server {
+        Some(server_tls) => server.listen_rustls_0_23(http_listener, (**server_tls).clone()),
+        None => server.listen(http_listener),
+    }
     .map_err(|source| ServeError::Listen {
         what: "node.http-listen",
         addr: http,

@@ -1057,3 +1057,164 @@ async fn soak_wait_answered(
         c.session
     );
 }
+
+/// TLS on every listener and link: the Chat Server's HTTP and TCP ports, each node's HTTP, ESP
+/// and HA ports, the nodes' Chat Server links and the HA link. A customer chats over HTTPS, the
+/// backup replicates over TLS and takes over after a kill -9; plain-text clients get nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_on_every_listener_and_link() {
+    use support::tls_http;
+    let dir = support::TempDir::new("tls");
+    let (ca, cert, key) = support::tls_files(dir.path());
+    let (cert_s, key_s) = (cert.to_str().unwrap(), key.to_str().unwrap());
+    let chat = ChatServer::start(&["--tls-cert", cert_s, "--tls-key", key_s]);
+    let extra = format!(
+        "[tls]\ncert-file = \"{}\"\nkey-file = \"{}\"\nca-file = \"{}\"\n[chat-server]\ntls = true\n",
+        cert.display(),
+        key.display(),
+        ca.display()
+    );
+    let (to_a, to_b) = (LinkProxy::start().await, LinkProxy::start().await);
+    let mut a = Gateway::start(
+        chat.tcp,
+        &(pair_config("bgs-a", "primary", to_b.addr, "s3cret") + &extra),
+    );
+    to_a.set_target(a.ha.unwrap());
+    let b = Gateway::start(
+        chat.tcp,
+        &(pair_config("bgs-b", "backup", to_a.addr, "s3cret") + &extra),
+    );
+    to_b.set_target(b.ha.unwrap());
+    let status = |g: std::net::SocketAddr| {
+        let ca = ca.clone();
+        async move {
+            tls_http(g, &ca, "GET", "/status", None)
+                .await
+                .map(|(_, s)| s)
+                .unwrap_or_default()
+        }
+    };
+    let wait = |g: std::net::SocketAddr, what: &'static str, ok: fn(&Value) -> bool| {
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let s = status(g).await;
+                if ok(&s) {
+                    return;
+                }
+                assert!(Instant::now() < deadline, "{what}: {s}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    wait(a.http, "a primary and connected", |s| {
+        role(s) == "primary" && s["chat_servers"][0]["connected"] == true
+    })
+    .await;
+
+    // A customer over HTTPS; StartBot over HTTPS.
+    let (st, created) = tls_http(
+        chat.http,
+        &ca,
+        "POST",
+        "/sessions",
+        Some(json!({"interaction_id": "tls-1", "nickname": "Ann"})),
+    )
+    .await
+    .unwrap();
+    assert_eq!(st, 201, "{created}");
+    let (session, me) = (
+        created["session_id"].as_str().unwrap().to_string(),
+        created["participant_id"].as_str().unwrap().to_string(),
+    );
+    let esp = json!({"service": "ChatBotPlatform", "method": "StartBot",
+        "parameters": {"_umsChannel": "channel-chatbot", "ChatBotID": "echo"},
+        "userdata": {"InteractionId": "tls-1"}});
+    let (st, answer) = tls_http(a.http, &ca, "POST", "/esp", Some(esp))
+        .await
+        .unwrap();
+    assert_eq!(st, 200, "{answer}");
+    let say = |text: &'static str| {
+        let (ca, session, me) = (ca.clone(), session.clone(), me.clone());
+        async move {
+            let body = json!({"participant_id": me, "text": text, "key": text});
+            let path = format!("/sessions/{session}/messages");
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while !matches!(
+                tls_http(chat.http, &ca, "POST", &path, Some(body.clone())).await,
+                Ok((200, _))
+            ) {
+                assert!(Instant::now() < deadline, "cannot post {text}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    let answer_to = |want: &'static str| {
+        let (ca, session, me) = (ca.clone(), session.clone(), me.clone());
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let path =
+                    format!("/sessions/{session}/events?participant_id={me}&since=0&wait_ms=500");
+                if let Ok((200, v)) = tls_http(chat.http, &ca, "GET", &path, None).await {
+                    let found = v["events"].as_array().into_iter().flatten().any(|e| {
+                        e["kind"] == "message" && e["style"] == "bot" && e["text"] == want
+                    });
+                    if found {
+                        return;
+                    }
+                }
+                assert!(Instant::now() < deadline, "no answer {want:?}");
+            }
+        }
+    };
+    say("one").await;
+    answer_to("1: one").await;
+
+    // Replication over TLS.
+    wait(b.http, "b in sync over TLS", |s| {
+        role(s) == "backup" && s["ha"]["in_sync"] == true && s["ha"]["replicated_bots"] == 1
+    })
+    .await;
+
+    // Framed ESP over TLS; plain text on the TLS ports gets no answer.
+    let config = bgs_chat_server::tls::client_config(&ca).unwrap();
+    let tcp = tokio::net::TcpStream::connect(a.esp).await.unwrap();
+    let io = bgs_chat_server::tls::connect(tcp, &a.esp.to_string(), Some(&config))
+        .await
+        .unwrap();
+    let mut framed =
+        tokio_util::codec::Framed::new(
+            io,
+            bgs_proto::codec::FrameCodec::<
+                bgs_proto::esp::EspResponse,
+                bgs_proto::esp::EspClientFrame,
+            >::default(),
+        );
+    use futures_util::{SinkExt, StreamExt};
+    framed
+        .send(bgs_proto::esp::EspClientFrame::Hello(
+            bgs_proto::esp::EspHello {
+                version: bgs_proto::esp::ESP_PROTOCOL_VERSION,
+                client_name: "tls".into(),
+                token: None,
+            },
+        ))
+        .await
+        .unwrap();
+    let welcome = framed.next().await.unwrap().unwrap();
+    assert_eq!(welcome.status, bgs_proto::esp::EspStatus::Ok, "{welcome:?}");
+    for port in [a.http, a.esp, chat.http, chat.tcp] {
+        let plain = support::try_http(port, "GET", "/healthz", None, None).await;
+        assert!(
+            !matches!(plain, Ok((200, _))),
+            "{port}: plain text was answered"
+        );
+    }
+
+    // A failover over TLS: the backup takes over and the bot goes on counting.
+    a.kill9();
+    say("two").await;
+    wait(b.http, "b took over", |s| role(s) == "primary").await;
+    answer_to("2: two").await;
+}

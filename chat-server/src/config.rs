@@ -76,6 +76,22 @@ pub struct Config {
     /// TOKEN` and `agent TOKEN` (docs/CHAT.md 6.2). Without it any client may connect.
     #[arg(long, value_name = "FILE", env = "BGS_CHAT_CREDENTIALS")]
     pub credentials: Option<PathBuf>,
+    /// PEM certificate chain (leaf first): with --tls-key, both listeners speak TLS only.
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "BGS_CHAT_TLS_CERT",
+        requires = "tls_key"
+    )]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(
+        long,
+        value_name = "FILE",
+        env = "BGS_CHAT_TLS_KEY",
+        requires = "tls_cert"
+    )]
+    pub tls_key: Option<PathBuf>,
     /// Log as JSON lines instead of human text.
     #[arg(long)]
     pub log_json: bool,
@@ -115,7 +131,18 @@ impl Config {
         if let Some(path) = &self.credentials {
             crate::auth::Credentials::load(path)?;
         }
+        self.tls()?;
         Ok(())
+    }
+
+    /// The server side of TLS from --tls-cert and --tls-key, if given.
+    pub fn tls(&self) -> Result<Option<std::sync::Arc<tokio_rustls::rustls::ServerConfig>>> {
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => crate::tls::server_config(cert, key)
+                .map(Some)
+                .map_err(|e| ChatServerError::Config(format!("--tls-cert/--tls-key: {e}"))),
+            _ => Ok(None),
+        }
     }
 
     pub fn idle(&self) -> Option<Duration> {

@@ -15,6 +15,7 @@ pub mod hub;
 pub mod journal;
 pub mod session;
 pub mod tcp;
+pub mod tls;
 
 use std::io::Write;
 use std::time::Duration;
@@ -60,6 +61,7 @@ pub async fn run_ready(
     let http_listener = std::net::TcpListener::bind(config.http_listen)?;
     let (http_addr, tcp_addr) = (http_listener.local_addr()?, tcp.local_addr()?);
     let app_hub = hub.clone();
+    let tls = config.tls()?;
     let server = HttpServer::new(move || {
         App::new()
             .app_data(web::Data::new(app_hub.clone()))
@@ -72,13 +74,17 @@ pub async fn run_ready(
     )
     .client_request_timeout(Duration::from_secs(config.http_read_timeout))
     .disable_signals()
-    .shutdown_timeout(2)
-    .listen(http_listener)?
+    .shutdown_timeout(2);
+    let server = match &tls {
+        Some(tls) => server.listen_rustls_0_23(http_listener, (**tls).clone())?,
+        None => server.listen(http_listener)?,
+    }
     .run();
     let http_handle = server.handle();
     let http_task = tokio::spawn(server);
 
-    let tcp_task = tokio::spawn(tcp::serve(tcp, hub.clone(), shutdown.clone()));
+    let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+    let tcp_task = tokio::spawn(tcp::serve(tcp, hub.clone(), shutdown.clone(), acceptor));
     let sweep_hub = hub.clone();
     let sweep_stop = shutdown.clone();
     let sweeper = tokio::spawn(async move {

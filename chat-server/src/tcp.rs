@@ -18,7 +18,7 @@ use bgs_proto::chat::{
 };
 use bgs_proto::codec::{CodecError, FrameCodec, PRE_AUTH_MAX_FRAME};
 use futures_util::{SinkExt, StreamExt};
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::io::{ReadHalf, WriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::time::timeout;
@@ -28,6 +28,7 @@ use tracing::Instrument;
 
 use crate::error::{ChatServerError, Result};
 use crate::hub::{follow, Ack, Actor, Connection, Hub, Session};
+use crate::tls::BoxIo;
 
 /// Replies a connection may have waiting for durability before its reader pauses.
 pub const MAX_IN_FLIGHT: usize = 256;
@@ -37,8 +38,14 @@ pub const SOCKET_SEND_BUFFER: usize = 256 * 1024;
 
 type Codec = FrameCodec<ClientFrame, ServerFrame>;
 
-/// Accepts connections until `shutdown`; at most `--max-connections` at once.
-pub async fn serve(listener: TcpListener, hub: Arc<Hub>, shutdown: CancellationToken) {
+/// Accepts connections until `shutdown`; at most `--max-connections` at once. With `tls`, each
+/// connection's TLS handshake runs in its own task (within `tls::HANDSHAKE_TIMEOUT`).
+pub async fn serve(
+    listener: TcpListener,
+    hub: Arc<Hub>,
+    shutdown: CancellationToken,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) {
     let permits = Arc::new(Semaphore::new(hub.config.max_connections));
     loop {
         let (stream, peer) = tokio::select! {
@@ -55,12 +62,19 @@ pub async fn serve(listener: TcpListener, hub: Arc<Hub>, shutdown: CancellationT
         let _ = stream.set_nodelay(true);
         let _ = socket2::SockRef::from(&stream).set_send_buffer_size(SOCKET_SEND_BUFFER);
         let hub = hub.clone();
+        let tls = tls.clone();
         match permits.clone().try_acquire_owned() {
             Ok(permit) => {
                 let span = tracing::info_span!("tcp", %peer);
                 tokio::spawn(
                     async move {
-                        handle(stream, hub).await;
+                        match crate::tls::accept(stream, tls.as_ref()).await {
+                            Ok(io) => handle(io, hub).await,
+                            Err(e) => {
+                                hub.refusals.handshake.fetch_add(1, Ordering::Relaxed);
+                                tracing::info!(error = %e, "TLS handshake failed");
+                            }
+                        }
                         drop(permit);
                     }
                     .instrument(span),
@@ -69,7 +83,10 @@ pub async fn serve(listener: TcpListener, hub: Arc<Hub>, shutdown: CancellationT
             Err(_) => {
                 hub.refusals.capacity.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(%peer, "connection refused: --max-connections reached");
-                tokio::spawn(refuse_connection(stream, hub.config.max_frame));
+                // Over TLS a plain Goodbye would be noise: the connection is just closed.
+                if tls.is_none() {
+                    tokio::spawn(refuse_connection(stream, hub.config.max_frame));
+                }
             }
         }
     }
@@ -86,7 +103,7 @@ async fn refuse_connection(stream: TcpStream, max_frame: usize) {
 
 /// Writes queued frames; ends on a Goodbye, a write error, or a write that blocks too long.
 async fn write_loop(
-    wr: OwnedWriteHalf,
+    wr: WriteHalf<BoxIo>,
     mut rx: mpsc::Receiver<ServerFrame>,
     max_frame: usize,
     write_timeout: Duration,
@@ -134,9 +151,9 @@ fn goodbye(code: ChatErrorCode, message: impl Into<String>) -> ServerFrame {
     ServerFrame::Goodbye(ChatError::new(code, message))
 }
 
-async fn handle(stream: TcpStream, hub: Arc<Hub>) {
+async fn handle(stream: BoxIo, hub: Arc<Hub>) {
     let max_frame = hub.config.max_frame;
-    let (rd, wr) = stream.into_split();
+    let (rd, wr) = tokio::io::split(stream);
     // Until the Hello is accepted a frame may be 16 KiB at most, whatever --max-frame says.
     let mut reader = FramedRead::new(rd, Codec::new(PRE_AUTH_MAX_FRAME));
     let (tx, rx) = mpsc::channel(hub.config.outbound_frames);
@@ -174,7 +191,7 @@ async fn handle(stream: TcpStream, hub: Arc<Hub>) {
 }
 
 async fn handshake(
-    reader: &mut FramedRead<tokio::net::tcp::OwnedReadHalf, Codec>,
+    reader: &mut FramedRead<ReadHalf<BoxIo>, Codec>,
     hub: &Arc<Hub>,
     tx: &mpsc::Sender<ServerFrame>,
 ) -> Option<Arc<Connection>> {
@@ -276,7 +293,7 @@ struct Pending {
 }
 
 async fn read_loop(
-    reader: &mut FramedRead<tokio::net::tcp::OwnedReadHalf, Codec>,
+    reader: &mut FramedRead<ReadHalf<BoxIo>, Codec>,
     hub: &Arc<Hub>,
     conn: &Arc<Connection>,
     ack_tx: &mpsc::Sender<Pending>,

@@ -731,3 +731,120 @@ impl Drop for SdkBot {
         let _ = self.child.wait();
     }
 }
+
+/// A test CA and a certificate it signed for 127.0.0.1 and localhost, made with `openssl`
+/// (PEM files in `dir`): (CA certificate, certificate, key).
+pub fn tls_files(dir: &std::path::Path) -> (PathBuf, PathBuf, PathBuf) {
+    let (ca_key, ca) = (dir.join("ca.key"), dir.join("ca.pem"));
+    let (key, csr, cert) = (
+        dir.join("key.pem"),
+        dir.join("node.csr"),
+        dir.join("cert.pem"),
+    );
+    let ext = dir.join("san.ext");
+    std::fs::write(&ext, "subjectAltName=IP:127.0.0.1,DNS:localhost\n").expect("ext");
+    let run = |args: &[&str]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .output()
+            .expect("openssl is needed for the TLS tests");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let p = |p: &PathBuf| p.to_str().expect("path").to_string();
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=bgs test CA",
+        "-keyout",
+        &p(&ca_key),
+        "-out",
+        &p(&ca),
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-subj",
+        "/CN=127.0.0.1",
+        "-keyout",
+        &p(&key),
+        "-out",
+        &p(&csr),
+    ]);
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        &p(&csr),
+        "-CA",
+        &p(&ca),
+        "-CAkey",
+        &p(&ca_key),
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        &p(&ext),
+        "-out",
+        &p(&cert),
+    ]);
+    (ca, cert, key)
+}
+
+/// An HTTP/1.1 request over TLS, trusting `ca`: (status, JSON body).
+pub async fn tls_http(
+    addr: SocketAddr,
+    ca: &std::path::Path,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> Result<(u16, Value), String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let config = bgs_chat_server::tls::client_config(ca)?;
+    let exchange = async {
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut s = bgs_chat_server::tls::connect(tcp, &addr.to_string(), Some(&config))
+            .await
+            .map_err(|e| e.to_string())?;
+        let body = body.map(|b| b.to_string()).unwrap_or_default();
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        s.write_all(request.as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut raw = Vec::new();
+        // A TLS peer may close without close_notify: what arrived counts.
+        let _ = s.read_to_end(&mut raw).await;
+        Ok::<_, String>(raw)
+    };
+    let raw = tokio::time::timeout(Duration::from_secs(30), exchange)
+        .await
+        .map_err(|_| "no answer within 30 s".to_string())??;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, payload) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("no head: {text:?}"))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("no status: {head:?}"))?;
+    let value =
+        serde_json::from_str(payload).unwrap_or_else(|_| Value::String(payload.to_string()));
+    Ok((status, value))
+}
