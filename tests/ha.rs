@@ -1094,17 +1094,15 @@ async fn tls_on_every_listener_and_link() {
                 .unwrap_or_default()
         }
     };
-    let wait = |g: std::net::SocketAddr, what: &'static str, ok: fn(&Value) -> bool| {
-        async move {
-            let deadline = Instant::now() + Duration::from_secs(30);
-            loop {
-                let s = status(g).await;
-                if ok(&s) {
-                    return;
-                }
-                assert!(Instant::now() < deadline, "{what}: {s}");
-                tokio::time::sleep(Duration::from_millis(20)).await;
+    let wait = |g: std::net::SocketAddr, what: &'static str, ok: fn(&Value) -> bool| async move {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let s = status(g).await;
+            if ok(&s) {
+                return;
             }
+            assert!(Instant::now() < deadline, "{what}: {s}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     };
     wait(a.http, "a primary and connected", |s| {
@@ -1211,6 +1209,24 @@ async fn tls_on_every_listener_and_link() {
             "{port}: plain text was answered"
         );
     }
+
+    // The operator's tools speak HTTPS with the CA file.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_bgs"))
+        .args(["ctl", "status", "--json", "--url"])
+        .arg(format!("https://{},https://{}", a.http, b.http))
+        .env("BGS_CA_FILE", &ca)
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{table} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        table.contains("primary") && table.contains("backup"),
+        "{table}"
+    );
 
     // A failover over TLS: the backup takes over and the bot goes on counting.
     a.kill9();
