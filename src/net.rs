@@ -151,19 +151,30 @@ impl HaDialer for TcpHaDialer {
     }
 }
 
+/// TLS handshakes the HA listener runs at once; more connections are closed at once (the
+/// peer is one node, which dials again at its next heartbeat).
+const HA_TLS_HANDSHAKES: usize = 8;
+
 /// Accepts HA links from the peer and hands them to the coordinator (after a TLS handshake in
-/// its own task, with `tls`).
+/// its own task, with `tls`: at most [`HA_TLS_HANDSHAKES`] at once).
 pub async fn serve_ha(
     listener: TcpListener,
     coordinator: Addr<HaCoordinator>,
     tls: Option<TlsAcceptor>,
 ) {
+    let handshakes = Arc::new(Semaphore::new(HA_TLS_HANDSHAKES));
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
+                let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                    metrics().refused.inc(&["ha", "capacity"]);
+                    tracing::warn!(%peer, "HA connection closed: {HA_TLS_HANDSHAKES} TLS handshakes under way");
+                    continue;
+                };
                 let (coordinator, tls) = (coordinator.clone(), tls.clone());
                 tokio::spawn(async move {
+                    let _permit = permit;
                     match tls::accept(stream, tls.as_ref()).await {
                         Ok(io) => coordinator.do_send(Accepted(ha_connection(io))),
                         Err(e) => {
