@@ -35,8 +35,10 @@ fn esp_request(id: u64, method: &str, interaction: &str, params: &[(&str, &str)]
 type EspFramed =
     tokio_util::codec::Framed<tokio::net::TcpStream, FrameCodec<EspResponse, EspClientFrame>>;
 
-async fn esp_tcp(gw: &Gateway) -> EspFramed {
-    let stream = tokio::net::TcpStream::connect(gw.esp).await.unwrap();
+/// A framed ESP connection that has said Hello (with `token`), and the node's answer to it
+/// (within 10 s).
+async fn esp_hello(esp: std::net::SocketAddr, token: Option<&str>) -> (EspFramed, EspResponse) {
+    let stream = tokio::net::TcpStream::connect(esp).await.unwrap();
     let mut framed = tokio_util::codec::Framed::new(
         stream,
         FrameCodec::<EspResponse, EspClientFrame>::default(),
@@ -45,11 +47,20 @@ async fn esp_tcp(gw: &Gateway) -> EspFramed {
         .send(EspClientFrame::Hello(EspHello {
             version: ESP_PROTOCOL_VERSION,
             client_name: "test".into(),
-            token: None,
+            token: token.map(str::to_string),
         }))
         .await
         .unwrap();
-    let welcome = framed.next().await.unwrap().unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(10), framed.next())
+        .await
+        .expect("every Hello is answered")
+        .unwrap()
+        .unwrap();
+    (framed, answer)
+}
+
+async fn esp_tcp(gw: &Gateway) -> EspFramed {
+    let (framed, welcome) = esp_hello(gw.esp, None).await;
     assert_eq!(welcome.status, EspStatus::Ok, "{welcome:?}");
     framed
 }
@@ -557,34 +568,12 @@ async fn every_port_refuses_a_missing_or_wrong_credential() {
         let (status, _) = http(gw.http, method, path, None).await;
         assert_eq!(status, 401, "{method} {path}");
     }
-    let tcp_hello = |token: Option<&str>| EspHello {
-        version: ESP_PROTOCOL_VERSION,
-        client_name: "t".into(),
-        token: token.map(str::to_string),
-    };
     for token in [None, Some("wrong")] {
-        let stream = tokio::net::TcpStream::connect(gw.esp).await.unwrap();
-        let mut framed = tokio_util::codec::Framed::new(
-            stream,
-            FrameCodec::<EspResponse, EspClientFrame>::default(),
-        );
-        framed
-            .send(EspClientFrame::Hello(tcp_hello(token)))
-            .await
-            .unwrap();
-        let refused = framed.next().await.unwrap().unwrap();
+        let (_, refused) = esp_hello(gw.esp, token).await;
         assert_eq!(refused.code.as_deref(), Some("unauthorized"), "{refused:?}");
     }
-    let stream = tokio::net::TcpStream::connect(gw.esp).await.unwrap();
-    let mut framed = tokio_util::codec::Framed::new(
-        stream,
-        FrameCodec::<EspResponse, EspClientFrame>::default(),
-    );
-    framed
-        .send(EspClientFrame::Hello(tcp_hello(Some("s3cret"))))
-        .await
-        .unwrap();
-    assert_eq!(framed.next().await.unwrap().unwrap().status, EspStatus::Ok);
+    let (mut framed, welcome) = esp_hello(gw.esp, Some("s3cret")).await;
+    assert_eq!(welcome.status, EspStatus::Ok);
     framed
         .send(EspClientFrame::Request(esp_request(
             2,
@@ -642,32 +631,13 @@ async fn framed_esp_connections_are_capped_and_the_node_keeps_answering() {
         chat.tcp,
         "[node]\nesp-max-connections = 3\nesp-frame-timeout-ms = 300\n",
     );
-    let hello = |framed: EspFramed| async move {
-        let mut framed = framed;
-        framed
-            .send(EspClientFrame::Hello(EspHello {
-                version: ESP_PROTOCOL_VERSION,
-                client_name: "t".into(),
-                token: None,
-            }))
-            .await
-            .unwrap();
-        let answer = framed.next().await.unwrap().unwrap();
-        (framed, answer)
-    };
-    let connect = || async {
-        tokio_util::codec::Framed::new(
-            tokio::net::TcpStream::connect(gw.esp).await.unwrap(),
-            FrameCodec::<EspResponse, EspClientFrame>::default(),
-        )
-    };
     let mut open = Vec::new();
     for _ in 0..3 {
-        let (framed, answer) = hello(connect().await).await;
+        let (framed, answer) = esp_hello(gw.esp, None).await;
         assert_eq!(answer.status, EspStatus::Ok, "{answer:?}");
         open.push(framed);
     }
-    let (_, refused) = hello(connect().await).await;
+    let (_, refused) = esp_hello(gw.esp, None).await;
     assert_eq!(refused.code.as_deref(), Some("capacity"), "{refused:?}");
     assert_eq!(http(gw.http, "GET", "/healthz", None).await.0, 200);
     // The open ones still work; one closed makes room for another.
@@ -684,7 +654,7 @@ async fn framed_esp_connections_are_capped_and_the_node_keeps_answering() {
     drop(open.pop());
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
-        let (framed, answer) = hello(connect().await).await;
+        let (framed, answer) = esp_hello(gw.esp, None).await;
         if answer.status == EspStatus::Ok {
             open.push(framed);
             break;
@@ -759,27 +729,10 @@ async fn idle_esp_clients_cannot_take_every_file_descriptor() {
     let mut crowd = Vec::new();
     let mut refused = 0;
     for _ in 0..450 {
-        let Ok(stream) = tokio::net::TcpStream::connect(gw.esp).await else {
-            break;
-        };
-        let mut framed = tokio_util::codec::Framed::new(
-            stream,
-            FrameCodec::<EspResponse, EspClientFrame>::default(),
-        );
-        framed
-            .send(EspClientFrame::Hello(EspHello {
-                version: ESP_PROTOCOL_VERSION,
-                client_name: "idle".into(),
-                token: None,
-            }))
-            .await
-            .unwrap();
-        let answer = tokio::time::timeout(Duration::from_secs(10), framed.next())
-            .await
-            .expect("every Hello is answered");
+        let (framed, answer) = esp_hello(gw.esp, None).await;
         match answer {
-            Some(Ok(a)) if a.status == EspStatus::Ok => crowd.push(framed),
-            Some(Ok(a)) if a.code.as_deref() == Some("capacity") => refused += 1,
+            a if a.status == EspStatus::Ok => crowd.push(framed),
+            a if a.code.as_deref() == Some("capacity") => refused += 1,
             other => panic!("unexpected answer {other:?}"),
         }
     }

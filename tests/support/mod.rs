@@ -835,16 +835,5 @@ pub async fn tls_http(
     let raw = tokio::time::timeout(Duration::from_secs(30), exchange)
         .await
         .map_err(|_| "no answer within 30 s".to_string())??;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, payload) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| format!("no head: {text:?}"))?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| format!("no status: {head:?}"))?;
-    let value =
-        serde_json::from_str(payload).unwrap_or_else(|_| Value::String(payload.to_string()));
-    Ok((status, value))
+    chat::parse_response(&raw)
 }

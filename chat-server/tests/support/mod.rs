@@ -224,7 +224,12 @@ pub async fn try_http(
     let raw = tokio::time::timeout(Duration::from_secs(30), exchange)
         .await
         .map_err(|_| "no HTTP answer within 30 s".to_string())??;
-    let text = String::from_utf8_lossy(&raw);
+    parse_response(&raw)
+}
+
+/// An HTTP/1.1 answer read to its end: (status, JSON body, or the body as a string).
+pub fn parse_response(raw: &[u8]) -> Result<(u16, Value), String> {
+    let text = String::from_utf8_lossy(raw);
     let (head, payload) = text
         .split_once("\r\n\r\n")
         .ok_or_else(|| format!("no HTTP head in {text:?}"))?;
