@@ -1,6 +1,7 @@
 //! bgs, the Bot Gateway Server: wiring of configuration, CLI, HTTP, sockets and plugins around the
 //! actors of `bgs-actors`. docs/ARCHITECTURE.md is the map.
 
+pub mod bench;
 pub mod config;
 pub mod ctl;
 pub mod demo;

@@ -43,6 +43,28 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Load test: starts a Chat Server and a node, drives N customers with echo bots open-loop,
+    /// and prints customer-to-answer latency against a bare relay's (docs/PERFORMANCE.md).
+    Bench {
+        /// Chats, each with a customer and an echo bot.
+        #[arg(long, default_value_t = 1000)]
+        customers: usize,
+        /// Customer posts per second, over all chats.
+        #[arg(long, default_value_t = 2000)]
+        rate: u64,
+        /// Seconds of load per phase (the gateway, then the floor).
+        #[arg(long, default_value_t = 10)]
+        duration: u64,
+        /// TCP connections the customers are spread over.
+        #[arg(long, default_value_t = 4)]
+        connections: usize,
+        /// A short run (100 chats, 500 posts/s, 2 s) that checks the tool works.
+        #[arg(long)]
+        quick: bool,
+        /// Also write the figures as JSON.
+        #[arg(long, value_name = "FILE")]
+        json: Option<PathBuf>,
+    },
     /// Operate a pair: status, bots, switchover.
     Ctl {
         #[command(subcommand)]
@@ -147,6 +169,45 @@ fn main() -> ExitCode {
             token,
             json,
         } => ctl(command, &url, token.as_deref(), json),
+        Command::Bench {
+            customers,
+            rate,
+            duration,
+            connections,
+            quick,
+            json,
+        } => {
+            let mut config = if quick {
+                bgs::bench::BenchConfig::quick()
+            } else {
+                bgs::bench::BenchConfig {
+                    customers,
+                    rate,
+                    duration: std::time::Duration::from_secs(duration),
+                    connections,
+                    json: None,
+                }
+            };
+            config.json = json;
+            let runtime = match tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("bgs bench: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(bgs::bench::run(&config)) {
+                Ok(_) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("bgs bench: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
     }
 }
 

@@ -1402,3 +1402,39 @@ async fn schemathesis_finds_nothing_against_the_openapi_document() {
     assert!(status.success(), "schemathesis found problems:\n{output}");
     assert_eq!(http(gw.http, "GET", "/healthz", None).await.0, 200);
 }
+
+/// `bgs bench --quick` runs end to end (a Chat Server, a node, echo bots and the floor relay)
+/// and writes the figures docs/PERFORMANCE.md names; every post is answered. No timing is
+/// asserted: the figures of a loaded CI machine mean nothing.
+#[test]
+fn bgs_bench_quick_runs_and_writes_its_json() {
+    let dir = TempDir::new("bench");
+    let json = dir.path().join("bench.json");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_bgs"))
+        .args(["bench", "--quick", "--json"])
+        .arg(&json)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    for key in [
+        "ratio_p99",
+        "bytes_per_bot",
+        "startbot_per_s",
+        "messages_per_s",
+    ] {
+        assert!(v[key].is_number(), "{key} in {v}");
+    }
+    for key in ["gateway", "floor"] {
+        assert!(v[key]["p99_ms"].is_number(), "{key}.p99_ms in {v}");
+    }
+    assert_eq!(v["errors"], 0, "every post answered: {v}");
+    assert_eq!(v["answered"], v["sent"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("floor (bare relay)"));
+}
