@@ -363,15 +363,18 @@ async fn load(
         let customers = sessions.len();
         let (mut sink, mut stream) = f.split();
         let pending: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
-        let (tx, mut rx) = mpsc::channel::<(usize, u64)>(65536);
+        // (customer, message number, when the schedule meant it to be sent).
+        let (tx, mut rx) = mpsc::channel::<(usize, u64, Instant)>(65536);
         let p = pending.clone();
         let writer = tokio::spawn(async move {
             let mut id = 1_000_000u64;
-            while let Some((i, n)) = rx.recv().await {
+            while let Some((i, n, due)) = rx.recv().await {
                 let text = format!("m{n}");
+                // Latency counts from the intended send time, so a backlog in the tool or in
+                // the node is measured, not hidden (no coordinated omission).
                 p.lock()
                     .unwrap_or_else(|e| e.into_inner())
-                    .insert(text.clone(), Instant::now());
+                    .insert(text.clone(), due);
                 id += 1;
                 let post = ChatRequest::Post(PostRequest {
                     session_id: sessions[i].clone(),
@@ -434,7 +437,8 @@ async fn load(
             let (tx, _, customers) = &senders[conn];
             let i = cursors[conn] % customers;
             cursors[conn] += 1;
-            let _ = tx.send((i, sent)).await;
+            let due = started + Duration::from_secs_f64(sent as f64 / rate as f64);
+            let _ = tx.send((i, sent, due)).await;
             sent += 1;
         }
         if last_progress.elapsed() >= Duration::from_secs(1) {
