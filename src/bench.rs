@@ -608,6 +608,35 @@ pub async fn run(config: &BenchConfig) -> Result<Value, String> {
     let startbot_per_s = n as f64 / startbot_took.as_secs_f64();
     eprintln!("  {n} StartBot in {startbot_took:?} ({startbot_per_s:.0}/s)");
 
+    if config.rate == 0 {
+        // Idle bots only: what they cost and how fast they start (docs/PERFORMANCE.md).
+        let bytes_per_bot = rss_bots.saturating_sub(rss_before) * 1024 / n.max(1) as u64;
+        let (chat_rss, _) = chat.usage();
+        let result = json!({
+            "customers": n, "rate": 0,
+            "bytes_per_bot": bytes_per_bot,
+            "startbot_per_s": startbot_per_s,
+            "startbot": summary(&startbot),
+            "gateway_rss_kib": rss_bots,
+            "gateway_rss_before_kib": rss_before,
+            "chat_server_rss_kib": chat_rss,
+        });
+        println!(
+            "{n} idle bots: {bytes_per_bot} bytes each; StartBot {startbot_per_s:.0}/s (p50 {:.2} ms, p99 {:.2} ms); gateway {rss_bots} KiB, Chat Server {chat_rss} KiB",
+            ms(&startbot, 0.5),
+            ms(&startbot, 0.99)
+        );
+        if let Some(path) = &config.json {
+            std::fs::write(
+                path,
+                serde_json::to_string_pretty(&result).unwrap_or_default(),
+            )
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        }
+        drop((gateway, chat));
+        let _ = std::fs::remove_dir_all(&dir);
+        return Ok(result);
+    }
     let (_, gw_ticks0) = gateway.usage();
     let (_, chat_ticks0) = chat.usage();
     let gw_phase = load(gw_customers, config.rate, config.duration).await?;

@@ -49,7 +49,7 @@ enum Command {
         /// Chats, each with a customer and an echo bot.
         #[arg(long, default_value_t = 1000)]
         customers: usize,
-        /// Customer posts per second, over all chats.
+        /// Customer posts per second, over all chats; 0: idle bots only (memory and StartBot).
         #[arg(long, default_value_t = 2000)]
         rate: u64,
         /// Seconds of load per phase (the gateway, then the floor).
