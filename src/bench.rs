@@ -556,10 +556,25 @@ fn summary(h: &Histogram<u64>) -> Value {
     })
 }
 
-/// Runs the whole benchmark; prints a table and returns the JSON figures.
+/// Runs the whole benchmark; prints a table, writes `--json`, and returns the JSON figures.
+/// The processes are stopped and their folder removed however it ends.
 pub async fn run(config: &BenchConfig) -> Result<Value, String> {
     let dir = std::env::temp_dir().join(format!("bgs-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).map_err(|e| e.to_string())?;
+    let result = measure(config, &dir).await;
+    let _ = std::fs::remove_dir_all(&dir);
+    let result = result?;
+    if let Some(path) = &config.json {
+        std::fs::write(
+            path,
+            serde_json::to_string_pretty(&result).unwrap_or_default(),
+        )
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    }
+    Ok(result)
+}
+
+async fn measure(config: &BenchConfig, dir: &std::path::Path) -> Result<Value, String> {
     let n = config.customers;
     let max_sessions = (2 * n + 16).to_string();
     let (chat, chat_addrs) = spawn(
@@ -608,9 +623,9 @@ pub async fn run(config: &BenchConfig) -> Result<Value, String> {
     let startbot_per_s = n as f64 / startbot_took.as_secs_f64();
     eprintln!("  {n} StartBot in {startbot_took:?} ({startbot_per_s:.0}/s)");
 
+    let bytes_per_bot = rss_bots.saturating_sub(rss_before) * 1024 / n.max(1) as u64;
     if config.rate == 0 {
         // Idle bots only: what they cost and how fast they start (docs/PERFORMANCE.md).
-        let bytes_per_bot = rss_bots.saturating_sub(rss_before) * 1024 / n.max(1) as u64;
         let (chat_rss, _) = chat.usage();
         let result = json!({
             "customers": n, "rate": 0,
@@ -626,15 +641,6 @@ pub async fn run(config: &BenchConfig) -> Result<Value, String> {
             ms(&startbot, 0.5),
             ms(&startbot, 0.99)
         );
-        if let Some(path) = &config.json {
-            std::fs::write(
-                path,
-                serde_json::to_string_pretty(&result).unwrap_or_default(),
-            )
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-        }
-        drop((gateway, chat));
-        let _ = std::fs::remove_dir_all(&dir);
         return Ok(result);
     }
     let (_, gw_ticks0) = gateway.usage();
@@ -655,7 +661,6 @@ pub async fn run(config: &BenchConfig) -> Result<Value, String> {
     let gw = summary(&gw_phase.latency);
     let floor = summary(&floor_phase.latency);
     let ratio = |q: f64| ms(&gw_phase.latency, q) / ms(&floor_phase.latency, q).max(0.001);
-    let bytes_per_bot = rss_bots.saturating_sub(rss_before) * 1024 / n.max(1) as u64;
     let result = json!({
         "customers": n,
         "rate": config.rate,
@@ -707,14 +712,5 @@ pub async fn run(config: &BenchConfig) -> Result<Value, String> {
         chat_rss,
         result["chat_server_cpu_percent"].as_f64().unwrap_or(0.0),
     );
-    if let Some(path) = &config.json {
-        std::fs::write(
-            path,
-            serde_json::to_string_pretty(&result).unwrap_or_default(),
-        )
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    }
-    drop((gateway, chat));
-    let _ = std::fs::remove_dir_all(&dir);
     Ok(result)
 }

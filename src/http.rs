@@ -10,6 +10,7 @@ use bgs_actors::chat_link::{ChatLink, GetLinkStatus};
 use bgs_actors::esp::{status_of, ErrorCode, EspError};
 use bgs_actors::ha::{GetHaStatus, HaCoordinator, Switchover};
 use bgs_actors::report::Registry;
+use bgs_chat_server::http::BodyError;
 use bgs_proto::esp::{EspRequest, EspResponse, EspResult, EspStatus};
 use bgs_proto::ha::HaRole;
 use serde_json::{json, Value};
@@ -81,39 +82,21 @@ fn error(e: EspError) -> HttpResponse {
 /// Largest request body a route reads (the same as the ESP frame limit).
 const MAX_BODY: usize = 1 << 20;
 
-/// Reads a request body of at most [`MAX_BODY`] within the node's HTTP read time: a client that
-/// sends it a byte at a time holds nothing for long (408), one that sends too much gets 413.
+/// Reads a request body of at most [`MAX_BODY`] within the node's HTTP read time (the shared
+/// reader, `bgs_chat_server::http::read_body`): 408 when late, 413 when too large, in ESP's
+/// error shape.
 async fn read_body(
-    mut payload: web::Payload,
+    payload: web::Payload,
     timeout: std::time::Duration,
 ) -> Result<web::Bytes, HttpResponse> {
-    use futures_util::StreamExt;
-    let read = async {
-        let mut body = web::BytesMut::new();
-        while let Some(chunk) = payload.next().await {
-            let chunk = chunk.map_err(|e| {
-                error(EspError::new(
-                    ErrorCode::BadRequest,
-                    format!("cannot read the body: {e}"),
-                ))
-            })?;
-            if body.len() + chunk.len() > MAX_BODY {
-                return Err(HttpResponse::PayloadTooLarge().json(json!({
-                    "status": "error", "code": "bad_request",
-                    "message": format!("the body is larger than {MAX_BODY} bytes")
-                })));
-            }
-            body.extend_from_slice(&chunk);
-        }
-        Ok(body.freeze())
-    };
-    match tokio::time::timeout(timeout, read).await {
-        Ok(result) => result,
-        Err(_) => Err(HttpResponse::RequestTimeout().json(json!({
-            "status": "error", "code": "bad_request",
-            "message": format!("the request body did not arrive within {} ms", timeout.as_millis())
-        }))),
-    }
+    bgs_chat_server::http::read_body(payload.into_inner(), MAX_BODY, timeout)
+        .await
+        .map_err(|e| match e {
+            BodyError::Read(_) => error(EspError::new(ErrorCode::BadRequest, e.to_string())),
+            _ => HttpResponse::build(e.status()).json(json!({
+                "status": "error", "code": "bad_request", "message": e.to_string()
+            })),
+        })
 }
 
 async fn esp(state: web::Data<HttpState>, req: HttpRequest, payload: web::Payload) -> HttpResponse {

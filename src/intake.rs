@@ -7,6 +7,7 @@ use actix::Addr;
 use bgs_actors::esp::{ErrorCode, EspError};
 use bgs_actors::metrics::{metrics, Kind};
 use bgs_actors::supervisor::{Esp, Supervisor};
+use bgs_proto::chat::constant_time_eq;
 use bgs_proto::esp::{EspRequest, EspResponse};
 
 pub struct Intake {
@@ -73,8 +74,4 @@ impl Intake {
             }
         }
     }
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }

@@ -74,9 +74,68 @@ fn error_response(status: StatusCode, code: ChatErrorCode, message: String) -> a
         .into()
 }
 
-/// A JSON body of at most [`MAX_BODY`] bytes that must arrive within `--http-read-timeout`: a
-/// client that sends it a byte at a time is answered 408 and holds nothing for long; one that
-/// sends too much gets 413 as soon as it has.
+/// Why a request body could not be read.
+#[derive(Debug)]
+pub enum BodyError {
+    /// More than the limit arrived (413).
+    TooLarge { limit: usize },
+    /// It was not complete within the time (408).
+    Late { within: Duration },
+    /// The connection failed while reading it (400).
+    Read(String),
+}
+
+impl std::fmt::Display for BodyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            BodyError::TooLarge { limit } => write!(f, "the body is larger than {limit} bytes"),
+            BodyError::Late { within } => write!(
+                f,
+                "the request body did not arrive within {} ms",
+                within.as_millis()
+            ),
+            BodyError::Read(e) => write!(f, "cannot read the body: {e}"),
+        }
+    }
+}
+
+impl BodyError {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            BodyError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            BodyError::Late { .. } => StatusCode::REQUEST_TIMEOUT,
+            BodyError::Read(_) => StatusCode::BAD_REQUEST,
+        }
+    }
+}
+
+/// Reads a request body of at most `limit` bytes that must arrive within `within`: a client
+/// sending it a byte at a time holds nothing for long, one sending too much is stopped as soon
+/// as it has. The one body reader of both HTTP servers (the node's and this one).
+pub async fn read_body(
+    mut payload: actix_web::dev::Payload,
+    limit: usize,
+    within: Duration,
+) -> Result<web::Bytes, BodyError> {
+    use futures_util::StreamExt;
+    let read = async {
+        let mut body = web::BytesMut::new();
+        while let Some(chunk) = payload.next().await {
+            let chunk = chunk.map_err(|e| BodyError::Read(e.to_string()))?;
+            if body.len() + chunk.len() > limit {
+                return Err(BodyError::TooLarge { limit });
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body.freeze())
+    };
+    tokio::time::timeout(within, read)
+        .await
+        .map_err(|_| BodyError::Late { within })?
+}
+
+/// A JSON body of at most [`MAX_BODY`] bytes that must arrive within `--http-read-timeout`
+/// ([`read_body`]): 408 when late, 413 when too large, 400 when not the expected JSON.
 pub struct Body<T>(pub T);
 
 impl<T: serde::de::DeserializeOwned + 'static> actix_web::FromRequest for Body<T> {
@@ -84,45 +143,20 @@ impl<T: serde::de::DeserializeOwned + 'static> actix_web::FromRequest for Body<T
     type Future = futures_util::future::LocalBoxFuture<'static, Result<Self, Self::Error>>;
 
     fn from_request(req: &HttpRequest, payload: &mut actix_web::dev::Payload) -> Self::Future {
-        use futures_util::StreamExt;
         let within = req
             .app_data::<web::Data<Arc<Hub>>>()
             .map_or(Duration::from_secs(10), |hub| {
                 Duration::from_secs(hub.config.http_read_timeout)
             });
-        let mut payload = payload.take();
+        let payload = payload.take();
         Box::pin(async move {
-            let read = async {
-                let mut body = web::BytesMut::new();
-                while let Some(chunk) = payload.next().await {
-                    let chunk = chunk.map_err(|e| {
-                        error_response(
-                            StatusCode::BAD_REQUEST,
-                            ChatErrorCode::BadRequest,
-                            format!("cannot read the body: {e}"),
-                        )
-                    })?;
-                    if body.len() + chunk.len() > MAX_BODY {
-                        return Err(error_response(
-                            StatusCode::PAYLOAD_TOO_LARGE,
-                            ChatErrorCode::BadRequest,
-                            format!("the body is larger than {MAX_BODY} bytes"),
-                        ));
-                    }
-                    body.extend_from_slice(&chunk);
-                }
-                Ok(body)
-            };
-            let body = tokio::time::timeout(within, read).await.map_err(|_| {
-                error_response(
-                    StatusCode::REQUEST_TIMEOUT,
-                    ChatErrorCode::BadRequest,
-                    format!(
-                        "the request body did not arrive within {} s (--http-read-timeout)",
-                        within.as_secs()
-                    ),
-                )
-            })??;
+            let body = read_body(payload, MAX_BODY, within).await.map_err(|e| {
+                let message = match e {
+                    BodyError::Late { .. } => format!("{e} (--http-read-timeout)"),
+                    _ => e.to_string(),
+                };
+                error_response(e.status(), ChatErrorCode::BadRequest, message)
+            })?;
             serde_json::from_slice(&body).map(Body).map_err(|e| {
                 error_response(
                     StatusCode::BAD_REQUEST,
