@@ -152,15 +152,23 @@ async fn readyz(state: web::Data<HttpState>) -> HttpResponse {
     }
 }
 
+/// Adds one to `name`'s count (one allocation per plugin, not per bot).
+fn count(counts: &mut std::collections::BTreeMap<String, u64>, name: &str) {
+    match counts.get_mut(name) {
+        Some(n) => *n += 1,
+        None => {
+            counts.insert(name.to_string(), 1);
+        }
+    }
+}
+
 async fn status(state: web::Data<HttpState>) -> HttpResponse {
     let link = state.link.send(GetLinkStatus).await.ok();
     let ha = state.ha.send(GetHaStatus).await.ok();
     let mut by_plugin = std::collections::BTreeMap::<String, u64>::new();
-    let mut sessions = std::collections::BTreeSet::new();
-    for e in state.registry.running.iter() {
-        *by_plugin.entry(e.value().bot_id.clone()).or_default() += 1;
-        sessions.insert(e.key().interaction_id.clone());
-    }
+    state.registry.for_each_running(|b| {
+        count(&mut by_plugin, &b.spec.key.bot_id);
+    });
     HttpResponse::Ok()
         .insert_header(("Access-Control-Allow-Origin", "*"))
         .json(json!({
@@ -170,7 +178,7 @@ async fn status(state: web::Data<HttpState>) -> HttpResponse {
             "epoch": ha.as_ref().map(|h| h.epoch),
             "ha": ha,
             "uptime_seconds": state.started.elapsed().as_secs(),
-            "sessions": sessions.len(),
+            "sessions": state.registry.interaction_count(),
             "bots": by_plugin,
             "chat_servers": link.into_iter().collect::<Vec<_>>(),
         }))
@@ -185,18 +193,17 @@ async fn bots(
     if let Err(e) = state.intake.authorize(bearer(&req), "http") {
         return error(e);
     }
-    let mut bots: Vec<bgs_proto::esp::BotStatus> = state
-        .registry
-        .running
-        .iter()
-        .filter(|e| q.plugin.as_deref().is_none_or(|p| e.value().bot_id == p))
-        .filter(|e| {
-            q.interaction
+    let mut bots: Vec<bgs_proto::esp::BotStatus> = Vec::new();
+    state.registry.for_each_running(|b| {
+        let key = &b.spec.key;
+        if q.plugin.as_deref().is_none_or(|p| key.bot_id == p)
+            && q.interaction
                 .as_deref()
-                .is_none_or(|i| e.key().interaction_id == i)
-        })
-        .map(|e| e.value().clone())
-        .collect();
+                .is_none_or(|i| key.interaction_id == i)
+        {
+            bots.push(b.status());
+        }
+    });
     bots.sort_by(|a, b| {
         (&a.interaction_id, &a.bot_id, &a.bot_name).cmp(&(
             &b.interaction_id,
@@ -235,9 +242,9 @@ async fn preflight() -> HttpResponse {
 /// `GET /metrics`: the Prometheus text format.
 async fn prometheus(state: web::Data<HttpState>) -> HttpResponse {
     let mut active = std::collections::BTreeMap::<String, u64>::new();
-    for e in state.registry.running.iter() {
-        *active.entry(e.value().bot_id.clone()).or_default() += 1;
-    }
+    state.registry.for_each_running(|b| {
+        count(&mut active, &b.spec.key.bot_id);
+    });
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")
         .body(bgs_actors::metrics::metrics().render(&active))

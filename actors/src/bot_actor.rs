@@ -18,7 +18,7 @@ use crate::bot::{
 };
 use crate::chat_link::{ChatCall, ChatCallError, ChatCallLater, ChatPort};
 use crate::esp::BotSpec;
-use crate::messages::Replicate;
+use crate::messages::{Replicate, Shared};
 use crate::metrics::{metrics, Kind};
 use crate::now_ms;
 use crate::report::BotReport;
@@ -30,9 +30,9 @@ pub const BOT_MAILBOX: usize = 1024;
 
 /// Everything a BotActor starts with.
 pub struct BotSetup {
-    pub spec: BotSpec,
+    /// Its session is the chat of `spec.key.interaction_id`.
+    pub spec: std::sync::Arc<BotSpec>,
     pub instance_id: String,
-    pub session_id: String,
     pub participant_id: String,
     pub joined_seq: u64,
     pub bot: Box<dyn Bot>,
@@ -40,7 +40,7 @@ pub struct BotSetup {
     pub restored: Option<Vec<u8>>,
     pub link: ChatPort,
     pub notices: Recipient<BotNotice>,
-    pub ha: Recipient<Replicate>,
+    pub ha: Shared<Replicate>,
     pub handling_timeout: Duration,
     pub started_ms: u64,
     /// The last event already handled (its join, or for a restored bot its checkpoint).
@@ -96,18 +96,18 @@ pub enum BotNotice {
 }
 
 pub struct BotActor {
-    setup_spec: BotSpec,
+    setup_spec: std::sync::Arc<BotSpec>,
     instance_id: String,
-    session_id: String,
     participant_id: String,
     link: ChatPort,
     notices: Recipient<BotNotice>,
-    ha: Recipient<Replicate>,
+    ha: Shared<Replicate>,
     handling_timeout: Duration,
     /// Makes data labels of this incarnation unique (data is not replayed after a switchover).
     incarnation: u32,
     bot: Option<Box<dyn Bot>>,
-    start: Option<BotStart>,
+    /// What its first input gives the plugin (boxed: it is gone once the bot has started).
+    start: Option<Box<BotStart>>,
     joined_seq: u64,
     last_seq: u64,
     data_count: u64,
@@ -116,7 +116,7 @@ pub struct BotActor {
     started_ms: u64,
     error: Option<String>,
     /// The hand-off the bot ended with.
-    handoff: Option<Handoff>,
+    handoff: Option<Box<Handoff>>,
     wake_count: u64,
     /// Running, halted (failed or leaving: no more inputs), or stopping.
     phase: BotPhase,
@@ -446,6 +446,11 @@ pub fn handoff_userdata(handoff: &Handoff, transcript: &str) -> UserdataChanges 
 }
 
 impl BotActor {
+    /// The chat session the bot is in (its interaction).
+    fn session_id(&self) -> &str {
+        &self.setup_spec.key.interaction_id
+    }
+
     pub fn new(setup: BotSetup) -> Self {
         let start = BotStart {
             parameters: setup.spec.parameters.clone(),
@@ -456,7 +461,6 @@ impl BotActor {
         };
         BotActor {
             instance_id: setup.instance_id,
-            session_id: setup.session_id,
             participant_id: setup.participant_id,
             link: setup.link,
             notices: setup.notices,
@@ -464,7 +468,7 @@ impl BotActor {
             incarnation: uuid::Uuid::new_v4().as_u128() as u32,
             handling_timeout: setup.handling_timeout,
             bot: Some(setup.bot),
-            start: Some(start),
+            start: Some(Box::new(start)),
             joined_seq: setup.joined_seq,
             last_seq: setup.checkpoint.max(setup.joined_seq),
             data_count: 0,
@@ -486,7 +490,7 @@ impl BotActor {
         tracing::info_span!(
             "bot",
             interaction_id = %self.setup_spec.key.interaction_id,
-            session_id = %self.session_id,
+            session_id = %self.session_id(),
             bot_id = %self.setup_spec.key.bot_id,
             bot_instance = %self.instance_id
         )
@@ -508,13 +512,18 @@ impl BotActor {
     /// What a hand-off writes as `ChatBotTranscript`: the Chat Server session and the range of
     /// its events the bot was in (`{session}:{joined seq}-{last seq}`).
     fn transcript(&self) -> String {
-        format!("{}:{}-{}", self.session_id, self.joined_seq, self.last_seq)
+        format!(
+            "{}:{}-{}",
+            self.session_id(),
+            self.joined_seq,
+            self.last_seq
+        )
     }
 
     fn outbox(&self) -> Outbox {
         Outbox {
             link: self.link.clone(),
-            session_id: self.session_id.clone(),
+            session_id: self.session_id().to_string(),
             participant_id: self.participant_id.clone(),
             instance_id: self.instance_id.clone(),
         }
@@ -556,7 +565,7 @@ impl BotActor {
                     act.bot = bot;
                     act.sent += outcome.sent;
                     if outcome.handoff.is_some() {
-                        act.handoff = outcome.handoff;
+                        act.handoff = outcome.handoff.map(Box::new);
                     }
                     if let Some(error) = error {
                         tracing::warn!(bot_instance = %act.instance_id, %error, "bot failed");
@@ -601,7 +610,7 @@ impl BotActor {
                 .error
                 .clone()
                 .or_else(|| self.handoff.as_ref().and_then(|h| h.error.clone())),
-            handoff: self.handoff.clone(),
+            handoff: self.handoff.as_deref().cloned(),
         }
     }
 }
@@ -626,7 +635,7 @@ impl Actor for BotActor {
                 }
             });
             let label = format!("{}s", self.joined_seq);
-            self.run(BotInput::Start(start), label, ctx);
+            self.run(BotInput::Start(*start), label, ctx);
         }
     }
 }
@@ -947,21 +956,20 @@ mod tests {
             userdata: KeyValues::new(),
         };
         let bot = BotActor::new(BotSetup {
-            spec,
+            spec: spec.into(),
             instance_id: "inst".into(),
-            session_id: "s".into(),
             participant_id: "bot".into(),
             joined_seq: 5,
             bot: Box::new(TestBot { count: 0 }),
             history: Vec::new(),
             restored: None,
-            link: ChatPort {
-                call: fake.clone().recipient(),
-                later: fake.clone().recipient(),
-                unfollow: fake.recipient(),
-            },
+            link: ChatPort::new(
+                fake.clone().recipient(),
+                fake.clone().recipient(),
+                fake.recipient(),
+            ),
             notices: Probe(notice_tx).start().recipient(),
-            ha: Probe(op_tx).start().recipient(),
+            ha: Probe(op_tx).start().recipient().into(),
             handling_timeout: Duration::from_secs(5),
             started_ms: 0,
             checkpoint: 5,

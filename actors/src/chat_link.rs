@@ -101,7 +101,10 @@ pub struct ChatCallLater(pub ChatRequest);
 /// What sessions and bots use of the ChatLink, as Recipients: the node's ChatLink, or a test's
 /// stand-in.
 #[derive(Clone)]
-pub struct ChatPort {
+pub struct ChatPort(std::sync::Arc<ChatPorts>);
+
+/// The ChatLink's mailboxes that a [`ChatPort`] shares.
+pub struct ChatPorts {
     pub call: Recipient<ChatCall>,
     pub later: Recipient<ChatCallLater>,
     pub unfollow: Recipient<Unfollow>,
@@ -109,11 +112,31 @@ pub struct ChatPort {
 
 impl ChatPort {
     pub fn of(link: &Addr<ChatLink>) -> Self {
-        ChatPort {
-            call: link.clone().recipient(),
-            later: link.clone().recipient(),
-            unfollow: link.clone().recipient(),
-        }
+        Self::new(
+            link.clone().recipient(),
+            link.clone().recipient(),
+            link.clone().recipient(),
+        )
+    }
+
+    pub fn new(
+        call: Recipient<ChatCall>,
+        later: Recipient<ChatCallLater>,
+        unfollow: Recipient<Unfollow>,
+    ) -> Self {
+        ChatPort(std::sync::Arc::new(ChatPorts {
+            call,
+            later,
+            unfollow,
+        }))
+    }
+}
+
+impl std::ops::Deref for ChatPort {
+    type Target = ChatPorts;
+
+    fn deref(&self) -> &ChatPorts {
+        &self.0
     }
 }
 

@@ -55,3 +55,43 @@ pub struct BecomeBackup;
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct Drain;
+
+/// A `Recipient` shared by many holders. Cloning a `Recipient` allocates three times (about 130
+/// bytes that each clone keeps for its life); cloning this is one atomic increment. A node hands
+/// the same one to each of its sessions and bots (docs/PERFORMANCE.md, the memory of a bot).
+pub struct Shared<M>(std::sync::Arc<Recipient<M>>)
+where
+    M: Message + Send,
+    M::Result: Send;
+
+impl<M> Clone for Shared<M>
+where
+    M: Message + Send,
+    M::Result: Send,
+{
+    fn clone(&self) -> Self {
+        Shared(self.0.clone())
+    }
+}
+
+impl<M> std::ops::Deref for Shared<M>
+where
+    M: Message + Send,
+    M::Result: Send,
+{
+    type Target = Recipient<M>;
+
+    fn deref(&self) -> &Recipient<M> {
+        &self.0
+    }
+}
+
+impl<M> From<Recipient<M>> for Shared<M>
+where
+    M: Message + Send,
+    M::Result: Send,
+{
+    fn from(r: Recipient<M>) -> Self {
+        Shared(std::sync::Arc::new(r))
+    }
+}

@@ -1,12 +1,14 @@
 //! The per-bot-session report record and the registry of bot instances a node knows.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use bgs_proto::esp::BotStatus;
 use dashmap::DashMap;
 use serde::Serialize;
 
-use crate::esp::BotKey;
+use crate::esp::{BotKey, BotSpec};
 
 /// One record per bot session, written when the bot ends (JSON lines; docs/ESP.md lists fields).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -43,12 +45,36 @@ pub trait ReportSink: Send + Sync + 'static {
 /// Finished instances kept per interaction for GetBotStatus.
 pub const FINISHED_PER_INTERACTION: usize = 32;
 
-/// The bot instances of this node: running ones by key, recently finished ones by interaction.
-/// Shared (not behind a mailbox) so status pages read it without disturbing the Supervisor.
+/// A running bot as the registry keeps it: the spec it shares with its session and its bot,
+/// and what a status answer needs besides.
+#[derive(Debug, Clone)]
+pub struct RunningBot {
+    pub spec: Arc<BotSpec>,
+    pub instance_id: String,
+    /// Its participant has joined (status `running`; `starting` before).
+    pub joined: bool,
+    pub started_ms: u64,
+}
+
+impl RunningBot {
+    pub fn status(&self) -> BotStatus {
+        let state = if self.joined { "running" } else { "starting" };
+        BotStatus::of(&self.spec, &self.instance_id, state, self.started_ms)
+    }
+
+    fn is(&self, key: &BotKey) -> bool {
+        self.spec.key.bot_id == key.bot_id && self.spec.key.bot_name == key.bot_name
+    }
+}
+
+/// The bot instances of this node: running ones by interaction (a status answer reads one
+/// entry, whatever the number of bots), recently finished ones by interaction. Shared (not behind
+/// a mailbox) so status pages read it without disturbing the Supervisor.
 #[derive(Default)]
 pub struct Registry {
-    pub running: DashMap<BotKey, BotStatus>,
-    pub finished: DashMap<String, VecDeque<BotStatus>>,
+    running: DashMap<String, Vec<RunningBot>>,
+    count: AtomicUsize,
+    finished: DashMap<String, VecDeque<BotStatus>>,
 }
 
 impl Registry {
@@ -64,10 +90,14 @@ impl Registry {
         };
         let mut out: Vec<BotStatus> = self
             .running
-            .iter()
-            .filter(|e| e.key().interaction_id == interaction_id && matches(e.value()))
-            .map(|e| e.value().clone())
-            .collect();
+            .get(interaction_id)
+            .map(|list| {
+                list.iter()
+                    .map(RunningBot::status)
+                    .filter(matches)
+                    .collect()
+            })
+            .unwrap_or_default();
         out.sort_by_key(|s| s.started_ms);
         if let Some(done) = self.finished.get(interaction_id) {
             out.extend(done.iter().rev().filter(|s| matches(s)).cloned());
@@ -75,8 +105,65 @@ impl Registry {
         out
     }
 
+    pub fn is_running(&self, key: &BotKey) -> bool {
+        self.running
+            .get(&key.interaction_id)
+            .is_some_and(|list| list.iter().any(|b| b.is(key)))
+    }
+
+    /// Records a running bot (a second one of the same key replaces the first).
+    pub fn insert(&self, bot: RunningBot) {
+        let mut list = self
+            .running
+            .entry(bot.spec.key.interaction_id.clone())
+            .or_insert_with(|| Vec::with_capacity(1));
+        match list.iter_mut().find(|b| b.is(&bot.spec.key)) {
+            Some(b) => *b = bot,
+            None => {
+                list.push(bot);
+                self.count.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Marks the bot as joined; gives its spec (for the metric labels).
+    pub fn joined(&self, key: &BotKey) -> Option<Arc<BotSpec>> {
+        let mut list = self.running.get_mut(&key.interaction_id)?;
+        let bot = list.iter_mut().find(|b| b.is(key))?;
+        bot.joined = true;
+        Some(bot.spec.clone())
+    }
+
+    pub fn remove(&self, key: &BotKey) -> Option<RunningBot> {
+        let mut gone = None;
+        self.running.remove_if_mut(&key.interaction_id, |_, list| {
+            if let Some(i) = list.iter().position(|b| b.is(key)) {
+                gone = Some(list.swap_remove(i));
+            }
+            list.is_empty()
+        });
+        if gone.is_some() {
+            self.count.fetch_sub(1, Ordering::Relaxed);
+        }
+        gone
+    }
+
+    /// Forgets every running bot (this node is no longer primary).
+    pub fn clear_running(&self) {
+        self.running.clear();
+        self.count.store(0, Ordering::Relaxed);
+    }
+
+    /// Calls `f` with each running bot (status pages, metrics: one pass over all bots).
+    pub fn for_each_running(&self, mut f: impl FnMut(&RunningBot)) {
+        for list in self.running.iter() {
+            list.iter().for_each(&mut f);
+        }
+    }
+
     pub fn finish(&self, key: &BotKey, report: &BotReport) {
-        if let Some((_, mut status)) = self.running.remove(key) {
+        if let Some(bot) = self.remove(key) {
+            let mut status = bot.status();
             status.state = "finished".into();
             status.reason = Some(report.end_reason.clone());
             status.ended_ms = Some(report.ended_ms);
@@ -97,7 +184,12 @@ impl Registry {
         });
     }
 
-    pub fn running_count(&self) -> usize {
+    /// Interactions with at least one running bot.
+    pub fn interaction_count(&self) -> usize {
         self.running.len()
+    }
+
+    pub fn running_count(&self) -> usize {
+        self.count.load(Ordering::Relaxed)
     }
 }

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use end::{end_reason, EndOptions};
-use slot::{PendingStart, Slot};
+use slot::{PendingStart, Slot, Slots};
 
 use actix::prelude::*;
 use bgs_proto::chat::{
@@ -28,7 +28,7 @@ use crate::chat_link::{
     ChatCall, ChatCallError, ChatPort, FeedLost, Follower, ParticipantEvents, Unfollow,
 };
 use crate::esp::{BotKey, BotSpec, ErrorCode, EspError};
-use crate::messages::Replicate;
+use crate::messages::{Replicate, Shared};
 use crate::metrics::{metrics, Kind};
 use crate::now_ms;
 use crate::report::BotReport;
@@ -42,7 +42,7 @@ pub const SESSION_MAILBOX: usize = 256;
 #[derive(Message)]
 #[rtype(result = "Result<Started, EspError>")]
 pub struct StartInSession {
-    pub spec: BotSpec,
+    pub spec: std::sync::Arc<BotSpec>,
     pub instance_id: String,
     pub bot: Box<dyn Bot>,
     pub restored: Option<Vec<u8>>,
@@ -114,11 +114,11 @@ pub struct SessionEnded {
 pub struct SessionActor {
     interaction_id: String,
     link: ChatPort,
-    finished: Recipient<BotFinished>,
-    ended: Recipient<SessionEnded>,
-    ha: Recipient<Replicate>,
+    finished: Shared<BotFinished>,
+    ended: Shared<SessionEnded>,
+    ha: Shared<Replicate>,
     handling_timeout: Duration,
-    bots: HashMap<String, Slot>,
+    bots: Slots,
     /// Events for participants whose join reply this actor has not processed yet.
     early: HashMap<String, Vec<ChatEvent>>,
     joining: usize,
@@ -149,9 +149,9 @@ impl SessionActor {
     pub fn new(
         interaction_id: String,
         link: ChatPort,
-        finished: Recipient<BotFinished>,
-        ended: Recipient<SessionEnded>,
-        ha: Recipient<Replicate>,
+        finished: Shared<BotFinished>,
+        ended: Shared<SessionEnded>,
+        ha: Shared<Replicate>,
         handling_timeout: Duration,
     ) -> Self {
         Self {
@@ -161,7 +161,7 @@ impl SessionActor {
             ended,
             ha,
             handling_timeout,
-            bots: HashMap::new(),
+            bots: Slots::default(),
             early: HashMap::new(),
             joining: 0,
         }
@@ -224,7 +224,6 @@ impl SessionActor {
         let setup = BotSetup {
             spec: slot.spec.clone(),
             instance_id: slot.instance_id.clone(),
-            session_id: self.interaction_id.clone(),
             participant_id: pid.to_string(),
             joined_seq: slot.joined_seq,
             bot: p.bot,
@@ -438,7 +437,7 @@ impl Handler<StartInSession> for SessionActor {
                         );
                         let early = act.early.remove(&pid).unwrap_or_default();
                         if act.joining == 0 {
-                            act.early.clear();
+                            act.early = HashMap::new();
                         }
                         if !early.is_empty() {
                             act.on_events(&pid, early, ctx);
@@ -664,7 +663,7 @@ impl Handler<RestoreInSession> for SessionActor {
                     );
                     let early = act.early.remove(&pid).unwrap_or_default();
                     if act.joining == 0 {
-                        act.early.clear();
+                        act.early = HashMap::new();
                     }
                     if !early.is_empty() {
                         act.on_events(&pid, early, ctx);
@@ -710,7 +709,7 @@ impl Handler<Quiesce> for SessionActor {
 
 /// What the HA link carries for a bot.
 fn replica_of(
-    spec: &BotSpec,
+    spec: &std::sync::Arc<BotSpec>,
     instance_id: &str,
     participant_id: &str,
     joined_seq: u64,
@@ -923,14 +922,14 @@ mod tests {
         let probe = Probe(told_tx).start();
         let session = SessionActor::new(
             "chat-1".into(),
-            ChatPort {
-                call: fake.clone().recipient(),
-                later: fake.clone().recipient(),
-                unfollow: fake.recipient(),
-            },
-            probe.clone().recipient(),
-            probe.clone().recipient(),
-            probe.recipient(),
+            ChatPort::new(
+                fake.clone().recipient(),
+                fake.clone().recipient(),
+                fake.recipient(),
+            ),
+            probe.clone().recipient().into(),
+            probe.clone().recipient().into(),
+            probe.recipient().into(),
             Duration::from_secs(5),
         )
         .start();
@@ -952,7 +951,7 @@ mod tests {
         };
         let started = session
             .send(StartInSession {
-                spec,
+                spec: spec.into(),
                 instance_id: "inst".into(),
                 bot: Box::new(TestBot),
                 restored: None,

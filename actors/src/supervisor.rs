@@ -7,16 +7,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
-use bgs_proto::esp::{BotStatus, EspRequest, EspResponse, EspResult};
+use bgs_proto::esp::{EspRequest, EspResponse, EspResult};
 
 use crate::bot::{BotFactory, CreateBot, StopReason};
-use crate::chat_link::ChatLink;
+use crate::chat_link::{ChatLink, ChatPort};
 use crate::esp::BotKey;
 use crate::esp::{self, BotSpec, ErrorCode, EspCommand, EspError};
-use crate::messages::{BecomeBackup, BecomePrimary, Drain, Replicate};
+use crate::messages::{BecomeBackup, BecomePrimary, Drain, Replicate, Shared};
 use crate::metrics::{metrics, Kind};
 use crate::now_ms;
-use crate::report::{Registry, ReportSink};
+use crate::report::{Registry, ReportSink, RunningBot};
 use crate::role::RoleView;
 use crate::session::{
     Abandon, BotFinished, DataInSession, Quiesce, RestoreInSession, SessionActor, SessionEnded,
@@ -61,7 +61,9 @@ pub struct Supervisor {
     reports: Arc<dyn ReportSink>,
     arbiters: Vec<ArbiterHandle>,
     shutting_down: bool,
-    ha: Recipient<Replicate>,
+    ha: Shared<Replicate>,
+    /// What every session is handed (shared: made once, at the first session).
+    session_ports: Option<(ChatPort, Shared<BotFinished>, Shared<SessionEnded>)>,
     /// The node's role, as the HaCoordinator sets it.
     role: RoleView,
 }
@@ -94,7 +96,8 @@ impl Supervisor {
             reports,
             arbiters,
             shutting_down: false,
-            ha,
+            ha: ha.into(),
+            session_ports: None,
             role,
         }
     }
@@ -106,20 +109,22 @@ impl Supervisor {
         let mut h = DefaultHasher::new();
         interaction_id.hash(&mut h);
         let arbiter = &self.arbiters[(h.finish() as usize) % self.arbiters.len()];
-        let link = crate::chat_link::ChatPort::of(&self.link);
-        let me = ctx.address();
+        let (link, finished, ended) = self
+            .session_ports
+            .get_or_insert_with(|| {
+                let me = ctx.address();
+                (
+                    ChatPort::of(&self.link),
+                    me.clone().recipient().into(),
+                    me.recipient().into(),
+                )
+            })
+            .clone();
         let id = interaction_id.to_string();
         let timeout = self.config.handling_timeout;
         let ha = self.ha.clone();
         let addr = SessionActor::start_in_arbiter(arbiter, move |_| {
-            SessionActor::new(
-                id,
-                link,
-                me.clone().recipient(),
-                me.recipient(),
-                ha,
-                timeout,
-            )
+            SessionActor::new(id, link, finished, ended, ha, timeout)
         });
         self.sessions
             .insert(interaction_id.to_string(), addr.clone());
@@ -146,7 +151,7 @@ impl Supervisor {
                 ),
             ));
         };
-        if self.registry.running.contains_key(&spec.key) {
+        if self.registry.is_running(&spec.key) {
             return fail(EspError::new(
                 ErrorCode::AlreadyRunning,
                 format!("bot {} is already running", spec.key),
@@ -175,10 +180,13 @@ impl Supervisor {
             }
         };
         let instance_id = uuid::Uuid::new_v4().simple().to_string();
-        self.registry.running.insert(
-            spec.key.clone(),
-            BotStatus::of(&spec, &instance_id, "starting", now_ms()),
-        );
+        let spec = Arc::new(spec);
+        self.registry.insert(RunningBot {
+            spec: spec.clone(),
+            instance_id: instance_id.clone(),
+            joined: false,
+            started_ms: now_ms(),
+        });
         let key = spec.key.clone();
         let session = self.session(&key.interaction_id, ctx);
         let start = StartInSession {
@@ -194,9 +202,8 @@ impl Supervisor {
             });
             match result {
                 Ok(started) => {
-                    if let Some(mut s) = act.registry.running.get_mut(&key) {
-                        s.state = "running".into();
-                        metrics().bots_started.inc(&[&s.bot_id, &s.category, &s.function]);
+                    if let Some(s) = act.registry.joined(&key) {
+                        metrics().bots_started.inc(&[&s.key.bot_id, &s.category, &s.function]);
                     }
                     EspResponse::ok(
                         request_id,
@@ -207,7 +214,7 @@ impl Supervisor {
                     )
                 }
                 Err(e) => {
-                    act.registry.running.remove(&key);
+                    act.registry.remove(&key);
                     tracing::warn!(bot = %key, code = e.code.as_str(), error = %e.message, "StartBot failed");
                     e.into_response(request_id)
                 }
@@ -400,7 +407,7 @@ impl Handler<BecomeBackup> for Supervisor {
         for (_, s) in self.sessions.drain() {
             s.do_send(Abandon);
         }
-        self.registry.running.clear();
+        self.registry.clear_running();
     }
 }
 
@@ -452,10 +459,12 @@ impl Handler<BecomePrimary> for Supervisor {
                     continue;
                 }
             };
-            self.registry.running.insert(
-                key.clone(),
-                BotStatus::of(&bot.spec, &bot.instance_id, "running", bot.started_ms),
-            );
+            self.registry.insert(RunningBot {
+                spec: bot.spec.clone(),
+                instance_id: bot.instance_id.clone(),
+                joined: true,
+                started_ms: bot.started_ms,
+            });
             let session = self.session(&key.interaction_id, ctx);
             if batches
                 .last()
@@ -498,7 +507,7 @@ impl Handler<BecomePrimary> for Supervisor {
                         };
                         // Gone for good: out of the registry and out of the replicated state.
                         tracing::warn!(bot = %key, %error, "bot not restored");
-                        registry.running.remove(&key);
+                        registry.remove(&key);
                         ha.do_send(Replicate(HaOp::Removed { instance_id }));
                     }
                 }

@@ -1,6 +1,8 @@
 //! The HA link between the two nodes of a pair: handshake, heartbeats, and the replication
 //! stream of bot starts, context saves and removals (docs/HA.md).
 
+use std::sync::Arc;
+
 use serde::{Deserialize, Serialize};
 
 #[cfg(test)]
@@ -33,8 +35,9 @@ impl HaRole {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReplicatedBot {
     pub instance_id: String,
-    /// What the bot was started with (its StartBot).
-    pub spec: BotSpec,
+    /// What the bot was started with (its StartBot); one copy shared by the session, the bot,
+    /// the registry and the replicated state (the same bytes on the wire as a plain `BotSpec`).
+    pub spec: Arc<BotSpec>,
     /// The participant the bot joined as, and the sequence number of its join.
     pub participant_id: String,
     pub joined_seq: u64,
@@ -127,7 +130,7 @@ mod tests {
     fn frames_round_trip() {
         let bot = ReplicatedBot {
             instance_id: "b".into(),
-            spec: BotSpec {
+            spec: Arc::new(BotSpec {
                 key: BotKey {
                     interaction_id: "i".into(),
                     bot_id: "echo".into(),
@@ -142,7 +145,7 @@ mod tests {
                 function: "f".into(),
                 parameters: Default::default(),
                 userdata: [("InteractionId".to_string(), "i".to_string())].into(),
-            },
+            }),
             participant_id: "p".into(),
             joined_seq: 2,
             started_ms: 1,

@@ -143,7 +143,7 @@ fn config(name: &str, role: HaRole, sync: bool) -> Config {
 fn bot(id: &str) -> ReplicatedBot {
     ReplicatedBot {
         instance_id: id.into(),
-        spec: BotSpec {
+        spec: std::sync::Arc::new(BotSpec {
             key: BotKey {
                 interaction_id: format!("chat-{id}"),
                 bot_id: "echo".into(),
@@ -158,7 +158,7 @@ fn bot(id: &str) -> ReplicatedBot {
             function: String::new(),
             parameters: Default::default(),
             userdata: Default::default(),
-        },
+        }),
         participant_id: format!("p-{id}"),
         joined_seq: 1,
         started_ms: 0,

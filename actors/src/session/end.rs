@@ -1,47 +1,47 @@
 //! When a chat event ends a bot (SPEC section 3, docs/ESP.md section 12): a pure function of the
 //! bot's view of who is present and the event, tested on a table of cases.
 
-use std::collections::HashMap;
-
 use bgs_proto::chat::{AfterAction, ChatEvent, EventKind, ParticipantType, Style};
 
 use crate::bot::StopReason;
 
-/// Who a bot sees in the session (from its own feed).
+/// Who a bot sees in the session (from its own feed). A chat has a handful of participants, so
+/// a vector searched in order (a hash map's smallest table holds four).
 #[derive(Debug, Default)]
 pub(super) struct Roster {
-    present: HashMap<String, (ParticipantType, Style)>,
+    present: Vec<(String, ParticipantType, Style)>,
 }
 
 impl Roster {
     pub(super) fn apply(&mut self, e: &ChatEvent) {
         match e.kind {
-            EventKind::Joined => {
-                self.present
-                    .insert(e.participant_id.clone(), (e.participant_type, e.style));
-            }
-            EventKind::Left => {
-                self.present.remove(&e.participant_id);
-            }
-            EventKind::Closed => self.present.clear(),
+            EventKind::Joined => match self.present.iter_mut().find(|p| p.0 == e.participant_id) {
+                Some(p) => (p.1, p.2) = (e.participant_type, e.style),
+                None => {
+                    self.present
+                        .push((e.participant_id.clone(), e.participant_type, e.style));
+                }
+            },
+            EventKind::Left => self.present.retain(|p| p.0 != e.participant_id),
+            EventKind::Closed => self.present = Vec::new(),
             _ => {}
         }
     }
 
     /// Whether the participant is present (as far as the bot has seen).
     pub(super) fn has(&self, participant_id: &str) -> bool {
-        self.present.contains_key(participant_id)
+        self.present.iter().any(|p| p.0 == participant_id)
     }
 
     fn has_human_agent(&self) -> bool {
         self.present
-            .values()
-            .any(|(t, s)| *t == ParticipantType::Agent && *s != Style::Bot)
+            .iter()
+            .any(|(_, t, s)| *t == ParticipantType::Agent && *s != Style::Bot)
     }
 
     /// Anyone left who is not a bot, the system or an external user?
     fn has_people(&self) -> bool {
-        self.present.values().any(|(t, s)| {
+        self.present.iter().any(|(_, t, s)| {
             *s != Style::Bot && !matches!(t, ParticipantType::System | ParticipantType::External)
         })
     }

@@ -12,7 +12,7 @@ use crate::bot_actor::BotActor;
 use crate::esp::{BotSpec, EspError};
 
 pub(super) struct Slot {
-    pub(super) spec: BotSpec,
+    pub(super) spec: std::sync::Arc<BotSpec>,
     pub(super) instance_id: String,
     pub(super) joined_seq: u64,
     /// Events up to here only build the roster; later ones go to the bot (its join for a new
@@ -45,7 +45,7 @@ pub(super) struct PendingStart {
 impl Slot {
     /// A bot whose join is under way (`pending` for a new one, the restoring path fills it in).
     pub(super) fn new(
-        spec: BotSpec,
+        spec: std::sync::Arc<BotSpec>,
         instance_id: String,
         joined_seq: u64,
         deliver_after: u64,
@@ -64,5 +64,62 @@ impl Slot {
             deliver_ending: false,
             waiters: Vec::new(),
         }
+    }
+}
+
+/// The bots of one session by participant id. Nearly every session has one bot, so a vector
+/// searched in order: one small allocation, where a hash map's smallest table holds four slots.
+#[derive(Default)]
+pub(super) struct Slots(Vec<(String, Slot)>);
+
+impl Slots {
+    pub(super) fn get(&self, pid: &str) -> Option<&Slot> {
+        self.0.iter().find(|(p, _)| p == pid).map(|(_, s)| s)
+    }
+
+    pub(super) fn get_mut(&mut self, pid: &str) -> Option<&mut Slot> {
+        self.0.iter_mut().find(|(p, _)| p == pid).map(|(_, s)| s)
+    }
+
+    /// Adds the bot of `pid`, or replaces the one there.
+    pub(super) fn insert(&mut self, pid: String, slot: Slot) {
+        match self.get_mut(&pid) {
+            Some(s) => *s = slot,
+            None => {
+                if self.0.capacity() == 0 {
+                    self.0.reserve_exact(1);
+                }
+                self.0.push((pid, slot));
+            }
+        }
+    }
+
+    pub(super) fn remove(&mut self, pid: &str) -> Option<Slot> {
+        let i = self.0.iter().position(|(p, _)| p == pid)?;
+        let (_, slot) = self.0.swap_remove(i);
+        if self.0.is_empty() {
+            self.0 = Vec::new();
+        }
+        Some(slot)
+    }
+
+    pub(super) fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub(super) fn iter(&self) -> impl Iterator<Item = (&String, &Slot)> {
+        self.0.iter().map(|(p, s)| (p, s))
+    }
+
+    pub(super) fn values(&self) -> impl Iterator<Item = &Slot> {
+        self.0.iter().map(|(_, s)| s)
+    }
+
+    pub(super) fn keys(&self) -> impl Iterator<Item = &String> {
+        self.0.iter().map(|(p, _)| p)
+    }
+
+    pub(super) fn drain(&mut self) -> impl Iterator<Item = (String, Slot)> {
+        std::mem::take(&mut self.0).into_iter()
     }
 }
