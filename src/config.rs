@@ -152,7 +152,7 @@ pub struct BotsConfig {
     pub handling_timeout_ms: u64,
     /// Seconds finished bot instances stay visible to GetBotStatus.
     pub finished_retention: u64,
-    /// Threads (actix arbiters) for sessions and bots; 0: one per core.
+    /// Threads (actix arbiters) for sessions and bots; 0: one per core but one, at least 1.
     pub arbiters: usize,
 }
 

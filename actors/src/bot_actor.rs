@@ -3,6 +3,7 @@
 //! the next input. A handler's error, panic or overrun stops the bot with reason `error`.
 
 use std::panic::AssertUnwindSafe;
+use std::sync::Arc;
 use std::time::Duration;
 
 use actix::prelude::*;
@@ -97,9 +98,8 @@ pub enum BotNotice {
 
 pub struct BotActor {
     setup_spec: std::sync::Arc<BotSpec>,
-    instance_id: String,
-    participant_id: String,
-    link: ChatPort,
+    /// Its ids and the Chat Server link, made once and shared with each input's actions.
+    outbox: Arc<Outbox>,
     notices: Recipient<BotNotice>,
     ha: Shared<Replicate>,
     handling_timeout: Duration,
@@ -252,8 +252,22 @@ async fn call(
     }
 }
 
+/// The range of events a bot was in: its join and the last event it has handled.
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    joined_seq: u64,
+    last_seq: u64,
+}
+
+impl Seen {
+    /// What a hand-off writes as `ChatBotTranscript`: the Chat Server session and the range of
+    /// its events the bot was in (`{session}:{joined seq}-{last seq}`).
+    fn transcript(self, session_id: &str) -> String {
+        format!("{session_id}:{}-{}", self.joined_seq, self.last_seq)
+    }
+}
+
 /// Where a bot's posts and userdata go, and how their client keys are made.
-#[derive(Clone)]
 struct Outbox {
     link: ChatPort,
     session_id: String,
@@ -364,8 +378,8 @@ impl Outbox {
 
     /// Carries out a handler's actions in order. `label` makes the client keys: the same input
     /// replayed after a reconnect or a switchover produces the same keys, so nothing posts twice.
-    /// `transcript` is the reference a hand-off writes (`ChatBotTranscript`).
-    async fn execute(&self, actions: Vec<BotAction>, label: &str, transcript: &str) -> Outcome {
+    /// `seen` gives the reference a hand-off writes (`ChatBotTranscript`).
+    async fn execute(&self, actions: Vec<BotAction>, label: &str, seen: Seen) -> Outcome {
         let mut outcome = Outcome::default();
         for (index, action) in actions.into_iter().enumerate() {
             match action {
@@ -407,7 +421,8 @@ impl Outbox {
                 }
                 BotAction::SaveContext(bytes) => outcome.saved = Some(bytes),
                 BotAction::Handoff(handoff) => {
-                    if let Err(e) = self.userdata(handoff_userdata(&handoff, transcript)).await {
+                    let transcript = seen.transcript(&self.session_id);
+                    if let Err(e) = self.userdata(handoff_userdata(&handoff, &transcript)).await {
                         outcome.fail(e);
                         break;
                     }
@@ -460,9 +475,12 @@ impl BotActor {
             waker: BotWaker::none(),
         };
         BotActor {
-            instance_id: setup.instance_id,
-            participant_id: setup.participant_id,
-            link: setup.link,
+            outbox: Arc::new(Outbox {
+                session_id: setup.spec.key.interaction_id.clone(),
+                instance_id: setup.instance_id,
+                participant_id: setup.participant_id,
+                link: setup.link,
+            }),
             notices: setup.notices,
             ha: setup.ha,
             incarnation: uuid::Uuid::new_v4().as_u128() as u32,
@@ -492,58 +510,50 @@ impl BotActor {
             interaction_id = %self.setup_spec.key.interaction_id,
             session_id = %self.session_id(),
             bot_id = %self.setup_spec.key.bot_id,
-            bot_instance = %self.instance_id
+            bot_instance = %self.outbox.instance_id
         )
     }
 
     fn context(&self, label: &str) -> BotContext {
         let mut ctx = BotContext::new(
-            self.instance_id.clone(),
+            self.outbox.instance_id.clone(),
             self.setup_spec.key.interaction_id.clone(),
             self.setup_spec.key.bot_id.clone(),
             self.setup_spec.key.bot_name.clone(),
             self.setup_spec.nickname.clone(),
             self.setup_spec.visibility,
         );
-        ctx.input_id = format!("{}:{label}", self.instance_id);
+        ctx.input_id = format!("{}:{label}", self.outbox.instance_id);
         ctx
     }
 
-    /// What a hand-off writes as `ChatBotTranscript`: the Chat Server session and the range of
-    /// its events the bot was in (`{session}:{joined seq}-{last seq}`).
-    fn transcript(&self) -> String {
-        format!(
-            "{}:{}-{}",
-            self.session_id(),
-            self.joined_seq,
-            self.last_seq
-        )
+    /// The events the bot was in, for what a hand-off writes as `ChatBotTranscript`.
+    fn seen(&self) -> Seen {
+        Seen {
+            joined_seq: self.joined_seq,
+            last_seq: self.last_seq,
+        }
     }
 
-    fn outbox(&self) -> Outbox {
-        Outbox {
-            link: self.link.clone(),
-            session_id: self.session_id().to_string(),
-            participant_id: self.participant_id.clone(),
-            instance_id: self.instance_id.clone(),
-        }
+    fn outbox(&self) -> Arc<Outbox> {
+        self.outbox.clone()
     }
 
     /// Runs one input exclusively: the next input waits until this one's actions are done.
     fn run(&mut self, input: BotInput, label: String, ctx: &mut Context<Self>) {
         let Some(bot) = self.bot.take() else { return };
         let bctx = self.context(&label);
-        let transcript = self.transcript();
+        let seen = self.seen();
         let timeout = self.handling_timeout;
         let outbox = self.outbox();
         let covered = self.last_seq;
         let ha = self.ha.clone();
-        let instance_id = self.instance_id.clone();
+        let instance_id = self.outbox.instance_id.clone();
         let started = std::time::Instant::now();
         let span = self.span();
         let fut = async move {
             let (bot, error, actions) = call(bot, bctx, input, timeout).await;
-            let outcome = outbox.execute(actions, &label, &transcript).await;
+            let outcome = outbox.execute(actions, &label, seen).await;
             // Posts first, then the save: a failover before the save replays the input, and the
             // replayed posts carry the same client keys.
             let error = error.or_else(|| outcome.failed.clone());
@@ -568,18 +578,18 @@ impl BotActor {
                         act.handoff = outcome.handoff.map(Box::new);
                     }
                     if let Some(error) = error {
-                        tracing::warn!(bot_instance = %act.instance_id, %error, "bot failed");
+                        tracing::warn!(bot_instance = %act.outbox.instance_id, %error, "bot failed");
                         act.halt();
                         metrics().failed(Kind::Bot);
                         act.error = Some(error.clone());
                         act.notices.do_send(BotNotice::Failed {
-                            participant_id: act.participant_id.clone(),
+                            participant_id: act.outbox.participant_id.clone(),
                             error,
                         });
                     } else if outcome.leave {
                         act.halt();
                         act.notices.do_send(BotNotice::WantsToLeave {
-                            participant_id: act.participant_id.clone(),
+                            participant_id: act.outbox.participant_id.clone(),
                         });
                     }
                 }),
@@ -589,7 +599,7 @@ impl BotActor {
     fn report(&self, reason: StopReason, ended_ms: u64) -> BotReport {
         let spec = &self.setup_spec;
         BotReport {
-            instance_id: self.instance_id.clone(),
+            instance_id: self.outbox.instance_id.clone(),
             interaction_id: spec.key.interaction_id.clone(),
             bot_id: spec.key.bot_id.clone(),
             bot_name: spec.key.bot_name.clone(),
@@ -669,7 +679,9 @@ impl Handler<Deliver> for BotActor {
                     return; // already handled (a replay overlap)
                 }
                 self.last_seq = event.seq;
-                if event.kind == EventKind::Message && event.participant_id != self.participant_id {
+                if event.kind == EventKind::Message
+                    && event.participant_id != self.outbox.participant_id
+                {
                     self.received += 1;
                 }
                 let label = event.seq.to_string();
@@ -721,11 +733,11 @@ impl Handler<StopBotActor> for BotActor {
         self.phase = BotPhase::Stopping(Some(reason));
         let bot = self.bot.take();
         let bctx = self.context("stop");
-        let transcript = self.transcript();
+        let seen = self.seen();
         let timeout = self.handling_timeout;
         let outbox = self.outbox();
         let holdup = self.setup_spec.holdup;
-        let instance_id = self.instance_id.clone();
+        let instance_id = self.outbox.instance_id.clone();
         let span = self.span();
         let fut = async move {
             let mut error = None;
@@ -735,7 +747,7 @@ impl Handler<StopBotActor> for BotActor {
                 error = e;
                 // Posting needs the bot still in the chat: only when the gateway removes it.
                 if reason.sends_leave() {
-                    sent = outbox.execute(actions, "stop", &transcript).await.sent;
+                    sent = outbox.execute(actions, "stop", seen).await.sent;
                 }
             }
             let ended_ms = now_ms();
@@ -789,7 +801,7 @@ impl Handler<StopBotActor> for BotActor {
                     }
                     let report = act.report(reason, ended_ms);
                     act.notices.do_send(BotNotice::Finished {
-                        participant_id: act.participant_id.clone(),
+                        participant_id: act.outbox.participant_id.clone(),
                         report: Box::new(report),
                     });
                     ctx.stop();

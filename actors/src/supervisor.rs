@@ -46,7 +46,8 @@ pub struct SupervisorConfig {
     pub handling_timeout: Duration,
     /// How long finished instances stay visible to GetBotStatus.
     pub finished_retention: Duration,
-    /// Arbiters (threads) to spread sessions and bots over; 0: one per core.
+    /// Arbiters (threads) to spread sessions and bots over; 0: one per core but one (the main
+    /// thread, with the ChatLink, the HA coordinator and this Supervisor, takes a core), at least 1.
     pub arbiters: usize,
     /// Bots restored at once after a promotion (`ha-bot-recovery-batch`).
     pub recovery_batch: usize,
@@ -79,7 +80,7 @@ impl Supervisor {
         role: RoleView,
     ) -> Self {
         let n = if config.arbiters == 0 {
-            std::thread::available_parallelism().map_or(2, |n| n.get())
+            std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1))
         } else {
             config.arbiters
         };

@@ -160,18 +160,31 @@ impl<In: DeserializeOwned, Out> Decoder for FrameCodec<In, Out> {
 impl<In, Out: Serialize> Encoder<Out> for FrameCodec<In, Out> {
     type Error = CodecError;
 
+    /// Encodes straight into `dst` behind a length prefix that is filled in afterwards: no
+    /// payload vector, no copy (a frame too large is taken back out of `dst`).
     fn encode(&mut self, item: Out, dst: &mut BytesMut) -> Result<(), CodecError> {
-        let payload = encode(&item)?;
-        if payload.len() > self.max_frame {
-            return Err(CodecError::FrameTooLarge {
-                len: payload.len(),
-                max: self.max_frame,
-            });
+        let start = dst.len();
+        dst.put_u32(0);
+        let written =
+            bincode::serde::encode_into_std_write(&item, &mut (&mut *dst).writer(), config());
+        let len = dst.len() - start - LEN_PREFIX;
+        match written {
+            Ok(_) if len <= self.max_frame => {
+                dst[start..start + LEN_PREFIX].copy_from_slice(&(len as u32).to_be_bytes());
+                Ok(())
+            }
+            Ok(_) => {
+                dst.truncate(start);
+                Err(CodecError::FrameTooLarge {
+                    len,
+                    max: self.max_frame,
+                })
+            }
+            Err(e) => {
+                dst.truncate(start);
+                Err(CodecError::Encode(e.to_string()))
+            }
         }
-        dst.reserve(LEN_PREFIX + payload.len());
-        dst.put_u32(payload.len() as u32);
-        dst.extend_from_slice(&payload);
-        Ok(())
     }
 }
 
@@ -295,11 +308,14 @@ mod tests {
                 max: 1024
             })
         ));
+        // A frame too large to send leaves what was already queued as it was.
+        let mut queued = BytesMut::from(&b"ab"[..]);
         let big = post(&"x".repeat(2000));
         assert!(matches!(
-            codec.encode(big, &mut BytesMut::new()),
+            codec.encode(big, &mut queued),
             Err(CodecError::FrameTooLarge { .. })
         ));
+        assert_eq!(&queued[..], b"ab");
     }
 
     #[test]
