@@ -131,19 +131,12 @@ fn spawn(
 }
 
 /// Waits (30 s at most) until the node's `/readyz` says it is connected to the Chat Server.
-async fn wait_ready(http: SocketAddr) -> Result<(), String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+async fn wait_ready(http: &reqwest::Client, addr: SocketAddr) -> Result<(), String> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        if let Ok(mut s) = TcpStream::connect(http).await {
-            let req = format!("GET /readyz HTTP/1.1\r\nHost: {http}\r\nConnection: close\r\n\r\n");
-            let mut raw = Vec::new();
-            if s.write_all(req.as_bytes()).await.is_ok()
-                && s.read_to_end(&mut raw).await.is_ok()
-                && raw.starts_with(b"HTTP/1.1 200")
-            {
-                return Ok(());
-            }
+        let ready = http.get(format!("http://{addr}/readyz")).send().await;
+        if ready.is_ok_and(|r| r.status().is_success()) {
+            return Ok(());
         }
         if Instant::now() > deadline {
             return Err("the node did not become ready within 30 s".into());
@@ -152,27 +145,27 @@ async fn wait_ready(http: SocketAddr) -> Result<(), String> {
     }
 }
 
-/// A minimal HTTP/1.1 POST (one connection per request) that returns the JSON answer.
-async fn http_post(addr: SocketAddr, path: &str, body: &Value) -> Result<Value, String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let body = body.to_string();
-    let mut s = TcpStream::connect(addr).await.map_err(|e| e.to_string())?;
-    let req = format!(
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes())
+/// POSTs `body` as JSON and returns the JSON answer.
+async fn http_post(
+    http: &reqwest::Client,
+    addr: SocketAddr,
+    path: &str,
+    body: &Value,
+) -> Result<Value, String> {
+    let response = http
+        .post(format!("http://{addr}{path}"))
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .body(body.to_string())
+        .send()
         .await
         .map_err(|e| e.to_string())?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).await.map_err(|e| e.to_string())?;
-    let text = String::from_utf8_lossy(&raw);
-    let (_, payload) = text.split_once("\r\n\r\n").ok_or("no HTTP head")?;
-    serde_json::from_str(payload).map_err(|e| format!("{e}: {payload}"))
+    let bytes = response.bytes().await.map_err(|e| e.to_string())?;
+    serde_json::from_slice(&bytes).map_err(|e| format!("{e}: {}", String::from_utf8_lossy(&bytes)))
 }
 
 /// Creates `n` sessions `{prefix}-{i}` over HTTP, 16 at a time.
 async fn create_sessions(
+    http: &reqwest::Client,
     chat_http: SocketAddr,
     prefix: &str,
     n: usize,
@@ -182,7 +175,7 @@ async fn create_sessions(
     for chunk in ids.chunks(16) {
         let calls = chunk.iter().map(|id| async move {
             let body = json!({"interaction_id": id, "nickname": "Customer"});
-            http_post(chat_http, "/sessions", &body)
+            http_post(http, chat_http, "/sessions", &body)
                 .await
                 .map(|v| v["session_id"].as_str().unwrap_or_default().to_string())
         });
@@ -607,13 +600,14 @@ async fn measure(config: &BenchConfig, dir: &std::path::Path) -> Result<Value, S
         &dir.join("bgs.log"),
     )?;
     let esp = gw_addrs["esp"];
-    wait_ready(gw_addrs["http"]).await?;
+    let http = crate::plugins::connector::client()?;
+    wait_ready(&http, gw_addrs["http"]).await?;
 
     eprintln!(
         "bgs bench: {n} customers, {} posts/s for {:?}",
         config.rate, config.duration
     );
-    let gw_sessions = create_sessions(chat_http, "bench-g", n).await?;
+    let gw_sessions = create_sessions(&http, chat_http, "bench-g", n).await?;
     let interactions: Vec<String> = (0..n).map(|i| format!("bench-g-{i}")).collect();
     let gw_customers = customers(chat_tcp, &gw_sessions, config.connections).await?;
     let (rss_before, _) = gateway.usage();
@@ -652,7 +646,7 @@ async fn measure(config: &BenchConfig, dir: &std::path::Path) -> Result<Value, S
         |t0: u64, t1: u64, took: Duration| (t1 - t0) as f64 / 100.0 / took.as_secs_f64() * 100.0;
 
     eprintln!("bgs bench: the floor (a bare relay, same Chat Server)");
-    let floor_sessions = create_sessions(chat_http, "bench-f", n).await?;
+    let floor_sessions = create_sessions(&http, chat_http, "bench-f", n).await?;
     let relay = floor_relay(chat_tcp, floor_sessions.clone()).await?;
     let floor_customers = customers(chat_tcp, &floor_sessions, config.connections).await?;
     let floor_phase = load(floor_customers, config.rate, config.duration).await?;

@@ -32,7 +32,7 @@ pub const BOT_MAILBOX: usize = 1024;
 /// Everything a BotActor starts with.
 pub struct BotSetup {
     /// Its session is the chat of `spec.key.interaction_id`.
-    pub spec: std::sync::Arc<BotSpec>,
+    pub spec: Arc<BotSpec>,
     pub instance_id: String,
     pub participant_id: String,
     pub joined_seq: u64,
@@ -48,7 +48,7 @@ pub struct BotSetup {
     pub checkpoint: u64,
     /// Set by the session when the bot is being stopped or dropped, and by the bot when it halts:
     /// inputs still queued are then skipped at once, not handed to the plugin.
-    pub done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    pub done: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Answers once every input given before it has been handled (switchover drain).
@@ -97,7 +97,7 @@ pub enum BotNotice {
 }
 
 pub struct BotActor {
-    setup_spec: std::sync::Arc<BotSpec>,
+    setup_spec: Arc<BotSpec>,
     /// Its ids and the Chat Server link, made once and shared with each input's actions.
     outbox: Arc<Outbox>,
     notices: Recipient<BotNotice>,
@@ -121,7 +121,7 @@ pub struct BotActor {
     /// Running, halted (failed or leaving: no more inputs), or stopping.
     phase: BotPhase,
     /// Shared with the session: set when either decides the bot takes no more inputs.
-    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    done: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Why an action of a bot was not carried out.
