@@ -193,3 +193,94 @@ impl Registry {
         self.count.load(Ordering::Relaxed)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+
+    fn bot(interaction: &str, name: &str, started_ms: u64) -> RunningBot {
+        RunningBot {
+            spec: Arc::new(BotSpec {
+                key: BotKey {
+                    interaction_id: interaction.into(),
+                    bot_id: "echo".into(),
+                    bot_name: name.into(),
+                },
+                nickname: "Echo".into(),
+                visibility: bgs_proto::chat::Visibility::All,
+                stop_on_agent_arrival: false,
+                stop_on_customer_left: false,
+                holdup: false,
+                category: String::new(),
+                function: String::new(),
+                parameters: Default::default(),
+                userdata: Default::default(),
+            }),
+            instance_id: format!("{interaction}-{name}"),
+            joined: false,
+            started_ms,
+        }
+    }
+
+    fn report(end_reason: &str) -> BotReport {
+        BotReport {
+            instance_id: String::new(),
+            interaction_id: String::new(),
+            bot_id: String::new(),
+            bot_name: String::new(),
+            category: String::new(),
+            function: String::new(),
+            nickname: String::new(),
+            visibility: String::new(),
+            holdup: false,
+            started_ms: 0,
+            ended_ms: 9,
+            duration_ms: 0,
+            messages_sent: 0,
+            messages_received: 0,
+            ended_by: String::new(),
+            end_reason: end_reason.into(),
+            abnormal: false,
+            error: None,
+            handoff: None,
+        }
+    }
+
+    #[test]
+    fn status_counts_and_finishing_follow_each_bot_of_an_interaction() {
+        let r = Registry::default();
+        r.insert(bot("chat-1", "b", 2));
+        r.insert(bot("chat-1", "a", 1));
+        r.insert(bot("chat-2", "a", 3));
+        // The same key again replaces, it does not count twice.
+        r.insert(bot("chat-2", "a", 4));
+        assert_eq!((r.running_count(), r.interaction_count()), (3, 2));
+        let key = bot("chat-1", "a", 0).spec.key.clone();
+        assert!(r.is_running(&key));
+        assert_eq!(r.joined(&key).unwrap().key, key);
+
+        let all = r.status("chat-1", None, None);
+        let seen: Vec<(&str, &str)> = all
+            .iter()
+            .map(|s| (s.bot_name.as_str(), s.state.as_str()))
+            .collect();
+        assert_eq!(seen, [("a", "running"), ("b", "starting")]);
+        assert_eq!(r.status("chat-1", None, Some("b")).len(), 1);
+        assert_eq!(r.status("chat-3", None, None), Vec::new());
+
+        r.finish(&key, &report("stop_requested"));
+        assert!(!r.is_running(&key));
+        assert_eq!(r.running_count(), 2);
+        let after = r.status("chat-1", None, None);
+        assert_eq!(after[0].bot_name, "b");
+        assert_eq!(after[1].state, "finished");
+        assert_eq!(after[1].reason.as_deref(), Some("stop_requested"));
+
+        r.finish(&bot("chat-1", "b", 0).spec.key, &report("customer_left"));
+        assert_eq!((r.running_count(), r.interaction_count()), (1, 1));
+        r.clear_running();
+        assert_eq!((r.running_count(), r.interaction_count()), (0, 0));
+    }
+}
