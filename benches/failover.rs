@@ -126,6 +126,17 @@ fn bench_config(id: &str, role: &str, peer: std::net::SocketAddr) -> String {
         .replace("failover-after-ms = 2000", "failover-after-ms = 1000")
 }
 
+/// The node's log lines about the switchover and the restore.
+fn print_log(name: &str, g: &Gateway) {
+    for line in g.log().lines().filter(|l| {
+        ["switchover", "restored", "promot", "drained", "hand"]
+            .iter()
+            .any(|w| l.contains(w))
+    }) {
+        println!("  {name}: {line}");
+    }
+}
+
 async fn run(n: usize) {
     println!("== {n} bots");
     let max = (n * 2 + 100).to_string();
@@ -190,6 +201,8 @@ async fn run(n: usize) {
         ms(all),
         gap.load(Ordering::SeqCst)
     );
+    print_log("a", &a);
+    print_log("b", &b);
     wait("a in sync", &a, |s| {
         s["role"] == "backup" && s["ha"]["in_sync"] == true && s["ha"]["replicated_bots"] == n
     })
@@ -217,6 +230,7 @@ async fn run(n: usize) {
     let detected = t.elapsed();
     wait("a rejoined", &a, rejoined(n)).await;
     let all_back = t.elapsed();
+    print_log("a", &a);
     for mut c in sample {
         assert_eq!(c.next_reply().await, "1: during the gap");
     }

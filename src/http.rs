@@ -152,23 +152,10 @@ async fn readyz(state: web::Data<HttpState>) -> HttpResponse {
     }
 }
 
-/// Adds one to `name`'s count (one allocation per plugin, not per bot).
-fn count(counts: &mut std::collections::BTreeMap<String, u64>, name: &str) {
-    match counts.get_mut(name) {
-        Some(n) => *n += 1,
-        None => {
-            counts.insert(name.to_string(), 1);
-        }
-    }
-}
-
 async fn status(state: web::Data<HttpState>) -> HttpResponse {
     let link = state.link.send(GetLinkStatus).await.ok();
     let ha = state.ha.send(GetHaStatus).await.ok();
-    let mut by_plugin = std::collections::BTreeMap::<String, u64>::new();
-    state.registry.for_each_running(|b| {
-        count(&mut by_plugin, &b.spec.key.bot_id);
-    });
+    let by_plugin = state.registry.running_by_plugin();
     HttpResponse::Ok()
         .insert_header(("Access-Control-Allow-Origin", "*"))
         .json(json!({
@@ -241,10 +228,7 @@ async fn preflight() -> HttpResponse {
 
 /// `GET /metrics`: the Prometheus text format.
 async fn prometheus(state: web::Data<HttpState>) -> HttpResponse {
-    let mut active = std::collections::BTreeMap::<String, u64>::new();
-    state.registry.for_each_running(|b| {
-        count(&mut active, &b.spec.key.bot_id);
-    });
+    let active = state.registry.running_by_plugin();
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4; charset=utf-8")
         .body(bgs_actors::metrics::metrics().render(&active))

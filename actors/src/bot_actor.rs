@@ -19,7 +19,7 @@ use crate::bot::{
 };
 use crate::chat_link::{ChatCall, ChatCallError, ChatCallLater, ChatPort};
 use crate::esp::BotSpec;
-use crate::messages::{Replicate, Shared};
+use crate::messages::{DrainToken, Replicate, Shared};
 use crate::metrics::{metrics, Kind};
 use crate::now_ms;
 use crate::report::BotReport;
@@ -51,10 +51,10 @@ pub struct BotSetup {
     pub done: Arc<std::sync::atomic::AtomicBool>,
 }
 
-/// Answers once every input given before it has been handled (switchover drain).
+/// Switchover drain: handled after every input given before it; then the token is let go.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct FlushBot;
+pub struct FlushBot(pub DrainToken);
 
 /// Stop at once: no stop handler, no leave, no report (the bot goes on at the new primary).
 #[derive(Message)]
@@ -710,7 +710,9 @@ impl Handler<Deliver> for BotActor {
 impl Handler<FlushBot> for BotActor {
     type Result = ();
 
-    fn handle(&mut self, _: FlushBot, _ctx: &mut Context<Self>) {}
+    fn handle(&mut self, _: FlushBot, _ctx: &mut Context<Self>) {
+        // Dropping the token here tells the drain this bot is done.
+    }
 }
 
 impl Handler<AbandonBot> for BotActor {

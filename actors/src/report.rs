@@ -1,8 +1,8 @@
 //! The per-bot-session report record and the registry of bot instances a node knows.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use bgs_proto::esp::BotStatus;
 use dashmap::DashMap;
@@ -74,6 +74,9 @@ impl RunningBot {
 pub struct Registry {
     running: DashMap<String, Vec<RunningBot>>,
     count: AtomicUsize,
+    /// Running bots by plugin, kept as they come and go: `/status` and `/metrics` read this, not
+    /// every bot.
+    by_plugin: Mutex<BTreeMap<String, u64>>,
     finished: DashMap<String, VecDeque<BotStatus>>,
 }
 
@@ -120,6 +123,7 @@ impl Registry {
         match list.iter_mut().find(|b| b.is(&bot.spec.key)) {
             Some(b) => *b = bot,
             None => {
+                self.plugin_count(&bot.spec.key.bot_id, true);
                 list.push(bot);
                 self.count.fetch_add(1, Ordering::Relaxed);
             }
@@ -142,19 +146,47 @@ impl Registry {
             }
             list.is_empty()
         });
-        if gone.is_some() {
+        if let Some(bot) = &gone {
             self.count.fetch_sub(1, Ordering::Relaxed);
+            self.plugin_count(&bot.spec.key.bot_id, false);
         }
         gone
+    }
+
+    fn plugin_count(&self, bot_id: &str, up: bool) {
+        let mut counts = self.by_plugin.lock().unwrap_or_else(|p| p.into_inner());
+        match counts.get_mut(bot_id) {
+            Some(n) if up => *n += 1,
+            Some(n) if *n > 1 => *n -= 1,
+            Some(_) => {
+                counts.remove(bot_id);
+            }
+            None if up => {
+                counts.insert(bot_id.to_string(), 1);
+            }
+            None => {}
+        }
+    }
+
+    /// How many bots run, by plugin (only plugins with at least one).
+    pub fn running_by_plugin(&self) -> BTreeMap<String, u64> {
+        self.by_plugin
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Forgets every running bot (this node is no longer primary).
     pub fn clear_running(&self) {
         self.running.clear();
         self.count.store(0, Ordering::Relaxed);
+        self.by_plugin
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
     }
 
-    /// Calls `f` with each running bot (status pages, metrics: one pass over all bots).
+    /// Calls `f` with each running bot (`/admin/bots`: one pass over all bots).
     pub fn for_each_running(&self, mut f: impl FnMut(&RunningBot)) {
         for list in self.running.iter() {
             list.iter().for_each(&mut f);
@@ -257,6 +289,7 @@ mod tests {
         // The same key again replaces, it does not count twice.
         r.insert(bot("chat-2", "a", 4));
         assert_eq!((r.running_count(), r.interaction_count()), (3, 2));
+        assert_eq!(r.running_by_plugin(), [("echo".to_string(), 3)].into());
         let key = bot("chat-1", "a", 0).spec.key.clone();
         assert!(r.is_running(&key));
         assert_eq!(r.joined(&key).unwrap().key, key);
@@ -273,6 +306,7 @@ mod tests {
         r.finish(&key, &report("stop_requested"));
         assert!(!r.is_running(&key));
         assert_eq!(r.running_count(), 2);
+        assert_eq!(r.running_by_plugin(), [("echo".to_string(), 2)].into());
         let after = r.status("chat-1", None, None);
         assert_eq!(after[0].bot_name, "b");
         assert_eq!(after[1].state, "finished");
@@ -280,7 +314,9 @@ mod tests {
 
         r.finish(&bot("chat-1", "b", 0).spec.key, &report("customer_left"));
         assert_eq!((r.running_count(), r.interaction_count()), (1, 1));
+        assert_eq!(r.running_by_plugin(), [("echo".to_string(), 1)].into());
         r.clear_running();
         assert_eq!((r.running_count(), r.interaction_count()), (0, 0));
+        assert!(r.running_by_plugin().is_empty());
     }
 }

@@ -28,7 +28,7 @@ use crate::chat_link::{
     ChatCall, ChatCallError, ChatPort, FeedLost, Follower, ParticipantEvents, Unfollow,
 };
 use crate::esp::{BotKey, BotSpec, ErrorCode, EspError};
-use crate::messages::{Replicate, Shared};
+use crate::messages::{DrainToken, Replicate, Shared};
 use crate::metrics::{metrics, Kind};
 use crate::now_ms;
 use crate::report::BotReport;
@@ -84,10 +84,10 @@ pub struct RestoreInSession {
 #[rtype(result = "()")]
 pub struct Abandon;
 
-/// Answer when every bot has handled what it was given (switchover drain).
+/// Switchover drain: let every bot handle what it was given, each holding the token until then.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct Quiesce;
+pub struct Quiesce(pub DrainToken);
 
 /// Stop every bot (shutdown); answers when all are done.
 #[derive(Message)]
@@ -696,14 +696,13 @@ impl Handler<Abandon> for SessionActor {
 }
 
 impl Handler<Quiesce> for SessionActor {
-    type Result = ResponseFuture<()>;
+    type Result = ();
 
-    fn handle(&mut self, _: Quiesce, _ctx: &mut Context<Self>) -> Self::Result {
-        let addrs: Vec<Addr<BotActor>> =
-            self.bots.values().filter_map(|s| s.addr.clone()).collect();
-        Box::pin(async move {
-            futures_util::future::join_all(addrs.iter().map(|a| a.send(FlushBot))).await;
-        })
+    fn handle(&mut self, msg: Quiesce, _ctx: &mut Context<Self>) {
+        // Each bot lets go of its clone once it has handled what is ahead of it in its mailbox.
+        for addr in self.bots.values().filter_map(|s| s.addr.as_ref()) {
+            addr.do_send(FlushBot(msg.0.clone()));
+        }
     }
 }
 

@@ -13,7 +13,7 @@ use crate::bot::{BotFactory, CreateBot, StopReason};
 use crate::chat_link::{ChatLink, ChatPort};
 use crate::esp::BotKey;
 use crate::esp::{self, BotSpec, ErrorCode, EspCommand, EspError};
-use crate::messages::{BecomeBackup, BecomePrimary, Drain, Replicate, Shared};
+use crate::messages::{BecomeBackup, BecomePrimary, Drain, DrainToken, Replicate, Shared};
 use crate::metrics::{metrics, Kind};
 use crate::now_ms;
 use crate::report::{Registry, ReportSink, RunningBot};
@@ -416,10 +416,14 @@ impl Handler<Drain> for Supervisor {
     type Result = ResponseFuture<()>;
 
     fn handle(&mut self, _: Drain, _ctx: &mut Context<Self>) -> Self::Result {
-        let sessions: Vec<Addr<SessionActor>> = self.sessions.values().cloned().collect();
+        // One token for the whole node: done when every session and bot has let go of it.
+        let (token, done) = DrainToken::new();
+        for s in self.sessions.values() {
+            s.do_send(Quiesce(token.clone()));
+        }
+        drop(token);
         Box::pin(async move {
-            let waits = sessions.iter().map(|s| s.send(Quiesce));
-            futures_util::future::join_all(waits).await;
+            let _ = done.await;
         })
     }
 }

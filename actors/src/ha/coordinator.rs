@@ -156,8 +156,15 @@ impl HaCoordinator {
                 };
                 let fut = async move {
                     // No more chat events in; every bot finishes what it has.
+                    let started = std::time::Instant::now();
                     let _ = p.pause.send(PauseEvents).await;
+                    let paused_ms = started.elapsed().as_millis() as u64;
                     let _ = p.drain.send(Drain).await;
+                    tracing::info!(
+                        paused_ms,
+                        drained_ms = started.elapsed().as_millis() as u64,
+                        "switchover: every bot drained"
+                    );
                 };
                 ctx.spawn(
                     fut.into_actor(self)
