@@ -84,6 +84,8 @@ pub struct SessionState {
     pub last_activity: Instant,
     /// Events up to here are durable and may be read; later ones are still being written.
     pub visible_seq: u64,
+    /// When the sweeper looks at this session next (its earliest alarm; none: nothing is due).
+    pub armed: Option<Instant>,
 }
 
 fn system_participant() -> Participant {
@@ -108,6 +110,7 @@ impl SessionState {
             closed: None,
             last_activity: now,
             visible_seq: 0,
+            armed: None,
         }
     }
 

@@ -137,6 +137,7 @@ impl Hub {
                     tracing::info!(session_id = %sid, participant_id = %pid, "participant detached");
                 }
             }
+            self.arm(&session, &mut st);
         }
     }
 

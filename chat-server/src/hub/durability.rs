@@ -13,6 +13,7 @@ impl Hub {
         records: Vec<JournalRecord>,
     ) -> Result<Wait> {
         let last = st.last_seq();
+        self.arm(session, st);
         match &self.journal {
             None => {
                 st.visible_seq = last;

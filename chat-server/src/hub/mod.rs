@@ -216,6 +216,8 @@ pub struct Hub {
     /// Every change takes the read side while it journals; a compaction takes the write side,
     /// so it sees every session and epoch at one point of the journal's order.
     gate: std::sync::RwLock<()>,
+    /// When sessions need the sweeper (idle, grace, retention), earliest first.
+    alarms: Mutex<std::collections::BinaryHeap<std::cmp::Reverse<sweep::Alarm>>>,
 }
 
 pub fn check_id(what: &str, value: &str) -> Result<()> {

@@ -28,6 +28,7 @@ impl Hub {
             next_conn: AtomicU64::new(1),
             journal: None,
             gate: std::sync::RwLock::new(()),
+            alarms: Mutex::new(std::collections::BinaryHeap::new()),
             config,
         };
         if let Some(dir) = hub.config.data_dir.clone() {
@@ -96,7 +97,9 @@ impl Hub {
             }
             kept.extend(session_records(&st));
             st.visible_seq = st.last_seq();
-            self.sessions.insert(id, Session::new(st));
+            let session = Session::new(st);
+            self.arm(&session, &mut session.lock());
+            self.sessions.insert(id, session);
         }
         *self.epochs.lock().unwrap_or_else(|p| p.into_inner()) = epochs;
         tracing::info!(
