@@ -129,9 +129,17 @@ fn bench_config(id: &str, role: &str, peer: std::net::SocketAddr) -> String {
 /// The node's log lines about the switchover and the restore.
 fn print_log(name: &str, g: &Gateway) {
     for line in g.log().lines().filter(|l| {
-        ["switchover", "restored", "promot", "drained", "hand"]
-            .iter()
-            .any(|w| l.contains(w))
+        [
+            "switchover",
+            "restored",
+            "drained",
+            "hand",
+            "now the",
+            "now a",
+            "dropped",
+        ]
+        .iter()
+        .any(|w| l.contains(w))
     }) {
         println!("  {name}: {line}");
     }

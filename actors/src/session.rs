@@ -121,7 +121,9 @@ pub struct SessionActor {
     bots: Slots,
     /// Events for participants whose join reply this actor has not processed yet.
     early: HashMap<String, Vec<ChatEvent>>,
-    joining: usize,
+    joining: u32,
+    /// Dropped by a demotion: it ends silently (the Supervisor has forgotten it already).
+    abandoned: bool,
 }
 
 fn chat_error(e: ChatCallError) -> EspError {
@@ -164,6 +166,7 @@ impl SessionActor {
             bots: Slots::default(),
             early: HashMap::new(),
             joining: 0,
+            abandoned: false,
         }
     }
 
@@ -369,9 +372,11 @@ impl Actor for SessionActor {
 
     fn stopped(&mut self, _ctx: &mut Context<Self>) {
         metrics().actor_stopped(Kind::Session);
-        self.ended.do_send(SessionEnded {
-            interaction_id: self.interaction_id.clone(),
-        });
+        if !self.abandoned {
+            self.ended.do_send(SessionEnded {
+                interaction_id: self.interaction_id.clone(),
+            });
+        }
     }
 }
 
@@ -681,16 +686,15 @@ impl Handler<Abandon> for SessionActor {
     type Result = ();
 
     fn handle(&mut self, _: Abandon, ctx: &mut Context<Self>) {
-        for (pid, slot) in self.bots.drain() {
+        // No Unfollow: the demotion deactivated the ChatLink, which forgot every route (a late
+        // Unfollow could remove the route of a session restored after a quick promotion).
+        for (_, slot) in self.bots.drain() {
             slot.done.store(true, std::sync::atomic::Ordering::SeqCst);
             if let Some(addr) = slot.addr {
                 addr.do_send(AbandonBot);
             }
-            self.link.unfollow.do_send(Unfollow {
-                session_id: self.interaction_id.clone(),
-                participant_id: pid,
-            });
         }
+        self.abandoned = true;
         ctx.stop();
     }
 }

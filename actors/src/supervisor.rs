@@ -67,6 +67,10 @@ pub struct Supervisor {
     session_ports: Option<(ChatPort, Shared<BotFinished>, Shared<SessionEnded>)>,
     /// The node's role, as the HaCoordinator sets it.
     role: RoleView,
+    /// Counts promotions and demotions: a restore in batches goes on while this is unchanged.
+    restore_run: u64,
+    /// Interactions with bots still to restore, and how many (ESP to them: retry shortly).
+    restoring: HashMap<String, u32>,
 }
 
 impl Supervisor {
@@ -100,6 +104,8 @@ impl Supervisor {
             ha: ha.into(),
             session_ports: None,
             role,
+            restore_run: 0,
+            restoring: HashMap::new(),
         }
     }
 
@@ -275,6 +281,13 @@ impl Supervisor {
         M: Message<Result = Result<String, EspError>> + Send + 'static,
         SessionActor: Handler<M>,
     {
+        if self.is_restoring(&key.interaction_id) {
+            let e = EspError::new(
+                ErrorCode::Draining,
+                format!("bot {key} is being restored after a takeover; retry shortly"),
+            );
+            return Box::pin(actix::fut::ready(e.into_response(id)));
+        }
         let Some(session) = self.sessions.get(&key.interaction_id).cloned() else {
             let e = EspError::new(ErrorCode::NoSuchInstance, format!("no running bot {key}"));
             return Box::pin(actix::fut::ready(e.into_response(id)));
@@ -405,10 +418,28 @@ impl Handler<BecomeBackup> for Supervisor {
     type Result = ();
 
     fn handle(&mut self, _: BecomeBackup, _ctx: &mut Context<Self>) {
-        for (_, s) in self.sessions.drain() {
-            s.do_send(Abandon);
-        }
+        self.restore_run += 1;
+        self.restoring.clear();
+        let started = std::time::Instant::now();
+        let sessions = std::mem::take(&mut self.sessions);
         self.registry.clear_running();
+        // The sessions are told in slices, yielding between them: the hand-over frame this
+        // demotion follows, and ESP's `not_primary` answers, share this thread.
+        actix::spawn(async move {
+            let n = sessions.len();
+            for (i, s) in sessions.values().enumerate() {
+                s.do_send(Abandon);
+                if i % 1024 == 1023 {
+                    tokio::task::yield_now().await;
+                }
+            }
+            crate::drop_later(sessions);
+            tracing::info!(
+                sessions = n,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "bots dropped: this node is a backup"
+            );
+        });
     }
 }
 
@@ -429,101 +460,164 @@ impl Handler<Drain> for Supervisor {
 }
 
 impl Handler<BecomePrimary> for Supervisor {
-    type Result = ResponseActFuture<Self, ()>;
+    type Result = ();
 
-    fn handle(&mut self, msg: BecomePrimary, ctx: &mut Context<Self>) -> Self::Result {
-        // Respawn in batches of `ha-bot-recovery-batch`: each batch re-joins its sessions before
-        // the next starts, so a big node does not stampede the Chat Server.
-        let mut batches: Vec<Vec<(Addr<SessionActor>, RestoreInSession)>> = Vec::new();
+    fn handle(&mut self, msg: BecomePrimary, ctx: &mut Context<Self>) {
+        // Every bot is running from now on (GetBotStatus says so, a second StartBot is refused);
+        // they re-join in batches of `ha-bot-recovery-batch`, each batch after the one before,
+        // so a big node does not stampede the Chat Server, and ESP is answered between batches.
+        self.restore_run += 1;
+        self.restoring.clear();
         let total = msg.bots.len();
-        for bot in msg.bots {
-            let key = bot.spec.key.clone();
-            // A bot that cannot come back is dropped from the replicated state too.
-            let forget = |why: String| {
-                tracing::error!(bot = %key, reason = %why, "cannot restore a bot");
-                self.ha.do_send(Replicate(HaOp::Removed {
-                    instance_id: bot.instance_id.clone(),
-                }));
-            };
-            let Some(factory) = self.plugins.get(&bot.spec.key.bot_id).cloned() else {
-                forget("its plugin is not on this node".into());
-                continue;
-            };
-            let create = CreateBot {
-                bot_name: bot.spec.key.bot_name.clone(),
-                parameters: bot.spec.parameters.clone(),
-            };
-            let instance = match crate::bot_actor::plugin_call(|| factory.create(&create)) {
-                Ok(Ok(b)) => b,
-                Ok(Err(e)) => {
-                    forget(format!("its plugin refused: {e}"));
-                    continue;
-                }
-                Err(panic) => {
-                    forget(format!("its plugin panicked: {panic}"));
-                    continue;
-                }
-            };
+        for bot in &msg.bots {
             self.registry.insert(RunningBot {
                 spec: bot.spec.clone(),
                 instance_id: bot.instance_id.clone(),
                 joined: true,
                 started_ms: bot.started_ms,
             });
-            let session = self.session(&key.interaction_id, ctx);
-            if batches
-                .last()
-                .is_none_or(|b| b.len() >= self.config.recovery_batch.max(1))
-            {
-                batches.push(Vec::new());
+            *self
+                .restoring
+                .entry(bot.spec.key.interaction_id.clone())
+                .or_default() += 1;
+        }
+        ctx.notify(RestoreNext {
+            run: self.restore_run,
+            rest: msg.bots.into(),
+            total,
+            restored: 0,
+            started: std::time::Instant::now(),
+        });
+    }
+}
+
+/// The next batch of bots to restore after a promotion (the Supervisor sends it to itself).
+#[derive(Message)]
+#[rtype(result = "()")]
+struct RestoreNext {
+    /// Which promotion this belongs to; a later role change ends it.
+    run: u64,
+    rest: std::collections::VecDeque<bgs_proto::ha::ReplicatedBot>,
+    total: usize,
+    restored: usize,
+    started: std::time::Instant,
+}
+
+impl Supervisor {
+    /// The plugin instance and session of one bot to restore; None (and forgotten) when it cannot
+    /// come back.
+    fn prepare_restore(
+        &mut self,
+        bot: bgs_proto::ha::ReplicatedBot,
+        ctx: &mut Context<Self>,
+    ) -> Option<(Addr<SessionActor>, RestoreInSession)> {
+        let key = bot.spec.key.clone();
+        // A bot that cannot come back is dropped from the registry and the replicated state.
+        let forget = |why: String| {
+            tracing::error!(bot = %key, reason = %why, "cannot restore a bot");
+            self.registry.remove(&key);
+            self.ha.do_send(Replicate(HaOp::Removed {
+                instance_id: bot.instance_id.clone(),
+            }));
+        };
+        let Some(factory) = self.plugins.get(&key.bot_id).cloned() else {
+            forget("its plugin is not on this node".into());
+            return None;
+        };
+        let create = CreateBot {
+            bot_name: key.bot_name.clone(),
+            parameters: bot.spec.parameters.clone(),
+        };
+        let instance = match crate::bot_actor::plugin_call(|| factory.create(&create)) {
+            Ok(Ok(b)) => b,
+            Ok(Err(e)) => {
+                forget(format!("its plugin refused: {e}"));
+                return None;
             }
-            if let Some(b) = batches.last_mut() {
-                b.push((
-                    session,
-                    RestoreInSession {
-                        replica: bot,
-                        bot: instance,
-                    },
-                ));
+            Err(panic) => {
+                forget(format!("its plugin panicked: {panic}"));
+                return None;
             }
+        };
+        let session = self.session(&key.interaction_id, ctx);
+        Some((
+            session,
+            RestoreInSession {
+                replica: bot,
+                bot: instance,
+            },
+        ))
+    }
+
+    /// This interaction has a bot still waiting for its restore.
+    fn is_restoring(&self, interaction_id: &str) -> bool {
+        self.restoring.contains_key(interaction_id)
+    }
+}
+
+impl Handler<RestoreNext> for Supervisor {
+    type Result = ResponseActFuture<Self, ()>;
+
+    fn handle(&mut self, mut msg: RestoreNext, ctx: &mut Context<Self>) -> Self::Result {
+        if msg.run != self.restore_run || self.shutting_down {
+            // Demoted, promoted again, or stopping meanwhile: this restore is over.
+            return Box::pin(actix::fut::ready(()));
+        }
+        let mut batch = Vec::new();
+        while batch.len() < self.config.recovery_batch.max(1) {
+            let Some(bot) = msg.rest.pop_front() else {
+                break;
+            };
+            let interaction = &bot.spec.key.interaction_id;
+            if let Some(n) = self.restoring.get_mut(interaction) {
+                *n -= 1;
+                if *n == 0 {
+                    self.restoring.remove(interaction);
+                }
+            }
+            batch.extend(self.prepare_restore(bot, ctx));
         }
         let registry = self.registry.clone();
         let ha = self.ha.clone();
-        let started = std::time::Instant::now();
         Box::pin(
             async move {
-                let mut restored = 0usize;
-                for batch in batches {
-                    let results =
-                        futures_util::future::join_all(batch.into_iter().map(|(s, r)| {
-                            let key = r.replica.spec.key.clone();
-                            let instance_id = r.replica.instance_id.clone();
-                            async move { (key, instance_id, s.send(r).await) }
-                        }))
-                        .await;
-                    for (key, instance_id, r) in results {
-                        let error = match r {
-                            Ok(Ok(_)) => {
-                                restored += 1;
-                                continue;
-                            }
-                            Ok(Err(e)) => e.to_string(),
-                            Err(e) => e.to_string(),
-                        };
-                        // Gone for good: out of the registry and out of the replicated state.
-                        tracing::warn!(bot = %key, %error, "bot not restored");
-                        registry.remove(&key);
-                        ha.do_send(Replicate(HaOp::Removed { instance_id }));
-                    }
+                let results = futures_util::future::join_all(batch.into_iter().map(|(s, r)| {
+                    let key = r.replica.spec.key.clone();
+                    let instance_id = r.replica.instance_id.clone();
+                    async move { (key, instance_id, s.send(r).await) }
+                }))
+                .await;
+                let mut restored = 0;
+                for (key, instance_id, r) in results {
+                    let error = match r {
+                        Ok(Ok(_)) => {
+                            restored += 1;
+                            continue;
+                        }
+                        Ok(Err(e)) => e.to_string(),
+                        Err(e) => e.to_string(),
+                    };
+                    // Gone for good: out of the registry and out of the replicated state.
+                    tracing::warn!(bot = %key, %error, "bot not restored");
+                    registry.remove(&key);
+                    ha.do_send(Replicate(HaOp::Removed { instance_id }));
                 }
-                tracing::info!(
-                    restored,
-                    total,
-                    elapsed_ms = started.elapsed().as_millis() as u64,
-                    "bots restored"
-                );
+                restored
             }
-            .into_actor(self),
+            .into_actor(self)
+            .map(move |restored, _act, ctx| {
+                msg.restored += restored;
+                if msg.rest.is_empty() {
+                    tracing::info!(
+                        restored = msg.restored,
+                        total = msg.total,
+                        elapsed_ms = msg.started.elapsed().as_millis() as u64,
+                        "bots restored"
+                    );
+                } else {
+                    ctx.notify(msg);
+                }
+            }),
         )
     }
 }

@@ -133,6 +133,7 @@ impl HaCoordinator {
                 self.links.remove(&conn);
             }
             Effect::Dial => self.dial(ctx),
+            Effect::Discard(store) => crate::drop_later(store),
             Effect::ScheduleFlush => ctx.notify(Flush),
             Effect::Activate { epoch } => {
                 if let Some(p) = &self.peers {

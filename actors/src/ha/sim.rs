@@ -357,7 +357,10 @@ impl Sim {
                 Effect::ScheduleFlush => self.later(n, 0, Input::Flush),
                 Effect::Activate { epoch } => self.activate(n, epoch),
                 Effect::Deactivate => self.nodes[n].active = None,
-                Effect::ResumeEvents | Effect::SetRole { .. } | Effect::BecomeBackup => {}
+                Effect::ResumeEvents
+                | Effect::SetRole { .. }
+                | Effect::BecomeBackup
+                | Effect::Discard(_) => {}
                 Effect::Drain => {
                     let delay = self.rng.below(50);
                     self.later(n, delay, Input::Drained);

@@ -128,6 +128,9 @@ pub enum Effect {
     SwitchoverDone(Result<SwitchoverReport, SwitchoverError>),
     /// Write the state file; answer with [`Input::StateWritten`].
     WriteState(SavedRole),
+    /// The replicated bots this node no longer holds (demoted): freed off the HA thread, which
+    /// must send the hand-over first (100 000 bots take tens of ms to free).
+    Discard(std::sync::Arc<BTreeMap<String, ReplicatedBot>>),
     /// A role change to primary: `manual` (a hand-over) or `failover`.
     Switched {
         kind: &'static str,
@@ -937,7 +940,10 @@ impl HaState {
         // hold its state.
         self.synced_once = false;
         self.in_sync = false;
-        self.store.clear();
+        let store = std::mem::take(&mut self.store);
+        if !store.is_empty() {
+            self.out.push(Effect::Discard(std::sync::Arc::new(store)));
+        }
         self.outbox.clear();
         self.unacked.clear();
         self.applied = 0;
