@@ -1,7 +1,8 @@
 //! Failover and switchover times of a real pair: `cargo bench --bench failover`.
 //!
 //! Starts a Chat Server and two `bgs serve` processes, starts N echo bots (N from
-//! `BGS_BENCH_BOTS`, default `1000,10000`), then measures:
+//! `BGS_BENCH_BOTS`, default `1000,10000`; `BGS_BENCH_BATCH` sets `ha-bot-recovery-batch`), then
+//! measures:
 //! - a manual switchover: how long the primary drained, how long ESP was unavailable (a prober
 //!   asks every 5 ms), and the time until every bot had re-joined on the new primary;
 //! - a failover after kill -9: time to detect (the backup reports itself primary), time until
@@ -121,9 +122,16 @@ fn esp_prober(
 }
 
 /// A node of the pair with the default failover-after-ms (1000 ms; the tests use more).
+/// `BGS_BENCH_BATCH` sets `ha-bot-recovery-batch` (default 200).
 fn bench_config(id: &str, role: &str, peer: std::net::SocketAddr) -> String {
-    pair_config(id, role, peer, "bench")
-        .replace("failover-after-ms = 2000", "failover-after-ms = 1000")
+    let mut config = pair_config(id, role, peer, "bench")
+        .replace("failover-after-ms = 2000", "failover-after-ms = 1000");
+    if let Ok(batch) = std::env::var("BGS_BENCH_BATCH") {
+        config.push_str(&format!(
+            "[channel-chatbot]\nha-bot-recovery-batch = {batch}\n"
+        ));
+    }
+    config
 }
 
 /// The node's log lines about the switchover and the restore.
