@@ -9,6 +9,11 @@ use bgs::esp_client;
 use bgs_proto::esp::{EspRequest, EspStatus, ESP_SERVICE};
 use clap::{Args, Parser, Subcommand};
 
+/// mimalloc, not glibc's malloc: faster under the churn of starting and dropping bots, and a
+/// little smaller per bot (docs/PERFORMANCE.md 5.7). The Chat Server's binary uses it too.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// bgs, the Bot Gateway Server: attaches chat bots to contact-centre chat sessions.
 #[derive(Parser)]
 #[command(name = "bgs", version)]
