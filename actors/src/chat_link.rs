@@ -582,7 +582,9 @@ impl ChatLink {
         metrics().chat_connected.set(0);
         self.generation += 1;
         self.handshake.clear();
-        crate::drop_later(std::mem::take(&mut self.routes));
+        if !self.routes.is_empty() {
+            crate::drop_later(std::mem::take(&mut self.routes));
+        }
         for (_, p) in std::mem::take(&mut self.pending) {
             let _ = p.reply.send(Err(ChatCallError::Unavailable(
                 "this node is not the primary".into(),

@@ -433,7 +433,9 @@ impl Handler<BecomeBackup> for Supervisor {
                     tokio::task::yield_now().await;
                 }
             }
-            crate::drop_later(sessions);
+            if n > 0 {
+                crate::drop_later(sessions);
+            }
             tracing::info!(
                 sessions = n,
                 elapsed_ms = started.elapsed().as_millis() as u64,
