@@ -237,21 +237,14 @@ impl Handler<Replicate> for Sink {
 }
 
 fn spec() -> BotSpec {
+    let key = BotKey {
+        interaction_id: "bench-g-4711".into(),
+        bot_id: "echo".into(),
+        bot_name: String::new(),
+    };
     BotSpec {
-        key: BotKey {
-            interaction_id: "bench-g-4711".into(),
-            bot_id: "echo".into(),
-            bot_name: String::new(),
-        },
-        nickname: "Echo".into(),
-        visibility: Visibility::All,
-        stop_on_agent_arrival: false,
-        stop_on_customer_left: false,
-        holdup: false,
-        category: String::new(),
-        function: String::new(),
-        parameters: Default::default(),
         userdata: [("InteractionId".to_string(), "bench-g-4711".to_string())].into(),
+        ..BotSpec::new(key, "Echo")
     }
 }
 

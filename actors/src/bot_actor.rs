@@ -821,7 +821,7 @@ mod tests {
     use super::*;
     use crate::bot::{BotError, Handoff};
     use crate::esp::BotKey;
-    use bgs_proto::chat::{ChatResponse, ParticipantType, Visibility};
+    use bgs_proto::chat::{ChatResponse, ParticipantType};
     use futures_util::future::BoxFuture;
     use std::sync::atomic::AtomicBool;
     use std::sync::Arc;
@@ -953,21 +953,14 @@ mod tests {
         let (notice_tx, notices) = mpsc::unbounded_channel();
         let (op_tx, ops) = mpsc::unbounded_channel();
         let fake = FakeChat(chat_tx).start();
+        let key = BotKey {
+            interaction_id: "s".into(),
+            bot_id: "test".into(),
+            bot_name: String::new(),
+        };
         let spec = BotSpec {
-            key: BotKey {
-                interaction_id: "s".into(),
-                bot_id: "test".into(),
-                bot_name: String::new(),
-            },
-            nickname: "Bot".into(),
-            visibility: Visibility::All,
-            stop_on_agent_arrival: false,
-            stop_on_customer_left: false,
             holdup,
-            category: String::new(),
-            function: String::new(),
-            parameters: KeyValues::new(),
-            userdata: KeyValues::new(),
+            ..BotSpec::new(key, "Bot")
         };
         let bot = BotActor::new(BotSetup {
             spec: spec.into(),

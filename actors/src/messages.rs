@@ -99,31 +99,36 @@ where
 /// One switchover drain, carried by every message of it: each session and each bot holds a
 /// clone until it has handled what it was given before, and when the last clone is dropped the
 /// drain is complete. A node with 100 000 sessions drains with 100 000 plain messages and no
-/// future per session (docs/PERFORMANCE.md, switchover). A message that cannot be delivered
-/// (its actor is gone) drops its clone at once.
+/// future per session (docs/PERFORMANCE.md 5.6). A message that cannot be delivered (its actor
+/// is gone) drops its clone at once. It is mini-redis's shutdown idiom: a channel nobody sends
+/// on, whose receiver ends when the last sender is dropped.
 #[derive(Clone)]
 pub struct DrainToken {
-    _held: std::sync::Arc<DrainDone>,
+    _held: tokio::sync::mpsc::Sender<()>,
 }
 
-struct DrainDone(Option<tokio::sync::oneshot::Sender<()>>);
+/// Resolves once every clone of its [`DrainToken`] has been dropped.
+pub struct DrainDone(tokio::sync::mpsc::Receiver<()>);
 
-impl Drop for DrainDone {
-    fn drop(&mut self) {
-        if let Some(tx) = self.0.take() {
-            let _ = tx.send(());
-        }
+impl DrainToken {
+    pub fn new() -> (DrainToken, DrainDone) {
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        (DrainToken { _held: tx }, DrainDone(rx))
     }
 }
 
-impl DrainToken {
-    /// A token, and what resolves once every clone of it has been dropped.
-    pub fn new() -> (DrainToken, tokio::sync::oneshot::Receiver<()>) {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let token = DrainToken {
-            _held: std::sync::Arc::new(DrainDone(Some(tx))),
-        };
-        (token, rx)
+impl DrainDone {
+    pub async fn wait(mut self) {
+        // Nothing is ever sent: this returns None when the last token is gone.
+        let _ = self.0.recv().await;
+    }
+
+    #[cfg(test)]
+    fn is_done(&mut self) -> bool {
+        matches!(
+            self.0.try_recv(),
+            Err(tokio::sync::mpsc::error::TryRecvError::Disconnected)
+        )
     }
 }
 
@@ -136,12 +141,12 @@ mod tests {
         let (token, mut done) = DrainToken::new();
         let held: Vec<DrainToken> = (0..3).map(|_| token.clone()).collect();
         drop(token);
-        assert!(done.try_recv().is_err(), "three holders are still busy");
+        assert!(!done.is_done(), "three holders are still busy");
         let mut held = held.into_iter();
         drop(held.next());
         drop(held.next());
-        assert!(done.try_recv().is_err(), "one holder is still busy");
+        assert!(!done.is_done(), "one holder is still busy");
         drop(held);
-        assert_eq!(done.try_recv(), Ok(()));
+        assert!(done.is_done());
     }
 }

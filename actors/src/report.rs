@@ -1,7 +1,6 @@
 //! The per-bot-session report record and the registry of bot instances a node knows.
 
 use std::collections::{BTreeMap, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bgs_proto::esp::BotStatus;
@@ -73,7 +72,6 @@ impl RunningBot {
 #[derive(Default)]
 pub struct Registry {
     running: DashMap<String, Vec<RunningBot>>,
-    count: AtomicUsize,
     /// Running bots by plugin, kept as they come and go: `/status` and `/metrics` read this, not
     /// every bot.
     by_plugin: Mutex<BTreeMap<String, u64>>,
@@ -125,7 +123,6 @@ impl Registry {
             None => {
                 self.plugin_count(&bot.spec.key.bot_id, true);
                 list.push(bot);
-                self.count.fetch_add(1, Ordering::Relaxed);
             }
         }
     }
@@ -147,7 +144,6 @@ impl Registry {
             list.is_empty()
         });
         if let Some(bot) = &gone {
-            self.count.fetch_sub(1, Ordering::Relaxed);
             self.plugin_count(&bot.spec.key.bot_id, false);
         }
         gone
@@ -179,7 +175,6 @@ impl Registry {
     /// Forgets every running bot (this node is no longer primary).
     pub fn clear_running(&self) {
         self.running.clear();
-        self.count.store(0, Ordering::Relaxed);
         self.by_plugin
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -222,7 +217,8 @@ impl Registry {
     }
 
     pub fn running_count(&self) -> usize {
-        self.count.load(Ordering::Relaxed)
+        let counts = self.by_plugin.lock().unwrap_or_else(|p| p.into_inner());
+        counts.values().sum::<u64>() as usize
     }
 }
 
@@ -234,22 +230,14 @@ mod tests {
 
     fn bot(interaction: &str, name: &str, started_ms: u64) -> RunningBot {
         RunningBot {
-            spec: Arc::new(BotSpec {
-                key: BotKey {
+            spec: Arc::new(BotSpec::new(
+                BotKey {
                     interaction_id: interaction.into(),
                     bot_id: "echo".into(),
                     bot_name: name.into(),
                 },
-                nickname: "Echo".into(),
-                visibility: bgs_proto::chat::Visibility::All,
-                stop_on_agent_arrival: false,
-                stop_on_customer_left: false,
-                holdup: false,
-                category: String::new(),
-                function: String::new(),
-                parameters: Default::default(),
-                userdata: Default::default(),
-            }),
+                "Echo",
+            )),
             instance_id: format!("{interaction}-{name}"),
             joined: false,
             started_ms,

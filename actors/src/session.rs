@@ -756,7 +756,7 @@ mod tests {
     use super::*;
     use crate::bot::{BotContext, BotError, BotInput};
     use crate::chat_link::ChatCallLater;
-    use bgs_proto::chat::{EventKind, Visibility};
+    use bgs_proto::chat::EventKind;
     use futures_util::future::BoxFuture;
     use tokio::sync::mpsc;
 
@@ -936,21 +936,14 @@ mod tests {
             Duration::from_secs(5),
         )
         .start();
+        let key = BotKey {
+            interaction_id: "chat-1".into(),
+            bot_id: "test".into(),
+            bot_name: String::new(),
+        };
         let spec = BotSpec {
-            key: BotKey {
-                interaction_id: "chat-1".into(),
-                bot_id: "test".into(),
-                bot_name: String::new(),
-            },
-            nickname: "Bot".into(),
-            visibility: Visibility::All,
-            stop_on_agent_arrival: false,
             stop_on_customer_left: true,
-            holdup: false,
-            category: String::new(),
-            function: String::new(),
-            parameters: KeyValues::new(),
-            userdata: KeyValues::new(),
+            ..BotSpec::new(key, "Bot")
         };
         let started = session
             .send(StartInSession {

@@ -455,9 +455,7 @@ impl Handler<Drain> for Supervisor {
             s.do_send(Quiesce(token.clone()));
         }
         drop(token);
-        Box::pin(async move {
-            let _ = done.await;
-        })
+        Box::pin(done.wait())
     }
 }
 

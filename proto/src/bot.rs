@@ -47,6 +47,25 @@ pub struct BotSpec {
     pub userdata: KeyValues,
 }
 
+impl BotSpec {
+    /// A spec with every StartBot option at its default: visible to all, no stop conditions, not
+    /// held up, no category or function, no parameters or userdata.
+    pub fn new(key: BotKey, nickname: impl Into<String>) -> BotSpec {
+        BotSpec {
+            key,
+            nickname: nickname.into(),
+            visibility: Visibility::All,
+            stop_on_agent_arrival: false,
+            stop_on_customer_left: false,
+            holdup: false,
+            category: String::new(),
+            function: String::new(),
+            parameters: KeyValues::new(),
+            userdata: KeyValues::new(),
+        }
+    }
+}
+
 impl crate::esp::BotStatus {
     /// The status of a bot started with `spec`, in `state` (`starting` or `running`).
     pub fn of(spec: &BotSpec, instance_id: &str, state: &str, started_ms: u64) -> Self {

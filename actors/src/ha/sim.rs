@@ -20,7 +20,6 @@
 use std::collections::{BTreeMap, HashMap};
 
 use bgs_proto::bot::{BotKey, BotSpec};
-use bgs_proto::chat::Visibility;
 use bgs_proto::ha::{HaFrame, HaOp, HaRole, ReplicatedBot};
 
 use super::state::{Config, Effect, HaState, Input, Time};
@@ -143,22 +142,14 @@ fn config(name: &str, role: HaRole, sync: bool) -> Config {
 fn bot(id: &str) -> ReplicatedBot {
     ReplicatedBot {
         instance_id: id.into(),
-        spec: std::sync::Arc::new(BotSpec {
-            key: BotKey {
+        spec: std::sync::Arc::new(BotSpec::new(
+            BotKey {
                 interaction_id: format!("chat-{id}"),
                 bot_id: "echo".into(),
                 bot_name: String::new(),
             },
-            nickname: "Echo".into(),
-            visibility: Visibility::All,
-            stop_on_agent_arrival: false,
-            stop_on_customer_left: false,
-            holdup: false,
-            category: String::new(),
-            function: String::new(),
-            parameters: Default::default(),
-            userdata: Default::default(),
-        }),
+            "Echo",
+        )),
         participant_id: format!("p-{id}"),
         joined_seq: 1,
         started_ms: 0,

@@ -71,8 +71,7 @@ impl Hub {
     }
 
     /// Idle control, detach grace and forgetting old closed sessions. Called periodically; looks
-    /// only at the sessions whose alarm has come (a node with a million quiet sessions sweeps
-    /// nothing).
+    /// only at the sessions whose alarm has come (a quiet session once per idle period).
     pub fn sweep(&self) {
         self.sweep_at(Instant::now());
     }
