@@ -243,7 +243,9 @@ fn spec() -> BotSpec {
         bot_name: String::new(),
     };
     BotSpec {
-        userdata: [("InteractionId".to_string(), "bench-g-4711".to_string())].into(),
+        userdata: [("InteractionId".to_string(), "bench-g-4711".to_string())]
+            .into_iter()
+            .collect(),
         ..BotSpec::new(key, "Echo")
     }
 }

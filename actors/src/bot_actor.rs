@@ -11,7 +11,7 @@ use bgs_proto::chat::{
     AfterAction, ChatEvent, ChatRequest, EventKind, LeaveRequest, PostKind, PostRequest,
     RichContent, UserdataChanges,
 };
-use bgs_proto::esp::KeyValues;
+use bgs_proto::esp::{unstored, KeyValues};
 use futures_util::FutureExt;
 
 use crate::bot::{
@@ -468,8 +468,8 @@ impl BotActor {
 
     pub fn new(setup: BotSetup) -> Self {
         let start = BotStart {
-            parameters: setup.spec.parameters.clone(),
-            userdata: setup.spec.userdata.clone(),
+            parameters: unstored(&setup.spec.parameters),
+            userdata: unstored(&setup.spec.userdata),
             history: setup.history,
             restored: setup.restored,
             waker: BotWaker::none(),

@@ -64,8 +64,6 @@ pub enum ChatCallError {
 }
 
 /// Events of one followed participant.
-#[derive(Message)]
-#[rtype(result = "()")]
 pub struct ParticipantEvents {
     pub session_id: String,
     pub participant_id: String,
@@ -73,8 +71,7 @@ pub struct ParticipantEvents {
 }
 
 /// A followed participant's feed ended without an event saying so.
-#[derive(Message, Debug, Clone)]
-#[rtype(result = "()")]
+#[derive(Debug, Clone)]
 pub struct FeedLost {
     pub session_id: String,
     pub participant_id: String,
@@ -140,11 +137,17 @@ impl std::ops::Deref for ChatPort {
     }
 }
 
-#[derive(Clone)]
-pub struct Follower {
-    pub events: Recipient<ParticipantEvents>,
-    pub lost: Recipient<FeedLost>,
+/// What the ChatLink tells a participant's follower.
+#[derive(Message)]
+#[rtype(result = "()")]
+pub enum Feed {
+    Events(ParticipantEvents),
+    Lost(FeedLost),
 }
+
+/// Where a followed participant's feed goes: one mailbox sender for its events and its end (a
+/// route holds one; each `Recipient` costs about 100 bytes).
+pub type Follower = Recipient<Feed>;
 
 /// Stops routing a participant's events (its bot is gone).
 #[derive(Message)]
@@ -340,11 +343,11 @@ impl ChatLink {
             "chat server unreachable after every reconnect attempt; bots on it are stopped"
         );
         for ((session_id, participant_id), route) in self.routes.drain() {
-            route.follower.lost.do_send(FeedLost {
+            route.follower.do_send(Feed::Lost(FeedLost {
                 session_id,
                 participant_id,
                 removed: false,
-            });
+            }));
         }
         for (_, p) in std::mem::take(&mut self.pending) {
             let _ = p.reply.send(Err(ChatCallError::Unavailable(
@@ -463,16 +466,16 @@ impl ChatLink {
         for e in &fresh {
             metrics().chat_events.inc(&["in", event_kind(e.kind)]);
         }
-        let msg = ParticipantEvents {
+        let msg = Feed::Events(ParticipantEvents {
             session_id: key.0.clone(),
             participant_id: key.1.clone(),
             events: fresh,
-        };
-        match route.follower.events.try_send(msg) {
+        });
+        match route.follower.try_send(msg) {
             Ok(()) => metrics().queued(Kind::Session),
             Err(SendError::Full(msg)) => {
                 // Backpressure: the link waits for the session (and so stops reading the socket).
-                let recipient = route.follower.events.clone();
+                let recipient = route.follower.clone();
                 metrics().queued(Kind::Session);
                 ctx.wait(
                     async move {
@@ -529,11 +532,11 @@ impl ChatLink {
                     .routes
                     .remove(&(session_id.clone(), participant_id.clone()))
                 {
-                    route.follower.lost.do_send(FeedLost {
+                    route.follower.do_send(Feed::Lost(FeedLost {
                         session_id,
                         participant_id,
                         removed: e.code != ChatErrorCode::Fenced,
-                    });
+                    }));
                 }
             }
         }

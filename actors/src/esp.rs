@@ -319,7 +319,7 @@ pub fn parse(request: &EspRequest, chat_server: &str) -> Result<EspCommand, EspE
                 nickname,
                 visibility,
                 parameters,
-                userdata: request.userdata.clone(),
+                userdata: bgs_proto::esp::stored(&request.userdata),
             }))
         }
         "StopBot" => {
@@ -395,7 +395,9 @@ mod tests {
         assert!(s.stop_on_agent_arrival && !s.stop_on_customer_left && !s.holdup);
         assert_eq!(
             s.parameters,
-            [("Greeting".to_string(), "hi".to_string())].into()
+            [("Greeting".to_string(), "hi".to_string())]
+                .into_iter()
+                .collect()
         );
     }
 

@@ -24,9 +24,7 @@ use crate::bot::{Bot, BotPhase, StopReason};
 use crate::bot_actor::{
     AbandonBot, BotActor, BotNotice, BotSetup, Deliver, FlushBot, StopBotActor,
 };
-use crate::chat_link::{
-    ChatCall, ChatCallError, ChatPort, FeedLost, Follower, ParticipantEvents, Unfollow,
-};
+use crate::chat_link::{ChatCall, ChatCallError, ChatPort, Feed, Unfollow};
 use crate::esp::{BotKey, BotSpec, ErrorCode, EspError};
 use crate::messages::{DrainToken, Replicate, Shared};
 use crate::metrics::{metrics, Kind};
@@ -207,7 +205,7 @@ impl SessionActor {
         let joined_seen = slot.roster.has(pid) || !live.is_empty();
         if joined_seen {
             if let Some(p) = slot.pending.take() {
-                self.start_bot(pid, p, ctx);
+                self.start_bot(pid, *p, ctx);
             }
         }
         for e in live {
@@ -396,10 +394,7 @@ impl Handler<StartInSession> for SessionActor {
                 visibility: spec.visibility,
                 since_seq: 0,
             }),
-            follow: Some(Follower {
-                events: ctx.address().recipient(),
-                lost: ctx.address().recipient(),
-            }),
+            follow: Some(ctx.address().recipient()),
         };
         let (reply, started) = oneshot::channel();
         let pending = PendingStart {
@@ -468,29 +463,27 @@ impl Handler<StartInSession> for SessionActor {
     }
 }
 
-impl Handler<ParticipantEvents> for SessionActor {
+impl Handler<Feed> for SessionActor {
     type Result = ();
 
-    fn handle(&mut self, msg: ParticipantEvents, ctx: &mut Context<Self>) {
+    fn handle(&mut self, msg: Feed, ctx: &mut Context<Self>) {
         let _span = self.span().entered();
-        let started = std::time::Instant::now();
-        metrics().dequeued(Kind::Session);
-        self.on_events(&msg.participant_id, msg.events, ctx);
-        metrics().handled(Kind::Session, started.elapsed());
-    }
-}
-
-impl Handler<FeedLost> for SessionActor {
-    type Result = ();
-
-    fn handle(&mut self, msg: FeedLost, ctx: &mut Context<Self>) {
-        let _span = self.span().entered();
-        let reason = if msg.removed {
-            StopReason::RemovedByChatServer
-        } else {
-            StopReason::ChatServerLost
-        };
-        self.stop(&msg.participant_id, reason, None, ctx);
+        match msg {
+            Feed::Events(msg) => {
+                let started = std::time::Instant::now();
+                metrics().dequeued(Kind::Session);
+                self.on_events(&msg.participant_id, msg.events, ctx);
+                metrics().handled(Kind::Session, started.elapsed());
+            }
+            Feed::Lost(msg) => {
+                let reason = if msg.removed {
+                    StopReason::RemovedByChatServer
+                } else {
+                    StopReason::ChatServerLost
+                };
+                self.stop(&msg.participant_id, reason, None, ctx);
+            }
+        }
     }
 }
 
@@ -614,10 +607,7 @@ impl Handler<RestoreInSession> for SessionActor {
                 participant_id: r.participant_id.clone(),
                 since_seq: 0,
             }),
-            follow: Some(Follower {
-                events: ctx.address().recipient(),
-                lost: ctx.address().recipient(),
-            }),
+            follow: Some(ctx.address().recipient()),
         };
         self.joining += 1;
         let bot = msg.bot;
@@ -755,7 +745,7 @@ mod tests {
 
     use super::*;
     use crate::bot::{BotContext, BotError, BotInput};
-    use crate::chat_link::ChatCallLater;
+    use crate::chat_link::{ChatCallLater, Follower, ParticipantEvents};
     use bgs_proto::chat::EventKind;
     use futures_util::future::BoxFuture;
     use tokio::sync::mpsc;
@@ -778,7 +768,7 @@ mod tests {
             let answer = match &msg.request {
                 ChatRequest::Join(j) => {
                     if let Some(f) = msg.follow.clone() {
-                        f.events.do_send(ParticipantEvents {
+                        f.do_send(Feed::Events(ParticipantEvents {
                             session_id: j.session_id.clone(),
                             participant_id: "bot-1".into(),
                             events: vec![
@@ -792,7 +782,7 @@ mod tests {
                                 ),
                                 event(3, EventKind::Joined, "bot-1", ParticipantType::Agent, ""),
                             ],
-                        });
+                        }));
                         let _ = self.follower.send(f);
                     }
                     ChatResponse::Joined {
@@ -966,7 +956,7 @@ mod tests {
 
         // A live event after the join reaches the bot.
         let follower = next(&mut followers).await;
-        follower.events.do_send(ParticipantEvents {
+        follower.do_send(Feed::Events(ParticipantEvents {
             session_id: "chat-1".into(),
             participant_id: "bot-1".into(),
             events: vec![event(
@@ -976,13 +966,13 @@ mod tests {
                 ParticipantType::Customer,
                 "hello",
             )],
-        });
+        }));
         let post = next_post(&mut seen).await;
         assert_eq!(post.text, "got: hello");
         assert_eq!(post.key.as_deref(), Some("inst:4:0"));
 
         // The customer leaves with StopBotOnCustomerLeft: the bot leaves, is reported and removed.
-        follower.events.do_send(ParticipantEvents {
+        follower.do_send(Feed::Events(ParticipantEvents {
             session_id: "chat-1".into(),
             participant_id: "bot-1".into(),
             events: vec![event(
@@ -992,7 +982,7 @@ mod tests {
                 ParticipantType::Customer,
                 "",
             )],
-        });
+        }));
         loop {
             if let ChatRequest::Leave(l) = next(&mut seen).await {
                 assert_eq!(l.participant_id, "bot-1");

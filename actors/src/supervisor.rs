@@ -166,7 +166,7 @@ impl Supervisor {
         }
         let create = CreateBot {
             bot_name: spec.key.bot_name.clone(),
-            parameters: spec.parameters.clone(),
+            parameters: bgs_proto::esp::unstored(&spec.parameters),
         };
         let made = crate::bot_actor::plugin_call(|| {
             factory
@@ -526,7 +526,7 @@ impl Supervisor {
         };
         let create = CreateBot {
             bot_name: key.bot_name.clone(),
-            parameters: bot.spec.parameters.clone(),
+            parameters: bgs_proto::esp::unstored(&bot.spec.parameters),
         };
         let instance = match crate::bot_actor::plugin_call(|| factory.create(&create)) {
             Ok(Ok(b)) => b,

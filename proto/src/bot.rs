@@ -7,7 +7,7 @@ use std::fmt;
 use serde::{Deserialize, Serialize};
 
 use crate::chat::Visibility;
-use crate::esp::KeyValues;
+use crate::esp::StoredKeyValues;
 
 /// Identifies a bot instance: one per (interaction, ChatBotID, ChatBotName).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -43,8 +43,8 @@ pub struct BotSpec {
     pub category: String,
     pub function: String,
     /// Every other parameter: the bot's start parameters.
-    pub parameters: KeyValues,
-    pub userdata: KeyValues,
+    pub parameters: StoredKeyValues,
+    pub userdata: StoredKeyValues,
 }
 
 impl BotSpec {
@@ -60,8 +60,8 @@ impl BotSpec {
             holdup: false,
             category: String::new(),
             function: String::new(),
-            parameters: KeyValues::new(),
-            userdata: KeyValues::new(),
+            parameters: StoredKeyValues::new(),
+            userdata: StoredKeyValues::new(),
         }
     }
 }

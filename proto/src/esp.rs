@@ -17,6 +17,21 @@ pub const ESP_SERVICE: &str = "ChatBotPlatform";
 /// Key-value lists, as in a workflow: string keys to string values.
 pub type KeyValues = BTreeMap<String, String>;
 
+/// The same list kept for the life of a bot (a [`crate::bot::BotSpec`]'s parameters and
+/// userdata): a sorted vector, 48 bytes a key instead of a B-tree leaf of 544 bytes for the one
+/// key a StartBot usually carries. Same bytes on the wire as [`KeyValues`] (a map).
+pub type StoredKeyValues = litemap::LiteMap<String, String>;
+
+/// The stored copy of a list (it is sorted already: one pass, no moves).
+pub fn stored(kv: &KeyValues) -> StoredKeyValues {
+    kv.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
+/// A stored list back as a [`KeyValues`] (for a plugin's start, a status).
+pub fn unstored(kv: &StoredKeyValues) -> KeyValues {
+    kv.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+}
+
 /// First frame of a framed ESP connection; answered by an [`EspResponse`] with request id 0.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EspHello {

@@ -144,7 +144,9 @@ mod tests {
                 category: "c".into(),
                 function: "f".into(),
                 parameters: Default::default(),
-                userdata: [("InteractionId".to_string(), "i".to_string())].into(),
+                userdata: [("InteractionId".to_string(), "i".to_string())]
+                    .into_iter()
+                    .collect(),
             }),
             participant_id: "p".into(),
             joined_seq: 2,

@@ -691,7 +691,7 @@ impl HaState {
         let mut chunks: Vec<Vec<ReplicatedBot>> = vec![Vec::new()];
         let mut size = 0;
         for bot in self.store.values() {
-            let kv = |m: &BTreeMap<String, String>| -> usize {
+            let kv = |m: &bgs_proto::esp::StoredKeyValues| -> usize {
                 m.iter().map(|(k, v)| k.len() + v.len() + 4).sum()
             };
             let bytes = 512

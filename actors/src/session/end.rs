@@ -9,20 +9,32 @@ use crate::bot::StopReason;
 /// a vector searched in order (a hash map's smallest table holds four).
 #[derive(Debug, Default)]
 pub(super) struct Roster {
-    present: Vec<(String, ParticipantType, Style)>,
+    /// Who is present, by a 64-bit fingerprint of the participant id (16 bytes a participant,
+    /// no copy of the id: a session has a handful, so a collision is about 2^-60 likely).
+    present: Vec<(u64, ParticipantType, Style)>,
+}
+
+/// The roster's name for a participant id (std's SipHash with fixed keys; it stays in memory).
+fn fingerprint(participant_id: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    participant_id.hash(&mut h);
+    h.finish()
 }
 
 impl Roster {
     pub(super) fn apply(&mut self, e: &ChatEvent) {
+        let id = fingerprint(&e.participant_id);
         match e.kind {
-            EventKind::Joined => match self.present.iter_mut().find(|p| p.0 == e.participant_id) {
+            EventKind::Joined => match self.present.iter_mut().find(|p| p.0 == id) {
                 Some(p) => (p.1, p.2) = (e.participant_type, e.style),
                 None => {
-                    self.present
-                        .push((e.participant_id.clone(), e.participant_type, e.style));
+                    // Grown one at a time: most sessions have two participants.
+                    self.present.reserve_exact(1);
+                    self.present.push((id, e.participant_type, e.style));
                 }
             },
-            EventKind::Left => self.present.retain(|p| p.0 != e.participant_id),
+            EventKind::Left => self.present.retain(|p| p.0 != id),
             EventKind::Closed => self.present = Vec::new(),
             _ => {}
         }
@@ -30,7 +42,8 @@ impl Roster {
 
     /// Whether the participant is present (as far as the bot has seen).
     pub(super) fn has(&self, participant_id: &str) -> bool {
-        self.present.iter().any(|p| p.0 == participant_id)
+        let id = fingerprint(participant_id);
+        self.present.iter().any(|p| p.0 == id)
     }
 
     fn has_human_agent(&self) -> bool {

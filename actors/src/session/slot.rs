@@ -19,8 +19,9 @@ pub(super) struct Slot {
     /// bot, its checkpoint for a restored one).
     pub(super) deliver_after: u64,
     pub(super) roster: Roster,
-    /// Until the bot's own join event has arrived: the events before it, and what starts the bot.
-    pub(super) pending: Option<PendingStart>,
+    /// Until the bot's own join event has arrived: the events before it, and what starts the bot
+    /// (boxed: an idle bot's slot keeps only the pointer).
+    pub(super) pending: Option<Box<PendingStart>>,
     pub(super) addr: Option<Addr<BotActor>>,
     /// Starting (until its own join event), running, or stopping.
     pub(super) phase: BotPhase,
@@ -57,7 +58,7 @@ impl Slot {
             joined_seq,
             deliver_after,
             roster: Roster::default(),
-            pending,
+            pending: pending.map(Box::new),
             addr: None,
             phase: BotPhase::Starting,
             done: Default::default(),
