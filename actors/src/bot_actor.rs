@@ -97,10 +97,11 @@ pub enum BotNotice {
 }
 
 pub struct BotActor {
-    setup_spec: Arc<BotSpec>,
     /// Its ids and the Chat Server link, made once and shared with each input's actions.
     outbox: Arc<Outbox>,
-    notices: Recipient<BotNotice>,
+    /// Its session (weak: the session owns the bot and stops itself; a strong sender is about
+    /// 100 bytes more a bot).
+    notices: actix::WeakRecipient<BotNotice>,
     ha: Shared<Replicate>,
     handling_timeout: Duration,
     /// Makes data labels of this incarnation unique (data is not replayed after a switchover).
@@ -270,7 +271,8 @@ impl Seen {
 /// Where a bot's posts and userdata go, and how their client keys are made.
 struct Outbox {
     link: ChatPort,
-    session_id: String,
+    /// What the bot was started with; its interaction is the chat session it posts to.
+    spec: Arc<BotSpec>,
     participant_id: String,
     instance_id: String,
 }
@@ -297,7 +299,7 @@ impl Outbox {
         key: String,
     ) -> Result<(), ActionError> {
         let request = ChatRequest::Post(PostRequest {
-            session_id: self.session_id.clone(),
+            session_id: self.spec.key.interaction_id.clone(),
             participant_id: self.participant_id.clone(),
             kind,
             text,
@@ -316,7 +318,7 @@ impl Outbox {
 
     async fn userdata(&self, changes: UserdataChanges) -> Result<(), ActionError> {
         let request = ChatRequest::UpdateUserdata {
-            session_id: self.session_id.clone(),
+            session_id: self.spec.key.interaction_id.clone(),
             participant_id: self.participant_id.clone(),
             changes,
         };
@@ -328,7 +330,7 @@ impl Outbox {
     /// A userdata change as the system (the bot is no longer a participant).
     async fn system_userdata(&self, changes: UserdataChanges) -> Result<(), ActionError> {
         let request = ChatRequest::UpdateUserdata {
-            session_id: self.session_id.clone(),
+            session_id: self.spec.key.interaction_id.clone(),
             participant_id: String::new(),
             changes,
         };
@@ -342,7 +344,7 @@ impl Outbox {
         self.link
             .later
             .do_send(ChatCallLater(ChatRequest::UpdateUserdata {
-                session_id: self.session_id.clone(),
+                session_id: self.spec.key.interaction_id.clone(),
                 participant_id: String::new(),
                 changes,
             }));
@@ -350,7 +352,7 @@ impl Outbox {
 
     async fn leave(&self) {
         let request = ChatRequest::Leave(LeaveRequest {
-            session_id: self.session_id.clone(),
+            session_id: self.spec.key.interaction_id.clone(),
             participant_id: self.participant_id.clone(),
             after_action: AfterAction::KeepAlive,
         });
@@ -421,7 +423,7 @@ impl Outbox {
                 }
                 BotAction::SaveContext(bytes) => outcome.saved = Some(bytes),
                 BotAction::Handoff(handoff) => {
-                    let transcript = seen.transcript(&self.session_id);
+                    let transcript = seen.transcript(&self.spec.key.interaction_id);
                     if let Err(e) = self.userdata(handoff_userdata(&handoff, &transcript)).await {
                         outcome.fail(e);
                         break;
@@ -463,7 +465,7 @@ pub fn handoff_userdata(handoff: &Handoff, transcript: &str) -> UserdataChanges 
 impl BotActor {
     /// The chat session the bot is in (its interaction).
     fn session_id(&self) -> &str {
-        &self.setup_spec.key.interaction_id
+        &self.outbox.spec.key.interaction_id
     }
 
     pub fn new(setup: BotSetup) -> Self {
@@ -476,12 +478,12 @@ impl BotActor {
         };
         BotActor {
             outbox: Arc::new(Outbox {
-                session_id: setup.spec.key.interaction_id.clone(),
+                spec: setup.spec,
                 instance_id: setup.instance_id,
                 participant_id: setup.participant_id,
                 link: setup.link,
             }),
-            notices: setup.notices,
+            notices: setup.notices.downgrade(),
             ha: setup.ha,
             incarnation: uuid::Uuid::new_v4().as_u128() as u32,
             handling_timeout: setup.handling_timeout,
@@ -498,8 +500,6 @@ impl BotActor {
             wake_count: 0,
             phase: BotPhase::Running,
             done: setup.done.clone(),
-
-            setup_spec: setup.spec,
         }
     }
 
@@ -507,9 +507,9 @@ impl BotActor {
     fn span(&self) -> tracing::Span {
         tracing::info_span!(
             "bot",
-            interaction_id = %self.setup_spec.key.interaction_id,
+            interaction_id = %self.outbox.spec.key.interaction_id,
             session_id = %self.session_id(),
-            bot_id = %self.setup_spec.key.bot_id,
+            bot_id = %self.outbox.spec.key.bot_id,
             bot_instance = %self.outbox.instance_id
         )
     }
@@ -517,11 +517,11 @@ impl BotActor {
     fn context(&self, label: &str) -> BotContext {
         let mut ctx = BotContext::new(
             self.outbox.instance_id.clone(),
-            self.setup_spec.key.interaction_id.clone(),
-            self.setup_spec.key.bot_id.clone(),
-            self.setup_spec.key.bot_name.clone(),
-            self.setup_spec.nickname.clone(),
-            self.setup_spec.visibility,
+            self.outbox.spec.key.interaction_id.clone(),
+            self.outbox.spec.key.bot_id.clone(),
+            self.outbox.spec.key.bot_name.clone(),
+            self.outbox.spec.nickname.clone(),
+            self.outbox.spec.visibility,
         );
         ctx.input_id = format!("{}:{label}", self.outbox.instance_id);
         ctx
@@ -582,13 +582,13 @@ impl BotActor {
                         act.halt();
                         metrics().failed(Kind::Bot);
                         act.error = Some(error.clone());
-                        act.notices.do_send(BotNotice::Failed {
+                        act.notify(BotNotice::Failed {
                             participant_id: act.outbox.participant_id.clone(),
                             error,
                         });
                     } else if outcome.leave {
                         act.halt();
-                        act.notices.do_send(BotNotice::WantsToLeave {
+                        act.notify(BotNotice::WantsToLeave {
                             participant_id: act.outbox.participant_id.clone(),
                         });
                     }
@@ -596,8 +596,15 @@ impl BotActor {
         );
     }
 
+    /// Tells the session (nothing to tell once it has stopped).
+    fn notify(&self, notice: BotNotice) {
+        if let Some(session) = self.notices.upgrade() {
+            session.do_send(notice);
+        }
+    }
+
     fn report(&self, reason: StopReason, ended_ms: u64) -> BotReport {
-        let spec = &self.setup_spec;
+        let spec = &self.outbox.spec;
         BotReport {
             instance_id: self.outbox.instance_id.clone(),
             interaction_id: spec.key.interaction_id.clone(),
@@ -738,7 +745,7 @@ impl Handler<StopBotActor> for BotActor {
         let seen = self.seen();
         let timeout = self.handling_timeout;
         let outbox = self.outbox();
-        let holdup = self.setup_spec.holdup;
+        let holdup = self.outbox.spec.holdup;
         let instance_id = self.outbox.instance_id.clone();
         let span = self.span();
         let fut = async move {
@@ -802,7 +809,7 @@ impl Handler<StopBotActor> for BotActor {
                         act.error = error;
                     }
                     let report = act.report(reason, ended_ms);
-                    act.notices.do_send(BotNotice::Finished {
+                    act.notify(BotNotice::Finished {
                         participant_id: act.outbox.participant_id.clone(),
                         report: Box::new(report),
                     });
@@ -936,6 +943,8 @@ mod tests {
 
     struct Harness {
         bot: Addr<BotActor>,
+        /// The session's stand-in (the bot holds it weakly).
+        _session: Addr<Probe<BotNotice>>,
         chat: mpsc::UnboundedReceiver<ChatRequest>,
         notices: mpsc::UnboundedReceiver<BotNotice>,
         ops: mpsc::UnboundedReceiver<HaOp>,
@@ -953,6 +962,7 @@ mod tests {
         let (notice_tx, notices) = mpsc::unbounded_channel();
         let (op_tx, ops) = mpsc::unbounded_channel();
         let fake = FakeChat(chat_tx).start();
+        let session = Probe(notice_tx).start();
         let key = BotKey {
             interaction_id: "s".into(),
             bot_id: "test".into(),
@@ -975,7 +985,7 @@ mod tests {
                 fake.clone().recipient(),
                 fake.recipient(),
             ),
-            notices: Probe(notice_tx).start().recipient(),
+            notices: session.clone().recipient(),
             ha: Probe(op_tx).start().recipient().into(),
             handling_timeout: Duration::from_secs(5),
             started_ms: 0,
@@ -985,6 +995,7 @@ mod tests {
         .start();
         Harness {
             bot,
+            _session: session,
             chat,
             notices,
             ops,

@@ -145,8 +145,9 @@ pub enum Feed {
     Lost(FeedLost),
 }
 
-/// Where a followed participant's feed goes: one mailbox sender for its events and its end (a
-/// route holds one; each `Recipient` costs about 100 bytes).
+/// Where a followed participant's feed goes: one mailbox sender for its events and its end. A
+/// route keeps it weakly: the session stops itself, and a strong sender would cost about 100
+/// bytes more a route (the upgrade per routed batch is three small allocations).
 pub type Follower = Recipient<Feed>;
 
 /// Stops routing a participant's events (its bot is gone).
@@ -171,8 +172,17 @@ pub struct LinkStatus {
 }
 
 struct Route {
-    follower: Follower,
+    follower: actix::WeakRecipient<Feed>,
     last_seq: u64,
+}
+
+impl Route {
+    /// Tells the follower, if it is still there.
+    fn tell(&self, feed: Feed) {
+        if let Some(f) = self.follower.upgrade() {
+            f.do_send(feed);
+        }
+    }
 }
 
 struct Pending {
@@ -343,7 +353,7 @@ impl ChatLink {
             "chat server unreachable after every reconnect attempt; bots on it are stopped"
         );
         for ((session_id, participant_id), route) in self.routes.drain() {
-            route.follower.do_send(Feed::Lost(FeedLost {
+            route.tell(Feed::Lost(FeedLost {
                 session_id,
                 participant_id,
                 removed: false,
@@ -400,7 +410,7 @@ impl ChatLink {
                         self.routes.insert(
                             (session_id.clone(), participant_id.clone()),
                             Route {
-                                follower,
+                                follower: follower.downgrade(),
                                 last_seq: since,
                             },
                         );
@@ -471,11 +481,14 @@ impl ChatLink {
             participant_id: key.1.clone(),
             events: fresh,
         });
-        match route.follower.try_send(msg) {
+        let Some(recipient) = route.follower.upgrade() else {
+            self.routes.remove(&key);
+            return;
+        };
+        match recipient.try_send(msg) {
             Ok(()) => metrics().queued(Kind::Session),
             Err(SendError::Full(msg)) => {
                 // Backpressure: the link waits for the session (and so stops reading the socket).
-                let recipient = route.follower.clone();
                 metrics().queued(Kind::Session);
                 ctx.wait(
                     async move {
@@ -532,7 +545,7 @@ impl ChatLink {
                     .routes
                     .remove(&(session_id.clone(), participant_id.clone()))
                 {
-                    route.follower.do_send(Feed::Lost(FeedLost {
+                    route.tell(Feed::Lost(FeedLost {
                         session_id,
                         participant_id,
                         removed: e.code != ChatErrorCode::Fenced,

@@ -16,7 +16,6 @@ pub mod role;
 pub mod session;
 pub mod supervisor;
 
-/// Unix time in milliseconds.
 /// Frees `value` on a thread of its own: for the maps of 100 000 bots a demotion lets go of, so
 /// the thread that carries ESP and the HA link does not spend tens of ms in `free`.
 pub fn drop_later<T: Send + 'static>(value: T) {
@@ -29,11 +28,22 @@ pub fn drop_later<T: Send + 'static>(value: T) {
     }
 }
 
+/// Unix time in milliseconds.
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
+}
+
+/// A 64-bit fingerprint of an id, for tables of a million entries that need not keep a copy of
+/// it: each entry still holds the id it stands for (a spec), so a lookup checks it. std's SipHash
+/// with fixed keys (it stays in this process's memory).
+pub(crate) fn fingerprint(id: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::hash::DefaultHasher::new();
+    id.hash(&mut h);
+    h.finish()
 }
 
 #[cfg(test)]

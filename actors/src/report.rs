@@ -8,6 +8,7 @@ use dashmap::DashMap;
 use serde::Serialize;
 
 use crate::esp::{BotKey, BotSpec};
+use crate::fingerprint;
 
 /// One record per bot session, written when the bot ends (JSON lines; docs/ESP.md lists fields).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -62,7 +63,7 @@ impl RunningBot {
     }
 
     fn is(&self, key: &BotKey) -> bool {
-        self.spec.key.bot_id == key.bot_id && self.spec.key.bot_name == key.bot_name
+        self.spec.key == *key
     }
 }
 
@@ -71,7 +72,9 @@ impl RunningBot {
 /// a mailbox) so status pages read it without disturbing the Supervisor.
 #[derive(Default)]
 pub struct Registry {
-    running: DashMap<String, Vec<RunningBot>>,
+    /// By the interaction id's fingerprint (no copy of the id: each bot's spec has it, and every
+    /// lookup compares it, so two interactions that share a fingerprint share a list).
+    running: DashMap<u64, Vec<RunningBot>>,
     /// Running bots by plugin, kept as they come and go: `/status` and `/metrics` read this, not
     /// every bot.
     by_plugin: Mutex<BTreeMap<String, u64>>,
@@ -91,9 +94,10 @@ impl Registry {
         };
         let mut out: Vec<BotStatus> = self
             .running
-            .get(interaction_id)
+            .get(&fingerprint(interaction_id))
             .map(|list| {
                 list.iter()
+                    .filter(|b| b.spec.key.interaction_id == interaction_id)
                     .map(RunningBot::status)
                     .filter(matches)
                     .collect()
@@ -108,7 +112,7 @@ impl Registry {
 
     pub fn is_running(&self, key: &BotKey) -> bool {
         self.running
-            .get(&key.interaction_id)
+            .get(&fingerprint(&key.interaction_id))
             .is_some_and(|list| list.iter().any(|b| b.is(key)))
     }
 
@@ -116,7 +120,7 @@ impl Registry {
     pub fn insert(&self, bot: RunningBot) {
         let mut list = self
             .running
-            .entry(bot.spec.key.interaction_id.clone())
+            .entry(fingerprint(&bot.spec.key.interaction_id))
             .or_insert_with(|| Vec::with_capacity(1));
         match list.iter_mut().find(|b| b.is(&bot.spec.key)) {
             Some(b) => *b = bot,
@@ -129,7 +133,7 @@ impl Registry {
 
     /// Marks the bot as joined; gives its spec (for the metric labels).
     pub fn joined(&self, key: &BotKey) -> Option<Arc<BotSpec>> {
-        let mut list = self.running.get_mut(&key.interaction_id)?;
+        let mut list = self.running.get_mut(&fingerprint(&key.interaction_id))?;
         let bot = list.iter_mut().find(|b| b.is(key))?;
         bot.joined = true;
         Some(bot.spec.clone())
@@ -137,12 +141,13 @@ impl Registry {
 
     pub fn remove(&self, key: &BotKey) -> Option<RunningBot> {
         let mut gone = None;
-        self.running.remove_if_mut(&key.interaction_id, |_, list| {
-            if let Some(i) = list.iter().position(|b| b.is(key)) {
-                gone = Some(list.swap_remove(i));
-            }
-            list.is_empty()
-        });
+        self.running
+            .remove_if_mut(&fingerprint(&key.interaction_id), |_, list| {
+                if let Some(i) = list.iter().position(|b| b.is(key)) {
+                    gone = Some(list.swap_remove(i));
+                }
+                list.is_empty()
+            });
         if let Some(bot) = &gone {
             self.plugin_count(&bot.spec.key.bot_id, false);
         }
@@ -211,7 +216,7 @@ impl Registry {
         });
     }
 
-    /// Interactions with at least one running bot.
+    /// Interactions with at least one running bot (two that share a fingerprint count once).
     pub fn interaction_count(&self) -> usize {
         self.running.len()
     }

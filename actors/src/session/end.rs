@@ -14,13 +14,7 @@ pub(super) struct Roster {
     present: Vec<(u64, ParticipantType, Style)>,
 }
 
-/// The roster's name for a participant id (std's SipHash with fixed keys; it stays in memory).
-fn fingerprint(participant_id: &str) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::hash::DefaultHasher::new();
-    participant_id.hash(&mut h);
-    h.finish()
-}
+use crate::fingerprint;
 
 impl Roster {
     pub(super) fn apply(&mut self, e: &ChatEvent) {
