@@ -117,6 +117,19 @@ pub fn config(bytes: &[u8]) {
 mod tests {
     use super::*;
 
+    /// Findings of the fuzz targets, kept so they cannot come back.
+    #[test]
+    fn past_findings_decode_to_errors() {
+        // ha_frames: a bot's parameters claiming ~4 billion pairs made litemap reserve 206 GB.
+        let claims_billions: &[u8] = &[
+            0, 0, 0, 84, 6, 0, 0, 4, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 252, 248, 255, 255,
+            255, 0, 0, 56, 0, 4, 7, 0, 38, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 84, 6, 0, 0, 4, 0, 0, 1,
+            84, 6, 64, 0, 4, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 3, 0, 0, 36, 0, 0, 0, 0, 0, 0, 0, 3,
+            0, 0, 36, 0, 0, 0, 0, 0, 0, 0, 0, 0, 16, 0, 0, 0,
+        ];
+        assert!(frames::<HaFrame>(claims_billions, 1 << 20).is_empty());
+    }
+
     /// The entry points run on inputs of each kind (the fuzz targets call nothing else).
     #[test]
     fn each_entry_point_takes_good_and_bad_input() {

@@ -43,7 +43,9 @@ pub struct BotSpec {
     pub category: String,
     pub function: String,
     /// Every other parameter: the bot's start parameters.
+    #[serde(deserialize_with = "crate::esp::de_stored")]
     pub parameters: StoredKeyValues,
+    #[serde(deserialize_with = "crate::esp::de_stored")]
     pub userdata: StoredKeyValues,
 }
 

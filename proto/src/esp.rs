@@ -32,6 +32,33 @@ pub fn unstored(kv: &StoredKeyValues) -> KeyValues {
     kv.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
 }
 
+/// Reads a [`StoredKeyValues`] without trusting the length the bytes declare: litemap's own
+/// `Deserialize` reserves the declared count up front, so a replication frame that claims four
+/// billion pairs aborted the process (found by the ha_frames fuzz target). Here the reservation is
+/// capped and the vector grows only as real pairs arrive; a later duplicate key wins, as in a map.
+pub fn de_stored<'de, D: serde::Deserializer<'de>>(d: D) -> Result<StoredKeyValues, D::Error> {
+    struct Pairs;
+    impl<'de> serde::de::Visitor<'de> for Pairs {
+        type Value = StoredKeyValues;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a map of strings to strings")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut map: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut kv = StoredKeyValues::with_capacity(map.size_hint().unwrap_or(0).min(16));
+            while let Some((k, v)) = map.next_entry::<String, String>()? {
+                if let Some((k, v)) = kv.try_append(k, v) {
+                    kv.insert(k, v);
+                }
+            }
+            Ok(kv)
+        }
+    }
+    d.deserialize_map(Pairs)
+}
+
 /// First frame of a framed ESP connection; answered by an [`EspResponse`] with request id 0.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EspHello {
