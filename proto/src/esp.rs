@@ -20,6 +20,7 @@ pub type KeyValues = BTreeMap<String, String>;
 /// The same list kept for the life of a bot (a [`crate::bot::BotSpec`]'s parameters and
 /// userdata): a sorted vector, 48 bytes a key instead of a B-tree leaf of 544 bytes for the one
 /// key a StartBot usually carries. Same bytes on the wire as [`KeyValues`] (a map).
+/// A field of this type deserializes with [`de_stored`] (litemap's own reader trusts the length).
 pub type StoredKeyValues = litemap::LiteMap<String, String>;
 
 /// The stored copy of a list (it is sorted already: one pass, no moves).
