@@ -611,6 +611,7 @@ async fn measure(config: &BenchConfig, dir: &std::path::Path) -> Result<Value, S
     let interactions: Vec<String> = (0..n).map(|i| format!("bench-g-{i}")).collect();
     let gw_customers = customers(chat_tcp, &gw_sessions, config.connections).await?;
     let (rss_before, _) = gateway.usage();
+    eprintln!("  {n} customers joined; starting {n} bots");
     // A StartBot is answered once its bot has joined: the bots are all there after the last.
     let (startbot, startbot_took) = start_bots(esp, &interactions).await?;
     let (rss_bots, _) = gateway.usage();
