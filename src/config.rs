@@ -203,6 +203,10 @@ pub struct WebhookEndpoint {
     /// Extra request headers (for example an `Authorization` the endpoint wants).
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
+    /// Follow redirects to the same origin (scheme, host, port); never to another. Default: no
+    /// redirect is followed.
+    #[serde(default, alias = "follow-redirects")]
+    pub follow_redirects: bool,
     /// Userdata written when the bot gives up (the endpoint cannot be reached).
     #[serde(default, alias = "handoff-userdata")]
     pub handoff_userdata: BTreeMap<String, String>,

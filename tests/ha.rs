@@ -536,10 +536,18 @@ async fn sync_mode_keeps_every_acknowledged_save_through_a_failover() {
     }
 }
 
+/// Each external bot hears each customer message once across a kill -9 failover and a
+/// switchover: stateful bots whose own state would show a replay (a webhook that counts what it
+/// was sent, the SDK bot's conversation state, the process plugin's saved count).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn process_and_webhook_bots_survive_a_failover() {
-    let hook = MockHttp::start(|req, _| {
-        Answer::ok(json!([{"text": format!("wh: {}", req.body["message"].as_str().unwrap_or(""))}]))
+async fn external_bots_hear_each_message_once_across_a_failover_and_a_switchover() {
+    // The webhook counts every request it gets, so a replayed input shows in its answers.
+    let calls = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = calls.clone();
+    let hook = MockHttp::start(move |req, _| {
+        let n = counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        let message = req.body["message"].as_str().unwrap_or("");
+        Answer::ok(json!([{ "text": format!("wh {n}: {message}") }]))
     })
     .await;
     // The Bot Framework bot too, where the SDK is installed (CI installs it).
@@ -564,16 +572,12 @@ async fn process_and_webhook_bots_survive_a_failover() {
     child_pid(pair.b.pid(), "echo.py").await;
     let mut py = Customer::open(&chat, "ha-py").await;
     let mut wh = Customer::open(&chat, "ha-wh").await;
+    let mut bf = Customer::open(&chat, "ha-bf").await;
     pair.a.start_bot("ha-py", &[("ChatBotID", "py-echo")]).await;
     let started = pair
         .a
         .start_bot("ha-wh", &[("ChatBotID", "webhook"), ("ChatBotName", "faq")])
         .await;
-    py.say("one").await;
-    assert_eq!(py.next_reply().await, "py: one");
-    wh.say("one").await;
-    assert_eq!(wh.next_reply().await, "wh: one");
-    let mut bf = Customer::open(&chat, "ha-bf").await;
     if sdk.is_some() {
         pair.a
             .start_bot(
@@ -582,42 +586,91 @@ async fn process_and_webhook_bots_survive_a_failover() {
             )
             .await;
         assert_eq!(bf.next_reply().await, "bf: welcome");
-        bf.say("one").await;
-        assert_eq!(bf.next_reply().await, "bf: one");
     }
     let bots = if sdk.is_some() { 3 } else { 2 };
+    // Several turns before the take-over: a replay from the start would show in every count.
+    for word in ["one", "two"] {
+        py.say(word).await;
+        assert_eq!(py.next_reply().await, format!("py: {word}"));
+        wh.say(word).await;
+        let n = if word == "one" { 1 } else { 2 };
+        assert_eq!(wh.next_reply().await, format!("wh {n}: {word}"));
+        if sdk.is_some() {
+            bf.say(word).await;
+            assert_eq!(bf.next_reply().await, format!("bf: {word}"));
+        }
+    }
     in_sync_backup(&pair.b, bots).await;
+    pair.a
+        .wait_status("every turn acknowledged", |s| {
+            s["ha"]["in_sync"] == true && s["ha"]["replication_pending"] == 0
+        })
+        .await;
 
     pair.a.kill9();
-    py.say("two").await;
-    wh.say("two").await;
+    py.say("three").await;
+    wh.say("three").await;
     if sdk.is_some() {
-        bf.say("two").await;
+        bf.say("three").await;
     }
     pair.b
         .wait_status("b took over", |s| role(s) == "primary")
         .await;
-    assert_eq!(py.next_reply().await, "py: two");
-    assert_eq!(wh.next_reply().await, "wh: two");
+    assert_eq!(py.next_reply().await, "py: three");
+    assert_eq!(wh.next_reply().await, "wh 3: three");
     if sdk.is_some() {
         // Same conversation, not greeted again; the answer comes through b's connector.
-        assert_eq!(bf.next_reply().await, "bf: two");
+        assert_eq!(bf.next_reply().await, "bf: three");
+    }
+
+    // The old primary comes back as the backup; a switchover hands the bots back to it.
+    let a = Gateway::start(chat.tcp, &pair.a_cfg);
+    pair.to_a.set_target(a.ha.unwrap());
+    in_sync_backup(&a, bots).await;
+    let (status, report) = support::http(pair.b.http, "POST", "/admin/switchover", None).await;
+    assert_eq!(status, 200, "{report}");
+    a.wait_status("a primary again", |s| role(s) == "primary")
+        .await;
+    py.say("four").await;
+    assert_eq!(py.next_reply().await, "py: four");
+    wh.say("four").await;
+    assert_eq!(wh.next_reply().await, "wh 4: four");
+    if sdk.is_some() {
+        bf.say("count").await;
+        assert_eq!(
+            bf.next_reply().await,
+            "bf: seen 4 messages",
+            "the SDK bot's state saw each message once"
+        );
         assert_eq!(
             messages(&bf.transcript().await),
-            ["bf: welcome", "one", "bf: one", "two", "bf: two"]
+            [
+                "bf: welcome",
+                "one",
+                "bf: one",
+                "two",
+                "bf: two",
+                "three",
+                "bf: three",
+                "count",
+                "bf: seen 4 messages"
+            ]
         );
     }
-    // The process plugin's bot was restored from its saved context on the new primary.
-    let (status, _) = pair
-        .b
+    // The process plugin's bot was restored from its saved context, twice.
+    let (status, _) = a
         .esp("SendDataToBot", "ha-py", &[("ChatBotID", "py-echo")])
         .await;
     assert_eq!(status, 200);
-    assert_eq!(py.next_reply().await, "py: seen 2 messages");
-    // The webhook conversation goes on with the same sender and bot instance.
+    assert_eq!(py.next_reply().await, "py: seen 4 messages");
+    // The webhook was sent each message once, with the same sender and bot instance.
     let seen = hook.seen();
+    let sent: Vec<&str> = seen
+        .iter()
+        .map(|s| s.body["message"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(sent, ["one", "two", "three", "four"]);
     let last = seen.last().unwrap();
-    assert_eq!(last.body["message"], "two");
     assert_eq!(last.body["sender"], seen[0].body["sender"]);
     assert_eq!(
         last.body["metadata"]["instance_id"],
@@ -632,11 +685,17 @@ async fn process_and_webhook_bots_survive_a_failover() {
     };
     assert_eq!(
         answers(&py.transcript().await, "py:"),
-        ["py: one", "py: two", "py: seen 2 messages"]
+        [
+            "py: one",
+            "py: two",
+            "py: three",
+            "py: four",
+            "py: seen 4 messages"
+        ]
     );
     assert_eq!(
-        answers(&wh.transcript().await, "wh:"),
-        ["wh: one", "wh: two"]
+        answers(&wh.transcript().await, "wh"),
+        ["wh 1: one", "wh 2: two", "wh 3: three", "wh 4: four"]
     );
 }
 

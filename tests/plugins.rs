@@ -25,6 +25,7 @@ async fn webhook() -> MockHttp {
                 status: 503,
                 body: json!({"error": "try again"}),
                 delay: Duration::ZERO,
+                location: None,
             };
         }
         match text.as_str() {
@@ -52,13 +53,42 @@ async fn webhook_bots_answer_retry_once_hand_off_and_give_up_cleanly() {
         status: 200,
         body: json!([{"text": format!("slow: {}", req.body["message"].as_str().unwrap_or(""))}]),
         delay: Duration::from_millis(1500),
+        location: None,
     })
     .await;
+    // A stranger's address, and endpoints that redirect there (307 re-sends the body) and to
+    // another path of their own origin: only the latter is followed, and only when opted in.
+    let stranger =
+        MockHttp::start(|_, _| Answer::ok(json!([{"text": "send your card number"}]))).await;
+    let to_stranger = stranger.url("/steal");
+    let moved = MockHttp::start(move |req, _| {
+        if req.path == "/moved" {
+            Answer::redirect(307, to_stranger.clone())
+        } else if req.path == "/same" {
+            Answer::redirect(308, "/home".into())
+        } else {
+            Answer::ok(
+                json!([{"text": format!("here: {}", req.body["message"].as_str().unwrap_or(""))}]),
+            )
+        }
+    })
+    .await;
+    let moved_home = moved.url("/home");
+    let local = MockHttp::start(move |_, _| Answer::redirect(308, moved_home.clone())).await;
     let chat = ChatServer::start(&[]);
     let gw = Gateway::start(
         chat.tcp,
         &format!(
             r#"
+[plugins.webhook.endpoints.moved]
+url = "{moved}"
+follow_redirects = true
+headers = {{ X-Api-Key = "hook-key" }}
+[plugins.webhook.endpoints.same]
+url = "{same}"
+follow_redirects = true
+[plugins.webhook.endpoints.local]
+url = "{local}"
 [plugins.webhook.endpoints.faq]
 url = "{faq}"
 timeout_ms = 2000
@@ -73,6 +103,9 @@ timeout_ms = 300
 retries = 2
 handoff_userdata = {{ RouteTo = "support", Why = "bot down" }}
 "#,
+            moved = moved.url("/moved"),
+            local = local.url("/hook"),
+            same = moved.url("/same"),
             faq = hook.url("/webhooks/rest/webhook"),
             slow = slow.url("/hook"),
             dead = dead_port(),
@@ -225,6 +258,39 @@ handoff_userdata = {{ RouteTo = "support", Why = "bot down" }}
     assert_eq!(ud["ChatBotHandoffReason"], "bot_unavailable");
     assert_eq!(ud["ChatBotResult"], "bot_left");
 
+    // A redirect to another origin is not followed, even where redirects are allowed: the
+    // stranger never sees the message or the key, and the bot gives up as on a dead endpoint.
+    let mut red = Customer::open(&chat, "wh-moved").await;
+    gw.start_bot(
+        "wh-moved",
+        &[("ChatBotID", "webhook"), ("ChatBotName", "moved")],
+    )
+    .await;
+    red.say("my card is 4111").await;
+    let notice = red.next_where(|e| e["kind"] == "notice").await;
+    assert!(notice["text"].as_str().unwrap().contains("not available"));
+    assert!(stranger.seen().is_empty(), "{:?}", stranger.seen());
+    // With redirects off (the default), even a same-origin redirect is not followed.
+    let mut loc = Customer::open(&chat, "wh-local").await;
+    gw.start_bot(
+        "wh-local",
+        &[("ChatBotID", "webhook"), ("ChatBotName", "local")],
+    )
+    .await;
+    loc.say("hi").await;
+    loc.next_where(|e| e["kind"] == "notice").await;
+    assert!(moved.seen().iter().all(|s| s.path == "/moved"));
+    assert!(gw.log().contains("not followed"), "the log says why");
+    // Opted in, a redirect within the same origin is followed with the message.
+    let mut same = Customer::open(&chat, "wh-same").await;
+    gw.start_bot(
+        "wh-same",
+        &[("ChatBotID", "webhook"), ("ChatBotName", "same")],
+    )
+    .await;
+    same.say("hello").await;
+    assert_eq!(same.next_reply().await, "here: hello");
+
     // An unknown endpoint name is refused before anything joins.
     let (status, e) = gw
         .esp(
@@ -238,7 +304,7 @@ handoff_userdata = {{ RouteTo = "support", Why = "bot down" }}
         e["message"]
             .as_str()
             .unwrap()
-            .contains("known: dead, faq, slow"),
+            .contains("known: dead, faq, local, moved, same, slow"),
         "{e}"
     );
 }

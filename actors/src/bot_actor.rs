@@ -111,6 +111,8 @@ pub struct BotActor {
     start: Option<Box<BotStart>>,
     joined_seq: u64,
     last_seq: u64,
+    /// The checkpoint the backup has been told of (its start, a save or a completed turn).
+    replicated_seq: u64,
     data_count: u64,
     sent: u64,
     received: u64,
@@ -491,6 +493,7 @@ impl BotActor {
             start: Some(Box::new(start)),
             joined_seq: setup.joined_seq,
             last_seq: setup.checkpoint.max(setup.joined_seq),
+            replicated_seq: setup.checkpoint.max(setup.joined_seq),
             data_count: 0,
             sent: 0,
             received: 0,
@@ -547,6 +550,7 @@ impl BotActor {
         let timeout = self.handling_timeout;
         let outbox = self.outbox();
         let covered = self.last_seq;
+        let advanced = covered > self.replicated_seq;
         let ha = self.ha.clone();
         let instance_id = self.outbox.instance_id.clone();
         let started = std::time::Instant::now();
@@ -556,22 +560,36 @@ impl BotActor {
             let outcome = outbox.execute(actions, &label, seen).await;
             // Posts first, then the save: a failover before the save replays the input, and the
             // replayed posts carry the same client keys.
+            // A completed turn moves the checkpoint even when the bot saved nothing: a
+            // take-over gives the bot only the input in flight, never the ones it has handled
+            // (an external bot keeps its own state; a replay would run its dialog again).
             let error = error.or_else(|| outcome.failed.clone());
-            if let (Some(bytes), None, false) = (&outcome.saved, &error, outcome.unavailable) {
-                let op = HaOp::Saved {
+            let op = match (&outcome.saved, &error, outcome.unavailable) {
+                (Some(bytes), None, false) => Some(HaOp::Saved {
                     instance_id,
                     context: bytes.clone(),
                     checkpoint_seq: covered,
-                };
+                }),
+                (None, None, false) if advanced => Some(HaOp::Checkpoint {
+                    instance_id,
+                    checkpoint_seq: covered,
+                }),
+                _ => None,
+            };
+            let replicated = op.is_some();
+            if let Some(op) = op {
                 let _ = ha.send(Replicate(op)).await;
             }
-            (bot, error, outcome)
+            (bot, error, outcome, replicated)
         }
         .instrument(span);
         ctx.wait(
             fut.into_actor(self)
-                .map(move |(bot, error, outcome), act, _ctx| {
+                .map(move |(bot, error, outcome, replicated), act, _ctx| {
                     metrics().handled(Kind::Bot, started.elapsed());
+                    if replicated {
+                        act.replicated_seq = act.replicated_seq.max(covered);
+                    }
                     act.bot = bot;
                     act.sent += outcome.sent;
                     if outcome.handoff.is_some() {
@@ -1028,6 +1046,35 @@ mod tests {
         };
         assert_eq!(post.text, "got: again");
         assert_eq!(post.key.as_deref(), Some("inst:7:0"));
+    }
+
+    #[actix::test]
+    async fn a_turn_that_saves_nothing_still_moves_the_checkpoint() {
+        let mut h = start(false);
+        // An agent's message: the bot posts nothing and saves nothing, but it has handled it.
+        let mut agent = message(6, "hello");
+        agent.participant_type = ParticipantType::Agent;
+        h.bot.do_send(Deliver::Event(agent));
+        match next(&mut h.ops).await {
+            HaOp::Checkpoint { checkpoint_seq, .. } => assert_eq!(checkpoint_seq, 6),
+            other => panic!("{other:?}"),
+        }
+        // A turn that saves carries the checkpoint in its save; a failed turn moves nothing.
+        h.bot.do_send(Deliver::Event(message(7, "hi")));
+        let _ = next(&mut h.chat).await;
+        match next(&mut h.ops).await {
+            HaOp::Saved { checkpoint_seq, .. } => assert_eq!(checkpoint_seq, 7),
+            other => panic!("{other:?}"),
+        }
+        h.bot.do_send(Deliver::Event(message(8, "boom")));
+        assert!(matches!(
+            next(&mut h.notices).await,
+            BotNotice::Failed { .. }
+        ));
+        assert!(
+            h.ops.try_recv().is_err(),
+            "a failed turn is not checkpointed"
+        );
     }
 
     #[actix::test]

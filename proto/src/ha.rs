@@ -12,8 +12,8 @@ use crate::bot::BotSpec;
 use crate::chat::Visibility;
 
 /// Version of the HA link protocol, declared in [`HaFrame::Hello`]. 2: a replicated bot carries
-/// its [`BotSpec`] whole.
-pub const HA_PROTOCOL_VERSION: u16 = 2;
+/// its [`BotSpec`] whole. 3: [`HaOp::Checkpoint`], a completed turn that saved nothing.
+pub const HA_PROTOCOL_VERSION: u16 = 3;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -58,6 +58,12 @@ pub enum HaOp {
     },
     Removed {
         instance_id: String,
+    },
+    /// The bot has handled every event up to `checkpoint_seq` without saving a new context:
+    /// a take-over gives it only what comes after (its state lives elsewhere, or did not change).
+    Checkpoint {
+        instance_id: String,
+        checkpoint_seq: u64,
     },
 }
 
@@ -167,6 +173,10 @@ mod tests {
                 first_op: 8,
                 ops: vec![
                     HaOp::Started(Box::new(bot)),
+                    HaOp::Checkpoint {
+                        instance_id: "b".into(),
+                        checkpoint_seq: 10,
+                    },
                     HaOp::Removed {
                         instance_id: "b".into(),
                     },

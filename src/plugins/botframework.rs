@@ -399,7 +399,8 @@ impl Bot for ChannelBot {
             match input {
                 BotInput::Start(start) => {
                     self.conversation = ctx.instance_id.clone();
-                    self.userdata = start.userdata.clone();
+                    self.userdata = connector::restored_userdata(start.restored.as_deref())
+                        .unwrap_or_else(|| start.userdata.clone());
                     let (tx, rx) = mpsc::channel(CONVERSATION_QUEUE);
                     self.replies = Some(rx);
                     self.connector.conversations.insert(
@@ -441,12 +442,15 @@ impl Bot for ChannelBot {
                             }
                         }
                     }
-                    // The context says only that the conversation exists (it is the instance).
-                    ctx.save_context(b"conversation".to_vec());
+                    // The context is the userdata the bot knows (the conversation is the
+                    // instance, so it needs no saving).
+                    if start.restored.is_none() {
+                        connector::save_userdata(ctx, &self.userdata);
+                    }
                 }
                 _ if self.done => {}
                 BotInput::Event(e) if e.kind == EventKind::Userdata => {
-                    connector::track_userdata(&mut self.userdata, e.userdata)
+                    connector::track_userdata(ctx, &mut self.userdata, e.userdata)
                 }
                 BotInput::Event(e)
                     if e.kind == EventKind::Message

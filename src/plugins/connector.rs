@@ -18,14 +18,42 @@ pub const MAX_ANSWER: usize = 1 << 20;
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
-/// The HTTP client every connector bot of a node shares (one connection pool).
+/// The HTTP client every connector bot of a node shares (one connection pool). It follows no
+/// redirect: a redirect would re-send the customer's message and the configured headers to
+/// an address nobody configured, and post that address's answer as the bot.
 pub fn client() -> Result<reqwest::Client, String> {
+    builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .map_err(|e| format!("cannot build the HTTP client: {e}"))
+}
+
+/// A client for an endpoint that opted in to redirects: it follows at most five, each to the
+/// same origin (scheme, host and port) as the request it answers, never elsewhere.
+pub fn client_following_same_origin() -> Result<reqwest::Client, String> {
+    builder()
+        .redirect(reqwest::redirect::Policy::custom(|attempt| {
+            let same = attempt
+                .previous()
+                .last()
+                .is_some_and(|from| from.origin() == attempt.url().origin());
+            if attempt.previous().len() > 5 {
+                attempt.error("more than 5 redirects")
+            } else if same {
+                attempt.follow()
+            } else {
+                attempt.stop()
+            }
+        }))
+        .build()
+        .map_err(|e| format!("cannot build the HTTP client: {e}"))
+}
+
+fn builder() -> reqwest::ClientBuilder {
     reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(5))
         .pool_idle_timeout(Duration::from_secs(60))
         .user_agent(concat!("bgs/", env!("CARGO_PKG_VERSION")))
-        .build()
-        .map_err(|e| format!("cannot build the HTTP client: {e}"))
 }
 
 /// Why one attempt failed, and whether another attempt may help.
@@ -60,9 +88,20 @@ pub async fn post_json(
             .await
             .map_err(|e| AttemptError::Retry(describe(&e)))?;
         let status = response.status();
+        let response_location = response
+            .headers()
+            .get(reqwest::header::LOCATION)
+            .and_then(|v| v.to_str().ok())
+            .map(|v| v.chars().take(200).collect::<String>());
         let bytes = read_bounded(response).await?;
         if status.is_success() {
             Ok((status.as_u16(), bytes))
+        } else if status.is_redirection() {
+            let to = response_location.unwrap_or_default();
+            Err(AttemptError::Fatal(format!(
+                "answered HTTP {} (a redirect to {to:?}, not followed: redirects are followed only where configured, and only to the same origin)",
+                status.as_u16()
+            )))
         } else if status.is_server_error() || status.as_u16() == 429 {
             Err(AttemptError::Retry(format!(
                 "answered HTTP {}",
@@ -230,14 +269,44 @@ pub fn named<'a, T>(
     })
 }
 
-/// Keeps a bot's copy of the interaction's userdata up to date with a `userdata` event.
-pub fn track_userdata(userdata: &mut KeyValues, changes: Option<UserdataChanges>) {
+/// Keeps a bot's copy of the interaction's userdata up to date with a `userdata` event, and
+/// saves the copy: a take-over gives the bot only what comes after its last turn, so the
+/// userdata it had seen must come back from its saved context ([`restored_userdata`]).
+pub fn track_userdata(
+    ctx: &mut BotContext,
+    userdata: &mut KeyValues,
+    changes: Option<UserdataChanges>,
+) {
+    let mut changed = false;
     for (k, v) in changes.unwrap_or_default() {
-        match v {
-            Some(v) => userdata.insert(k, v),
-            None => userdata.remove(&k),
+        changed |= match v {
+            Some(v) => userdata.insert(k, v.clone()).as_ref() != Some(&v),
+            None => userdata.remove(&k).is_some(),
         };
     }
+    if changed {
+        save_userdata(ctx, userdata);
+    }
+}
+
+/// Saves a connector bot's context: the interaction's userdata as it knows it (a JSON object).
+pub fn save_userdata(ctx: &mut BotContext, userdata: &KeyValues) {
+    match serde_json::to_vec(&serde_json::json!({ "userdata": userdata })) {
+        Ok(bytes) => ctx.save_context(bytes),
+        Err(e) => tracing::warn!(error = %e, "connector context not saved"),
+    }
+}
+
+/// The userdata a connector bot saved ([`save_userdata`]); `None` for a context of another
+/// shape (an older release saved a marker only): the bot then keeps StartBot's userdata.
+pub fn restored_userdata(restored: Option<&[u8]>) -> Option<KeyValues> {
+    #[derive(serde::Deserialize)]
+    struct Saved {
+        userdata: KeyValues,
+    }
+    serde_json::from_slice::<Saved>(restored?)
+        .ok()
+        .map(|s| s.userdata)
 }
 
 /// The customer's message that was waiting for an answer when the bot joined: the last message

@@ -27,6 +27,8 @@ use crate::config::WebhookEndpoint;
 struct Endpoint {
     name: String,
     url: reqwest::Url,
+    /// The shared client, or one that follows same-origin redirects for this endpoint.
+    client: reqwest::Client,
     headers: reqwest::header::HeaderMap,
     policy: RetryPolicy,
     handoff_userdata: BTreeMap<String, String>,
@@ -35,7 +37,6 @@ struct Endpoint {
 
 pub struct WebhookFactory {
     endpoints: BTreeMap<String, Arc<Endpoint>>,
-    client: reqwest::Client,
 }
 
 impl WebhookFactory {
@@ -45,6 +46,7 @@ impl WebhookFactory {
         handling_timeout: Duration,
     ) -> Result<Self, String> {
         let budget = RetryPolicy::budget_for(handling_timeout);
+        let client = connector::client()?;
         let mut out = BTreeMap::new();
         for (name, e) in endpoints {
             let key = format!("plugins.webhook.endpoints.{name}");
@@ -79,6 +81,11 @@ impl WebhookFactory {
                 Arc::new(Endpoint {
                     name: name.clone(),
                     url,
+                    client: if e.follow_redirects {
+                        connector::client_following_same_origin()?
+                    } else {
+                        client.clone()
+                    },
                     headers,
                     policy: RetryPolicy {
                         plugin: "webhook",
@@ -92,10 +99,7 @@ impl WebhookFactory {
                 }),
             );
         }
-        Ok(WebhookFactory {
-            endpoints: out,
-            client: connector::client()?,
-        })
+        Ok(WebhookFactory { endpoints: out })
     }
 
     fn endpoint(&self, name: &str) -> Result<&Arc<Endpoint>, BotError> {
@@ -120,7 +124,6 @@ impl BotFactory for WebhookFactory {
     fn create(&self, request: &CreateBot) -> Result<Box<dyn Bot>, BotError> {
         Ok(Box::new(WebhookBot {
             endpoint: self.endpoint(&request.bot_name)?.clone(),
-            client: self.client.clone(),
             parameters: KeyValues::new(),
             userdata: KeyValues::new(),
             done: false,
@@ -130,7 +133,6 @@ impl BotFactory for WebhookFactory {
 
 struct WebhookBot {
     endpoint: Arc<Endpoint>,
-    client: reqwest::Client,
     parameters: KeyValues,
     /// The interaction's userdata as the bot knows it: StartBot's, then every change it sees.
     userdata: KeyValues,
@@ -229,7 +231,7 @@ impl WebhookBot {
             }
         });
         let endpoint = self.endpoint.clone();
-        let client = self.client.clone();
+        let client = endpoint.client.clone();
         let key = ctx.input_id.clone();
         let answer = endpoint
             .policy
@@ -278,7 +280,8 @@ impl Bot for WebhookBot {
             match input {
                 BotInput::Start(start) => {
                     self.parameters = start.parameters;
-                    self.userdata = start.userdata;
+                    self.userdata = connector::restored_userdata(start.restored.as_deref())
+                        .unwrap_or(start.userdata);
                     // The customer's question from before the bot joined gets its answer (a
                     // restored bot has no history).
                     if let Some((sender, text)) = connector::unanswered(&start.history) {
@@ -286,7 +289,7 @@ impl Bot for WebhookBot {
                     }
                 }
                 BotInput::Event(e) if e.kind == EventKind::Userdata => {
-                    connector::track_userdata(&mut self.userdata, e.userdata)
+                    connector::track_userdata(ctx, &mut self.userdata, e.userdata)
                 }
                 BotInput::Event(e)
                     if e.kind == EventKind::Message
@@ -375,6 +378,7 @@ mod tests {
                 timeout_ms: 1000,
                 retries: 1,
                 headers: BTreeMap::new(),
+                follow_redirects: false,
                 handoff_userdata: BTreeMap::new(),
                 unavailable_notice: String::new(),
             },

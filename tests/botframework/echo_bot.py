@@ -3,15 +3,23 @@ for the gateway's tests and as the example of docs/PLUGINS.md. Usage: echo_bot.p
 (default 3978; 0 picks a free port). It prints `listening http=127.0.0.1:PORT` once it listens.
 
 It answers a message `text` with `bf: text`; `menu` with suggested actions; `card` with a hero
-card; `agent` with an event named `handoff`; `bye` with endOfConversation. A new conversation
-(conversationUpdate with the customer added) is greeted with `bf: welcome`.
+card; `agent` with an event named `handoff`; `bye` with endOfConversation; `count` with `bf: seen
+N messages`, N counted in the SDK's conversation state (so a message handed to it twice shows). A
+new conversation (conversationUpdate with the customer added) is greeted with `bf: welcome`.
 """
 
 import asyncio
 import sys
 
 from aiohttp import web
-from botbuilder.core import ActivityHandler, CardFactory, MessageFactory, TurnContext
+from botbuilder.core import (
+    ActivityHandler,
+    CardFactory,
+    ConversationState,
+    MemoryStorage,
+    MessageFactory,
+    TurnContext,
+)
 from botbuilder.integration.aiohttp import CloudAdapter, ConfigurationBotFrameworkAuthentication
 from botbuilder.schema import (
     ActionTypes,
@@ -32,6 +40,14 @@ class Config:
 
 
 class EchoBot(ActivityHandler):
+    def __init__(self, state: ConversationState):
+        self.state = state
+        self.seen = state.create_property("seen")
+
+    async def on_turn(self, turn_context: TurnContext):
+        await super().on_turn(turn_context)
+        await self.state.save_changes(turn_context)
+
     async def on_members_added_activity(self, members, turn_context: TurnContext):
         for member in members:
             if member.id != turn_context.activity.recipient.id:
@@ -39,7 +55,12 @@ class EchoBot(ActivityHandler):
 
     async def on_message_activity(self, turn_context: TurnContext):
         text = turn_context.activity.text or ""
-        if text == "menu":
+        seen = (await self.seen.get(turn_context)) or 0
+        seen += 1
+        await self.seen.set(turn_context, seen)
+        if text == "count":
+            await turn_context.send_activity(f"bf: seen {seen} messages")
+        elif text == "menu":
             reply = MessageFactory.text("bf: pick one")
             reply.suggested_actions = SuggestedActions(
                 actions=[
@@ -76,7 +97,7 @@ class EchoBot(ActivityHandler):
 
 
 ADAPTER = CloudAdapter(ConfigurationBotFrameworkAuthentication(Config()))
-BOT = EchoBot()
+BOT = EchoBot(ConversationState(MemoryStorage()))
 
 
 async def messages(req: web.Request) -> web.Response:

@@ -495,6 +495,8 @@ pub struct Answer {
     pub status: u16,
     pub body: Value,
     pub delay: Duration,
+    /// A `Location` header (a redirect).
+    pub location: Option<String>,
 }
 
 impl Answer {
@@ -503,6 +505,16 @@ impl Answer {
             status: 200,
             body,
             delay: Duration::ZERO,
+            location: None,
+        }
+    }
+
+    /// A redirect with `status` to `to`.
+    pub fn redirect(status: u16, to: String) -> Answer {
+        Answer {
+            status,
+            location: Some(to),
+            ..Answer::ok(Value::Null)
         }
     }
 }
@@ -589,8 +601,12 @@ impl MockHttp {
                     };
                     tokio::time::sleep(answer.delay).await;
                     let body = answer.body.to_string();
+                    let location = answer
+                        .location
+                        .map(|l| format!("Location: {l}\r\n"))
+                        .unwrap_or_default();
                     let response = format!(
-                        "HTTP/1.1 {} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        "HTTP/1.1 {} X\r\nContent-Type: application/json\r\n{location}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
                         answer.status,
                         body.len()
                     );

@@ -489,6 +489,12 @@ impl Sim {
                 let id = bots[self.rng.below(bots.len() as u64) as usize].clone();
                 self.removed.insert(id.clone(), ());
                 HaOp::Removed { instance_id: id }
+            } else if roll == 3 {
+                let id = bots[self.rng.below(bots.len() as u64) as usize].clone();
+                HaOp::Checkpoint {
+                    instance_id: id,
+                    checkpoint_seq: self.now + 1,
+                }
             } else {
                 let id = bots[self.rng.below(bots.len() as u64) as usize].clone();
                 let v = self.now + 1;

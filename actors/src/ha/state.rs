@@ -1171,6 +1171,14 @@ fn apply(store: &mut BTreeMap<String, ReplicatedBot>, op: HaOp) {
                 b.checkpoint_seq = checkpoint_seq;
             }
         }
+        HaOp::Checkpoint {
+            instance_id,
+            checkpoint_seq,
+        } => {
+            if let Some(b) = store.get_mut(&instance_id) {
+                b.checkpoint_seq = b.checkpoint_seq.max(checkpoint_seq);
+            }
+        }
         HaOp::Removed { instance_id } => {
             store.remove(&instance_id);
         }
