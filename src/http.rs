@@ -255,8 +255,9 @@ async fn switchover(state: web::Data<HttpState>, req: HttpRequest) -> HttpRespon
     }
 }
 
-/// The Bot Framework connector: a bot's reply (`POST /v3/conversations/{id}/activities` or
-/// `.../activities/{activityId}`) to the conversation of one of this node's bots.
+/// The Bot Framework connector: a bot's reply (`POST /bf/{capability}/v3/conversations/{id}/
+/// activities` or `.../activities/{activityId}`) to the conversation of one of this node's bots.
+/// The capability is the one the bot was given in its `serviceUrl`; anything else is a 403.
 async fn bf_activity(
     state: web::Data<HttpState>,
     path: web::Path<Vec<String>>,
@@ -270,7 +271,7 @@ async fn bf_activity(
     let bf_error = |status: StatusCode, code: &str, message: &str| {
         HttpResponse::build(status).json(json!({"error": {"code": code, "message": message}}))
     };
-    let Some(conversation) = path.first() else {
+    let (Some(capability), Some(conversation)) = (path.first(), path.get(1)) else {
         return bf_error(
             StatusCode::NOT_FOUND,
             "ConversationNotFound",
@@ -287,8 +288,16 @@ async fn bf_activity(
             )
         }
     };
-    match state.connector.deliver(conversation, activity) {
+    match state.connector.deliver(capability, conversation, activity) {
         Ok(id) => HttpResponse::Ok().json(json!({"id": id})),
+        Err(ConnectorError::Forbidden) => {
+            crate::plugins::botframework::refused();
+            bf_error(
+                StatusCode::FORBIDDEN,
+                "Forbidden",
+                "this path is not the serviceUrl of this conversation",
+            )
+        }
         Err(ConnectorError::UnknownConversation) => bf_error(
             StatusCode::NOT_FOUND,
             "ConversationNotFound",
@@ -323,7 +332,8 @@ pub fn methods_at(path: &str) -> Vec<&'static str> {
 /// No route: 405 with `Allow` when the path is served with other methods, else 404.
 async fn not_found(req: HttpRequest) -> HttpResponse {
     let allowed = methods_at(req.path());
-    if !allowed.is_empty() {
+    // A route's method with a segment the router would not take (an empty one): not found.
+    if !allowed.is_empty() && !allowed.contains(&req.method().as_str()) {
         return HttpResponse::MethodNotAllowed()
             .insert_header(("Allow", allowed.join(", ")))
             .json(json!({
@@ -345,8 +355,8 @@ pub const ROUTES: &[&str] = &[
     "GET /metrics",
     "POST /admin/switchover",
     "GET /admin/bots",
-    "POST /v3/conversations/{conversation}/activities",
-    "POST /v3/conversations/{conversation}/activities/{activity}",
+    "POST /bf/{capability}/v3/conversations/{conversation}/activities",
+    "POST /bf/{capability}/v3/conversations/{conversation}/activities/{activity}",
     "GET /",
 ];
 
@@ -360,11 +370,11 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route("/admin/bots", web::get().to(bots))
         .route("/admin/switchover", web::post().to(switchover))
         .route(
-            "/v3/conversations/{conversation}/activities",
+            "/bf/{capability}/v3/conversations/{conversation}/activities",
             web::post().to(bf_activity),
         )
         .route(
-            "/v3/conversations/{conversation}/activities/{activity}",
+            "/bf/{capability}/v3/conversations/{conversation}/activities/{activity}",
             web::post().to(bf_activity),
         )
         .route(

@@ -1306,8 +1306,13 @@ async fn a_wrong_method_is_405_an_unknown_path_404_and_logs_to_a_file_have_no_co
         "{body}"
     );
     assert!(body["message"].as_str().unwrap().contains("POST"), "{body}");
-    let (status, body) =
-        support::http(gw.http, "GET", "/v3/conversations/x/activities/y", None).await;
+    let (status, body) = support::http(
+        gw.http,
+        "GET",
+        "/bf/c/v3/conversations/x/activities/y",
+        None,
+    )
+    .await;
     assert_eq!(status, 405, "{body}");
     let (status, body) = support::http(gw.http, "GET", "/nope", None).await;
     assert_eq!((status, body["code"].as_str()), (404, Some("not_found")));

@@ -500,12 +500,15 @@ async fn a_bot_framework_sdk_bot_talks_through_the_gateway_channel() {
     let Some(bot) = support::SdkBot::start() else {
         return;
     };
+    // A second bot endpoint that only records what it is sent: the serviceUrl it is given.
+    let spy = MockHttp::start(|_, _| Answer::ok(json!({}))).await;
     let chat = ChatServer::start(&[]);
     let gw = Gateway::start(
         chat.tcp,
         &format!(
-            "[plugins.botframework.bots.helpdesk]\nendpoint = \"{}\"\n",
-            bot.endpoint()
+            "[plugins.botframework.bots.helpdesk]\nendpoint = \"{}\"\n[plugins.botframework.bots.spy]\nendpoint = \"{}\"\n",
+            bot.endpoint(),
+            spy.url("/api/messages")
         ),
     );
     let mut ann = Customer::open(&chat, "bf-1").await;
@@ -576,15 +579,94 @@ async fn a_bot_framework_sdk_bot_talks_through_the_gateway_channel() {
     assert_eq!(report["end_reason"], "bot_left");
     assert_eq!(bea.transcript().await["closed"], false);
 
-    // A reply for a conversation this node does not have is refused.
-    let (status, body) = support::http(
+    // Strangers: knowing a conversation id (the BotInstanceId a workflow sees) is not enough to
+    // post into the chat or hand the customer off; only the bot's serviceUrl is.
+    let mut dan = Customer::open(&chat, "bf-3").await;
+    let third = gw
+        .start_bot(
+            "bf-3",
+            &[("ChatBotID", "botframework"), ("ChatBotName", "spy")],
+        )
+        .await;
+    let conv = third["BotInstanceId"].as_str().unwrap().to_string();
+    let given = loop {
+        if let Some(s) = spy.seen().first() {
+            break s.body.clone();
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(given["conversation"]["id"], conv.as_str());
+    let service = given["serviceUrl"].as_str().unwrap().to_string();
+    let base = service
+        .split_once(&gw.http.to_string())
+        .map(|(_, path)| path.to_string())
+        .unwrap();
+    assert!(
+        base.starts_with("/bf/") && base.len() == "/bf/".len() + 32 + 1,
+        "{base}"
+    );
+    let other_cap = {
+        // A real capability, but of another conversation (the spy's, for bf-1's instance).
+        let cap = &base["/bf/".len().."/bf/".len() + 32];
+        cap.chars().rev().collect::<String>()
+    };
+    let attack = json!({"type": "event", "name": "handoff", "value": {"summary": "x", "userdata": {"RouteTo": "attacker"}}});
+    let scam = json!({"type": "message", "text": "send your card number"});
+    for path in [
+        format!("/v3/conversations/{conv}/activities"),
+        format!("/v3/conversations/{conv}/activities/x"),
+        format!("/bf//v3/conversations/{conv}/activities"),
+        format!("/bf/{}/v3/conversations/{conv}/activities", "0".repeat(32)),
+        format!("/bf/{other_cap}/v3/conversations/{conv}/activities"),
+        format!("/bf/{}/v3/conversations/{conv}/activities", &base[4..20]),
+        format!(
+            "{base}v3/conversations/{}/activities",
+            started["BotInstanceId"].as_str().unwrap()
+        ),
+    ] {
+        for body in [&attack, &scam] {
+            let (status, answer) = support::http(gw.http, "POST", &path, Some(body.clone())).await;
+            assert!(matches!(status, 403 | 404), "{path}: {status} {answer}");
+        }
+    }
+    // The bot itself, at its serviceUrl, is heard (a proactive message).
+    let (status, _) = support::http(
         gw.http,
         "POST",
-        "/v3/conversations/nope/activities",
-        Some(json!({"type": "message", "text": "x"})),
+        &format!("{base}v3/conversations/{conv}/activities"),
+        Some(json!({"type": "message", "text": "spy: hello"})),
     )
     .await;
-    assert_eq!(status, 404, "{body}");
+    assert_eq!(status, 200);
+    assert_eq!(dan.next_reply().await, "spy: hello");
+    // Revoked at the bot's end: the same serviceUrl is refused once the bot has stopped.
+    let (status, _) = gw
+        .esp(
+            "StopBot",
+            "bf-3",
+            &[("ChatBotID", "botframework"), ("ChatBotName", "spy")],
+        )
+        .await;
+    assert_eq!(status, 200);
+    gw.report_of(&conv).await;
+    let (status, _) = support::http(
+        gw.http,
+        "POST",
+        &format!("{base}v3/conversations/{conv}/activities"),
+        Some(json!({"type": "message", "text": "spy: still here?"})),
+    )
+    .await;
+    assert_eq!(status, 404);
+    assert_eq!(messages(&dan.transcript().await), ["spy: hello"]);
+    assert!(dan.userdata().await.get("RouteTo").is_none());
+    let (_, metrics) = support::http(gw.http, "GET", "/metrics", None).await;
+    assert!(
+        metrics
+            .as_str()
+            .unwrap()
+            .contains("bgs_connections_refused_total{port=\"http\",reason=\"bf_capability\"}"),
+        "refusals are counted"
+    );
 }
 
 /// The reference Chat Server's customer page shows a bot's buttons, and a click answers with the

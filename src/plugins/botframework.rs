@@ -5,9 +5,11 @@
 //! The gateway POSTs activities to the bot's messaging endpoint: `conversationUpdate` (members
 //! added) on a first start, `message` for each customer message, `endOfConversation` on stop.
 //! Each carries a `serviceUrl` that points at the connector routes this node hosts
-//! ([`Connector`]; `POST /v3/conversations/{id}/activities[/{activityId}]`), where the bot sends
-//! its replies. The conversation id is the bot instance id, so after a switchover the
-//! conversation goes on with the same id on the new primary.
+//! ([`Connector`]; `POST /bf/{capability}/v3/conversations/{id}/activities[/{activityId}]`),
+//! where the bot sends its replies. The conversation id is the bot instance id, so after a
+//! switchover the conversation goes on with the same id on the new primary. The capability is
+//! an HMAC of the conversation id that only the bot's endpoint is given: a stranger who knows the
+//! conversation id cannot post into the chat.
 //!
 //! A turn is one POST: replies that reach the connector while it runs are the turn's actions,
 //! carried out when the bot's answer (HTTP 200/201/202) comes. Replies that come later, or
@@ -44,20 +46,86 @@ struct Conversation {
 /// Why the connector did not take an activity.
 #[derive(Debug, PartialEq, Eq)]
 pub enum ConnectorError {
+    /// The capability in the route is not this conversation's.
+    Forbidden,
     UnknownConversation,
     Busy,
 }
 
+type HmacSha256 = hmac::Hmac<sha2::Sha256>;
+
 /// The connector side of the channel: the routes a bot posts its replies to. Shared by the
 /// plugin (which registers conversations) and the HTTP server (which delivers to them).
-#[derive(Default)]
 pub struct Connector {
     conversations: DashMap<String, Conversation>,
+    /// Keys the conversations' capabilities.
+    key: [u8; 32],
+}
+
+impl Default for Connector {
+    /// A connector with a key of its own (a single node).
+    fn default() -> Self {
+        let mut key = [0u8; 32];
+        key[..16].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
+        key[16..].copy_from_slice(uuid::Uuid::new_v4().as_bytes());
+        Connector {
+            conversations: DashMap::new(),
+            key,
+        }
+    }
 }
 
 impl Connector {
-    /// Takes one activity a bot sent to `conversation`; answers the id given to it.
-    pub fn deliver(&self, conversation: &str, activity: Value) -> Result<String, ConnectorError> {
+    /// A connector whose capabilities both nodes of a pair give alike (derived from the HA
+    /// secret), so a bot behind one address for both nodes reaches whichever is primary; with
+    /// no secret, a key of this process's own.
+    pub fn new(secret: Option<&str>) -> Self {
+        use hmac::Mac;
+        let Some(secret) = secret.filter(|s| !s.is_empty()) else {
+            return Connector::default();
+        };
+        let mut mac = match HmacSha256::new_from_slice(secret.as_bytes()) {
+            Ok(mac) => mac,
+            Err(_) => return Connector::default(),
+        };
+        mac.update(b"bgs botframework connector capability v1");
+        Connector {
+            conversations: DashMap::new(),
+            key: mac.finalize().into_bytes().into(),
+        }
+    }
+
+    /// The capability of `conversation`: 128 bits of HMAC-SHA256 in hex, the path segment of
+    /// its `serviceUrl` that the routes require.
+    pub fn capability(&self, conversation: &str) -> String {
+        use hmac::Mac;
+        use std::fmt::Write;
+        let Ok(mut mac) = HmacSha256::new_from_slice(&self.key) else {
+            return String::new();
+        };
+        mac.update(conversation.as_bytes());
+        let bytes = mac.finalize().into_bytes();
+        bytes[..16]
+            .iter()
+            .fold(String::with_capacity(32), |mut s, b| {
+                let _ = write!(s, "{b:02x}");
+                s
+            })
+    }
+
+    /// Takes one activity a bot sent to `conversation` under `capability`; answers the id given
+    /// to it. A wrong capability is refused before the conversation is looked up, so a stranger
+    /// learns nothing of which conversations exist.
+    pub fn deliver(
+        &self,
+        capability: &str,
+        conversation: &str,
+        activity: Value,
+    ) -> Result<String, ConnectorError> {
+        let want = self.capability(conversation);
+        if !bgs_proto::chat::constant_time_eq(want.as_bytes(), capability.as_bytes()) {
+            return Err(ConnectorError::Forbidden);
+        }
         let c = self
             .conversations
             .get(conversation)
@@ -74,6 +142,15 @@ impl Connector {
     pub fn conversations(&self) -> usize {
         self.conversations.len()
     }
+}
+
+/// Counts a request the connector routes refused for a wrong capability
+/// (`bgs_refused_connections_total{port="http",reason="bf_capability"}`).
+pub fn refused() {
+    bgs_actors::metrics::metrics()
+        .refused
+        .inc(&["http", "bf_capability"]);
+    tracing::debug!("Bot Framework connector request refused: not this conversation's serviceUrl");
 }
 
 /// One configured bot, ready to call.
@@ -399,6 +476,11 @@ impl Bot for ChannelBot {
             match input {
                 BotInput::Start(start) => {
                     self.conversation = ctx.instance_id.clone();
+                    self.service_url = format!(
+                        "{}bf/{}/",
+                        self.service_url,
+                        self.connector.capability(&self.conversation)
+                    );
                     self.userdata = connector::restored_userdata(start.restored.as_deref())
                         .unwrap_or_else(|| start.userdata.clone());
                     let (tx, rx) = mpsc::channel(CONVERSATION_QUEUE);
@@ -650,8 +732,9 @@ mod tests {
     #[test]
     fn the_connector_routes_by_conversation_and_is_bounded() {
         let connector = Connector::default();
+        let cap = |c: &str| connector.capability(c);
         assert_eq!(
-            connector.deliver("nope", json!({})),
+            connector.deliver(&cap("nope"), "nope", json!({})),
             Err(ConnectorError::UnknownConversation)
         );
         let (tx, _rx) = mpsc::channel(2);
@@ -667,10 +750,28 @@ mod tests {
                 in_turn: Arc::new(AtomicBool::new(false)),
             },
         );
-        assert!(connector.deliver("c", json!({"type": "message"})).is_ok());
-        assert!(connector.deliver("c", json!({"type": "message"})).is_ok());
+        // Without the conversation's capability nothing is taken, whatever else is right.
+        for wrong in [
+            "",
+            "00",
+            &cap("d"),
+            &cap("c")[..31],
+            &cap("c").to_uppercase(),
+        ] {
+            assert_eq!(
+                connector.deliver(wrong, "c", json!({"type": "message"})),
+                Err(ConnectorError::Forbidden),
+                "{wrong:?}"
+            );
+        }
+        assert!(connector
+            .deliver(&cap("c"), "c", json!({"type": "message"}))
+            .is_ok());
+        assert!(connector
+            .deliver(&cap("c"), "c", json!({"type": "message"}))
+            .is_ok());
         assert_eq!(
-            connector.deliver("c", json!({"type": "message"})),
+            connector.deliver(&cap("c"), "c", json!({"type": "message"})),
             Err(ConnectorError::Busy)
         );
         assert_eq!(
@@ -679,5 +780,21 @@ mod tests {
             "outside a turn, replies wake the bot"
         );
         assert_eq!(urlencode("a b/c"), "a%20b%2Fc");
+    }
+
+    #[test]
+    fn capabilities_are_per_conversation_and_alike_on_both_nodes_of_a_pair() {
+        let a = Connector::new(Some("s3cret"));
+        let b = Connector::new(Some("s3cret"));
+        let other = Connector::new(Some("another"));
+        let alone = Connector::new(None);
+        assert_eq!(a.capability("conv"), b.capability("conv"));
+        assert_eq!(a.capability("conv").len(), 32);
+        assert_ne!(a.capability("conv"), a.capability("conv2"));
+        assert_ne!(a.capability("conv"), other.capability("conv"));
+        assert_ne!(
+            alone.capability("conv"),
+            Connector::new(None).capability("conv")
+        );
     }
 }

@@ -37,7 +37,13 @@ pub fn load(config: &Config, http: std::net::SocketAddr) -> Result<Loaded, Strin
         &config.plugins.webhook.endpoints,
         handling,
     )?));
-    let connector = Arc::new(botframework::Connector::default());
+    let connector = Arc::new(botframework::Connector::new(
+        config
+            .ha
+            .peer
+            .is_some()
+            .then_some(config.ha.secret.as_str()),
+    ));
     let service_url = config
         .plugins
         .botframework
