@@ -154,6 +154,10 @@ pub struct BotsConfig {
     pub finished_retention: u64,
     /// Threads (actix arbiters) for sessions and bots; 0: one per core but one, at least 1.
     pub arbiters: usize,
+    /// Messages and notices one input of a bot may post; the rest are left out with a notice.
+    pub max_posts_per_input: usize,
+    /// Chat events one bot may cause in a minute; beyond it the bot is stopped with a hand-off.
+    pub max_events_per_minute: u32,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -352,6 +356,8 @@ impl Default for BotsConfig {
             handling_timeout_ms: 10_000,
             finished_retention: 3600,
             arbiters: 0,
+            max_posts_per_input: 20,
+            max_events_per_minute: 120,
         }
     }
 }
@@ -546,6 +552,12 @@ impl Config {
         }
         if self.bots.handling_timeout_ms < 10 {
             return Err(invalid("bots.handling-timeout-ms", "must be at least 10"));
+        }
+        if !(1..=1000).contains(&self.bots.max_posts_per_input) {
+            return Err(invalid("bots.max-posts-per-input", "must be 1 to 1000"));
+        }
+        if !(1..=100_000).contains(&self.bots.max_events_per_minute) {
+            return Err(invalid("bots.max-events-per-minute", "must be 1 to 100000"));
         }
         if self.log.level.trim().is_empty() {
             return Err(invalid(

@@ -288,7 +288,10 @@ async fn bf_activity(
             )
         }
     };
-    match state.connector.deliver(capability, conversation, activity) {
+    match state
+        .connector
+        .deliver(capability, conversation, activity, body.len())
+    {
         Ok(id) => HttpResponse::Ok().json(json!({"id": id})),
         Err(ConnectorError::Forbidden) => {
             crate::plugins::botframework::refused();

@@ -216,6 +216,10 @@ pub async fn start(config: Config) -> Result<Node, ServeError> {
     )
     .start();
     let registry = Arc::new(Registry::default());
+    bgs_actors::bot_limits::set_limits(bgs_actors::bot_limits::BotLimits {
+        posts_per_input: config.bots.max_posts_per_input,
+        events_per_minute: config.bots.max_events_per_minute,
+    });
     let role_view = bgs_actors::role::RoleView::default();
     let supervisor = Supervisor::new(
         SupervisorConfig {

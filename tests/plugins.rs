@@ -309,6 +309,117 @@ handoff_userdata = {{ RouteTo = "support", Why = "bot down" }}
     );
 }
 
+/// Every bot is held to the same bounds, here a webhook bot: an answer of 1000 items posts the
+/// first 20 and a notice; 40 buttons keep 32 and the text lists them all; a 40 KiB answer is
+/// split, not dropped; and a bot that keeps posting is stopped with a notice and a hand-off
+/// before it can fill the session.
+#[tokio::test]
+async fn a_bot_is_held_to_its_limits() {
+    let hook = MockHttp::start(|req, _| {
+        let text = req.body["message"].as_str().unwrap_or_default().to_string();
+        match text.as_str() {
+            "flood" => Answer::ok(json!((0..1000).map(|i| json!({"text": format!("spam {i}")})).collect::<Vec<_>>())),
+            "buttons" => Answer::ok(json!([{"text": "pick", "buttons": (0..40).map(|i| json!({"title": format!("b{i}")})).collect::<Vec<_>>()}])),
+            "long" => Answer::ok(json!([{"text": "x".repeat(40 * 1024)}])),
+            _ => Answer::ok(json!((0..5).map(|i| json!({"text": format!("{text} {i}")})).collect::<Vec<_>>())),
+        }
+    })
+    .await;
+    let chat = ChatServer::start(&[]);
+    let gw = Gateway::start(
+        chat.tcp,
+        &format!(
+            "[bots]\nmax-events-per-minute = 60\n[plugins.webhook.endpoints.faq]\nurl = \"{}\"\n",
+            hook.url("/hook")
+        ),
+    );
+    let mut ann = Customer::open(&chat, "lim-1").await;
+    let started = gw
+        .start_bot("lim-1", &[("ChatBotID", "webhook"), ("ChatBotName", "faq")])
+        .await;
+    ann.say("flood").await;
+    let notice = ann.next_where(|e| e["kind"] == "notice").await;
+    assert_eq!(
+        notice["text"],
+        "(Some of the assistant's messages were not shown.)"
+    );
+    let shown: Vec<String> = messages(&ann.transcript().await)
+        .into_iter()
+        .filter(|m| m.starts_with("spam"))
+        .collect();
+    assert_eq!(shown.len(), 20, "{shown:?}");
+    assert_eq!(shown[19], "spam 19");
+
+    ann.say("buttons").await;
+    let menu = ann
+        .next_where(|e| e["kind"] == "message" && e["rich"].is_object())
+        .await;
+    assert_eq!(menu["rich"]["buttons"].as_array().unwrap().len(), 32);
+    assert!(
+        menu["text"].as_str().unwrap().ends_with("40. b39"),
+        "the text lists all"
+    );
+
+    ann.say("long").await;
+    let first = ann
+        .next_where(|e| {
+            e["kind"] == "message" && e["text"].as_str().is_some_and(|t| t.starts_with("xxx"))
+        })
+        .await;
+    let second = ann
+        .next_where(|e| {
+            e["kind"] == "message" && e["text"].as_str().is_some_and(|t| t.starts_with("xxx"))
+        })
+        .await;
+    let third = ann
+        .next_where(|e| {
+            e["kind"] == "message" && e["text"].as_str().is_some_and(|t| t.starts_with("xxx"))
+        })
+        .await;
+    let total: usize = [&first, &second, &third]
+        .iter()
+        .map(|e| e["text"].as_str().unwrap().len())
+        .sum();
+    assert_eq!(total, 40 * 1024, "split into parts, nothing lost");
+
+    // 21 + 1 + 3 events so far; five a message from here: past 60 in a minute it is stopped.
+    for n in 0..8 {
+        ann.say(&format!("m{n}")).await;
+    }
+    let notice = ann
+        .next_where(|e| {
+            e["kind"] == "notice"
+                && e["text"]
+                    .as_str()
+                    .is_some_and(|t| t.contains("ran into a problem"))
+        })
+        .await;
+    assert_eq!(notice["participant_id"], started["ParticipantId"]);
+    let report = gw
+        .report_of(started["BotInstanceId"].as_str().unwrap())
+        .await;
+    assert_eq!(report["end_reason"], "bot_left");
+    assert_eq!(report["handoff"]["reason"], "bot_limit");
+    assert!(
+        report["error"]
+            .as_str()
+            .unwrap()
+            .contains("more than 60 chat events"),
+        "{report}"
+    );
+    assert_eq!(ann.userdata().await["ChatBotHandoffReason"], "bot_limit");
+    let (_, metrics) = support::http(gw.http, "GET", "/metrics", None).await;
+    let metrics = metrics.as_str().unwrap().to_string();
+    for line in [
+        "bgs_bot_limits_total{limit=\"posts_per_input\"} 980",
+        "bgs_bot_limits_total{limit=\"rich_items\"} 1",
+        "bgs_bot_limits_total{limit=\"text_split\"} 1",
+        "bgs_bot_limits_total{limit=\"events_per_minute\"} 1",
+    ] {
+        assert!(metrics.contains(line), "{line} not in\n{metrics}");
+    }
+}
+
 fn plugins_dir_config(dir: &std::path::Path) -> String {
     format!("[plugins]\ndir = \"{}\"\n", dir.display())
 }

@@ -216,8 +216,8 @@ pub fn plugin_call<R>(f: impl FnOnce() -> R) -> Result<R, String> {
 /// How long a stopping bot waits for its waiting-mode outcome to be written.
 const OUTCOME_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Longest text a bot may post (bytes); longer posts are refused and logged.
-pub const MAX_POST: usize = 16 * 1024;
+pub use crate::bot_limits::MAX_POST;
+use crate::bot_limits::{fit_post, limits, Allowance, POSTS_CUT_NOTICE, STOPPED_NOTICE};
 /// Largest context a bot may save (bytes); a larger save is refused and logged, and the last
 /// accepted one stays (the HA link carries contexts in frames of at most 16 MiB).
 pub const MAX_CONTEXT: usize = 1 << 20;
@@ -277,6 +277,8 @@ struct Outbox {
     spec: Arc<BotSpec>,
     participant_id: String,
     instance_id: String,
+    /// The chat events it may still cause this minute (`[bots] max-events-per-minute`).
+    allowance: std::sync::Mutex<Allowance>,
 }
 
 impl Outcome {
@@ -380,36 +382,68 @@ impl Outbox {
         }
     }
 
+    /// Takes one chat event from the bot's allowance; false when it has caused too many.
+    fn allow(&self) -> bool {
+        let per_minute = limits().events_per_minute;
+        self.allowance
+            .lock()
+            .map(|mut a| a.take(per_minute, std::time::Instant::now()))
+            .unwrap_or(true)
+    }
+
     /// Carries out a handler's actions in order. `label` makes the client keys: the same input
     /// replayed after a reconnect or a switchover produces the same keys, so nothing posts twice.
-    /// `seen` gives the reference a hand-off writes (`ChatBotTranscript`).
+    /// `seen` gives the reference a hand-off writes (`ChatBotTranscript`). Every kind of bot is
+    /// held to the same limits (`bot_limits`): a post too long is split or cut, too many buttons
+    /// trimmed, posts past `posts_per_input` left out with one notice, and a bot past
+    /// `events_per_minute` stopped with a notice and a hand-off.
     async fn execute(&self, actions: Vec<BotAction>, label: &str, seen: Seen) -> Outcome {
         let mut outcome = Outcome::default();
-        for (index, action) in actions.into_iter().enumerate() {
+        let limits = limits();
+        let mut posts = 0usize;
+        let mut left_out = 0usize;
+        let mut over_rate = false;
+        'actions: for (index, action) in actions.into_iter().enumerate() {
             match action {
-                BotAction::Post { text, .. } if text.len() > MAX_POST => {
-                    tracing::warn!(
-                        bytes = text.len(),
-                        max = MAX_POST,
-                        "bot post too long; not sent"
-                    );
-                }
                 BotAction::Post {
                     kind,
                     text,
                     visibility,
                     rich,
                 } => {
-                    let key = format!("{}:{label}:{index}", self.instance_id);
-                    if kind == PostKind::Message {
-                        outcome.sent += 1;
+                    if kind != PostKind::Typing {
+                        posts += 1;
+                        if posts > limits.posts_per_input {
+                            left_out += 1;
+                            continue;
+                        }
                     }
-                    if let Err(e) = self.post(kind, text, rich, visibility, key).await {
-                        outcome.fail(e);
-                        break;
+                    let (parts, fitted) = fit_post(text, rich, MAX_POST);
+                    note_fitted(fitted);
+                    for (part, (text, rich)) in parts.into_iter().enumerate() {
+                        if !self.allow() {
+                            over_rate = true;
+                            break 'actions;
+                        }
+                        let key = if part == 0 {
+                            format!("{}:{label}:{index}", self.instance_id)
+                        } else {
+                            format!("{}:{label}:{index}.{part}", self.instance_id)
+                        };
+                        if kind == PostKind::Message {
+                            outcome.sent += 1;
+                        }
+                        if let Err(e) = self.post(kind, text, rich, visibility, key).await {
+                            outcome.fail(e);
+                            break 'actions;
+                        }
                     }
                 }
                 BotAction::Userdata(changes) => {
+                    if !self.allow() {
+                        over_rate = true;
+                        break;
+                    }
                     if let Err(e) = self.userdata(changes).await {
                         outcome.fail(e);
                         break;
@@ -435,7 +469,90 @@ impl Outbox {
                 }
             }
         }
+        if outcome.failed.is_some() || outcome.unavailable {
+            return outcome;
+        }
+        if left_out > 0 {
+            tracing::warn!(
+                left_out,
+                max = limits.posts_per_input,
+                "bot posted more than its limit for one input; the rest were not shown"
+            );
+            metrics()
+                .bot_limits
+                .add(&["posts_per_input"], left_out as u64);
+            let key = format!("{}:{label}:cut", self.instance_id);
+            let visibility = self.spec.visibility;
+            if let Err(e) = self
+                .post(
+                    PostKind::Notice,
+                    POSTS_CUT_NOTICE.into(),
+                    None,
+                    visibility,
+                    key,
+                )
+                .await
+            {
+                outcome.fail(e);
+                return outcome;
+            }
+        }
+        if over_rate && outcome.handoff.is_none() {
+            let error = format!(
+                "the bot caused more than {} chat events in a minute",
+                limits.events_per_minute
+            );
+            tracing::warn!(%error, "bot stopped: it posts too much");
+            metrics().bot_limits.inc(&["events_per_minute"]);
+            let handoff = Handoff {
+                reason: "bot_limit".into(),
+                summary: String::new(),
+                userdata: Default::default(),
+                error: Some(error),
+            };
+            let key = format!("{}:{label}:limit", self.instance_id);
+            let visibility = self.spec.visibility;
+            let notice = self
+                .post(
+                    PostKind::Notice,
+                    STOPPED_NOTICE.into(),
+                    None,
+                    visibility,
+                    key,
+                )
+                .await;
+            let transcript = seen.transcript(&self.spec.key.interaction_id);
+            let written = self.userdata(handoff_userdata(&handoff, &transcript)).await;
+            if let Err(e) = notice.and(written) {
+                outcome.fail(e);
+                return outcome;
+            }
+            outcome.handoff = Some(handoff);
+            outcome.leave = true;
+        }
         outcome
+    }
+}
+
+/// Logs and counts what fitting a post to the chat changed.
+fn note_fitted(fitted: crate::bot_limits::Fitted) {
+    if fitted.cut {
+        tracing::warn!(
+            max = MAX_POST,
+            parts = crate::bot_limits::MAX_PARTS,
+            "bot post too long; split and cut, with a marker"
+        );
+        metrics().bot_limits.inc(&["text_cut"]);
+    } else if fitted.split {
+        tracing::info!(max = MAX_POST, "bot post too long; split into parts");
+        metrics().bot_limits.inc(&["text_split"]);
+    }
+    if fitted.rich_trimmed {
+        tracing::warn!(
+            max_items = bgs_proto::chat::MAX_RICH_ITEMS,
+            "bot post has too many buttons or cards; the first kept, the text lists every choice"
+        );
+        metrics().bot_limits.inc(&["rich_items"]);
     }
 }
 
@@ -484,6 +601,7 @@ impl BotActor {
                 instance_id: setup.instance_id,
                 participant_id: setup.participant_id,
                 link: setup.link,
+                allowance: Default::default(),
             }),
             notices: setup.notices.downgrade(),
             ha: setup.ha,

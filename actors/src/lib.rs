@@ -6,6 +6,7 @@
 
 pub mod bot;
 pub mod bot_actor;
+pub mod bot_limits;
 pub mod chat_link;
 pub mod esp;
 pub mod ha;

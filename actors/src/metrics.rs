@@ -183,8 +183,10 @@ pub struct Metrics {
     pub external_requests: Counters,
     /// plugin, outcome (restarted, given_up): exits of process plugins
     pub plugin_exits: Counters,
-    /// port (esp, http, ha), reason (unauthorized, capacity, handshake)
+    /// port (esp, http, ha), reason (unauthorized, capacity, handshake, bf_capability)
     pub refused: Counters,
+    /// limit (posts_per_input, events_per_minute, text_split, text_cut, rich_items)
+    pub bot_limits: Counters,
     /// plugin: set from the node's registry of bots at each scrape
     bots_active: Family<Labels, Gauge>,
     pub chat_reconnects: Counter,
@@ -275,8 +277,13 @@ impl Default for Metrics {
         );
         let refused = counters(
             "bgs_connections_refused",
-            "Connections and requests refused before any work, by port (esp: framed ESP, http, ha) and reason (unauthorized, capacity, handshake)",
+            "Connections and requests refused before any work, by port (esp: framed ESP, http, ha) and reason (unauthorized, capacity, handshake, bf_capability)",
             &["port", "reason"],
+        );
+        let bot_limits = counters(
+            "bgs_bot_limits",
+            "Times a bot's output was held to a limit, by limit (posts_per_input: posts left out; events_per_minute: bot stopped; text_split, text_cut: a long post split or cut; rich_items: buttons or cards left out)",
+            &["limit"],
         );
         registry.register(
             "bgs_esp_request_seconds",
@@ -335,6 +342,7 @@ impl Default for Metrics {
             external_requests,
             plugin_exits,
             refused,
+            bot_limits,
             bots_active,
             chat_reconnects,
             chat_connected,

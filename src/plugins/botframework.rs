@@ -16,7 +16,7 @@
 //! proactive messages, wake the bot ([`BotInput::Wake`]) and are carried out then.
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -34,10 +34,36 @@ use crate::config::BotFrameworkBot;
 
 /// Replies waiting for one conversation; beyond it the connector answers 429.
 const CONVERSATION_QUEUE: usize = 256;
+/// Bytes of replies (request bodies) waiting for one conversation; beyond it 429.
+pub const CONVERSATION_BYTES: usize = 2 << 20;
+/// Bytes of replies waiting for all the conversations of a node; beyond it 429.
+pub const NODE_BYTES: usize = 64 << 20;
+
+/// A reply waiting for its bot, and the bytes it holds of its conversation's and the node's
+/// allowance, given back when it is dropped (handled, or its bot gone).
+struct Pending {
+    activity: Value,
+    _held: Held,
+}
+
+struct Held {
+    bytes: usize,
+    conversation: Arc<AtomicUsize>,
+    node: Arc<AtomicUsize>,
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.conversation.fetch_sub(self.bytes, Ordering::SeqCst);
+        self.node.fetch_sub(self.bytes, Ordering::SeqCst);
+    }
+}
 
 /// One conversation the connector routes replies to.
 struct Conversation {
-    replies: mpsc::Sender<Value>,
+    replies: mpsc::Sender<Pending>,
+    /// Bytes of its replies waiting.
+    held: Arc<AtomicUsize>,
     waker: BotWaker,
     /// A turn is running: its replies are collected when it ends, no wake needed.
     in_turn: Arc<AtomicBool>,
@@ -60,6 +86,8 @@ pub struct Connector {
     conversations: DashMap<String, Conversation>,
     /// Keys the conversations' capabilities.
     key: [u8; 32],
+    /// Bytes of replies waiting, all conversations together.
+    held: Arc<AtomicUsize>,
 }
 
 impl Default for Connector {
@@ -71,6 +99,7 @@ impl Default for Connector {
         Connector {
             conversations: DashMap::new(),
             key,
+            held: Arc::default(),
         }
     }
 }
@@ -92,6 +121,7 @@ impl Connector {
         Connector {
             conversations: DashMap::new(),
             key: mac.finalize().into_bytes().into(),
+            held: Arc::default(),
         }
     }
 
@@ -113,14 +143,17 @@ impl Connector {
             })
     }
 
-    /// Takes one activity a bot sent to `conversation` under `capability`; answers the id given
-    /// to it. A wrong capability is refused before the conversation is looked up, so a stranger
-    /// learns nothing of which conversations exist.
+    /// Takes one activity a bot sent to `conversation` under `capability` (`bytes`: the size of
+    /// the request body); answers the id given to it. A wrong capability is refused before the
+    /// conversation is looked up, so a stranger learns nothing of which conversations exist. A
+    /// conversation holds at most [`CONVERSATION_QUEUE`] replies and [`CONVERSATION_BYTES`], the
+    /// node [`NODE_BYTES`], waiting for their bots: beyond, `Busy`.
     pub fn deliver(
         &self,
         capability: &str,
         conversation: &str,
         activity: Value,
+        bytes: usize,
     ) -> Result<String, ConnectorError> {
         let want = self.capability(conversation);
         if !bgs_proto::chat::constant_time_eq(want.as_bytes(), capability.as_bytes()) {
@@ -130,8 +163,21 @@ impl Connector {
             .conversations
             .get(conversation)
             .ok_or(ConnectorError::UnknownConversation)?;
+        let held = Held {
+            bytes,
+            conversation: c.held.clone(),
+            node: self.held.clone(),
+        };
+        let in_conversation = c.held.fetch_add(bytes, Ordering::SeqCst) + bytes;
+        let in_node = self.held.fetch_add(bytes, Ordering::SeqCst) + bytes;
+        if in_conversation > CONVERSATION_BYTES || in_node > NODE_BYTES {
+            return Err(ConnectorError::Busy); // `held` gives the bytes back
+        }
         c.replies
-            .try_send(activity)
+            .try_send(Pending {
+                activity,
+                _held: held,
+            })
             .map_err(|_| ConnectorError::Busy)?;
         if !c.in_turn.load(Ordering::SeqCst) {
             c.waker.wake();
@@ -276,7 +322,7 @@ struct ChannelBot {
     connector: Arc<Connector>,
     service_url: String,
     conversation: String,
-    replies: Option<mpsc::Receiver<Value>>,
+    replies: Option<mpsc::Receiver<Pending>>,
     in_turn: Arc<AtomicBool>,
     userdata: BTreeMap<String, String>,
     /// Left or handed over: later inputs are ignored.
@@ -354,11 +400,11 @@ impl ChannelBot {
 
     fn take_replies(&mut self, ctx: &mut BotContext) {
         let Some(rx) = &mut self.replies else { return };
-        while let Ok(activity) = rx.try_recv() {
+        while let Ok(pending) = rx.try_recv() {
             if self.done {
                 continue;
             }
-            self.done = act_on(ctx, &activity);
+            self.done = act_on(ctx, &pending.activity);
         }
     }
 
@@ -489,6 +535,7 @@ impl Bot for ChannelBot {
                         self.conversation.clone(),
                         Conversation {
                             replies: tx,
+                            held: Arc::default(),
                             waker: start.waker.clone(),
                             in_turn: self.in_turn.clone(),
                         },
@@ -733,17 +780,19 @@ mod tests {
     fn the_connector_routes_by_conversation_and_is_bounded() {
         let connector = Connector::default();
         let cap = |c: &str| connector.capability(c);
+        let message = || json!({"type": "message"});
         assert_eq!(
-            connector.deliver(&cap("nope"), "nope", json!({})),
+            connector.deliver(&cap("nope"), "nope", json!({}), 2),
             Err(ConnectorError::UnknownConversation)
         );
-        let (tx, _rx) = mpsc::channel(2);
+        let (tx, mut rx) = mpsc::channel(3);
         let woken = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let w = woken.clone();
         connector.conversations.insert(
             "c".into(),
             Conversation {
                 replies: tx,
+                held: Arc::default(),
                 waker: BotWaker::new(move || {
                     w.fetch_add(1, Ordering::SeqCst);
                 }),
@@ -759,25 +808,42 @@ mod tests {
             &cap("c").to_uppercase(),
         ] {
             assert_eq!(
-                connector.deliver(wrong, "c", json!({"type": "message"})),
+                connector.deliver(wrong, "c", message(), 10),
                 Err(ConnectorError::Forbidden),
                 "{wrong:?}"
             );
         }
-        assert!(connector
-            .deliver(&cap("c"), "c", json!({"type": "message"}))
-            .is_ok());
-        assert!(connector
-            .deliver(&cap("c"), "c", json!({"type": "message"}))
-            .is_ok());
+        // Bounded in bytes: a reply past the conversation's allowance is refused, and the
+        // bytes come back when the replies are taken.
+        assert!(connector.deliver(&cap("c"), "c", message(), 10).is_ok());
         assert_eq!(
-            connector.deliver(&cap("c"), "c", json!({"type": "message"})),
+            connector.deliver(&cap("c"), "c", message(), CONVERSATION_BYTES),
             Err(ConnectorError::Busy)
         );
+        assert!(connector
+            .deliver(&cap("c"), "c", message(), CONVERSATION_BYTES - 10)
+            .is_ok());
+        assert_eq!(connector.held.load(Ordering::SeqCst), CONVERSATION_BYTES);
+        while rx.try_recv().is_ok() {}
+        assert_eq!(connector.held.load(Ordering::SeqCst), 0);
+        // Bounded in count.
+        for _ in 0..3 {
+            assert!(connector.deliver(&cap("c"), "c", message(), 10).is_ok());
+        }
+        assert_eq!(
+            connector.deliver(&cap("c"), "c", message(), 10),
+            Err(ConnectorError::Busy)
+        );
+        assert_eq!(connector.held.load(Ordering::SeqCst), 30);
         assert_eq!(
             woken.load(Ordering::SeqCst),
-            2,
+            5,
             "outside a turn, replies wake the bot"
+        );
+        drop(rx);
+        assert_eq!(
+            connector.deliver(&cap("c"), "c", message(), 10),
+            Err(ConnectorError::Busy)
         );
         assert_eq!(urlencode("a b/c"), "a%20b%2Fc");
     }
