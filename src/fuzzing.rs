@@ -71,11 +71,19 @@ pub fn json_forms(bytes: &[u8]) {
             let _ = serde_json::from_slice::<ChatEvent>(rest);
         }
         2 => {
-            let _ = webhook::act_on(&mut ctx("webhook"), rest);
+            let _ = webhook::act_on(
+                &mut ctx("webhook"),
+                rest,
+                &mut crate::plugins::connector::Choices::default(),
+            );
         }
         3 => {
             if let Ok(v) = serde_json::from_slice::<serde_json::Value>(rest) {
-                let _ = botframework::act_on(&mut ctx("botframework"), &v);
+                let _ = botframework::act_on(
+                    &mut ctx("botframework"),
+                    &v,
+                    &mut crate::plugins::connector::Choices::default(),
+                );
             }
         }
         _ => {

@@ -652,6 +652,25 @@ async fn a_bot_framework_sdk_bot_talks_through_the_gateway_channel() {
         .await;
     assert_eq!(menu["text"], "bf: pick one\n1. Billing\n2. Delivery");
     assert_eq!(menu["rich"]["buttons"][1]["payload"], "delivery");
+    // A customer on a text-only client types the number of a choice: the bot gets its value.
+    ann.say("2").await;
+    assert_eq!(ann.next_reply().await, "bf: delivery");
+    ann.say("2").await;
+    assert_eq!(ann.next_reply().await, "bf: 2", "only right after the list");
+    // Activities carry a timestamp and a local timestamp the SDK reads.
+    ann.say("when").await;
+    let when = ann.next_reply().await;
+    assert!(when.starts_with("bf: sent at 20") && when.ends_with("True"), "{when}");
+    // openUrl is a link in the text, not a button whose click would post the URL.
+    ann.say("docs").await;
+    let docs = ann
+        .next_where(|e| e["kind"] == "message" && e["rich"].is_object())
+        .await;
+    assert_eq!(
+        docs["text"],
+        "bf: read this\nDocs: https://example.com/docs\n1. Done"
+    );
+    assert_eq!(docs["rich"]["buttons"].as_array().unwrap().len(), 1);
     ann.say("card").await;
     let card = ann
         .next_where(|e| e["kind"] == "message" && e["rich"].is_object())

@@ -23,13 +23,14 @@ use std::time::Duration;
 use bgs_actors::bot::{
     Bot, BotContext, BotError, BotFactory, BotInput, BotWaker, CreateBot, Handoff,
 };
-use bgs_proto::chat::{Button, Card, EventKind, ParticipantType, RichContent};
+use bgs_proto::chat::{EventKind, ParticipantType};
 use dashmap::DashMap;
 use futures_util::future::BoxFuture;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
-use super::connector::{self, RetryPolicy};
+use super::cards;
+use super::connector::{self, Choices, RetryPolicy};
 use crate::config::BotFrameworkBot;
 
 /// Replies waiting for one conversation; beyond it the connector answers 429.
@@ -311,6 +312,7 @@ impl BotFactory for BotFrameworkFactory {
             replies: None,
             in_turn: Arc::new(AtomicBool::new(false)),
             userdata: BTreeMap::new(),
+            choices: Choices::default(),
             done: false,
         }))
     }
@@ -325,6 +327,8 @@ struct ChannelBot {
     replies: Option<mpsc::Receiver<Pending>>,
     in_turn: Arc<AtomicBool>,
     userdata: BTreeMap<String, String>,
+    /// The choices of the bot's last message with buttons, for a number typed after them.
+    choices: Choices,
     /// Left or handed over: later inputs are ignored.
     done: bool,
 }
@@ -340,9 +344,14 @@ impl Drop for ChannelBot {
 }
 
 impl ChannelBot {
-    fn activity(&self, ctx: &BotContext, kind: &str) -> Value {
+    /// An activity to the bot, stamped `at` (milliseconds since 1970, UTC).
+    fn activity(&self, ctx: &BotContext, kind: &str, at: u64) -> Value {
+        let timestamp = cards::timestamp(at);
+        let local = format!("{}+00:00", timestamp.trim_end_matches('Z'));
         json!({
             "type": kind,
+            "timestamp": timestamp,
+            "localTimestamp": local,
             "id": ctx.input_id,
             "channelId": "bgs",
             "serviceUrl": self.service_url,
@@ -404,7 +413,7 @@ impl ChannelBot {
             if self.done {
                 continue;
             }
-            self.done = act_on(ctx, &pending.activity);
+            self.done = act_on(ctx, &pending.activity, &mut self.choices);
         }
     }
 
@@ -435,54 +444,30 @@ fn strings(v: &Value) -> BTreeMap<String, String> {
         .unwrap_or_default()
 }
 
-fn button(action: &Value) -> Option<Button> {
-    let title = action["title"].as_str().unwrap_or_default().to_string();
-    let payload = match &action["value"] {
-        Value::String(s) => s.clone(),
-        Value::Null => title.clone(),
-        other => other.to_string(),
-    };
-    (!title.is_empty() || !payload.is_empty()).then(|| Button {
-        title: if title.is_empty() {
-            payload.clone()
-        } else {
-            title
-        },
-        payload,
-    })
-}
-
 /// Maps one activity from the bot to actions; true when the bot is done (left, handed off).
-pub(crate) fn act_on(ctx: &mut BotContext, activity: &Value) -> bool {
+/// The choices a message offers are kept in `choices`, so that a number the customer types
+/// after the numbered fallback is sent as that choice.
+pub(crate) fn act_on(ctx: &mut BotContext, activity: &Value, choices: &mut Choices) -> bool {
     match activity["type"].as_str().unwrap_or_default() {
         "message" => {
-            let text = activity["text"].as_str().unwrap_or_default().to_string();
-            let mut rich = RichContent::default();
-            if let Some(actions) = activity["suggestedActions"]["actions"].as_array() {
-                rich.buttons = actions.iter().filter_map(button).collect();
+            let rendered = cards::render(activity);
+            if !rendered.lost.is_empty() {
+                tracing::warn!(
+                    lost = ?rendered.lost,
+                    "Bot Framework content not shown: the chat cannot show it"
+                );
             }
-            for a in activity["attachments"].as_array().into_iter().flatten() {
-                let kind = a["contentType"].as_str().unwrap_or_default();
-                if kind == "application/vnd.microsoft.card.hero"
-                    || kind == "application/vnd.microsoft.card.thumbnail"
-                {
-                    let c = &a["content"];
-                    let opt = |v: &Value| v.as_str().filter(|s| !s.is_empty()).map(str::to_string);
-                    rich.cards.push(Card {
-                        title: c["title"].as_str().unwrap_or_default().to_string(),
-                        subtitle: opt(&c["subtitle"]),
-                        text: opt(&c["text"]),
-                        image_url: opt(&c["images"][0]["url"]),
-                        buttons: c["buttons"]
-                            .as_array()
-                            .map(|b| b.iter().filter_map(button).collect())
-                            .unwrap_or_default(),
-                    });
-                } else {
-                    tracing::debug!(content_type = kind, "Bot Framework attachment not shown");
-                }
-            }
+            let mut lines: Vec<String> = activity["text"]
+                .as_str()
+                .filter(|t| !t.is_empty())
+                .map(str::to_string)
+                .into_iter()
+                .collect();
+            lines.extend(rendered.lines);
+            let text = lines.join("\n");
+            let rich = rendered.rich;
             if !text.is_empty() || !rich.is_empty() {
+                choices.offer(&rich);
                 ctx.say_rich(text, rich);
             }
             false
@@ -548,7 +533,8 @@ impl Bot for ChannelBot {
                             .find(|e| e.participant_type == ParticipantType::Customer)
                             .map(|e| (e.participant_id.clone(), e.nickname.clone()))
                             .unwrap_or_else(|| ("customer".into(), "customer".into()));
-                        let mut activity = self.activity(ctx, "conversationUpdate");
+                        let mut activity =
+                            self.activity(ctx, "conversationUpdate", bgs_actors::now_ms());
                         let bot = activity["recipient"].clone();
                         activity["from"] =
                             json!({"id": customer.0, "name": customer.1, "role": "user"});
@@ -560,7 +546,8 @@ impl Bot for ChannelBot {
                         // The customer's question from before the bot joined gets its answer.
                         if let Some((sender, text)) = connector::unanswered(&start.history) {
                             if !self.done {
-                                let mut activity = self.activity(ctx, "message");
+                                let mut activity =
+                                    self.activity(ctx, "message", bgs_actors::now_ms());
                                 activity["id"] = json!(format!("{}:history", ctx.input_id));
                                 activity["from"] =
                                     json!({"id": sender, "name": customer.1, "role": "user"});
@@ -585,10 +572,20 @@ impl Bot for ChannelBot {
                     if e.kind == EventKind::Message
                         && e.participant_type == ParticipantType::Customer =>
                 {
-                    let mut activity = self.activity(ctx, "message");
+                    let mut activity = self.activity(
+                        ctx,
+                        "message",
+                        if e.ts_ms > 0 {
+                            e.ts_ms
+                        } else {
+                            bgs_actors::now_ms()
+                        },
+                    );
                     activity["from"] =
                         json!({"id": e.participant_id, "name": e.nickname, "role": "user"});
-                    activity["text"] = json!(e.text.unwrap_or_default());
+                    // A number typed after a numbered list of choices is that choice.
+                    let text = e.text.unwrap_or_default();
+                    activity["text"] = json!(self.choices.answer(&text).unwrap_or(text));
                     if let Err(err) = self.turn(ctx, activity).await {
                         self.give_up(ctx, err);
                     }
@@ -596,7 +593,8 @@ impl Bot for ChannelBot {
                 BotInput::Wake => self.take_replies(ctx),
                 BotInput::Stop(reason) => {
                     // Best effort: the bot hears the conversation is over; its answer is not waited for long.
-                    let mut activity = self.activity(ctx, "endOfConversation");
+                    let mut activity =
+                        self.activity(ctx, "endOfConversation", bgs_actors::now_ms());
                     activity["code"] = json!("completedSuccessfully");
                     activity["text"] = json!(reason.as_str());
                     if let Ok(token) = self.token().await {
@@ -734,10 +732,12 @@ mod tests {
     #[test]
     fn activities_become_posts_cards_typing_and_handoffs() {
         let mut c = ctx();
+        let mut choices = Choices::default();
         let done = act_on(
             &mut c,
             &json!({"type": "message", "text": "pick", "suggestedActions": {"actions": [
                 {"type": "imBack", "title": "Yes", "value": "yes"}]}}),
+            &mut choices,
         );
         assert!(!done);
         act_on(
@@ -745,11 +745,39 @@ mod tests {
             &json!({"type": "message", "attachments": [{"contentType": "application/vnd.microsoft.card.hero",
                 "content": {"title": "Plan", "subtitle": "25 EUR", "images": [{"url": "https://x/y.png"}],
                 "buttons": [{"type": "imBack", "title": "Buy", "value": "buy"}]}}]}),
+            &mut choices,
         );
-        act_on(&mut c, &json!({"type": "typing"}));
+        // The customer types the number of the last list's choice: the bot is sent its value.
+        let mut again = Choices::default();
+        again.offer(&bgs_proto::chat::RichContent {
+            buttons: vec![
+                bgs_proto::chat::Button {
+                    title: "Red".into(),
+                    payload: "red".into(),
+                },
+                bgs_proto::chat::Button {
+                    title: "Yellow".into(),
+                    payload: "yellow".into(),
+                },
+            ],
+            cards: Vec::new(),
+        });
+        assert_eq!(choices.answer(" 1. "), Some("buy".into()));
+        assert_eq!(choices.answer("1"), None, "only right after the list");
+        assert_eq!(again.answer("3"), None);
+        again.offer(&bgs_proto::chat::RichContent {
+            buttons: vec![bgs_proto::chat::Button {
+                title: "Red".into(),
+                payload: "red".into(),
+            }],
+            cards: Vec::new(),
+        });
+        assert_eq!(again.answer("0"), None);
+        act_on(&mut c, &json!({"type": "typing"}), &mut Choices::default());
         assert!(act_on(
             &mut c,
-            &json!({"type": "event", "name": "handoff", "value": {"summary": "s", "userdata": {"Queue": "x", "Tries": 2}}})
+            &json!({"type": "event", "name": "handoff", "value": {"summary": "s", "userdata": {"Queue": "x", "Tries": 2}}}),
+            &mut Choices::default()
         ));
         let actions = c.take_actions();
         assert_eq!(actions.len(), 4);
@@ -772,7 +800,11 @@ mod tests {
             other => panic!("{other:?}"),
         }
         let mut c = ctx();
-        assert!(act_on(&mut c, &json!({"type": "endOfConversation"})));
+        assert!(act_on(
+            &mut c,
+            &json!({"type": "endOfConversation"}),
+            &mut Choices::default()
+        ));
         assert_eq!(c.take_actions(), vec![BotAction::Leave]);
     }
 

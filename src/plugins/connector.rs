@@ -289,6 +289,28 @@ pub fn track_userdata(
     }
 }
 
+/// The choices of a bot's last message with buttons, in the order its text fallback numbers them
+/// ("1. Yes"): a customer who types the number (`2`, `2.`) means that choice. Kept until the
+/// customer's next message, whatever it is.
+#[derive(Debug, Default)]
+pub struct Choices(Vec<String>);
+
+impl Choices {
+    /// A message with these buttons was posted.
+    pub fn offer(&mut self, rich: &bgs_proto::chat::RichContent) {
+        if !rich.is_empty() {
+            self.0 = rich.all_buttons().map(|b| b.payload.clone()).collect();
+        }
+    }
+
+    /// The customer wrote `text`: the payload of the choice it numbers, if it is one of them.
+    pub fn answer(&mut self, text: &str) -> Option<String> {
+        let choices = std::mem::take(&mut self.0);
+        let n: usize = text.trim().trim_end_matches(['.', ')']).parse().ok()?;
+        choices.get(n.checked_sub(1)?).cloned()
+    }
+}
+
 /// Saves a connector bot's context: the interaction's userdata as it knows it (a JSON object).
 pub fn save_userdata(ctx: &mut BotContext, userdata: &KeyValues) {
     match serde_json::to_vec(&serde_json::json!({ "userdata": userdata })) {

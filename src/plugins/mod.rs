@@ -3,6 +3,7 @@
 //! `webhook` (an HTTP endpoint), `botframework` (a Bot Framework SDK bot) and process plugins from `[plugins] dir` (any language).
 
 pub mod botframework;
+pub mod cards;
 pub mod connector;
 pub mod echo;
 pub mod faulty;

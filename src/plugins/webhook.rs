@@ -20,7 +20,7 @@ use futures_util::future::BoxFuture;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::connector::{self, RetryPolicy};
+use super::connector::{self, Choices, RetryPolicy};
 use crate::config::WebhookEndpoint;
 
 /// One configured endpoint, ready to call.
@@ -126,6 +126,7 @@ impl BotFactory for WebhookFactory {
             endpoint: self.endpoint(&request.bot_name)?.clone(),
             parameters: KeyValues::new(),
             userdata: KeyValues::new(),
+            choices: Choices::default(),
             done: false,
         }))
     }
@@ -136,6 +137,8 @@ struct WebhookBot {
     parameters: KeyValues,
     /// The interaction's userdata as the bot knows it: StartBot's, then every change it sees.
     userdata: KeyValues,
+    /// The buttons of its last answer, for a number the customer types after them.
+    choices: Choices,
     /// Handed over: any later input is ignored.
     done: bool,
 }
@@ -170,8 +173,13 @@ struct CustomHandoff {
     userdata: BTreeMap<String, String>,
 }
 
-/// Turns a webhook's answer into the bot's actions, in order.
-pub(crate) fn act_on(ctx: &mut BotContext, bytes: &[u8]) -> Result<bool, String> {
+/// Turns a webhook's answer into the bot's actions, in order; the buttons offered are kept in
+/// `choices` (a number the customer types next is sent as that button's payload).
+pub(crate) fn act_on(
+    ctx: &mut BotContext,
+    bytes: &[u8],
+    choices: &mut Choices,
+) -> Result<bool, String> {
     let items: Vec<AnswerItem> = serde_json::from_slice(bytes)
         .map_err(|e| format!("the answer is not a JSON list of messages: {e}"))?;
     let mut handed_off = false;
@@ -195,6 +203,7 @@ pub(crate) fn act_on(ctx: &mut BotContext, bytes: &[u8]) -> Result<bool, String>
             });
         }
         if !text.is_empty() || !rich.is_empty() {
+            choices.offer(&rich);
             ctx.say_rich(text, rich);
         }
         if let Some(custom) = item.custom {
@@ -245,7 +254,7 @@ impl WebhookBot {
             })
             .await;
         let outcome = match answer {
-            Ok((_, bytes)) => act_on(ctx, &bytes),
+            Ok((_, bytes)) => act_on(ctx, &bytes, &mut self.choices),
             Err((error, attempts)) => Err(format!(
                 "webhook endpoint {} failed after {attempts} attempt{}: {error}",
                 endpoint.name,
@@ -295,7 +304,9 @@ impl Bot for WebhookBot {
                     if e.kind == EventKind::Message
                         && e.participant_type == ParticipantType::Customer =>
                 {
+                    // A number typed after a numbered list of choices is that choice.
                     let text = e.text.unwrap_or_default();
+                    let text = self.choices.answer(&text).unwrap_or(text);
                     self.ask(ctx, &e.participant_id, &text).await;
                 }
                 _ => {}
@@ -332,7 +343,7 @@ mod tests {
             {"image": "https://example.com/a.png"},
             {"custom": {"handoff": true, "summary": "wants a refund", "userdata": {"RouteTo": "billing"}}}
         ]"#;
-        assert_eq!(act_on(&mut c, answer), Ok(true));
+        assert_eq!(act_on(&mut c, answer, &mut Choices::default()), Ok(true));
         let actions = c.take_actions();
         assert_eq!(actions.len(), 4);
         match &actions[0] {
@@ -363,9 +374,14 @@ mod tests {
     #[test]
     fn a_garbage_answer_is_an_error() {
         let mut c = ctx();
-        assert!(act_on(&mut c, b"<html>").is_err());
-        assert!(act_on(&mut c, br#"{"text": "not a list"}"#).is_err());
-        assert_eq!(act_on(&mut c, b"[]"), Ok(false));
+        assert!(act_on(&mut c, b"<html>", &mut Choices::default()).is_err());
+        assert!(act_on(
+            &mut c,
+            br#"{"text": "not a list"}"#,
+            &mut Choices::default()
+        )
+        .is_err());
+        assert_eq!(act_on(&mut c, b"[]", &mut Choices::default()), Ok(false));
     }
 
     #[test]

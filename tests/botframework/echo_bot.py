@@ -4,7 +4,9 @@ for the gateway's tests and as the example of docs/PLUGINS.md. Usage: echo_bot.p
 
 It answers a message `text` with `bf: text`; `menu` with suggested actions; `card` with a hero
 card; `agent` with an event named `handoff`; `bye` with endOfConversation; `count` with `bf: seen
-N messages`, N counted in the SDK's conversation state (so a message handed to it twice shows). A
+N messages`, N counted in the SDK's conversation state (so a message handed to it twice shows);
+`when` with the activity's timestamp (as the state-management sample uses it); `docs` with an
+openUrl action beside an imBack one. A
 new conversation (conversationUpdate with the customer added) is greeted with `bf: welcome`.
 """
 
@@ -60,6 +62,19 @@ class EchoBot(ActivityHandler):
         await self.seen.set(turn_context, seen)
         if text == "count":
             await turn_context.send_activity(f"bf: seen {seen} messages")
+        elif text == "when":
+            stamp = turn_context.activity.timestamp
+            local = turn_context.activity.local_timestamp
+            await turn_context.send_activity(f"bf: sent at {stamp.year} {local.tzinfo is not None}")
+        elif text == "docs":
+            reply = MessageFactory.text("bf: read this")
+            reply.suggested_actions = SuggestedActions(
+                actions=[
+                    CardAction(type=ActionTypes.open_url, title="Docs", value="https://example.com/docs"),
+                    CardAction(type=ActionTypes.im_back, title="Done", value="done"),
+                ]
+            )
+            await turn_context.send_activity(reply)
         elif text == "menu":
             reply = MessageFactory.text("bf: pick one")
             reply.suggested_actions = SuggestedActions(
