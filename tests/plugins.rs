@@ -606,6 +606,165 @@ async fn a_misbehaving_process_plugin_is_bounded_and_the_node_goes_on() {
     assert_eq!(status, 200);
 }
 
+/// A process plugin that probes its isolation: it tells its environment, talks without
+/// answering, closes its output, and leaves a child behind.
+const SLY_PLUGIN: &str = r#"
+import json, os, subprocess, sys, threading, time
+def say(bot, re, text):
+    print(json.dumps({"type": "post", "bot": bot, "re": re, "text": text}), flush=True)
+def chatter():
+    while True:
+        print(json.dumps({"type": "log", "message": "still here"}), flush=True)
+        time.sleep(0.05)
+hung = False
+for line in sys.stdin:
+    if hung:
+        continue
+    m = json.loads(line)
+    bot, re = m.get("bot"), m.get("id", 0)
+    if m["type"] == "event" and m["event"]["kind"] == "message" and m["event"]["participant_type"] == "customer":
+        text = m["event"]["text"]
+        if text == "env":
+            say(bot, re, "env: " + ",".join(sorted(os.environ)))
+        elif text == "chatty":
+            hung = True
+            threading.Thread(target=chatter, daemon=True).start()
+            continue
+        elif text == "close":
+            os.close(1)
+            time.sleep(3600)
+        elif text == "fork":
+            child = subprocess.Popen(["sleep", "3600"])
+            say(bot, re, f"child: {child.pid}")
+            print(json.dumps({"type": "done", "bot": bot, "re": re}), flush=True)
+            os._exit(3)
+        else:
+            say(bot, re, "sly: " + text)
+    if re:
+        print(json.dumps({"type": "done", "bot": bot, "re": re}), flush=True)
+"#;
+
+/// A process plugin gets a clean environment (none of the node's), is judged alive by its
+/// answers (not its log lines), is restarted as soon as it closes its output, and takes any
+/// child it left along when it dies; a manifest whose command does not exist fails start-up.
+#[tokio::test]
+async fn a_process_plugin_is_isolated_and_watched() {
+    let dir = TempDir::new("sly-plugin");
+    let folder = dir.path().join("sly");
+    std::fs::create_dir_all(&folder).unwrap();
+    std::fs::write(folder.join("sly.py"), SLY_PLUGIN).unwrap();
+    std::fs::write(
+        folder.join("plugin.toml"),
+        "id = \"py-sly\"\ncommand = \"python3\"\nargs = [\"-u\", \"sly.py\"]\n\
+         env = { SLY_MODE = \"test\" }\n",
+    )
+    .unwrap();
+    let chat = ChatServer::start(&[]);
+    let gw = Gateway::start(
+        chat.tcp,
+        &format!(
+            "{}[bots]\nhandling-timeout-ms = 1000\n",
+            plugins_dir_config(dir.path())
+        ),
+    );
+    let mut calm = Customer::open(&chat, "sly-calm").await;
+    gw.start_bot("sly-calm", &[("ChatBotID", "py-sly")]).await;
+    calm.say("env").await;
+    let env = calm.next_reply().await;
+    let keys: Vec<&str> = env.trim_start_matches("env: ").split(',').collect();
+    assert!(
+        keys.contains(&"SLY_MODE") && keys.contains(&"PATH"),
+        "{env}"
+    );
+    // The node runs with RUST_LOG and cargo's CARGO_* set (and whatever the CI has): none of
+    // it reaches the plugin (a pyenv shim may add its own PYENV_* on the way).
+    assert!(
+        !keys
+            .iter()
+            .any(|k| k.starts_with("RUST_") || k.starts_with("CARGO")),
+        "the node's environment leaked: {env}"
+    );
+
+    // Log lines are not answers: a plugin that only logs, leaving three inputs in a row
+    // unanswered, is restarted.
+    let started = gw.log().matches("plugin process started").count();
+    for i in 0..3 {
+        let id = format!("sly-chatty-{i}");
+        let c = Customer::open(&chat, &id).await;
+        let bot = gw.start_bot(&id, &[("ChatBotID", "py-sly")]).await;
+        if i == 0 {
+            c.say("chatty").await;
+        }
+        let report = gw.report_of(bot["BotInstanceId"].as_str().unwrap()).await;
+        assert_eq!(report["end_reason"], "error");
+    }
+    gw.wait_log("it stopped answering").await;
+    calm.say("after chatter").await;
+    assert_eq!(calm.next_reply().await, "sly: after chatter");
+    assert!(gw.log().matches("plugin process started").count() > started);
+
+    // Its output closed: restarted at once, before any bot fails for it.
+    let c = Customer::open(&chat, "sly-close").await;
+    gw.start_bot("sly-close", &[("ChatBotID", "py-sly")]).await;
+    c.say("close").await;
+    gw.wait_log("it closed its output").await;
+    calm.say("after close").await;
+    assert_eq!(calm.next_reply().await, "sly: after close");
+
+    // A child it leaves behind (holding its output) dies with it.
+    let mut f = Customer::open(&chat, "sly-fork").await;
+    gw.start_bot("sly-fork", &[("ChatBotID", "py-sly")]).await;
+    f.say("fork").await;
+    let pid: u32 = f
+        .next_reply()
+        .await
+        .trim_start_matches("child: ")
+        .parse()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::path::Path::new(&format!("/proc/{pid}")).exists()
+        && std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| !s.contains(") Z "))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the plugin's child {pid} outlived it"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    calm.say("after fork").await;
+    assert_eq!(calm.next_reply().await, "sly: after fork");
+
+    // A manifest whose command does not exist: the node does not start, and says which.
+    let broken = TempDir::new("broken-plugin");
+    let nope = broken.path().join("nope");
+    std::fs::create_dir_all(&nope).unwrap();
+    std::fs::write(
+        nope.join("plugin.toml"),
+        "id = \"nope\"\ncommand = \"no-such-program-bgs\"\n",
+    )
+    .unwrap();
+    let config = broken.path().join("bgs.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[node]\nhttp-listen = \"127.0.0.1:0\"\nesp-listen = \"127.0.0.1:0\"\n[plugins]\ndir = \"{}\"\n",
+            broken.path().display()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_bgs"))
+        .args(["serve", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no-such-program-bgs") && err.contains("plugin.toml"),
+        "{err}"
+    );
+}
+
 #[tokio::test]
 async fn a_bot_framework_sdk_bot_talks_through_the_gateway_channel() {
     let Some(bot) = support::SdkBot::start() else {
@@ -660,7 +819,10 @@ async fn a_bot_framework_sdk_bot_talks_through_the_gateway_channel() {
     // Activities carry a timestamp and a local timestamp the SDK reads.
     ann.say("when").await;
     let when = ann.next_reply().await;
-    assert!(when.starts_with("bf: sent at 20") && when.ends_with("True"), "{when}");
+    assert!(
+        when.starts_with("bf: sent at 20") && when.ends_with("True"),
+        "{when}"
+    );
     // openUrl is a link in the text, not a button whose click would post the URL.
     ann.say("docs").await;
     let docs = ann

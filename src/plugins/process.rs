@@ -44,8 +44,14 @@ pub const MAX_RESTARTS: usize = 5;
 pub const RESTART_WINDOW: Duration = Duration::from_secs(60);
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
-/// Inputs in a row that the plugin let time out, with nothing written meanwhile: it is hung.
+/// Inputs in a row that the plugin let time out, with no answer (`done` or `error`) to any input
+/// meanwhile: it is hung, whatever else it writes (log lines do not count).
 const HUNG_AFTER: u32 = 3;
+/// The variables of the node's environment a plugin process gets, besides its manifest's `env`:
+/// nothing else, so the node's secrets (`BGS_AUTH_TOKEN`, `BGS_HA_SECRET`, ...) stay with it.
+pub const PASSED_ENV: [&str; 9] = [
+    "PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR",
+];
 
 /// When a plugin process that exited is started again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -69,7 +75,7 @@ pub struct Manifest {
     pub command: String,
     #[serde(default)]
     pub args: Vec<String>,
-    /// Extra environment variables.
+    /// The environment variables it gets, besides [`PASSED_ENV`] from the node's.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
     /// Most bots of this plugin running at once on a node (StartBot beyond it: `bad_parameter`).
@@ -114,9 +120,59 @@ pub fn discover(dir: &Path) -> Result<Vec<(PathBuf, Manifest)>, String> {
                 path.display()
             ));
         }
+        let command = program(&folder, &manifest.command);
+        if !runnable(&command) {
+            return Err(format!(
+                "plugins.dir: {}: command {:?} is not an executable file{}",
+                path.display(),
+                manifest.command,
+                if manifest.command.contains('/') {
+                    format!(" ({})", command.display())
+                } else {
+                    " on the PATH".to_string()
+                }
+            ));
+        }
         out.push((folder, manifest));
     }
     Ok(out)
+}
+
+/// The program a manifest's `command` names: a path with a `/` is taken from the plugin's folder;
+/// a bare name is looked up on the PATH when the process starts.
+fn program(folder: &Path, command: &str) -> PathBuf {
+    if command.contains('/') {
+        folder.join(command)
+    } else {
+        PathBuf::from(command)
+    }
+}
+
+/// Whether `program` is an executable file (a bare name: one on the node's PATH).
+fn runnable(program: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt;
+    let executable = |p: &Path| {
+        std::fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    };
+    if program.components().count() > 1 || program.is_absolute() {
+        return executable(program);
+    }
+    std::env::var_os("PATH").is_some_and(|paths| {
+        std::env::split_paths(&paths).any(|dir| executable(&dir.join(program)))
+    })
+}
+
+/// Kills a plugin's whole process group when dropped: the process and any child it left
+/// holding its output (after the process exited or was killed, or when the node stops).
+struct ProcessGroup(Option<rustix::process::Pid>);
+
+impl Drop for ProcessGroup {
+    fn drop(&mut self) {
+        if let Some(pgid) = self.0 {
+            // ESRCH: nothing of it is left.
+            let _ = rustix::process::kill_process_group(pgid, rustix::process::Signal::KILL);
+        }
+    }
 }
 
 /// What a plugin asks for while answering an input (or on its own).
@@ -324,6 +380,8 @@ struct HostBot {
 enum ProcEvent {
     Line(String),
     Garbage(String),
+    /// Its stdout reached its end.
+    Closed,
     Exited(String, bool),
 }
 
@@ -579,15 +637,17 @@ impl Host {
 
     /// Starts the process and tells it of every bot it should have.
     fn spawn(&mut self) {
-        let command = if self.manifest.command.contains('/') {
-            self.folder.join(&self.manifest.command)
-        } else {
-            PathBuf::from(&self.manifest.command)
-        };
+        let command = program(&self.folder, &self.manifest.command);
+        let passed = PASSED_ENV
+            .iter()
+            .filter_map(|k| std::env::var_os(k).map(|v| (*k, v)));
         let child = tokio::process::Command::new(&command)
             .args(&self.manifest.args)
+            .env_clear()
+            .envs(passed)
             .envs(&self.manifest.env)
             .current_dir(&self.folder)
+            .process_group(0)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -603,6 +663,11 @@ impl Host {
         };
         self.incarnation += 1;
         let incarnation = self.incarnation;
+        let group = ProcessGroup(
+            child
+                .id()
+                .and_then(|pid| rustix::process::Pid::from_raw(pid as i32)),
+        );
         tracing::info!(plugin = %self.id, pid = child.id().unwrap_or(0), incarnation, "plugin process started");
         let (Some(mut stdin), Some(stdout), Some(stderr)) =
             (child.stdin.take(), child.stdout.take(), child.stderr.take())
@@ -634,9 +699,11 @@ impl Host {
                 };
                 let stop = matches!(event, ProcEvent::Garbage(_));
                 if events.send((incarnation, event)).await.is_err() || stop {
-                    break;
+                    return;
                 }
             }
+            // End of its output: it can answer nothing more, alive or not.
+            let _ = events.send((incarnation, ProcEvent::Closed)).await;
         });
         // Its stderr goes to the node's log, a bounded line at a time.
         let id = self.id.clone();
@@ -661,6 +728,8 @@ impl Host {
                     child.wait().await
                 }
             };
+            // Whatever it left behind goes with it (also when this task is dropped: node stop).
+            drop(group);
             let (text, success) = match status {
                 Ok(s) => (s.to_string(), s.success()),
                 Err(e) => (e.to_string(), false),
@@ -855,7 +924,6 @@ impl Host {
     fn event(&mut self, event: ProcEvent) {
         match event {
             ProcEvent::Line(line) => {
-                self.strikes = 0;
                 if line.trim().is_empty() {
                     return;
                 }
@@ -875,6 +943,7 @@ impl Host {
                 tracing::warn!(plugin = %self.id, reason = %why, "the plugin wrote garbage");
                 self.kill("it wrote garbage");
             }
+            ProcEvent::Closed => self.kill("it closed its output"),
             ProcEvent::Exited(status, success) => self.exited(status, success),
         }
     }
@@ -882,6 +951,8 @@ impl Host {
     fn message(&mut self, msg: FromPlugin) {
         match msg {
             FromPlugin::Done { bot, re } => {
+                // An answer: the plugin is alive (a log line is not enough).
+                self.strikes = 0;
                 let Some(b) = self.bots.get_mut(&bot) else {
                     return;
                 };
@@ -901,6 +972,7 @@ impl Host {
                 }
             }
             FromPlugin::Error { bot, re, message } => {
+                self.strikes = 0;
                 let Some(b) = self.bots.get_mut(&bot) else {
                     return;
                 };
