@@ -29,10 +29,11 @@ const CHOICES: &[(&str, &str, &[&str])] = &[
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
+    /// The OS error is in the message, and not a `source` as well (it would be said twice).
+    #[error("cannot read {path}: {error}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{0}")]
     Parse(String),
@@ -394,9 +395,9 @@ impl Config {
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<Config, ConfigError> {
         let text = match path {
-            Some(p) => std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+            Some(p) => std::fs::read_to_string(p).map_err(|error| ConfigError::Read {
                 path: p.to_path_buf(),
-                source,
+                error,
             })?,
             None => String::new(),
         };

@@ -285,6 +285,13 @@ pub async fn start(config: Config) -> Result<Node, ServeError> {
     .workers(HTTP_WORKERS)
     .max_connections(caps.http.div_ceil(HTTP_WORKERS))
     .client_request_timeout(Duration::from_millis(config.node.http_read_timeout_ms))
+    // An idle keep-alive connection stays longer than the head deadline (client pools expect
+    // it: aiohttp's, reqwest's); nginx keeps 75 s too.
+    .keep_alive(bgs_chat_server::http::KEEP_ALIVE)
+    // Silent TLS clients hold a handshake slot for at most this long; the slots per worker
+    // follow the connection cap (actix's default, 256, let 600 silent clients stall the port).
+    .tls_handshake_timeout(bgs_chat_server::http::TLS_HANDSHAKE_TIMEOUT)
+    .max_connection_rate(caps.http.div_ceil(HTTP_WORKERS))
     .disable_signals()
     .shutdown_timeout(2);
     let server = match &tls.server {

@@ -76,6 +76,10 @@ pub struct Config {
     /// TOKEN` and `agent TOKEN` (docs/CHAT.md 6.2). Without it any client may connect.
     #[arg(long, value_name = "FILE", env = "BGS_CHAT_CREDENTIALS")]
     pub credentials: Option<PathBuf>,
+    /// Listen beyond loopback without --credentials (anyone who reaches the ports may connect as
+    /// a gateway or agent tool). Without it such a start is refused, as Redis's protected mode.
+    #[arg(long, env = "BGS_CHAT_INSECURE")]
+    pub insecure: bool,
     /// PEM certificate chain (leaf first): with --tls-key, both listeners speak TLS only.
     #[arg(
         long,
@@ -130,6 +134,17 @@ impl Config {
         }
         if let Some(path) = &self.credentials {
             crate::auth::Credentials::load(path)?;
+        } else if !self.insecure {
+            for (name, addr) in [
+                ("--tcp-listen", self.tcp_listen),
+                ("--http-listen", self.http_listen),
+            ] {
+                if !addr.ip().is_loopback() {
+                    return bad(format!(
+                        "{name} {addr} is beyond loopback and there are no --credentials: anyone who reaches it could act as a gateway (fencing the pair) or an agent. Give --credentials FILE (docs/CHAT.md 6.2), or --insecure to run open anyway"
+                    ));
+                }
+            }
         }
         self.tls()?;
         Ok(())

@@ -21,6 +21,11 @@ use crate::hub::{follow, Actor, Hub};
 
 /// Longest long-poll a client may ask for.
 const MAX_WAIT_MS: u64 = 60_000;
+/// How long an idle keep-alive connection stays open on both HTTP servers (the Chat Server's
+/// and the node's): longer than the head deadline, as clients' pools expect (nginx: 75 s).
+pub const KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(75);
+/// How long a client has to finish a TLS handshake on both HTTPS servers.
+pub const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 const MAX_BODY: usize = 256 * 1024;
 
 /// An HTTP error in the documented JSON shape.

@@ -73,6 +73,9 @@ pub async fn run_ready(
             .min(4),
     )
     .client_request_timeout(Duration::from_secs(config.http_read_timeout))
+    .keep_alive(http::KEEP_ALIVE)
+    .tls_handshake_timeout(http::TLS_HANDSHAKE_TIMEOUT)
+    .max_connection_rate(config.max_connections.max(256))
     .disable_signals()
     .shutdown_timeout(2);
     let server = match &tls {
@@ -123,8 +126,11 @@ pub fn init_tracing(json: bool) {
         .filter(|v| !v.trim().is_empty())
         .and_then(|v| tracing_subscriber::EnvFilter::try_new(v).ok())
         .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("info"));
+    // Colour codes only for a terminal: a log file or journald gets plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     if json {
         builder.json().init();

@@ -1267,3 +1267,61 @@ async fn a_bad_credentials_file_stops_the_server_with_its_line() {
     );
     assert!(!err.contains("short-secret-token-1"), "{err}");
 }
+
+/// Protected mode: open ports beyond loopback need --credentials, or --insecure said aloud; a
+/// --data-dir that is a file is refused naming the option and the path; no colour codes in a
+/// log that is not a terminal.
+#[tokio::test]
+async fn listening_beyond_loopback_needs_credentials_and_errors_name_the_option() {
+    let run = |args: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_bgs-chat-server"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let out = run(&["--tcp-listen", "0.0.0.0:0", "--http-listen", "127.0.0.1:0"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--tcp-listen 0.0.0.0:0 is beyond loopback") && err.contains("--insecure"),
+        "{err}"
+    );
+    assert!(
+        !err.contains('\u{1b}'),
+        "colour codes in a log that is not a terminal: {err}"
+    );
+    let dir = TempDir::new("datadir-file");
+    let file = dir.path().join("file");
+    std::fs::write(&file, "x").unwrap();
+    let out = run(&[
+        "--tcp-listen",
+        "127.0.0.1:0",
+        "--http-listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        file.to_str().unwrap(),
+    ]);
+    assert_ne!(out.status.code(), Some(0));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("--data-dir {}", file.display())),
+        "{err}"
+    );
+    // --insecure: it starts (and says so); stopped at once.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_bgs-chat-server"))
+        .args([
+            "--tcp-listen",
+            "0.0.0.0:0",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--insecure",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let line = support::listening_line(&mut child);
+    assert!(line.contains("tcp="), "{line}");
+    let _ = child.kill();
+    let _ = child.wait();
+}

@@ -32,8 +32,18 @@ impl Hub {
             config,
         };
         if let Some(dir) = hub.config.data_dir.clone() {
-            let kept = hub.replay(&dir)?;
-            hub.journal = Some(Journal::create(&dir, &kept)?);
+            // An error names the option and the path (`--data-dir FILE: Not a directory`).
+            let named = |e: ChatServerError| match e {
+                ChatServerError::Io(e) => {
+                    ChatServerError::Config(format!("--data-dir {}: {e}", dir.display()))
+                }
+                ChatServerError::Journal(e) => {
+                    ChatServerError::Journal(format!("--data-dir {}: {e}", dir.display()))
+                }
+                other => other,
+            };
+            let kept = hub.replay(&dir).map_err(named)?;
+            hub.journal = Some(Journal::create(&dir, &kept).map_err(named)?);
         }
         Ok(Arc::new(hub))
     }
