@@ -151,31 +151,66 @@ impl HaDialer for TcpHaDialer {
     }
 }
 
-/// TLS handshakes the HA listener runs at once; more connections are closed at once (the
-/// peer is one node, which dials again at its next heartbeat).
+/// TLS handshakes the HA listener runs at once; a new connection beyond them ends the oldest
+/// handshake, so strangers who stall handshakes cannot keep the peer out: the peer's own
+/// handshake takes milliseconds, and it dials again at its next heartbeat.
 const HA_TLS_HANDSHAKES: usize = 8;
 
+/// The TLS handshakes under way on the HA listener, oldest first.
+#[derive(Default)]
+struct HandshakeSlots {
+    next: u64,
+    running: std::collections::VecDeque<(u64, tokio::task::AbortHandle)>,
+}
+
+impl HandshakeSlots {
+    /// Makes room for one more: ends the oldest handshake when all slots are taken.
+    fn make_room(&mut self) -> Option<u64> {
+        if self.running.len() < HA_TLS_HANDSHAKES {
+            return None;
+        }
+        let (id, oldest) = self.running.pop_front()?;
+        oldest.abort();
+        Some(id)
+    }
+
+    fn done(&mut self, id: u64) {
+        self.running.retain(|(i, _)| *i != id);
+    }
+}
+
 /// Accepts HA links from the peer and hands them to the coordinator (after a TLS handshake in
-/// its own task, with `tls`: at most [`HA_TLS_HANDSHAKES`] at once).
+/// its own task, with `tls`: at most [`HA_TLS_HANDSHAKES`] at once, a newcomer ending the
+/// oldest).
 pub async fn serve_ha(
     listener: TcpListener,
     coordinator: Addr<HaCoordinator>,
     tls: Option<TlsAcceptor>,
 ) {
-    let handshakes = Arc::new(Semaphore::new(HA_TLS_HANDSHAKES));
+    let slots = Arc::new(std::sync::Mutex::new(HandshakeSlots::default()));
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
-                let Ok(permit) = handshakes.clone().try_acquire_owned() else {
-                    metrics().refused.inc(&["ha", "capacity"]);
-                    tracing::warn!(%peer, "HA connection closed: {HA_TLS_HANDSHAKES} TLS handshakes under way");
+                let Some(tls) = tls.clone() else {
+                    // Plain TCP: the HA state machine's own handshake slots take it from here.
+                    coordinator.do_send(Accepted(ha_connection(Box::pin(stream))));
                     continue;
                 };
-                let (coordinator, tls) = (coordinator.clone(), tls.clone());
-                tokio::spawn(async move {
-                    let _permit = permit;
-                    match tls::accept(stream, tls.as_ref()).await {
+                let Ok(mut s) = slots.lock() else { continue };
+                if s.make_room().is_some() {
+                    metrics().refused.inc(&["ha", "capacity"]);
+                    tracing::warn!(%peer, "HA TLS handshakes all under way: the oldest was ended to make room");
+                }
+                s.next += 1;
+                let id = s.next;
+                let (coordinator, slots_done) = (coordinator.clone(), slots.clone());
+                let task = tokio::spawn(async move {
+                    let result = tls::accept(stream, Some(&tls)).await;
+                    if let Ok(mut s) = slots_done.lock() {
+                        s.done(id);
+                    }
+                    match result {
                         Ok(io) => coordinator.do_send(Accepted(ha_connection(io))),
                         Err(e) => {
                             metrics().refused.inc(&["ha", "handshake"]);
@@ -183,6 +218,7 @@ pub async fn serve_ha(
                         }
                     }
                 });
+                s.running.push_back((id, task.abort_handle()));
             }
             Err(e) => {
                 tracing::warn!(error = %e, "HA accept failed");

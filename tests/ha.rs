@@ -1296,6 +1296,35 @@ async fn tls_on_every_listener_and_link() {
         "{table}"
     );
 
+    // Strangers stall TLS handshakes on both HA ports (more than there are slots); a link blip
+    // then re-links the pair at once: the peer's handshake ends the oldest stalled one.
+    let mut strangers = Vec::new();
+    for port in [a.ha.unwrap(), b.ha.unwrap()] {
+        for _ in 0..20 {
+            strangers.push(tokio::net::TcpStream::connect(port).await.unwrap());
+        }
+    }
+    let links = |g: &Gateway| g.log().matches("connected to the HA primary").count();
+    let before = links(&b);
+    to_a.heal();
+    to_b.heal();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while links(&b) == before {
+        assert!(Instant::now() < deadline, "b never linked again");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    wait(b.http, "b back in sync despite the strangers", |s| {
+        role(s) == "backup" && s["ha"]["in_sync"] == true && s["ha"]["replicated_bots"] == 1
+    })
+    .await;
+    let s = status(b.http).await;
+    assert_eq!(
+        s["ha"]["switchovers_failover"], 0,
+        "a blip became a failover: {s}"
+    );
+    assert_eq!(role(&status(a.http).await), "primary");
+    drop(strangers);
+
     // A failover over TLS: the backup takes over and the bot goes on counting.
     a.kill9();
     say("two").await;
