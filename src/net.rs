@@ -348,6 +348,62 @@ impl Pending {
     }
 }
 
+/// Bytes of unfinished ESP frames all connections of a node may hold together; past it, a
+/// connection holding more than [`ESP_FAIR_SHARE`] of them is closed when it reads more (a
+/// workflow's requests are far smaller, so they go on).
+pub const ESP_PARTIAL_BUDGET: usize = 32 << 20;
+/// What one connection may always hold of an unfinished frame, whatever the others hold.
+pub const ESP_FAIR_SHARE: usize = 64 << 10;
+
+/// A reader that counts the bytes it has passed and not yet seen decoded (`held`), in its own
+/// count and in the node's (`total`), and refuses to read more for a connection past its fair
+/// share while the node is past [`ESP_PARTIAL_BUDGET`].
+struct HeldReader<R> {
+    inner: R,
+    held: usize,
+    total: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl<R> HeldReader<R> {
+    /// The decoder has `buffered` bytes left after a frame: only those are still held.
+    fn decoded(&mut self, buffered: usize) {
+        let freed = self.held.saturating_sub(buffered);
+        self.total
+            .fetch_sub(freed, std::sync::atomic::Ordering::SeqCst);
+        self.held -= freed;
+    }
+}
+
+impl<R> Drop for HeldReader<R> {
+    fn drop(&mut self) {
+        self.total
+            .fetch_sub(self.held, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl<R: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for HeldReader<R> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<io::Result<()>> {
+        use std::sync::atomic::Ordering;
+        if self.held > ESP_FAIR_SHARE && self.total.load(Ordering::SeqCst) > ESP_PARTIAL_BUDGET {
+            return std::task::Poll::Ready(Err(io::Error::other(format!(
+                "the node holds more than {} MiB of unfinished ESP frames",
+                ESP_PARTIAL_BUDGET >> 20
+            ))));
+        }
+        let before = buf.filled().len();
+        let this = &mut *self;
+        let polled = std::pin::Pin::new(&mut this.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        this.held += n;
+        this.total.fetch_add(n, Ordering::SeqCst);
+        polled
+    }
+}
+
 /// Reads frames of an open-ended connection (a client may stay idle for ever) while bounding a
 /// frame that has begun: a client sending one a byte at a time is cut off `deadline` (give or
 /// take a tenth of it) after its first byte instead of holding its buffer for ever.
@@ -397,6 +453,7 @@ pub async fn serve_esp(
 ) {
     let admitted = Arc::new(Semaphore::new(max_connections));
     let pending = Arc::new(Mutex::new(Pending::default()));
+    let held = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(a) => a,
@@ -409,9 +466,10 @@ pub async fn serve_esp(
         let _ = stream.set_nodelay(true);
         let intake = intake.clone();
         let (admitted, pending, tls) = (admitted.clone(), pending.clone(), tls.clone());
+        let held = held.clone();
         tokio::spawn(async move {
             if let Err(e) =
-                esp_connection(stream, tls, intake, admitted, pending, frame_timeout).await
+                esp_connection(stream, tls, intake, admitted, pending, held, frame_timeout).await
             {
                 tracing::info!(%peer, error = %e, "esp connection ended");
             }
@@ -425,6 +483,7 @@ async fn esp_connection(
     intake: Arc<Intake>,
     admitted: Arc<Semaphore>,
     pending: Arc<Mutex<Pending>>,
+    held: Arc<std::sync::atomic::AtomicUsize>,
     frame_timeout: Duration,
 ) -> io::Result<()> {
     // A connection waits for its Hello in one of the 64 pending slots, its TLS handshake
@@ -444,6 +503,11 @@ async fn esp_connection(
     };
     let (rd, wr) = tokio::io::split(stream);
     // Until the Hello is accepted a frame may be 16 KiB at most.
+    let rd = HeldReader {
+        inner: rd,
+        held: 0,
+        total: held,
+    };
     let mut frames = FramedRead::new(
         rd,
         FrameCodec::<EspClientFrame, EspResponse>::new(PRE_AUTH_MAX_FRAME),
@@ -508,7 +572,10 @@ async fn esp_connection(
             since: None,
         };
         loop {
-            let frame = match partial.next(&mut frames).await {
+            let next = partial.next(&mut frames).await;
+            let buffered = frames.read_buffer().len();
+            frames.get_mut().decoded(buffered);
+            let frame = match next {
                 Ok(Some(frame)) => frame,
                 Ok(None) => break,
                 Err(()) => {

@@ -719,6 +719,63 @@ async fn framed_esp_connections_are_capped_and_the_node_keeps_answering() {
     );
 }
 
+/// Resident memory of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Strangers past the Hello (a node with no token) who each send most of a 1 MiB frame and
+/// stop: the node holds at most its budget of unfinished frames, not a megabyte each, and a
+/// workflow's requests go on being answered.
+#[tokio::test]
+async fn half_sent_esp_frames_are_bounded_node_wide() {
+    use tokio::io::AsyncWriteExt;
+    let chat = ChatServer::start(&[]);
+    let gw = Gateway::start(
+        chat.tcp,
+        "[node]\nesp-max-connections = 400\nesp-frame-timeout-ms = 60000\n",
+    );
+    let mut workflow = esp_tcp(&gw).await;
+    let before = rss_kib(gw.pid());
+    let body = vec![7u8; 900 << 10];
+    let mut strangers = Vec::new();
+    for _ in 0..150 {
+        let (mut framed, answer) = esp_hello(gw.esp, None).await;
+        assert_eq!(answer.status, EspStatus::Ok);
+        let s = framed.get_mut();
+        let _ = s.write_all(&(1u32 << 20).to_be_bytes()).await;
+        // The node stops reading (and closes) a stranger past its share: the write may fail.
+        let _ = tokio::time::timeout(Duration::from_millis(200), s.write_all(&body)).await;
+        strangers.push(framed);
+    }
+    workflow
+        .send(EspClientFrame::Request(esp_request(
+            1,
+            "GetBotStatus",
+            "x",
+            &[],
+        )))
+        .await
+        .unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(10), workflow.next())
+        .await
+        .expect("the workflow is answered")
+        .unwrap()
+        .unwrap();
+    assert_eq!(answer.status, EspStatus::Ok, "{answer:?}");
+    let grown = rss_kib(gw.pid()).saturating_sub(before) >> 10;
+    assert!(
+        grown < 72,
+        "the node grew {grown} MiB for 150 half-sent frames (132 MiB sent)"
+    );
+    assert_eq!(http(gw.http, "GET", "/healthz", None).await.0, 200);
+}
+
 /// Issue 11's case: with a small open-files limit, a crowd of idle framed-ESP clients used to
 /// take every descriptor and the node stopped answering /healthz. The caps are fitted to the
 /// limit, so the crowd is refused `capacity` and health, admin and ESP over HTTP still answer.
