@@ -314,6 +314,46 @@ async fn bf_activity(
     }
 }
 
+/// The Bot Framework connector's attachment upload (`POST /bf/{capability}/v3/conversations/
+/// {id}/attachments`, the SDK's `upload_attachment`): a chat has nowhere to keep a file, so the
+/// upload is taken (for the bot's flow to go on) and not kept; an activity that then links to it
+/// shows the attachment's name, and the node logs that its content was not shown.
+async fn bf_attachment(
+    state: web::Data<HttpState>,
+    path: web::Path<(String, String)>,
+    payload: web::Payload,
+) -> HttpResponse {
+    use crate::plugins::botframework::ConnectorError;
+    let (capability, conversation) = path.into_inner();
+    if let Err(response) = read_body(payload, state.read_timeout).await {
+        return response;
+    }
+    let bf_error = |status: StatusCode, code: &str, message: &str| {
+        HttpResponse::build(status).json(json!({"error": {"code": code, "message": message}}))
+    };
+    match state.connector.check(&capability, &conversation) {
+        Ok(()) => {
+            tracing::warn!(
+                "Bot Framework attachment upload taken and not kept: a chat cannot show a file"
+            );
+            HttpResponse::Ok().json(json!({"id": uuid::Uuid::new_v4().simple().to_string()}))
+        }
+        Err(ConnectorError::Forbidden) => {
+            crate::plugins::botframework::refused();
+            bf_error(
+                StatusCode::FORBIDDEN,
+                "Forbidden",
+                "this path is not the serviceUrl of this conversation",
+            )
+        }
+        Err(_) => bf_error(
+            StatusCode::NOT_FOUND,
+            "ConversationNotFound",
+            "no bot of this node has this conversation",
+        ),
+    }
+}
+
 /// The methods [`ROUTES`] serves at `path` (`{name}` segments match any one segment).
 pub fn methods_at(path: &str) -> Vec<&'static str> {
     let segments: Vec<&str> = path.trim_end_matches('/').split('/').collect();
@@ -360,6 +400,7 @@ pub const ROUTES: &[&str] = &[
     "GET /admin/bots",
     "POST /bf/{capability}/v3/conversations/{conversation}/activities",
     "POST /bf/{capability}/v3/conversations/{conversation}/activities/{activity}",
+    "POST /bf/{capability}/v3/conversations/{conversation}/attachments",
     "GET /",
 ];
 
@@ -379,6 +420,10 @@ pub fn configure(cfg: &mut web::ServiceConfig) {
         .route(
             "/bf/{capability}/v3/conversations/{conversation}/activities/{activity}",
             web::post().to(bf_activity),
+        )
+        .route(
+            "/bf/{capability}/v3/conversations/{conversation}/attachments",
+            web::post().to(bf_attachment),
         )
         .route(
             "/admin/switchover",

@@ -342,7 +342,17 @@ impl RichContent {
             }
         }
         for (n, b) in self.all_buttons().enumerate() {
-            lines.push(format!("{}. {}", n + 1, b.title));
+            // A title that already says its number ("1. Inline") is not numbered twice.
+            let number = format!("{}", n + 1);
+            let numbered = b
+                .title
+                .strip_prefix(&number)
+                .is_some_and(|rest| rest.starts_with(['.', ')', ':']));
+            if numbered {
+                lines.push(b.title.clone());
+            } else {
+                lines.push(format!("{number}. {}", b.title));
+            }
         }
         lines.join("\n")
     }
@@ -718,6 +728,17 @@ mod tests {
             "Pick one:\nPremium plan (25 EUR)\nEverything included.\n1. Buy\n2. Billing\n3. Delivery"
         );
         assert_eq!(rich.items(), 4);
+        // Titles that say their number already are not numbered twice.
+        let said = RichContent {
+            buttons: ["1. Inline", "2) Internet", "12 monkeys"]
+                .map(|t| Button {
+                    title: t.into(),
+                    payload: t.into(),
+                })
+                .to_vec(),
+            cards: Vec::new(),
+        };
+        assert_eq!(said.fallback(""), "1. Inline\n2) Internet\n3. 12 monkeys");
         // JSON may leave out what it does not use.
         let parsed: RichContent = serde_json::from_str(r#"{"buttons":[{"title":"Yes"}]}"#).unwrap();
         assert_eq!(parsed.buttons[0].payload, "");

@@ -144,6 +144,18 @@ impl Connector {
             })
     }
 
+    /// Checks `capability` for `conversation`, and that the conversation is one of this node's.
+    pub fn check(&self, capability: &str, conversation: &str) -> Result<(), ConnectorError> {
+        let want = self.capability(conversation);
+        if !bgs_proto::chat::constant_time_eq(want.as_bytes(), capability.as_bytes()) {
+            return Err(ConnectorError::Forbidden);
+        }
+        if !self.conversations.contains_key(conversation) {
+            return Err(ConnectorError::UnknownConversation);
+        }
+        Ok(())
+    }
+
     /// Takes one activity a bot sent to `conversation` under `capability` (`bytes`: the size of
     /// the request body); answers the id given to it. A wrong capability is refused before the
     /// conversation is looked up, so a stranger learns nothing of which conversations exist. A

@@ -32,6 +32,22 @@ fn text(v: &Value) -> Option<String> {
         .map(str::to_string)
 }
 
+/// A URL the customer can follow: an inline `data:` URL (a whole image in base64) is not one;
+/// it is noted as lost.
+fn link(v: &Value, lost: &mut Vec<String>) -> Option<String> {
+    let url = text(v)?;
+    if url.starts_with("data:") {
+        lost.push("an inline data: URL".into());
+        return None;
+    }
+    // A file the bot uploaded to this channel: not kept, so nothing to link to.
+    if url.contains("/bf/") && url.contains("/v3/attachments/") {
+        lost.push("an uploaded attachment".into());
+        return None;
+    }
+    Some(url)
+}
+
 fn action(a: &Value, lost: &mut Vec<String>) -> Action {
     let title = text(&a["title"]);
     let value = match &a["value"] {
@@ -138,13 +154,8 @@ fn adaptive(
                     });
                 }
             }
-            "Image" => {
-                if image.is_none() {
-                    *image = text(&item["url"]);
-                } else if let Some(u) = text(&item["url"]) {
-                    lines.push(u);
-                }
-            }
+            // The first image is the card's; the others are decoration a chat cannot place.
+            "Image" if image.is_none() => *image = text(&item["url"]),
             "ActionSet" => {
                 actions.extend(item["actions"].as_array().into_iter().flatten().cloned())
             }
@@ -175,28 +186,28 @@ pub fn render(activity: &Value) -> Rendered {
         let c = &a["content"];
         let lost = &mut out.lost;
         let made = match kind.strip_prefix("application/vnd.microsoft.card.") {
-            Some("hero" | "thumbnail") => Some(card(
-                text(&c["title"]),
-                text(&c["subtitle"]),
-                text(&c["text"]).into_iter().collect(),
-                text(&c["images"][0]["url"]),
-                &c["buttons"],
-                lost,
-            )),
+            Some("hero" | "thumbnail") => {
+                let image = link(&c["images"][0]["url"], lost);
+                Some(card(
+                    text(&c["title"]),
+                    text(&c["subtitle"]),
+                    text(&c["text"]).into_iter().collect(),
+                    image,
+                    &c["buttons"],
+                    lost,
+                ))
+            }
             Some("animation" | "audio" | "video") => {
                 let mut lines: Vec<String> = text(&c["text"]).into_iter().collect();
-                lines.extend(
-                    c["media"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .filter_map(|m| text(&m["url"])),
-                );
+                for m in c["media"].as_array().into_iter().flatten() {
+                    lines.extend(link(&m["url"], lost));
+                }
+                let image = link(&c["image"]["url"], lost);
                 Some(card(
                     text(&c["title"]),
                     text(&c["subtitle"]),
                     lines,
-                    text(&c["image"]["url"]),
+                    image,
                     &c["buttons"],
                     lost,
                 ))
@@ -256,6 +267,13 @@ pub fn render(activity: &Value) -> Rendered {
                     None => adaptive(&c["body"], &mut lines, &mut image, &mut actions),
                 }
                 actions.extend(c["actions"].as_array().into_iter().flatten().cloned());
+                let image = image.filter(|u| {
+                    let inline = u.starts_with("data:");
+                    if inline {
+                        lost.push("an inline data: URL".into());
+                    }
+                    !inline
+                });
                 let made = card(None, None, lines, image, &Value::Array(actions), lost);
                 if made.text.is_none() && made.image_url.is_none() && made.buttons.is_empty() {
                     lost.push(kind.to_string());
@@ -265,12 +283,17 @@ pub fn render(activity: &Value) -> Rendered {
                 }
             }
             _ => {
-                let url = text(&a["contentUrl"]);
+                let url = link(&a["contentUrl"], lost);
                 let name = text(&a["name"]);
                 match url {
                     Some(u) if kind.starts_with("image/") => Some(Card {
                         title: name.unwrap_or_default(),
                         image_url: Some(u),
+                        ..Card::default()
+                    }),
+                    // An inline or uploaded file: its name, at least.
+                    None if a["contentUrl"].as_str().is_some() => name.map(|n| Card {
+                        title: n,
                         ..Card::default()
                     }),
                     Some(u) => {
@@ -372,7 +395,8 @@ mod tests {
             {"contentType": "image/png", "contentUrl": "https://x/i.png", "name": "chart"},
             {"contentType": "application/pdf", "contentUrl": "https://x/a.pdf", "name": "invoice"},
             {"contentType": "application/vnd.microsoft.card.oauth", "content": {"text": "Log in", "connectionName": "c"}},
-            {"contentType": "application/x-unknown", "content": {}}
+            {"contentType": "application/x-unknown", "content": {}},
+            {"contentType": "image/png", "contentUrl": "data:image/png;base64,iVBORw0KGgo=", "name": "inline.png"}
         ]}));
         let cards = &r.rich.cards;
         assert_eq!(cards[0].text.as_deref(), Some("https://x/v.mp4"));
@@ -390,11 +414,14 @@ mod tests {
         assert_eq!(cards[4].image_url.as_deref(), Some("https://x/i.png"));
         assert_eq!(r.lines, ["invoice: https://x/a.pdf"]);
         assert_eq!(cards[5].text.as_deref(), Some("Log in"));
+        assert_eq!(cards[6].title, "inline.png");
+        assert!(cards[6].image_url.is_none(), "no base64 image in the chat");
         assert_eq!(
             r.lost,
             [
                 "application/vnd.microsoft.card.oauth (no sign-in link)",
-                "application/x-unknown"
+                "application/x-unknown",
+                "an inline data: URL"
             ]
         );
     }
