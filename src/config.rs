@@ -255,6 +255,19 @@ pub struct BotFrameworkBot {
     /// The Entra ID tenant that issues the gateway's tokens for this bot.
     #[serde(default = "default_bf_tenant")]
     pub tenant: String,
+    /// The token endpoint the gateway gets its tokens from; default Entra ID's for `tenant`.
+    #[serde(default, alias = "token-url")]
+    pub token_url: Option<String>,
+    /// With an app id: a JWKS file with the keys the bot's tokens are signed with, instead of
+    /// the OpenID metadata's.
+    #[serde(default, alias = "token-keys")]
+    pub token_keys: Option<PathBuf>,
+    /// With an app id: the OpenID metadata whose keys sign the bot's tokens.
+    #[serde(default, alias = "openid-metadata")]
+    pub openid_metadata: Option<String>,
+    /// With an app id: the issuers the bot's tokens may come from.
+    #[serde(default, alias = "token-issuers")]
+    pub token_issuers: Option<Vec<String>>,
     /// Time the bot has for one turn (its answer to one activity), milliseconds.
     #[serde(default = "default_bf_timeout", alias = "timeout-ms")]
     pub timeout_ms: u64,

@@ -255,28 +255,75 @@ async fn switchover(state: web::Data<HttpState>, req: HttpRequest) -> HttpRespon
     }
 }
 
+fn bf_error(status: StatusCode, code: &str, message: &str) -> HttpResponse {
+    HttpResponse::build(status).json(json!({"error": {"code": code, "message": message}}))
+}
+
+/// The Bot Framework connector's answer to a request it did not take.
+fn bf_refused(e: crate::plugins::botframework::ConnectorError) -> HttpResponse {
+    use crate::plugins::botframework::{refused, ConnectorError};
+    match e {
+        ConnectorError::Forbidden => {
+            refused("bf_capability");
+            bf_error(
+                StatusCode::FORBIDDEN,
+                "Forbidden",
+                "this path is not the serviceUrl of this conversation",
+            )
+        }
+        ConnectorError::Unauthorized(why) => {
+            refused("bf_token");
+            tracing::info!(reason = %why, "Bot Framework connector request refused: its token");
+            bf_error(
+                StatusCode::UNAUTHORIZED,
+                "Unauthorized",
+                "the bearer token is missing or not valid for this bot",
+            )
+        }
+        ConnectorError::UnknownConversation => bf_error(
+            StatusCode::NOT_FOUND,
+            "ConversationNotFound",
+            "no bot of this node has this conversation",
+        ),
+        ConnectorError::Busy => bf_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "Throttled",
+            "too many replies waiting for this conversation",
+        ),
+    }
+}
+
 /// The Bot Framework connector: a bot's reply (`POST /bf/{capability}/v3/conversations/{id}/
 /// activities` or `.../activities/{activityId}`) to the conversation of one of this node's bots.
-/// The capability is the one the bot was given in its `serviceUrl`; anything else is a 403.
+/// The capability is the one the bot was given in its `serviceUrl` (anything else: 403), and a
+/// bot with an app id sends a valid token (else 401).
 async fn bf_activity(
     state: web::Data<HttpState>,
+    req: HttpRequest,
     path: web::Path<Vec<String>>,
     payload: web::Payload,
 ) -> HttpResponse {
-    use crate::plugins::botframework::ConnectorError;
-    let body = match read_body(payload, state.read_timeout).await {
-        Ok(b) => b,
-        Err(response) => return response,
-    };
-    let bf_error = |status: StatusCode, code: &str, message: &str| {
-        HttpResponse::build(status).json(json!({"error": {"code": code, "message": message}}))
-    };
     let (Some(capability), Some(conversation)) = (path.first(), path.get(1)) else {
         return bf_error(
             StatusCode::NOT_FOUND,
             "ConversationNotFound",
             "no conversation id",
         );
+    };
+    let authorization = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok());
+    if let Err(e) = state
+        .connector
+        .check(capability, conversation, authorization)
+        .await
+    {
+        return bf_refused(e);
+    }
+    let body = match read_body(payload, state.read_timeout).await {
+        Ok(b) => b,
+        Err(response) => return response,
     };
     let activity: Value = match serde_json::from_slice(&body) {
         Ok(v @ Value::Object(_)) => v,
@@ -293,24 +340,7 @@ async fn bf_activity(
         .deliver(capability, conversation, activity, body.len())
     {
         Ok(id) => HttpResponse::Ok().json(json!({"id": id})),
-        Err(ConnectorError::Forbidden) => {
-            crate::plugins::botframework::refused();
-            bf_error(
-                StatusCode::FORBIDDEN,
-                "Forbidden",
-                "this path is not the serviceUrl of this conversation",
-            )
-        }
-        Err(ConnectorError::UnknownConversation) => bf_error(
-            StatusCode::NOT_FOUND,
-            "ConversationNotFound",
-            "no bot of this node has this conversation",
-        ),
-        Err(ConnectorError::Busy) => bf_error(
-            StatusCode::TOO_MANY_REQUESTS,
-            "Throttled",
-            "too many replies waiting for this conversation",
-        ),
+        Err(e) => bf_refused(e),
     }
 }
 
@@ -320,38 +350,27 @@ async fn bf_activity(
 /// shows the attachment's name, and the node logs that its content was not shown.
 async fn bf_attachment(
     state: web::Data<HttpState>,
+    req: HttpRequest,
     path: web::Path<(String, String)>,
     payload: web::Payload,
 ) -> HttpResponse {
-    use crate::plugins::botframework::ConnectorError;
     let (capability, conversation) = path.into_inner();
+    let authorization = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok());
+    if let Err(e) = state
+        .connector
+        .check(&capability, &conversation, authorization)
+        .await
+    {
+        return bf_refused(e);
+    }
     if let Err(response) = read_body(payload, state.read_timeout).await {
         return response;
     }
-    let bf_error = |status: StatusCode, code: &str, message: &str| {
-        HttpResponse::build(status).json(json!({"error": {"code": code, "message": message}}))
-    };
-    match state.connector.check(&capability, &conversation) {
-        Ok(()) => {
-            tracing::warn!(
-                "Bot Framework attachment upload taken and not kept: a chat cannot show a file"
-            );
-            HttpResponse::Ok().json(json!({"id": uuid::Uuid::new_v4().simple().to_string()}))
-        }
-        Err(ConnectorError::Forbidden) => {
-            crate::plugins::botframework::refused();
-            bf_error(
-                StatusCode::FORBIDDEN,
-                "Forbidden",
-                "this path is not the serviceUrl of this conversation",
-            )
-        }
-        Err(_) => bf_error(
-            StatusCode::NOT_FOUND,
-            "ConversationNotFound",
-            "no bot of this node has this conversation",
-        ),
-    }
+    tracing::warn!("Bot Framework attachment upload taken and not kept: a chat cannot show a file");
+    HttpResponse::Ok().json(json!({"id": uuid::Uuid::new_v4().simple().to_string()}))
 }
 
 /// The methods [`ROUTES`] serves at `path` (`{name}` segments match any one segment).

@@ -772,13 +772,37 @@ async fn a_bot_framework_sdk_bot_talks_through_the_gateway_channel() {
     };
     // A second bot endpoint that only records what it is sent: the serviceUrl it is given.
     let spy = MockHttp::start(|_, _| Answer::ok(json!({}))).await;
+    // A bot with an app id: its tokens are checked against a key set (made here with PyJWT,
+    // which the SDK brings), and the gateway's own tokens come from a stand-in token service.
+    let tokens = TempDir::new("bf-tokens");
+    let made = std::process::Command::new("python3")
+        .args(["-c", MAKE_TOKENS])
+        .output()
+        .unwrap();
+    assert!(
+        made.status.success(),
+        "{}",
+        String::from_utf8_lossy(&made.stderr)
+    );
+    let made: serde_json::Value = serde_json::from_slice(&made.stdout).unwrap();
+    let jwks = tokens.path().join("jwks.json");
+    std::fs::write(&jwks, made["jwks"].to_string()).unwrap();
+    let token_service = MockHttp::start(|_, _| {
+        Answer::ok(json!({"access_token": "gateway-token", "expires_in": 3600}))
+    })
+    .await;
     let chat = ChatServer::start(&[]);
     let gw = Gateway::start(
         chat.tcp,
         &format!(
-            "[plugins.botframework.bots.helpdesk]\nendpoint = \"{}\"\n[plugins.botframework.bots.spy]\nendpoint = \"{}\"\n",
+            "[plugins.botframework.bots.helpdesk]\nendpoint = \"{}\"\n[plugins.botframework.bots.spy]\nendpoint = \"{}\"\n\
+             [plugins.botframework.bots.signed]\nendpoint = \"{}\"\napp_id = \"app-123\"\napp_password = \"pw\"\n\
+             token_url = \"{}\"\ntoken_keys = \"{}\"\n",
             bot.endpoint(),
-            spy.url("/api/messages")
+            spy.url("/api/messages"),
+            spy.url("/signed"),
+            token_service.url("/token"),
+            jwks.display()
         ),
     );
     let mut ann = Customer::open(&chat, "bf-1").await;
@@ -951,15 +975,91 @@ async fn a_bot_framework_sdk_bot_talks_through_the_gateway_channel() {
     assert_eq!(status, 404);
     assert_eq!(messages(&dan.transcript().await), ["spy: hello"]);
     assert!(dan.userdata().await.get("RouteTo").is_none());
+    // A bot with an app id: the right path is not enough, its token must be valid too.
+    let mut eve = Customer::open(&chat, "bf-4").await;
+    let signed = gw
+        .start_bot(
+            "bf-4",
+            &[("ChatBotID", "botframework"), ("ChatBotName", "signed")],
+        )
+        .await;
+    let conv = signed["BotInstanceId"].as_str().unwrap().to_string();
+    let given = loop {
+        if let Some(s) = spy.seen().into_iter().find(|s| s.path == "/signed") {
+            break s;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_eq!(given.headers["authorization"], "Bearer gateway-token");
+    let base = given.body["serviceUrl"]
+        .as_str()
+        .unwrap()
+        .split_once(&gw.http.to_string())
+        .map(|(_, path)| path.to_string())
+        .unwrap();
+    let path = format!("{base}v3/conversations/{conv}/activities");
+    for case in [
+        "none", "expired", "issuer", "audience", "appid", "forged", "unsigned",
+    ] {
+        let (status, answer) = support::try_http(
+            gw.http,
+            "POST",
+            &path,
+            Some(json!({"type": "message", "text": format!("forged {case}")})),
+            made[case].as_str(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(status, 401, "{case}: {answer}");
+    }
+    let (status, _) = support::try_http(
+        gw.http,
+        "POST",
+        &path,
+        Some(json!({"type": "message", "text": "signed: hello"})),
+        made["valid"].as_str(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(eve.next_reply().await, "signed: hello");
+    assert_eq!(messages(&eve.transcript().await), ["signed: hello"]);
+
     let (_, metrics) = support::http(gw.http, "GET", "/metrics", None).await;
-    assert!(
-        metrics
-            .as_str()
-            .unwrap()
-            .contains("bgs_connections_refused_total{port=\"http\",reason=\"bf_capability\"}"),
-        "refusals are counted"
-    );
+    let metrics = metrics.as_str().unwrap().to_string();
+    for line in [
+        "bgs_connections_refused_total{port=\"http\",reason=\"bf_capability\"}",
+        "bgs_connections_refused_total{port=\"http\",reason=\"bf_token\"} 7",
+    ] {
+        assert!(metrics.contains(line), "{line} not in\n{metrics}");
+    }
 }
+
+/// Makes a key set and tokens for the app id `app-123` (PyJWT): a valid one, and one wrong in
+/// each way a channel checks; `unsigned` is `alg: none`.
+const MAKE_TOKENS: &str = r#"
+import base64, json, time, jwt
+from cryptography.hazmat.primitives.asymmetric import rsa
+from jwt.algorithms import RSAAlgorithm
+key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+jwk = json.loads(RSAAlgorithm.to_jwk(key.public_key()))
+jwk.update({"kid": "k1", "use": "sig", "alg": "RS256"})
+now = int(time.time())
+def token(k=key, **changes):
+    claims = {"iss": "https://api.botframework.com", "aud": "https://api.botframework.com",
+              "appid": "app-123", "exp": now + 3600, "nbf": now - 10, "iat": now}
+    claims.update(changes)
+    return jwt.encode(claims, k, algorithm="RS256", headers={"kid": "k1"})
+def b64(d):
+    return base64.urlsafe_b64encode(json.dumps(d).encode()).rstrip(b"=").decode()
+unsigned = b64({"alg": "none", "kid": "k1"}) + "." + b64({"iss": "https://api.botframework.com",
+    "aud": "https://api.botframework.com", "appid": "app-123", "exp": now + 3600}) + "."
+print(json.dumps({"jwks": {"keys": [jwk]}, "valid": token(), "none": None,
+    "expired": token(exp=now - 3600, nbf=now - 7200), "issuer": token(iss="https://evil.example"),
+    "audience": token(aud="https://other"), "appid": token(appid="someone-else"),
+    "forged": token(k=other), "unsigned": unsigned}))
+"#;
 
 /// The reference Chat Server's customer page shows a bot's buttons, and a click answers with the
 /// button's payload (driven in headless Chromium).

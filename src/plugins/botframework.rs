@@ -29,6 +29,7 @@ use futures_util::future::BoxFuture;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
 
+use super::bf_auth;
 use super::cards;
 use super::connector::{self, Choices, RetryPolicy};
 use crate::config::BotFrameworkBot;
@@ -68,6 +69,8 @@ struct Conversation {
     waker: BotWaker,
     /// A turn is running: its replies are collected when it ends, no wake needed.
     in_turn: Arc<AtomicBool>,
+    /// With an app id: the bot's tokens are checked against it.
+    tokens: Option<Arc<bf_auth::TokenCheck>>,
 }
 
 /// Why the connector did not take an activity.
@@ -75,6 +78,8 @@ struct Conversation {
 pub enum ConnectorError {
     /// The capability in the route is not this conversation's.
     Forbidden,
+    /// The bot has an app id and the request's token is missing or not valid (why).
+    Unauthorized(String),
     UnknownConversation,
     Busy,
 }
@@ -144,14 +149,28 @@ impl Connector {
             })
     }
 
-    /// Checks `capability` for `conversation`, and that the conversation is one of this node's.
-    pub fn check(&self, capability: &str, conversation: &str) -> Result<(), ConnectorError> {
+    /// Checks a request for `conversation`: its `capability` (first: a wrong one learns
+    /// nothing more), that the conversation is one of this node's, and, for a bot with an app
+    /// id, the bearer token in `authorization`.
+    pub async fn check(
+        &self,
+        capability: &str,
+        conversation: &str,
+        authorization: Option<&str>,
+    ) -> Result<(), ConnectorError> {
         let want = self.capability(conversation);
         if !bgs_proto::chat::constant_time_eq(want.as_bytes(), capability.as_bytes()) {
             return Err(ConnectorError::Forbidden);
         }
-        if !self.conversations.contains_key(conversation) {
-            return Err(ConnectorError::UnknownConversation);
+        let tokens = match self.conversations.get(conversation) {
+            Some(c) => c.tokens.clone(),
+            None => return Err(ConnectorError::UnknownConversation),
+        };
+        if let Some(tokens) = tokens {
+            tokens
+                .check(authorization)
+                .await
+                .map_err(ConnectorError::Unauthorized)?;
         }
         Ok(())
     }
@@ -203,13 +222,14 @@ impl Connector {
     }
 }
 
-/// Counts a request the connector routes refused for a wrong capability
-/// (`bgs_refused_connections_total{port="http",reason="bf_capability"}`).
-pub fn refused() {
+/// Counts a request the connector routes refused (`bgs_connections_refused_total{port="http",
+/// reason}`: `bf_capability`, not the conversation's serviceUrl; `bf_token`, a bot with an app id
+/// sent no valid token).
+pub fn refused(reason: &'static str) {
     bgs_actors::metrics::metrics()
         .refused
-        .inc(&["http", "bf_capability"]);
-    tracing::debug!("Bot Framework connector request refused: not this conversation's serviceUrl");
+        .inc(&["http", reason]);
+    tracing::debug!(reason, "Bot Framework connector request refused");
 }
 
 /// One configured bot, ready to call.
@@ -218,6 +238,8 @@ struct BotEndpoint {
     url: reqwest::Url,
     app_id: Option<String>,
     token: Option<TokenSource>,
+    /// With an app id: what the bot's own tokens are checked against.
+    tokens: Option<Arc<bf_auth::TokenCheck>>,
     policy: RetryPolicy,
     unavailable_notice: String,
     handoff_userdata: BTreeMap<String, String>,
@@ -248,7 +270,12 @@ impl BotFrameworkFactory {
             let token = match (&app_id, b.app_password.as_deref().filter(|s| !s.is_empty())) {
                 (Some(id), Some(secret)) => Some(TokenSource::new(
                     client.clone(),
-                    &b.tenant,
+                    b.token_url.clone().unwrap_or_else(|| {
+                        format!(
+                            "https://login.microsoftonline.com/{}/oauth2/v2.0/token",
+                            b.tenant
+                        )
+                    }),
                     id.clone(),
                     secret.to_string(),
                 )),
@@ -262,6 +289,31 @@ impl BotFrameworkFactory {
             if b.timeout_ms == 0 {
                 return Err(format!("{key}.timeout_ms: must be at least 1"));
             }
+            // A bot with an app id sends tokens with its replies: checked as a channel does.
+            let issuers = b
+                .token_issuers
+                .clone()
+                .unwrap_or_else(|| bf_auth::DEFAULT_ISSUERS.map(String::from).to_vec());
+            let tokens = match (&app_id, &b.token_keys) {
+                (None, _) => None,
+                (Some(id), Some(path)) => {
+                    let jwks = std::fs::read_to_string(path).map_err(|e| {
+                        format!("{key}.token_keys: cannot read {}: {e}", path.display())
+                    })?;
+                    Some(Arc::new(
+                        bf_auth::TokenCheck::with_keys(id, issuers, &jwks)
+                            .map_err(|e| format!("{key}.token_keys: {}: {e}", path.display()))?,
+                    ))
+                }
+                (Some(id), None) => Some(Arc::new(bf_auth::TokenCheck::with_metadata(
+                    id,
+                    issuers,
+                    b.openid_metadata
+                        .clone()
+                        .unwrap_or_else(|| bf_auth::DEFAULT_METADATA.to_string()),
+                    client.clone(),
+                ))),
+            };
             out.insert(
                 name.clone(),
                 Arc::new(BotEndpoint {
@@ -269,6 +321,7 @@ impl BotFrameworkFactory {
                     url,
                     app_id,
                     token,
+                    tokens,
                     // A turn is not retried: the bot may have answered part of it already.
                     policy: RetryPolicy {
                         plugin: "botframework",
@@ -531,6 +584,7 @@ impl Bot for ChannelBot {
                     self.connector.conversations.insert(
                         self.conversation.clone(),
                         Conversation {
+                            tokens: self.endpoint.tokens.clone(),
                             replies: tx,
                             held: Arc::default(),
                             waker: start.waker.clone(),
@@ -637,10 +691,10 @@ struct TokenSource {
 }
 
 impl TokenSource {
-    fn new(client: reqwest::Client, tenant: &str, app_id: String, secret: String) -> Self {
+    fn new(client: reqwest::Client, url: String, app_id: String, secret: String) -> Self {
         TokenSource {
             client,
-            url: format!("https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token"),
+            url,
             app_id,
             secret,
             cached: Mutex::new(None),
@@ -841,6 +895,7 @@ mod tests {
                     w.fetch_add(1, Ordering::SeqCst);
                 }),
                 in_turn: Arc::new(AtomicBool::new(false)),
+                tokens: None,
             },
         );
         // Without the conversation's capability nothing is taken, whatever else is right.

@@ -2,6 +2,7 @@
 //! `faulty` bot (enabled by configuration only), and the connectors to bots that live elsewhere:
 //! `webhook` (an HTTP endpoint), `botframework` (a Bot Framework SDK bot) and process plugins from `[plugins] dir` (any language).
 
+pub mod bf_auth;
 pub mod botframework;
 pub mod cards;
 pub mod connector;
