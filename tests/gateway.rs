@@ -1377,6 +1377,15 @@ async fn a_wrong_method_is_405_an_unknown_path_404_and_logs_to_a_file_have_no_co
     let log = gw.log();
     assert!(log.contains("bgs node started"), "{log}");
     assert!(!log.contains('\u{1b}'), "colour codes in a log file");
+    // A missing configuration file: the path and the OS error, said once.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_bgs"))
+        .args(["serve", "--config", "/nonexistent/bgs.toml"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/nonexistent/bgs.toml"), "{err}");
+    assert_eq!(err.matches("No such file or directory").count(), 1, "{err}");
 }
 
 #[tokio::test]
