@@ -669,12 +669,17 @@ impl BotActor {
         let outbox = self.outbox();
         let covered = self.last_seq;
         let advanced = covered > self.replicated_seq;
+        // The bot's own post coming back: if the bot does nothing with it, a replay would do
+        // nothing either (no connector sends it on), so it needs no checkpoint of its own.
+        let own =
+            matches!(&input, BotInput::Event(e) if e.participant_id == self.outbox.participant_id);
         let ha = self.ha.clone();
         let instance_id = self.outbox.instance_id.clone();
         let started = std::time::Instant::now();
         let span = self.span();
         let fut = async move {
             let (bot, error, actions) = call(bot, bctx, input, timeout).await;
+            let quiet = own && actions.is_empty();
             let outcome = outbox.execute(actions, &label, seen).await;
             // Posts first, then the save: a failover before the save replays the input, and the
             // replayed posts carry the same client keys.
@@ -688,7 +693,7 @@ impl BotActor {
                     context: bytes.clone(),
                     checkpoint_seq: covered,
                 }),
-                (None, None, false) if advanced => Some(HaOp::Checkpoint {
+                (None, None, false) if advanced && !quiet => Some(HaOp::Checkpoint {
                     instance_id,
                     checkpoint_seq: covered,
                 }),
@@ -1169,22 +1174,28 @@ mod tests {
     #[actix::test]
     async fn a_turn_that_saves_nothing_still_moves_the_checkpoint() {
         let mut h = start(false);
-        // An agent's message: the bot posts nothing and saves nothing, but it has handled it.
-        let mut agent = message(6, "hello");
+        // Its own post coming back, handled with nothing done: no checkpoint of its own.
+        let mut own = message(6, "got: earlier");
+        own.participant_id = "bot".into();
+        own.participant_type = ParticipantType::Agent;
+        h.bot.do_send(Deliver::Event(own));
+        // An agent's message: the bot posts nothing and saves nothing, but it has handled it
+        // (the checkpoint covers the bot's own post before it too).
+        let mut agent = message(7, "hello");
         agent.participant_type = ParticipantType::Agent;
         h.bot.do_send(Deliver::Event(agent));
         match next(&mut h.ops).await {
-            HaOp::Checkpoint { checkpoint_seq, .. } => assert_eq!(checkpoint_seq, 6),
+            HaOp::Checkpoint { checkpoint_seq, .. } => assert_eq!(checkpoint_seq, 7),
             other => panic!("{other:?}"),
         }
         // A turn that saves carries the checkpoint in its save; a failed turn moves nothing.
-        h.bot.do_send(Deliver::Event(message(7, "hi")));
+        h.bot.do_send(Deliver::Event(message(8, "hi")));
         let _ = next(&mut h.chat).await;
         match next(&mut h.ops).await {
-            HaOp::Saved { checkpoint_seq, .. } => assert_eq!(checkpoint_seq, 7),
+            HaOp::Saved { checkpoint_seq, .. } => assert_eq!(checkpoint_seq, 8),
             other => panic!("{other:?}"),
         }
-        h.bot.do_send(Deliver::Event(message(8, "boom")));
+        h.bot.do_send(Deliver::Event(message(9, "boom")));
         assert!(matches!(
             next(&mut h.notices).await,
             BotNotice::Failed { .. }
