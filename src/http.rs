@@ -293,6 +293,25 @@ fn bf_refused(e: crate::plugins::botframework::ConnectorError) -> HttpResponse {
     }
 }
 
+/// Whether the connector routes take a request for `conversation`: its capability, the
+/// conversation, and the token of a bot with an app id (`Connector::check`).
+async fn bf_admit(
+    state: &HttpState,
+    req: &HttpRequest,
+    capability: &str,
+    conversation: &str,
+) -> Result<(), HttpResponse> {
+    let authorization = req
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok());
+    state
+        .connector
+        .check(capability, conversation, authorization)
+        .await
+        .map_err(bf_refused)
+}
+
 /// The Bot Framework connector: a bot's reply (`POST /bf/{capability}/v3/conversations/{id}/
 /// activities` or `.../activities/{activityId}`) to the conversation of one of this node's bots.
 /// The capability is the one the bot was given in its `serviceUrl` (anything else: 403), and a
@@ -310,16 +329,8 @@ async fn bf_activity(
             "no conversation id",
         );
     };
-    let authorization = req
-        .headers()
-        .get("authorization")
-        .and_then(|v| v.to_str().ok());
-    if let Err(e) = state
-        .connector
-        .check(capability, conversation, authorization)
-        .await
-    {
-        return bf_refused(e);
+    if let Err(refused) = bf_admit(&state, &req, capability, conversation).await {
+        return refused;
     }
     let body = match read_body(payload, state.read_timeout).await {
         Ok(b) => b,
@@ -355,16 +366,8 @@ async fn bf_attachment(
     payload: web::Payload,
 ) -> HttpResponse {
     let (capability, conversation) = path.into_inner();
-    let authorization = req
-        .headers()
-        .get("authorization")
-        .and_then(|v| v.to_str().ok());
-    if let Err(e) = state
-        .connector
-        .check(&capability, &conversation, authorization)
-        .await
-    {
-        return bf_refused(e);
+    if let Err(refused) = bf_admit(&state, &req, &capability, &conversation).await {
+        return refused;
     }
     if let Err(response) = read_body(payload, state.read_timeout).await {
         return response;
