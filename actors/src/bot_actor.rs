@@ -387,7 +387,12 @@ impl Outbox {
         let per_minute = limits().events_per_minute;
         self.allowance
             .lock()
-            .map(|mut a| a.take(per_minute, std::time::Instant::now()))
+            .map(|mut a| {
+                a.take(
+                    per_minute,
+                    crate::bot_limits::clock(std::time::Instant::now()),
+                )
+            })
             .unwrap_or(true)
     }
 

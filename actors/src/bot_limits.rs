@@ -53,22 +53,29 @@ pub fn limits() -> BotLimits {
     LIMITS.get().copied().unwrap_or_default()
 }
 
-/// A bot's allowance of chat events: a bucket of `per_minute` tokens, refilled continuously.
+/// A bot's allowance of chat events: a bucket of `per_minute` tokens, refilled every second.
+/// Eight bytes: every bot has one.
 #[derive(Debug, Default)]
 pub struct Allowance {
-    used: f64,
-    last: Option<Instant>,
+    used: f32,
+    /// When it was last taken from, in seconds of [`clock`].
+    last: u32,
+}
+
+/// Seconds since the first call in this process (a bot's allowance keeps four bytes of time).
+pub fn clock(now: Instant) -> u32 {
+    static START: OnceLock<Instant> = OnceLock::new();
+    let start = *START.get_or_init(|| now);
+    now.saturating_duration_since(start).as_secs() as u32
 }
 
 impl Allowance {
-    /// Takes one event's token at `now`; false when the bucket is empty.
-    pub fn take(&mut self, per_minute: u32, now: Instant) -> bool {
-        let capacity = f64::from(per_minute.max(1));
-        if let Some(last) = self.last {
-            let refill = now.saturating_duration_since(last).as_secs_f64() * capacity / 60.0;
-            self.used = (self.used - refill).max(0.0);
-        }
-        self.last = Some(now);
+    /// Takes one event's token at `now` (seconds of [`clock`]); false when the bucket is empty.
+    pub fn take(&mut self, per_minute: u32, now: u32) -> bool {
+        let capacity = per_minute.max(1) as f32;
+        let refill = now.saturating_sub(self.last) as f32 * capacity / 60.0;
+        self.used = (self.used - refill).max(0.0);
+        self.last = now;
         if self.used + 1.0 > capacity {
             return false;
         }
@@ -275,19 +282,23 @@ mod tests {
 
     #[test]
     fn the_allowance_refills_over_a_minute() {
-        let t0 = Instant::now();
+        let t0 = 1000;
         let mut a = Allowance::default();
-        for _ in 0..60 {
+        assert!(a.take(60, t0));
+        for _ in 1..60 {
             assert!(a.take(60, t0));
         }
         assert!(!a.take(60, t0), "the bucket is empty");
-        assert!(!a.take(60, t0 + Duration::from_millis(500)));
-        assert!(a.take(60, t0 + Duration::from_millis(1600)), "one a second");
-        assert!(!a.take(60, t0 + Duration::from_millis(1700)));
-        let later = t0 + Duration::from_secs(120);
+        assert!(a.take(60, t0 + 1), "one a second");
+        assert!(!a.take(60, t0 + 1));
+        let later = t0 + 120;
         for _ in 0..60 {
             assert!(a.take(60, later));
         }
         assert!(!a.take(60, later));
+        assert_eq!(std::mem::size_of::<Allowance>(), 8);
+        let now = Instant::now();
+        let first = clock(now);
+        assert_eq!(clock(now + Duration::from_secs(5)) - first, 5);
     }
 }
