@@ -90,8 +90,11 @@ pub struct NodeConfig {
     pub esp_frame_timeout_ms: u64,
     /// Framed ESP connections past their Hello at once; one more is refused `capacity`.
     pub esp_max_connections: usize,
-    /// HTTP connections at once (the listener stops accepting beyond, until one closes).
+    /// HTTP connections at once; beyond it a new one ends the oldest that has not said anything
+    /// yet (src/gate.rs), or is closed.
     pub http_max_connections: usize,
+    /// HTTP connections at once from one address, the same way.
+    pub http_max_connections_per_client: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -316,6 +319,7 @@ impl Default for NodeConfig {
             esp_frame_timeout_ms: 10_000,
             esp_max_connections: 1000,
             http_max_connections: 1000,
+            http_max_connections_per_client: 256,
         }
     }
 }
@@ -516,6 +520,10 @@ impl Config {
         for (key, n) in [
             ("node.esp-max-connections", self.node.esp_max_connections),
             ("node.http-max-connections", self.node.http_max_connections),
+            (
+                "node.http-max-connections-per-client",
+                self.node.http_max_connections_per_client,
+            ),
         ] {
             if !(2..=1_000_000).contains(&n) {
                 return Err(invalid(key, format!("must be 2 to 1000000, not {n}")));

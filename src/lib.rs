@@ -8,6 +8,7 @@ pub mod demo;
 pub mod esp_client;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod gate;
 pub mod http;
 pub mod intake;
 pub mod limits;

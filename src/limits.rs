@@ -8,6 +8,10 @@ use crate::net::ESP_PENDING_MAX;
 /// handshakes, plugin pipes, the report and log files, and the accepts that answer `capacity`.
 pub const FD_RESERVE: usize = 256;
 
+/// Descriptors one HTTP connection takes once it has spoken: the client's socket at the gate,
+/// and both ends of its Unix socket to the HTTP server (src/gate.rs).
+pub const HTTP_FDS: usize = 3;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConnectionCaps {
     /// Framed ESP connections past their Hello.
@@ -25,14 +29,14 @@ impl ConnectionCaps {
             return wanted;
         };
         let reserve = FD_RESERVE + ESP_PENDING_MAX;
-        if esp + http + reserve <= limit {
+        if esp + http * HTTP_FDS + reserve <= limit {
             return wanted;
         }
-        let room = limit.saturating_sub(reserve).max(4);
-        let esp_fit = (room * esp / (esp + http)).clamp(2, room - 2);
+        let room = limit.saturating_sub(reserve).max(4 * HTTP_FDS);
+        let esp_fit = (room * esp / (esp + http * HTTP_FDS)).clamp(2, room - 2 * HTTP_FDS);
         let fitted = ConnectionCaps {
             esp: esp_fit,
-            http: room - esp_fit,
+            http: (room - esp_fit) / HTTP_FDS,
         };
         tracing::warn!(
             open_files_limit = limit,
@@ -60,12 +64,18 @@ mod tests {
         let kept = ConnectionCaps::fit(1000, 1000, Some(65536));
         assert_eq!((kept.esp, kept.http), (1000, 1000));
         assert_eq!(ConnectionCaps::fit(1000, 1000, None).esp, 1000);
-        // The 1024 of a default shell: both caps together leave the reserve free.
+        // The 1024 of a default shell: both caps together leave the reserve free (an HTTP
+        // connection takes three descriptors).
         let small = ConnectionCaps::fit(1000, 1000, Some(1024));
-        assert_eq!(small.esp + small.http, 1024 - FD_RESERVE - ESP_PENDING_MAX);
-        assert_eq!(small.esp, small.http);
+        let room = 1024 - FD_RESERVE - ESP_PENDING_MAX;
+        assert!(small.esp + HTTP_FDS * small.http <= room, "{small:?}");
+        assert!(
+            small.esp + HTTP_FDS * small.http > room - HTTP_FDS,
+            "{small:?}"
+        );
+        assert!(small.esp.abs_diff(small.http) <= 1, "{small:?}");
         let skewed = ConnectionCaps::fit(3000, 1000, Some(1024));
-        assert_eq!(skewed.esp, 3 * skewed.http);
+        assert!(skewed.esp.abs_diff(3 * skewed.http) <= 3, "{skewed:?}");
         // Absurdly low limits still leave each port a few connections.
         let tiny = ConnectionCaps::fit(1000, 1000, Some(10));
         assert!(tiny.esp >= 2 && tiny.http >= 2, "{tiny:?}");

@@ -288,22 +288,29 @@ pub async fn start(config: Config) -> Result<Node, ServeError> {
     // An idle keep-alive connection stays longer than the head deadline (client pools expect
     // it: aiohttp's, reqwest's); nginx keeps 75 s too.
     .keep_alive(bgs_chat_server::http::KEEP_ALIVE)
-    // Silent TLS clients hold a handshake slot for at most this long; the slots per worker
-    // follow the connection cap (actix's default, 256, let 600 silent clients stall the port).
-    .tls_handshake_timeout(bgs_chat_server::http::TLS_HANDSHAKE_TIMEOUT)
-    .max_connection_rate(caps.http.div_ceil(HTTP_WORKERS))
     .disable_signals()
     .shutdown_timeout(2);
-    let server = match &tls.server {
-        Some(server_tls) => server.listen_rustls_0_23(http_listener, (**server_tls).clone()),
-        None => server.listen(http_listener),
-    }
-    .map_err(|source| ServeError::Listen {
+    // The server listens behind the gate (src/gate.rs), which takes the port, its TLS, and
+    // shares it fairly between clients.
+    let listen_error = |source| ServeError::Listen {
         what: "node.http-listen",
         addr: http,
         source,
-    })?
-    .run();
+    };
+    let (backend, backend_addr) = crate::gate::backend().map_err(listen_error)?;
+    let server = server.listen_uds(backend).map_err(listen_error)?.run();
+    crate::gate::spawn(
+        http_listener,
+        backend_addr,
+        tls.acceptor(),
+        crate::gate::GateConfig {
+            max: caps.http,
+            per_client: config.node.http_max_connections_per_client,
+            handshake: bgs_chat_server::http::TLS_HANDSHAKE_TIMEOUT,
+            first_bytes: Duration::from_millis(config.node.http_read_timeout_ms),
+        },
+    )
+    .map_err(listen_error)?;
     let http_server = server.handle();
     actix_rt::spawn(server);
     tracing::info!(node = %config.node.id, %http, %esp, chat_server = %config.chat_server.address, "bgs node started");

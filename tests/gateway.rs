@@ -719,6 +719,56 @@ async fn framed_esp_connections_are_capped_and_the_node_keeps_answering() {
     );
 }
 
+/// Silent connections on the HTTP port (more than the node's cap, and than one address may
+/// hold) never keep a client that speaks out: each new connection ends the oldest silent one,
+/// so /healthz and ESP are answered long before the head deadline would free anything.
+#[tokio::test]
+async fn silent_http_connections_cannot_keep_health_checks_and_workflows_out() {
+    let chat = ChatServer::start(&[]);
+    let gw = Gateway::start(
+        chat.tcp,
+        "[node]\nhttp-max-connections = 40\nhttp-max-connections-per-client = 16\nhttp-read-timeout-ms = 60000\n",
+    );
+    let mut silent = Vec::new();
+    for _ in 0..150 {
+        silent.push(tokio::net::TcpStream::connect(gw.http).await.unwrap());
+    }
+    for _ in 0..3 {
+        let (status, _) = tokio::time::timeout(
+            Duration::from_secs(20),
+            http(gw.http, "GET", "/healthz", None),
+        )
+        .await
+        .expect("answered long before the 60 s head deadline frees a slot");
+        assert_eq!(status, 200);
+        let (status, answer) = tokio::time::timeout(
+            Duration::from_secs(20),
+            http(
+                gw.http,
+                "POST",
+                "/esp",
+                Some(
+                    json!({"service": "ChatBotPlatform", "method": "GetBotStatus",
+                    "parameters": {"_umsChannel": "channel-chatbot"},
+                    "userdata": {"InteractionId": "nope"}}),
+                ),
+            ),
+        )
+        .await
+        .expect("ESP answered too");
+        assert_eq!(status, 200, "{answer}");
+    }
+    let (_, metrics) = http(gw.http, "GET", "/metrics", None).await;
+    assert!(
+        metrics
+            .as_str()
+            .unwrap_or_default()
+            .contains("bgs_connections_refused_total{port=\"http\",reason=\"silent\"}"),
+        "{metrics}"
+    );
+    drop(silent);
+}
+
 /// Resident memory of a process, in KiB.
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
