@@ -550,7 +550,21 @@ async fn a_misbehaving_process_plugin_is_bounded_and_the_node_goes_on() {
         let report = gw
             .report_of(started["BotInstanceId"].as_str().unwrap())
             .await;
-        assert_eq!(report["end_reason"], "error", "{word}: {report}");
+        if word == "flood" {
+            // Past its limits, a bot is handed to a person with a notice, as a dead one is.
+            assert_eq!(report["end_reason"], "bot_left", "{report}");
+            assert_eq!(report["handoff"]["reason"], "bot_limit", "{report}");
+            let notice = victim.visible().await;
+            assert!(
+                notice.iter().any(|e| e["kind"] == "notice"
+                    && e["text"]
+                        .as_str()
+                        .is_some_and(|t| t.contains("ran into a problem"))),
+                "{notice:?}"
+            );
+        } else {
+            assert_eq!(report["end_reason"], "error", "{word}: {report}");
+        }
         let text = format!("after {word}");
         calm.say(&text).await;
         assert_eq!(calm.next_reply().await, format!("bad: {text}"), "after {n}");

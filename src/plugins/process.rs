@@ -247,6 +247,9 @@ enum PluginAction {
     Userdata(UserdataChanges),
     Save(String),
     Leave(Option<Handoff>),
+    /// The plugin sent more actions than a bot may have (why): the bot is handed to a person
+    /// with a notice, as every bot past its limits is.
+    Flooded(String),
 }
 
 impl FromPlugin {
@@ -322,6 +325,20 @@ fn apply(ctx: &mut BotContext, actions: Vec<PluginAction>) {
             PluginAction::Save(context) => ctx.save_context(context.into_bytes()),
             PluginAction::Leave(Some(handoff)) => ctx.handoff(handoff),
             PluginAction::Leave(None) => ctx.leave(),
+            PluginAction::Flooded(why) => {
+                tracing::warn!(reason = %why, "process plugin bot stopped: it posts too much");
+                bgs_actors::metrics::metrics()
+                    .bot_limits
+                    .inc(&["events_per_minute"]);
+                ctx.notice(bgs_actors::bot_limits::STOPPED_NOTICE);
+                ctx.handoff(Handoff {
+                    reason: "bot_limit".into(),
+                    summary: String::new(),
+                    userdata: Default::default(),
+                    error: Some(why),
+                });
+                return;
+            }
         }
     }
 }
@@ -893,10 +910,10 @@ impl Host {
                     return;
                 };
                 if bot.flooded {
-                    let _ = reply.send(Err(format!(
+                    let _ = reply.send(Ok(vec![PluginAction::Flooded(format!(
                         "plugin {} sent more than {MAX_ACTIONS} actions nobody asked for",
                         self.id
-                    )));
+                    ))]));
                     return;
                 }
                 let _ = reply.send(Ok(std::mem::take(&mut bot.unasked)));
@@ -1002,9 +1019,9 @@ impl Host {
                     (Some(p), Some(re)) if p.id == re => {
                         if p.actions.len() >= MAX_ACTIONS {
                             if let Some(p) = b.pending.take() {
-                                let _ = p.reply.send(Err(format!(
+                                let _ = p.reply.send(Ok(vec![PluginAction::Flooded(format!(
                                     "plugin {id} sent more than {MAX_ACTIONS} actions for one input"
-                                )));
+                                ))]));
                             }
                         } else {
                             p.actions.push(action);
