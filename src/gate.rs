@@ -254,7 +254,8 @@ async fn serve(
         }
     };
     let mut io = io;
-    let mut first = vec![0u8; 8192];
+    // Only the first bytes are read here (a silent connection holds little); the rest is piped.
+    let mut first = vec![0u8; 1024];
     let n = match tokio::time::timeout(config.first_bytes, io.read(&mut first)).await {
         Ok(Ok(n)) if n > 0 => n,
         _ => return,
@@ -263,10 +264,8 @@ async fn serve(
     if let Ok(mut a) = admission.lock() {
         a.spoke(id);
     }
-    let server = match std::os::unix::net::UnixStream::connect_addr(backend)
-        .and_then(|s| s.set_nonblocking(true).map(|()| s))
-        .and_then(tokio::net::UnixStream::from_std)
-    {
+    let backend: tokio::net::unix::SocketAddr = backend.clone().into();
+    let server = match tokio::net::UnixStream::connect_addr(&backend).await {
         Ok(s) => s,
         Err(e) => {
             tracing::warn!(error = %e, "the HTTP gate cannot reach the HTTP server");
