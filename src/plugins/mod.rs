@@ -51,7 +51,15 @@ pub fn load(config: &Config, http: std::net::SocketAddr) -> Result<Loaded, Strin
         .botframework
         .service_url
         .clone()
-        .unwrap_or_else(|| format!("http://{http}/"));
+        .unwrap_or_else(|| {
+            // The HTTP port speaks TLS only when the node has a certificate.
+            let scheme = if config.tls.cert_file.is_some() {
+                "https"
+            } else {
+                "http"
+            };
+            format!("{scheme}://{http}/")
+        });
     plugins.push(Arc::new(botframework::BotFrameworkFactory::load(
         &config.plugins.botframework.bots,
         service_url,
