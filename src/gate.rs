@@ -44,7 +44,7 @@ struct Entry {
 
 /// Whom the gate lets in.
 #[derive(Default)]
-pub struct Admission {
+struct Admission {
     next: u64,
     /// By id, so oldest first.
     entries: BTreeMap<u64, Entry>,
@@ -53,7 +53,7 @@ pub struct Admission {
 
 /// The answer to a new connection.
 #[derive(Debug, PartialEq, Eq)]
-pub enum Admit {
+enum Admit {
     /// Let in with this id; `evicted` silent connections were ended to make room.
     In { id: u64, evicted: usize },
     /// Every connection in the way has spoken: this one is closed.
@@ -62,7 +62,7 @@ pub enum Admit {
 
 impl Admission {
     /// Admits a connection from `ip` (with the token that ends it), making room if need be.
-    pub fn admit(&mut self, ip: IpAddr, end: CancellationToken, config: &GateConfig) -> Admit {
+    fn admit(&mut self, ip: IpAddr, end: CancellationToken, config: &GateConfig) -> Admit {
         let mut evicted = 0;
         if self.per_ip.get(&ip).copied().unwrap_or(0) >= config.per_client.max(1) {
             if !self.evict_oldest_silent(Some(ip)) {
@@ -91,14 +91,14 @@ impl Admission {
     }
 
     /// The connection has sent its first bytes.
-    pub fn spoke(&mut self, id: u64) {
+    fn spoke(&mut self, id: u64) {
         if let Some(e) = self.entries.get_mut(&id) {
             e.spoke = true;
         }
     }
 
     /// The connection has ended.
-    pub fn leave(&mut self, id: u64) {
+    fn leave(&mut self, id: u64) {
         if let Some(e) = self.entries.remove(&id) {
             self.forget_ip(e.ip);
         }
@@ -128,14 +128,6 @@ impl Admission {
             self.forget_ip(e.ip);
         }
         true
-    }
-
-    pub fn len(&self) -> usize {
-        self.entries.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.entries.is_empty()
     }
 }
 
@@ -244,16 +236,11 @@ async fn serve(
     tls: Option<TlsAcceptor>,
     config: &GateConfig,
 ) {
-    let io: bgs_chat_server::tls::BoxIo = match tls {
-        None => Box::pin(stream),
-        Some(acceptor) => {
-            match tokio::time::timeout(config.handshake, acceptor.accept(stream)).await {
-                Ok(Ok(s)) => Box::pin(s),
-                _ => return,
-            }
-        }
+    let Ok(mut io) =
+        bgs_chat_server::tls::accept_within(stream, tls.as_ref(), config.handshake).await
+    else {
+        return;
     };
-    let mut io = io;
     // Only the first bytes are read here (a silent connection holds little); the rest is piped.
     let mut first = vec![0u8; 1024];
     let n = match tokio::time::timeout(config.first_bytes, io.read(&mut first)).await {
@@ -330,7 +317,7 @@ mod tests {
             Admit::In { id: 6, evicted: 1 }
         );
         assert!(tokens[4].is_cancelled());
-        assert_eq!(adm.len(), 4);
+        assert_eq!(adm.entries.len(), 4);
         // A connection that leaves gives its place back.
         adm.leave(2);
         adm.leave(3);

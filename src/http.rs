@@ -346,10 +346,7 @@ async fn bf_activity(
             )
         }
     };
-    match state
-        .connector
-        .deliver(capability, conversation, activity, body.len())
-    {
+    match state.connector.deliver(conversation, activity, body.len()) {
         Ok(id) => HttpResponse::Ok().json(json!({"id": id})),
         Err(e) => bf_refused(e),
     }

@@ -164,14 +164,18 @@ struct HandshakeSlots {
 }
 
 impl HandshakeSlots {
-    /// Makes room for one more: ends the oldest handshake when all slots are taken.
-    fn make_room(&mut self) -> Option<u64> {
+    /// Makes room for one more: ends the oldest handshake when all slots are taken (true).
+    fn make_room(&mut self) -> bool {
         if self.running.len() < HA_TLS_HANDSHAKES {
-            return None;
+            return false;
         }
-        let (id, oldest) = self.running.pop_front()?;
-        oldest.abort();
-        Some(id)
+        match self.running.pop_front() {
+            Some((_, oldest)) => {
+                oldest.abort();
+                true
+            }
+            None => false,
+        }
     }
 
     fn done(&mut self, id: u64) {
@@ -198,7 +202,7 @@ pub async fn serve_ha(
                     continue;
                 };
                 let Ok(mut s) = slots.lock() else { continue };
-                if s.make_room().is_some() {
+                if s.make_room() {
                     metrics().refused.inc(&["ha", "capacity"]);
                     tracing::warn!(%peer, "HA TLS handshakes all under way: the oldest was ended to make room");
                 }

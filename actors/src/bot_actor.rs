@@ -217,7 +217,9 @@ pub fn plugin_call<R>(f: impl FnOnce() -> R) -> Result<R, String> {
 const OUTCOME_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub use crate::bot_limits::MAX_POST;
-use crate::bot_limits::{fit_post, limits, Allowance, POSTS_CUT_NOTICE, STOPPED_NOTICE};
+use crate::bot_limits::{
+    fit_post, limit_handoff, limits, Allowance, POSTS_CUT_NOTICE, STOPPED_NOTICE,
+};
 /// Largest context a bot may save (bytes); a larger save is refused and logged, and the last
 /// accepted one stays (the HA link carries contexts in frames of at most 16 MiB).
 pub const MAX_CONTEXT: usize = 1 << 20;
@@ -503,18 +505,10 @@ impl Outbox {
             }
         }
         if over_rate && outcome.handoff.is_none() {
-            let error = format!(
+            let handoff = limit_handoff(format!(
                 "the bot caused more than {} chat events in a minute",
                 limits.events_per_minute
-            );
-            tracing::warn!(%error, "bot stopped: it posts too much");
-            metrics().bot_limits.inc(&["events_per_minute"]);
-            let handoff = Handoff {
-                reason: "bot_limit".into(),
-                summary: String::new(),
-                userdata: Default::default(),
-                error: Some(error),
-            };
+            ));
             let key = format!("{}:{label}:limit", self.instance_id);
             let visibility = self.spec.visibility;
             let notice = self

@@ -21,6 +21,22 @@ pub const POSTS_CUT_NOTICE: &str = "(Some of the assistant's messages were not s
 pub const STOPPED_NOTICE: &str =
     "Sorry, our assistant ran into a problem. Let me find a person who can help you.";
 
+/// The hand-off of a bot stopped for posting too much (`error` says how): reason `bot_limit`,
+/// given with [`STOPPED_NOTICE`] to the customer. Logged and counted here
+/// (`bgs_bot_limits_total{limit="events_per_minute"}`), whatever noticed it.
+pub fn limit_handoff(error: String) -> crate::bot::Handoff {
+    tracing::warn!(%error, "bot stopped: it posts too much");
+    crate::metrics::metrics()
+        .bot_limits
+        .inc(&["events_per_minute"]);
+    crate::bot::Handoff {
+        reason: "bot_limit".into(),
+        summary: String::new(),
+        userdata: Default::default(),
+        error: Some(error),
+    }
+}
+
 /// The node's limits (`[bots] max-posts-per-input`, `max-events-per-minute`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BotLimits {

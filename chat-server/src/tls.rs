@@ -67,10 +67,19 @@ pub fn client_config(ca: &Path) -> Result<Arc<ClientConfig>, String> {
 /// Accepts a connection: TLS when `acceptor` is given (within [`HANDSHAKE_TIMEOUT`]), else
 /// the plain stream.
 pub async fn accept(stream: TcpStream, acceptor: Option<&TlsAcceptor>) -> std::io::Result<BoxIo> {
+    accept_within(stream, acceptor, HANDSHAKE_TIMEOUT).await
+}
+
+/// [`accept`] with a handshake deadline of `within`.
+pub async fn accept_within(
+    stream: TcpStream,
+    acceptor: Option<&TlsAcceptor>,
+    within: std::time::Duration,
+) -> std::io::Result<BoxIo> {
     match acceptor {
         None => Ok(Box::pin(stream)),
         Some(a) => {
-            let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, a.accept(stream))
+            let tls = tokio::time::timeout(within, a.accept(stream))
                 .await
                 .map_err(|_| {
                     std::io::Error::new(std::io::ErrorKind::TimedOut, "TLS handshake timed out")

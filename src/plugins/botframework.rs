@@ -175,22 +175,16 @@ impl Connector {
         Ok(())
     }
 
-    /// Takes one activity a bot sent to `conversation` under `capability` (`bytes`: the size of
-    /// the request body); answers the id given to it. A wrong capability is refused before the
-    /// conversation is looked up, so a stranger learns nothing of which conversations exist. A
-    /// conversation holds at most [`CONVERSATION_QUEUE`] replies and [`CONVERSATION_BYTES`], the
-    /// node [`NODE_BYTES`], waiting for their bots: beyond, `Busy`.
+    /// Takes one activity a bot sent to `conversation` (`bytes`: the size of the request body),
+    /// a request [`Connector::check`] has let in; answers the id given to it. A conversation
+    /// holds at most [`CONVERSATION_QUEUE`] replies and [`CONVERSATION_BYTES`], the node
+    /// [`NODE_BYTES`], waiting for their bots: beyond, `Busy`.
     pub fn deliver(
         &self,
-        capability: &str,
         conversation: &str,
         activity: Value,
         bytes: usize,
     ) -> Result<String, ConnectorError> {
-        let want = self.capability(conversation);
-        if !bgs_proto::chat::constant_time_eq(want.as_bytes(), capability.as_bytes()) {
-            return Err(ConnectorError::Forbidden);
-        }
         let c = self
             .conversations
             .get(conversation)
@@ -411,7 +405,7 @@ impl Drop for ChannelBot {
 impl ChannelBot {
     /// An activity to the bot, stamped `at` (milliseconds since 1970, UTC).
     fn activity(&self, ctx: &BotContext, kind: &str, at: u64) -> Value {
-        let timestamp = cards::timestamp(at);
+        let timestamp = timestamp(at);
         let local = format!("{}+00:00", timestamp.trim_end_matches('Z'));
         json!({
             "type": kind,
@@ -679,6 +673,29 @@ impl Bot for ChannelBot {
     }
 }
 
+/// An RFC 3339 UTC timestamp with milliseconds (`2026-12-07T23:10:23.123Z`), as activities carry.
+fn timestamp(ms: u64) -> String {
+    let secs = ms / 1000;
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Howard Hinnant's civil_from_days.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        ms % 1000
+    )
+}
+
 /// Tokens for a bot with an app id: the OAuth client-credentials grant of Microsoft Entra ID
 /// (`https://login.microsoftonline.com/{tenant}/oauth2/v2.0/token`, scope
 /// `https://api.botframework.com/.default`), cached until five minutes before they expire.
@@ -875,12 +892,23 @@ mod tests {
     }
 
     #[test]
-    fn the_connector_routes_by_conversation_and_is_bounded() {
+    fn timestamps_are_rfc3339_utc() {
+        assert_eq!(timestamp(0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(timestamp(951_782_400_000), "2000-02-29T00:00:00.000Z");
+        assert_eq!(timestamp(1_796_685_023_123), "2026-12-07T23:10:23.123Z");
+    }
+
+    #[tokio::test]
+    async fn the_connector_routes_by_conversation_and_is_bounded() {
         let connector = Connector::default();
         let cap = |c: &str| connector.capability(c);
         let message = || json!({"type": "message"});
         assert_eq!(
-            connector.deliver(&cap("nope"), "nope", json!({}), 2),
+            connector.check(&cap("nope"), "nope", None).await,
+            Err(ConnectorError::UnknownConversation)
+        );
+        assert_eq!(
+            connector.deliver("nope", json!({}), 2),
             Err(ConnectorError::UnknownConversation)
         );
         let (tx, mut rx) = mpsc::channel(3);
@@ -907,30 +935,31 @@ mod tests {
             &cap("c").to_uppercase(),
         ] {
             assert_eq!(
-                connector.deliver(wrong, "c", message(), 10),
+                connector.check(wrong, "c", None).await,
                 Err(ConnectorError::Forbidden),
                 "{wrong:?}"
             );
         }
+        assert_eq!(connector.check(&cap("c"), "c", None).await, Ok(()));
         // Bounded in bytes: a reply past the conversation's allowance is refused, and the
         // bytes come back when the replies are taken.
-        assert!(connector.deliver(&cap("c"), "c", message(), 10).is_ok());
+        assert!(connector.deliver("c", message(), 10).is_ok());
         assert_eq!(
-            connector.deliver(&cap("c"), "c", message(), CONVERSATION_BYTES),
+            connector.deliver("c", message(), CONVERSATION_BYTES),
             Err(ConnectorError::Busy)
         );
         assert!(connector
-            .deliver(&cap("c"), "c", message(), CONVERSATION_BYTES - 10)
+            .deliver("c", message(), CONVERSATION_BYTES - 10)
             .is_ok());
         assert_eq!(connector.held.load(Ordering::SeqCst), CONVERSATION_BYTES);
         while rx.try_recv().is_ok() {}
         assert_eq!(connector.held.load(Ordering::SeqCst), 0);
         // Bounded in count.
         for _ in 0..3 {
-            assert!(connector.deliver(&cap("c"), "c", message(), 10).is_ok());
+            assert!(connector.deliver("c", message(), 10).is_ok());
         }
         assert_eq!(
-            connector.deliver(&cap("c"), "c", message(), 10),
+            connector.deliver("c", message(), 10),
             Err(ConnectorError::Busy)
         );
         assert_eq!(connector.held.load(Ordering::SeqCst), 30);
@@ -941,7 +970,7 @@ mod tests {
         );
         drop(rx);
         assert_eq!(
-            connector.deliver(&cap("c"), "c", message(), 10),
+            connector.deliver("c", message(), 10),
             Err(ConnectorError::Busy)
         );
         assert_eq!(urlencode("a b/c"), "a%20b%2Fc");

@@ -326,17 +326,8 @@ fn apply(ctx: &mut BotContext, actions: Vec<PluginAction>) {
             PluginAction::Leave(Some(handoff)) => ctx.handoff(handoff),
             PluginAction::Leave(None) => ctx.leave(),
             PluginAction::Flooded(why) => {
-                tracing::warn!(reason = %why, "process plugin bot stopped: it posts too much");
-                bgs_actors::metrics::metrics()
-                    .bot_limits
-                    .inc(&["events_per_minute"]);
                 ctx.notice(bgs_actors::bot_limits::STOPPED_NOTICE);
-                ctx.handoff(Handoff {
-                    reason: "bot_limit".into(),
-                    summary: String::new(),
-                    userdata: Default::default(),
-                    error: Some(why),
-                });
+                ctx.handoff(bgs_actors::bot_limits::limit_handoff(why));
                 return;
             }
         }
