@@ -948,6 +948,8 @@ async fn a_bot_framework_sdk_bot_talks_through_the_gateway_channel() {
         format!("/bf//v3/conversations/{conv}/activities"),
         format!("/bf/{}/v3/conversations/{conv}/activities", "0".repeat(32)),
         format!("/bf/{other_cap}/v3/conversations/{conv}/activities"),
+        format!("/v3/conversations/{conv}/attachments"),
+        format!("/bf/{other_cap}/v3/conversations/{conv}/attachments"),
         format!("/bf/{}/v3/conversations/{conv}/activities", &base[4..20]),
         format!(
             "{base}v3/conversations/{}/activities",
