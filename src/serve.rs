@@ -58,7 +58,6 @@ pub enum ServeError {
     },
 }
 
-/// Starts a node inside the current actix System.
 /// The node's TLS sides (docs/CONFIG.md, `[tls]`).
 struct Tls {
     /// The listeners' side, from `tls.cert-file` and `tls.key-file`.
@@ -93,6 +92,7 @@ impl Tls {
     }
 }
 
+/// Starts a node inside the current actix System.
 pub async fn start(config: Config) -> Result<Node, ServeError> {
     let tls = Tls::load(&config)?;
     let reports: Arc<dyn ReportSink> = match &config.reporting.file {

@@ -49,7 +49,7 @@ impl Credentials {
             let words: Vec<&str> = line.split_whitespace().collect();
             let token = match words.as_slice() {
                 ["gateway", cluster, token] => {
-                    crate::hub::check_id("cluster_id", cluster)
+                    crate::check::check_id("cluster_id", cluster)
                         .map_err(|e| format!("line {}: {}", n + 1, e.to_chat_error().message))?;
                     if creds.gateways.contains_key(*cluster) {
                         return Err(format!("line {}: cluster {cluster} is listed twice", n + 1));

@@ -25,8 +25,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 use crate::error::{ChatServerError, Result};
-use crate::hub::Session;
-use crate::session::StoredEvent;
+use crate::session::{Session, StoredEvent};
 
 const MAGIC: &[u8] = b"BGSJ2\n";
 /// The format before events carried rich content: refused with a clear message.

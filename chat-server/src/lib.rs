@@ -7,6 +7,7 @@
 //! - [`tcp`], [`http`]: the transports. [`client`]: a TCP client for tools and tests.
 
 pub mod auth;
+pub mod check;
 pub mod client;
 pub mod config;
 pub mod error;
@@ -202,4 +203,72 @@ async fn wait_for_signal() {
         }
     }
     let _ = tokio::signal::ctrl_c().await;
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::collections::{BTreeMap, BTreeSet};
+
+    /// The modules of the Chat Server import each other without a circle (a module and its
+    /// folder count as one): `session` and `check` are leaves the hub, the journal and the
+    /// credentials stand on.
+    #[test]
+    fn the_modules_import_each_other_without_a_circle() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+        let mut files = vec![];
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let module = path.file_stem().unwrap().to_string_lossy().to_string();
+            if path.is_dir() {
+                for sub in std::fs::read_dir(&path).unwrap() {
+                    files.push((module.clone(), sub.unwrap().path()));
+                }
+            } else if path.extension().is_some_and(|e| e == "rs") {
+                files.push((module, path));
+            }
+        }
+        let modules: BTreeSet<String> = files.iter().map(|(m, _)| m.clone()).collect();
+        let mut imports: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+        for (module, path) in files {
+            if module == "lib" || module == "main" {
+                continue;
+            }
+            let text = std::fs::read_to_string(&path).unwrap();
+            let uses = imports.entry(module.clone()).or_default();
+            for part in text.split("crate::").skip(1) {
+                let name: String = part
+                    .chars()
+                    .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+                    .collect();
+                if name != module && modules.contains(&name) {
+                    uses.insert(name);
+                }
+            }
+        }
+        fn visit(
+            m: &str,
+            imports: &BTreeMap<String, BTreeSet<String>>,
+            path: &mut Vec<String>,
+            done: &mut BTreeSet<String>,
+        ) {
+            if done.contains(m) {
+                return;
+            }
+            if let Some(i) = path.iter().position(|p| p == m) {
+                panic!("import circle: {} -> {m}", path[i..].join(" -> "));
+            }
+            path.push(m.to_string());
+            for next in imports.get(m).into_iter().flatten() {
+                visit(next, imports, path, done);
+            }
+            path.pop();
+            done.insert(m.to_string());
+        }
+        let mut done = BTreeSet::new();
+        for m in imports.keys() {
+            visit(m, &imports, &mut Vec::new(), &mut done);
+        }
+    }
 }

@@ -5,12 +5,14 @@
 //! rebuilt from its journal is the session that was running.
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use bgs_proto::chat::{
     may_see, AfterAction, ChatErrorCode, ChatEvent, EventKind, Participant, ParticipantType,
     PostKind, Reason, RichContent, Style, Userdata, UserdataChanges, Visibility,
 };
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::error::{refuse, Result};
@@ -514,6 +516,45 @@ pub fn reason_str(reason: Reason) -> &'static str {
         Reason::NoAgents => "no-agents",
         Reason::NoParticipants => "no-participants",
         Reason::Server => "server",
+    }
+}
+
+/// One session and the channel that tells its readers how far they may read.
+pub struct Session {
+    pub id: String,
+    state: Mutex<SessionState>,
+    visible: watch::Sender<u64>,
+}
+
+impl Session {
+    pub(crate) fn new(state: SessionState) -> Arc<Session> {
+        Arc::new(Session {
+            id: state.id.clone(),
+            visible: watch::Sender::new(state.visible_seq),
+            state: Mutex::new(state),
+        })
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, SessionState> {
+        // A panic while holding the lock is a bug that stops the process (panic hook); if it did
+        // not, the state is still the last consistent one: every change is one `apply`.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.visible.subscribe()
+    }
+
+    /// Makes events up to `seq` readable (called once they are durable).
+    pub fn publish(&self, seq: u64) {
+        let mut st = self.lock();
+        st.visible_seq = st.visible_seq.max(seq);
+        drop(st);
+        self.signal(seq);
+    }
+
+    pub(crate) fn signal(&self, seq: u64) {
+        self.visible.send_modify(|v| *v = (*v).max(seq));
     }
 }
 

@@ -27,7 +27,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::error::{ChatServerError, Result};
-use crate::hub::{follow, Ack, Actor, Connection, Hub, Session};
+use crate::hub::{follow, Ack, Actor, Connection, Hub};
+use crate::session::Session;
 use crate::tls::BoxIo;
 
 /// Replies a connection may have waiting for durability before its reader pauses.

@@ -379,7 +379,8 @@ struct HostBot {
     unasked: Vec<PluginAction>,
     /// Unasked-for actions since the bot's last input.
     unasked_count: usize,
-    /// Sent more than [`MAX_ACTIONS`] unasked-for actions between two inputs: stopped at its
+    /// Sent more than [`MAX_ACTIONS`] unasked-for actions between two inputs: its bot is handed
+    /// to a person (`bot_limit`) and nothing more from this incarnation is carried out.
     flooded: bool,
     waker: BotWaker,
 }

@@ -23,16 +23,17 @@ use bgs_proto::chat::{
     Visibility, CHAT_PROTOCOL_VERSION, MAX_RICH_ITEMS,
 };
 use dashmap::DashMap;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Credentials;
+use crate::check::{check_id, check_len, MAX_ID};
 use crate::config::Config;
 use crate::error::{refuse, ChatServerError, Result};
 use crate::journal::{self, Journal, JournalRecord};
-use crate::session::{Owner, PostOutcome, SessionLimits, SessionState};
+use crate::session::{Owner, PostOutcome, Session, SessionLimits, SessionState};
 
 mod changes;
 mod connection;
@@ -49,7 +50,6 @@ pub use feed::follow;
 /// Most events one feed delivers in one frame, and about how many bytes of them.
 pub const FEED_BATCH_EVENTS: usize = 256;
 pub const FEED_BATCH_BYTES: usize = 64 * 1024;
-const MAX_ID: usize = 128;
 const MAX_USERDATA_KEYS: usize = 256;
 
 pub fn now_ms() -> u64 {
@@ -61,45 +61,6 @@ pub fn now_ms() -> u64 {
 
 fn new_id() -> String {
     uuid::Uuid::new_v4().simple().to_string()
-}
-
-/// One session and the channel that tells its readers how far they may read.
-pub struct Session {
-    pub id: String,
-    state: Mutex<SessionState>,
-    visible: watch::Sender<u64>,
-}
-
-impl Session {
-    fn new(state: SessionState) -> Arc<Session> {
-        Arc::new(Session {
-            id: state.id.clone(),
-            visible: watch::Sender::new(state.visible_seq),
-            state: Mutex::new(state),
-        })
-    }
-
-    pub fn lock(&self) -> MutexGuard<'_, SessionState> {
-        // A panic while holding the lock is a bug that stops the process (panic hook); if it did
-        // not, the state is still the last consistent one: every change is one `apply`.
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    pub fn subscribe(&self) -> watch::Receiver<u64> {
-        self.visible.subscribe()
-    }
-
-    /// Makes events up to `seq` readable (called once they are durable).
-    pub fn publish(&self, seq: u64) {
-        let mut st = self.lock();
-        st.visible_seq = st.visible_seq.max(seq);
-        drop(st);
-        self.signal(seq);
-    }
-
-    fn signal(&self, seq: u64) {
-        self.visible.send_modify(|v| *v = (*v).max(seq));
-    }
 }
 
 /// What must happen before an acknowledgement may go out.
@@ -218,34 +179,4 @@ pub struct Hub {
     gate: std::sync::RwLock<()>,
     /// When sessions need the sweeper (idle, grace, retention), earliest first.
     alarms: Mutex<std::collections::BinaryHeap<std::cmp::Reverse<sweep::Alarm>>>,
-}
-
-pub fn check_id(what: &str, value: &str) -> Result<()> {
-    let ok = !value.is_empty()
-        && value.len() <= MAX_ID
-        && value
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.:@".contains(&b));
-    if !ok {
-        return refuse(
-            ChatErrorCode::BadRequest,
-            format!(
-                "{what} must be 1 to {MAX_ID} characters of A-Z a-z 0-9 - _ . : @, not {value:?}"
-            ),
-        );
-    }
-    Ok(())
-}
-
-fn check_len(what: &str, value: &str, min: usize, max: usize) -> Result<()> {
-    if value.len() < min || value.len() > max {
-        return refuse(
-            ChatErrorCode::BadRequest,
-            format!(
-                "{what} must be {min} to {max} bytes long, not {}",
-                value.len()
-            ),
-        );
-    }
-    Ok(())
 }
