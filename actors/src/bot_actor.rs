@@ -18,6 +18,7 @@ use crate::bot::{
     Bot, BotAction, BotContext, BotInput, BotPhase, BotStart, BotWaker, Handoff, StopReason,
 };
 use crate::chat_link::{ChatCall, ChatCallError, ChatCallLater, ChatPort};
+use crate::delivery::{Cursor, InputLabel, PostKey, PostSlot};
 use crate::esp::BotSpec;
 use crate::messages::{DrainToken, Replicate, Shared};
 use crate::metrics::{metrics, Kind};
@@ -110,7 +111,8 @@ pub struct BotActor {
     /// What its first input gives the plugin (boxed: it is gone once the bot has started).
     start: Option<Box<BotStart>>,
     joined_seq: u64,
-    last_seq: u64,
+    /// The last chat event handled: a replay overlap is dropped.
+    cursor: Cursor,
     /// The checkpoint the backup has been told of (its start, a save or a completed turn).
     replicated_seq: u64,
     data_count: u64,
@@ -296,6 +298,16 @@ impl Outcome {
 }
 
 impl Outbox {
+    /// The client key of one post made for the input `label`.
+    fn key(&self, label: InputLabel, slot: PostSlot) -> String {
+        PostKey {
+            instance_id: &self.instance_id,
+            label,
+            slot,
+        }
+        .to_string()
+    }
+
     async fn post(
         &self,
         kind: PostKind,
@@ -404,7 +416,7 @@ impl Outbox {
     /// held to the same limits (`bot_limits`): a post too long is split or cut, too many buttons
     /// trimmed, posts past `posts_per_input` left out with one notice, and a bot past
     /// `events_per_minute` stopped with a notice and a hand-off.
-    async fn execute(&self, actions: Vec<BotAction>, label: &str, seen: Seen) -> Outcome {
+    async fn execute(&self, actions: Vec<BotAction>, label: InputLabel, seen: Seen) -> Outcome {
         let mut outcome = Outcome::default();
         let limits = limits();
         let mut posts = 0usize;
@@ -432,11 +444,7 @@ impl Outbox {
                             over_rate = true;
                             break 'actions;
                         }
-                        let key = if part == 0 {
-                            format!("{}:{label}:{index}", self.instance_id)
-                        } else {
-                            format!("{}:{label}:{index}.{part}", self.instance_id)
-                        };
+                        let key = self.key(label, PostSlot::Action { index, part });
                         if kind == PostKind::Message {
                             outcome.sent += 1;
                         }
@@ -488,7 +496,7 @@ impl Outbox {
             metrics()
                 .bot_limits
                 .add(&["posts_per_input"], left_out as u64);
-            let key = format!("{}:{label}:cut", self.instance_id);
+            let key = self.key(label, PostSlot::Cut);
             let visibility = self.spec.visibility;
             if let Err(e) = self
                 .post(
@@ -509,7 +517,7 @@ impl Outbox {
                 "the bot caused more than {} chat events in a minute",
                 limits.events_per_minute
             ));
-            let key = format!("{}:{label}:limit", self.instance_id);
+            let key = self.key(label, PostSlot::Limit);
             let visibility = self.spec.visibility;
             let notice = self
                 .post(
@@ -609,7 +617,7 @@ impl BotActor {
             bot: Some(setup.bot),
             start: Some(Box::new(start)),
             joined_seq: setup.joined_seq,
-            last_seq: setup.checkpoint.max(setup.joined_seq),
+            cursor: Cursor::at(setup.checkpoint.max(setup.joined_seq)),
             replicated_seq: setup.checkpoint.max(setup.joined_seq),
             data_count: 0,
             sent: 0,
@@ -634,7 +642,7 @@ impl BotActor {
         )
     }
 
-    fn context(&self, label: &str) -> BotContext {
+    fn context(&self, label: InputLabel) -> BotContext {
         let mut ctx = BotContext::new(
             self.outbox.instance_id.clone(),
             self.outbox.spec.key.interaction_id.clone(),
@@ -643,7 +651,7 @@ impl BotActor {
             self.outbox.spec.nickname.clone(),
             self.outbox.spec.visibility,
         );
-        ctx.input_id = format!("{}:{label}", self.outbox.instance_id);
+        ctx.input_id = label.input_id(&self.outbox.instance_id);
         ctx
     }
 
@@ -651,7 +659,7 @@ impl BotActor {
     fn seen(&self) -> Seen {
         Seen {
             joined_seq: self.joined_seq,
-            last_seq: self.last_seq,
+            last_seq: self.cursor.seq(),
         }
     }
 
@@ -660,13 +668,13 @@ impl BotActor {
     }
 
     /// Runs one input exclusively: the next input waits until this one's actions are done.
-    fn run(&mut self, input: BotInput, label: String, ctx: &mut Context<Self>) {
+    fn run(&mut self, input: BotInput, label: InputLabel, ctx: &mut Context<Self>) {
         let Some(bot) = self.bot.take() else { return };
-        let bctx = self.context(&label);
+        let bctx = self.context(label);
         let seen = self.seen();
         let timeout = self.handling_timeout;
         let outbox = self.outbox();
-        let covered = self.last_seq;
+        let covered = self.cursor.seq();
         let advanced = covered > self.replicated_seq;
         // The bot's own post coming back: if the bot does nothing with it, a replay would do
         // nothing either (no connector sends it on), so it needs no checkpoint of its own.
@@ -679,7 +687,7 @@ impl BotActor {
         let fut = async move {
             let (bot, error, actions) = call(bot, bctx, input, timeout).await;
             let quiet = own && actions.is_empty();
-            let outcome = outbox.execute(actions, &label, seen).await;
+            let outcome = outbox.execute(actions, label, seen).await;
             // Posts first, then the save: a failover before the save replays the input, and the
             // replayed posts carry the same client keys.
             // A completed turn moves the checkpoint even when the bot saved nothing: a
@@ -791,7 +799,9 @@ impl Actor for BotActor {
                     }
                 }
             });
-            let label = format!("{}s", self.joined_seq);
+            let label = InputLabel::Start {
+                joined_seq: self.joined_seq,
+            };
             self.run(BotInput::Start(*start), label, ctx);
         }
     }
@@ -822,32 +832,33 @@ impl Handler<Deliver> for BotActor {
         }
         match msg {
             Deliver::Event(event) => {
-                if event.seq <= self.last_seq {
+                if !self.cursor.take(event.seq) {
                     return; // already handled (a replay overlap)
                 }
-                self.last_seq = event.seq;
                 if event.kind == EventKind::Message
                     && event.participant_id != self.outbox.participant_id
                 {
                     self.received += 1;
                 }
-                let label = event.seq.to_string();
+                let label = InputLabel::Event { seq: event.seq };
                 self.run(BotInput::Event(event), label, ctx);
             }
             Deliver::Data(data) => {
                 self.data_count += 1;
-                let label = format!(
-                    "{}d{:08x}-{}",
-                    self.last_seq, self.incarnation, self.data_count
-                );
+                let label = InputLabel::Data {
+                    after: self.cursor.seq(),
+                    incarnation: self.incarnation,
+                    n: self.data_count,
+                };
                 self.run(BotInput::Data(data), label, ctx);
             }
             Deliver::Wake => {
                 self.wake_count += 1;
-                let label = format!(
-                    "{}w{:08x}-{}",
-                    self.last_seq, self.incarnation, self.wake_count
-                );
+                let label = InputLabel::Wake {
+                    after: self.cursor.seq(),
+                    incarnation: self.incarnation,
+                    n: self.wake_count,
+                };
                 self.run(BotInput::Wake, label, ctx);
             }
         }
@@ -881,7 +892,7 @@ impl Handler<StopBotActor> for BotActor {
         let reason = msg.reason;
         self.phase = BotPhase::Stopping(Some(reason));
         let bot = self.bot.take();
-        let bctx = self.context("stop");
+        let bctx = self.context(InputLabel::Stop);
         let seen = self.seen();
         let timeout = self.handling_timeout;
         let outbox = self.outbox();
@@ -896,7 +907,7 @@ impl Handler<StopBotActor> for BotActor {
                 error = e;
                 // Posting needs the bot still in the chat: only when the gateway removes it.
                 if reason.sends_leave() {
-                    sent = outbox.execute(actions, "stop", seen).await.sent;
+                    sent = outbox.execute(actions, InputLabel::Stop, seen).await.sent;
                 }
             }
             let ended_ms = now_ms();

@@ -8,6 +8,7 @@ pub mod bot;
 pub mod bot_actor;
 pub mod bot_limits;
 pub mod chat_link;
+pub mod delivery;
 pub mod esp;
 pub mod ha;
 pub mod messages;
@@ -27,6 +28,20 @@ pub fn drop_later<T: Send + 'static>(value: T) {
         // No thread to be had: the value was dropped with the closure; nothing is lost.
         tracing::debug!(error = %e, "freed in place");
     }
+}
+
+/// The frames of one connection, each tagged with the connection's number, then one `None` when
+/// it ends: how the ChatLink and the HaCoordinator read a connection (a frame of an older
+/// connection is told apart by its number).
+pub(crate) fn frames_of<T: 'static>(
+    conn: u64,
+    mut inbound: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures_util::Stream<Item = (u64, Option<T>)> + 'static {
+    use futures_util::StreamExt;
+    futures_util::stream::poll_fn(move |cx| inbound.poll_recv(cx))
+        .map(Some)
+        .chain(futures_util::stream::once(async { None }))
+        .map(move |frame| (conn, frame))
 }
 
 /// Unix time in milliseconds.
@@ -83,10 +98,10 @@ mod tests {
                     .chars()
                     .take_while(|c| c.is_ascii_lowercase() || *c == '_')
                     .collect();
-                // `now_ms` and `drop_later` are functions of this root, not modules.
+                // Functions of this root, not modules.
                 if !name.is_empty()
                     && name != module
-                    && !["now_ms", "drop_later"].contains(&name.as_str())
+                    && !["now_ms", "drop_later", "frames_of"].contains(&name.as_str())
                 {
                     uses.insert(name);
                 }

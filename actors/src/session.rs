@@ -6,11 +6,10 @@
 mod end;
 mod slot;
 
-use std::collections::HashMap;
 use std::time::Duration;
 
 use end::{end_reason, EndOptions};
-use slot::{PendingStart, Slot, Slots};
+use slot::{JoinKind, Joining, PendingStart, Slot, Slots, StartReply};
 
 use actix::prelude::*;
 use bgs_proto::chat::{
@@ -24,7 +23,9 @@ use crate::bot::{Bot, BotPhase, StopReason};
 use crate::bot_actor::{
     AbandonBot, BotActor, BotNotice, BotSetup, Deliver, FlushBot, StopBotActor,
 };
-use crate::chat_link::{ChatCall, ChatCallError, ChatPort, Feed, Unfollow};
+use crate::chat_link::{
+    ChatCall, ChatCallError, ChatPort, Feed, Follow, ParticipantJoined, Unfollow,
+};
 use crate::esp::{BotKey, BotSpec, ErrorCode, EspError};
 use crate::messages::{DrainToken, Replicate, Shared};
 use crate::metrics::{metrics, Kind};
@@ -117,9 +118,9 @@ pub struct SessionActor {
     ha: Shared<Replicate>,
     handling_timeout: Duration,
     bots: Slots,
-    /// Events for participants whose join reply this actor has not processed yet.
-    early: HashMap<String, Vec<ChatEvent>>,
-    joining: u32,
+    /// Bots whose join (or resume) is under way, by the token its `Feed::Joined` carries back.
+    joins: Vec<(u64, Joining, StartReply)>,
+    next_token: u64,
     /// Dropped by a demotion: it ends silently (the Supervisor has forgotten it already).
     abandoned: bool,
 }
@@ -162,8 +163,8 @@ impl SessionActor {
             ha,
             handling_timeout,
             bots: Slots::default(),
-            early: HashMap::new(),
-            joining: 0,
+            joins: Vec::new(),
+            next_token: 1,
             abandoned: false,
         }
     }
@@ -181,17 +182,11 @@ impl SessionActor {
 
     fn on_events(&mut self, pid: &str, events: Vec<ChatEvent>, ctx: &mut Context<Self>) {
         let Some(slot) = self.bots.get_mut(pid) else {
-            if self.joining > 0 {
-                self.early
-                    .entry(pid.to_string())
-                    .or_default()
-                    .extend(events);
-            }
             return;
         };
         let mut live = Vec::new();
         for e in events {
-            if e.seq <= slot.deliver_after {
+            if !slot.deliver_after.is_new(e.seq) {
                 slot.roster.apply(&e);
                 if e.seq < slot.joined_seq {
                     if let Some(p) = slot.pending.as_mut() {
@@ -235,7 +230,7 @@ impl SessionActor {
             ha: self.ha.clone(),
             handling_timeout: self.handling_timeout,
             started_ms: p.started_ms.unwrap_or_else(now_ms),
-            checkpoint: slot.deliver_after,
+            checkpoint: slot.deliver_after.seq(),
             done: slot.done.clone(),
         };
         slot.addr = Some(BotActor::new(setup).start());
@@ -354,7 +349,7 @@ impl SessionActor {
     }
 
     fn maybe_end(&mut self, ctx: &mut Context<Self>) {
-        if self.bots.is_empty() && self.joining == 0 {
+        if self.bots.is_empty() && self.joins.is_empty() {
             ctx.stop();
         }
     }
@@ -383,71 +378,95 @@ impl Handler<StartInSession> for SessionActor {
 
     fn handle(&mut self, msg: StartInSession, ctx: &mut Context<Self>) -> Self::Result {
         let _span = self.span().entered();
-        self.joining += 1;
-        let spec = msg.spec;
-        let join = ChatCall {
-            request: ChatRequest::Join(JoinRequest {
-                session_id: self.interaction_id.clone(),
-                nickname: spec.nickname.clone(),
-                participant_type: ParticipantType::Agent,
-                style: Style::Bot,
-                visibility: spec.visibility,
-                since_seq: 0,
-            }),
-            follow: Some(ctx.address().recipient()),
-        };
-        let (reply, started) = oneshot::channel();
-        let pending = PendingStart {
-            new: true,
-            started_ms: None,
-            history: Vec::new(),
+        let request = ChatRequest::Join(JoinRequest {
+            session_id: self.interaction_id.clone(),
+            nickname: msg.spec.nickname.clone(),
+            participant_type: ParticipantType::Agent,
+            style: Style::Bot,
+            visibility: msg.spec.visibility,
+            since_seq: 0,
+        });
+        let joining = Joining {
+            spec: msg.spec,
+            instance_id: msg.instance_id,
             bot: msg.bot,
-            restored: msg.restored,
-            reply,
+            kind: JoinKind::New {
+                restored: msg.restored,
+            },
         };
-        let instance_id = msg.instance_id;
+        self.join(request, joining, ctx)
+    }
+}
+
+impl Handler<RestoreInSession> for SessionActor {
+    type Result = ResponseActFuture<Self, Result<Started, EspError>>;
+
+    fn handle(&mut self, msg: RestoreInSession, ctx: &mut Context<Self>) -> Self::Result {
+        let _span = self.span().entered();
+        let r = msg.replica;
+        // From the start: events up to the checkpoint rebuild who is present.
+        let request = ChatRequest::Resume(ResumeRequest {
+            session_id: self.interaction_id.clone(),
+            participant_id: r.participant_id.clone(),
+            since_seq: 0,
+        });
+        let joining = Joining {
+            spec: r.spec,
+            instance_id: r.instance_id,
+            bot: msg.bot,
+            kind: JoinKind::Restore {
+                joined_seq: r.joined_seq,
+                checkpoint_seq: r.checkpoint_seq,
+                started_ms: r.started_ms,
+                context: r.context,
+            },
+        };
+        self.join(request, joining, ctx)
+    }
+}
+
+impl SessionActor {
+    /// Sends a join (or a resume) that the ChatLink answers on the feed with `Joined` before
+    /// any event of the participant; the StartBot (or the restore) is answered once the bot
+    /// has started, or with why the join failed.
+    fn join(
+        &mut self,
+        request: ChatRequest,
+        joining: Joining,
+        ctx: &mut Context<Self>,
+    ) -> ResponseActFuture<Self, Result<Started, EspError>> {
+        let token = self.next_token;
+        self.next_token += 1;
+        let (reply, started) = oneshot::channel();
+        self.joins.push((token, joining, reply));
+        let call = ChatCall {
+            request,
+            follow: Some(Follow {
+                to: ctx.address().recipient(),
+                token,
+            }),
+        };
         let joined = self
             .link
             .call
-            .send(join)
+            .send(call)
             .into_actor(self)
             .map(move |result, act, ctx| {
-                act.joining -= 1;
-                let outcome = match result {
-                    Ok(Ok(ChatResponse::Joined {
-                        participant_id,
-                        seq,
-                        ..
-                    })) => Ok((participant_id, seq)),
-                    Ok(Ok(other)) => Err(EspError::new(
+                let error = match result {
+                    // The ChatLink told `Feed::Joined` first: the bot's slot is made there.
+                    Ok(Ok(ChatResponse::Joined { .. })) => return,
+                    Ok(Ok(other)) => EspError::new(
                         ErrorCode::Internal,
                         format!("unexpected join answer {other:?}"),
-                    )),
-                    Ok(Err(e)) => Err(chat_error(e)),
-                    Err(e) => Err(EspError::new(
-                        ErrorCode::Internal,
-                        format!("chat link: {e}"),
-                    )),
+                    ),
+                    Ok(Err(e)) => chat_error(e),
+                    Err(e) => EspError::new(ErrorCode::Internal, format!("chat link: {e}")),
                 };
-                match outcome {
-                    Ok((pid, seq)) => {
-                        act.bots.insert(
-                            pid.clone(),
-                            Slot::new(spec, instance_id, seq, seq, Some(pending)),
-                        );
-                        let early = act.early.remove(&pid).unwrap_or_default();
-                        if act.joining == 0 {
-                            act.early = HashMap::new();
-                        }
-                        if !early.is_empty() {
-                            act.on_events(&pid, early, ctx);
-                        }
-                    }
-                    Err(e) => {
-                        let _ = pending.reply.send(Err(e));
-                        act.maybe_end(ctx);
-                    }
+                if let Some(i) = act.joins.iter().position(|(t, ..)| *t == token) {
+                    let (_, _, reply) = act.joins.swap_remove(i);
+                    let _ = reply.send(Err(error));
                 }
+                act.maybe_end(ctx);
             })
             .then(move |(), _act, _ctx| {
                 actix::fut::wrap_future(async move {
@@ -461,6 +480,55 @@ impl Handler<StartInSession> for SessionActor {
             });
         Box::pin(joined)
     }
+
+    /// The join of `token` was accepted: the bot's slot. A new bot starts at its own join
+    /// event, which follows on the feed; a restored one starts now, from its checkpoint.
+    fn on_joined(&mut self, joined: ParticipantJoined, ctx: &mut Context<Self>) {
+        let Some(i) = self.joins.iter().position(|(t, ..)| *t == joined.token) else {
+            return;
+        };
+        let (_, joining, reply) = self.joins.swap_remove(i);
+        let pid = joined.participant_id;
+        let Joining {
+            spec,
+            instance_id,
+            bot,
+            kind,
+        } = joining;
+        match kind {
+            JoinKind::New { restored } => {
+                let pending = PendingStart {
+                    new: true,
+                    started_ms: None,
+                    history: Vec::new(),
+                    bot,
+                    restored,
+                    reply,
+                };
+                let slot = Slot::new(spec, instance_id, joined.seq, joined.seq, Some(pending));
+                self.bots.insert(pid, slot);
+            }
+            JoinKind::Restore {
+                joined_seq,
+                checkpoint_seq,
+                started_ms,
+                context,
+            } => {
+                let deliver_after = checkpoint_seq.max(joined_seq);
+                let slot = Slot::new(spec, instance_id, joined_seq, deliver_after, None);
+                self.bots.insert(pid.clone(), slot);
+                let pending = PendingStart {
+                    new: false,
+                    started_ms: Some(started_ms),
+                    history: Vec::new(),
+                    bot,
+                    restored: context,
+                    reply,
+                };
+                self.start_bot(&pid, pending, ctx);
+            }
+        }
+    }
 }
 
 impl Handler<Feed> for SessionActor {
@@ -468,10 +536,11 @@ impl Handler<Feed> for SessionActor {
 
     fn handle(&mut self, msg: Feed, ctx: &mut Context<Self>) {
         let _span = self.span().entered();
+        metrics().dequeued(Kind::Session);
         match msg {
+            Feed::Joined(joined) => self.on_joined(joined, ctx),
             Feed::Events(msg) => {
                 let started = std::time::Instant::now();
-                metrics().dequeued(Kind::Session);
                 self.on_events(&msg.participant_id, msg.events, ctx);
                 metrics().handled(Kind::Session, started.elapsed());
             }
@@ -595,83 +664,6 @@ impl Handler<DataInSession> for SessionActor {
     }
 }
 
-impl Handler<RestoreInSession> for SessionActor {
-    type Result = ResponseActFuture<Self, Result<Started, EspError>>;
-
-    fn handle(&mut self, msg: RestoreInSession, ctx: &mut Context<Self>) -> Self::Result {
-        let r = msg.replica;
-        let resume = ChatCall {
-            // From the start: events up to the checkpoint rebuild who is present.
-            request: ChatRequest::Resume(ResumeRequest {
-                session_id: self.interaction_id.clone(),
-                participant_id: r.participant_id.clone(),
-                since_seq: 0,
-            }),
-            follow: Some(ctx.address().recipient()),
-        };
-        self.joining += 1;
-        let bot = msg.bot;
-        Box::pin(
-            self.link
-                .call
-                .send(resume)
-                .into_actor(self)
-                .map(move |result, act, ctx| {
-                    act.joining -= 1;
-                    let outcome = match result {
-                        Ok(Ok(_)) => Ok(()),
-                        Ok(Err(e)) => Err(chat_error(e)),
-                        Err(e) => Err(EspError::new(
-                            ErrorCode::Internal,
-                            format!("chat link: {e}"),
-                        )),
-                    };
-                    if let Err(e) = outcome {
-                        act.maybe_end(ctx);
-                        return Err(e);
-                    }
-                    let pid = r.participant_id.clone();
-                    let spec = r.spec.clone();
-                    act.bots.insert(
-                        pid.clone(),
-                        Slot::new(
-                            spec,
-                            r.instance_id.clone(),
-                            r.joined_seq,
-                            r.checkpoint_seq.max(r.joined_seq),
-                            None,
-                        ),
-                    );
-                    let (reply, _started) = oneshot::channel();
-                    act.start_bot(
-                        &pid,
-                        PendingStart {
-                            new: false,
-                            started_ms: Some(r.started_ms),
-                            history: Vec::new(),
-                            bot,
-                            restored: Some(r.context.clone().unwrap_or_default())
-                                .filter(|_| r.context.is_some()),
-                            reply,
-                        },
-                        ctx,
-                    );
-                    let early = act.early.remove(&pid).unwrap_or_default();
-                    if act.joining == 0 {
-                        act.early = HashMap::new();
-                    }
-                    if !early.is_empty() {
-                        act.on_events(&pid, early, ctx);
-                    }
-                    Ok(Started {
-                        instance_id: r.instance_id,
-                        participant_id: pid,
-                    })
-                }),
-        )
-    }
-}
-
 impl Handler<Abandon> for SessionActor {
     type Result = ();
 
@@ -750,8 +742,8 @@ mod tests {
     use futures_util::future::BoxFuture;
     use tokio::sync::mpsc;
 
-    /// Answers a Join with participant `bot-1` at seq 3 and replays events 1 to 3 to the
-    /// follower; answers posts, leaves and userdata; reports every request.
+    /// Answers a Join with participant `bot-1` at seq 3: tells the follower it joined and
+    /// replays events 1 to 3 to it; answers posts, leaves and userdata; reports every request.
     struct FakeChat {
         seen: mpsc::UnboundedSender<ChatRequest>,
         follower: mpsc::UnboundedSender<Follower>,
@@ -767,7 +759,14 @@ mod tests {
         fn handle(&mut self, msg: ChatCall, _ctx: &mut Context<Self>) -> Self::Result {
             let answer = match &msg.request {
                 ChatRequest::Join(j) => {
-                    if let Some(f) = msg.follow.clone() {
+                    if let Some(Follow { to: f, token }) = msg.follow.clone() {
+                        // As the ChatLink does: the join first, then the replay.
+                        f.do_send(Feed::Joined(ParticipantJoined {
+                            token,
+                            session_id: j.session_id.clone(),
+                            participant_id: "bot-1".into(),
+                            seq: 3,
+                        }));
                         f.do_send(Feed::Events(ParticipantEvents {
                             session_id: j.session_id.clone(),
                             participant_id: "bot-1".into(),

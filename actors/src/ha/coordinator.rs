@@ -245,11 +245,7 @@ impl HaCoordinator {
         let id = self.next_conn;
         self.next_conn += 1;
         self.links.insert(id, conn.outbound);
-        ctx.add_stream(LinkStream {
-            conn: id,
-            inner: conn.inbound,
-            ended: false,
-        });
+        ctx.add_stream(crate::frames_of(id, conn.inbound));
         id
     }
 
@@ -284,53 +280,14 @@ impl Actor for HaCoordinator {
     }
 }
 
-struct LinkStream {
-    conn: u64,
-    inner: mpsc::Receiver<HaFrame>,
-    ended: bool,
-}
-
-struct LinkFrame {
-    conn: u64,
-    /// `None`: the connection ended.
-    frame: Option<HaFrame>,
-}
-
-impl futures_util::Stream for LinkStream {
-    type Item = LinkFrame;
-    fn poll_next(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<LinkFrame>> {
-        if self.ended {
-            return std::task::Poll::Ready(None);
-        }
-        let conn = self.conn;
-        match self.inner.poll_recv(cx) {
-            std::task::Poll::Ready(Some(frame)) => std::task::Poll::Ready(Some(LinkFrame {
-                conn,
-                frame: Some(frame),
-            })),
-            std::task::Poll::Ready(None) => {
-                self.ended = true;
-                std::task::Poll::Ready(Some(LinkFrame { conn, frame: None }))
-            }
-            std::task::Poll::Pending => std::task::Poll::Pending,
-        }
-    }
-}
-
-impl StreamHandler<LinkFrame> for HaCoordinator {
-    fn handle(&mut self, item: LinkFrame, ctx: &mut Context<Self>) {
+impl StreamHandler<(u64, Option<HaFrame>)> for HaCoordinator {
+    fn handle(&mut self, (conn, frame): (u64, Option<HaFrame>), ctx: &mut Context<Self>) {
         let started = std::time::Instant::now();
-        let input = match item.frame {
-            Some(frame) => Input::Frame {
-                conn: item.conn,
-                frame,
-            },
+        let input = match frame {
+            Some(frame) => Input::Frame { conn, frame },
             None => {
-                self.links.remove(&item.conn);
-                Input::Closed { conn: item.conn }
+                self.links.remove(&conn);
+                Input::Closed { conn }
             }
         };
         self.step(input, ctx);

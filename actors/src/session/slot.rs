@@ -9,6 +9,7 @@ use super::end::Roster;
 use super::Started;
 use crate::bot::{Bot, BotPhase};
 use crate::bot_actor::BotActor;
+use crate::delivery::Cursor;
 use crate::esp::{BotSpec, EspError};
 
 pub(super) struct Slot {
@@ -17,7 +18,7 @@ pub(super) struct Slot {
     pub(super) joined_seq: u64,
     /// Events up to here only build the roster; later ones go to the bot (its join for a new
     /// bot, its checkpoint for a restored one).
-    pub(super) deliver_after: u64,
+    pub(super) deliver_after: Cursor,
     pub(super) roster: Roster,
     /// Until the bot's own join event has arrived: the events before it, and what starts the bot
     /// (boxed: an idle bot's slot keeps only the pointer).
@@ -40,7 +41,30 @@ pub(super) struct PendingStart {
     pub(super) history: Vec<ChatEvent>,
     pub(super) bot: Box<dyn Bot>,
     pub(super) restored: Option<Vec<u8>>,
-    pub(super) reply: oneshot::Sender<Result<Started, EspError>>,
+    pub(super) reply: StartReply,
+}
+
+/// Where the StartBot (or the restore) that starts a bot is answered.
+pub(super) type StartReply = oneshot::Sender<Result<Started, EspError>>;
+
+/// A bot whose join (or resume) is under way: what makes its slot once it is accepted.
+pub(super) struct Joining {
+    pub(super) spec: std::sync::Arc<BotSpec>,
+    pub(super) instance_id: String,
+    pub(super) bot: Box<dyn Bot>,
+    pub(super) kind: JoinKind,
+}
+
+pub(super) enum JoinKind {
+    /// A new bot (StartBot), with the context it may be given to start from.
+    New { restored: Option<Vec<u8>> },
+    /// A bot replicated from the old primary, resumed from its checkpoint.
+    Restore {
+        joined_seq: u64,
+        checkpoint_seq: u64,
+        started_ms: u64,
+        context: Option<Vec<u8>>,
+    },
 }
 
 impl Slot {
@@ -56,7 +80,7 @@ impl Slot {
             spec,
             instance_id,
             joined_seq,
-            deliver_after,
+            deliver_after: Cursor::at(deliver_after),
             roster: Roster::default(),
             pending: pending.map(Box::new),
             addr: None,

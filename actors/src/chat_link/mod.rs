@@ -1,0 +1,434 @@
+//! ChatLink: one actor per Chat Server connection. Multiplexes every session and bot of the node
+//! over one connection, routes each participant's events to its SessionActor, and survives a
+//! lost connection: it reconnects every `reconnect_delay` up to `reconnect_attempts` times,
+//! resumes every participant with since_seq = the last event it routed, and re-sends the requests
+//! that were in flight (bot posts carry client keys, so a re-send cannot post twice).
+//!
+//! Every decision is in `state.rs` ([`state::LinkState`], no actix or tokio inside); this actor
+//! is its pump: it feeds it calls, frames, connections and timers, and carries out its effects.
+//! The socket and its framing live in `src` (a [`ChatConnector`]); this actor sees typed frames.
+
+mod state;
+
+use std::collections::VecDeque;
+use std::io;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actix::prelude::*;
+use actix::WeakRecipient;
+use bgs_proto::chat::{ChatRequest, ChatResponse, ClientFrame, ClientRole, Secret, ServerFrame};
+use futures_util::future::BoxFuture;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::messages::{Activate, ChatFenced, Deactivate, PauseEvents, ResumeEvents};
+use crate::metrics::{metrics, Kind};
+
+pub use state::{
+    ChatCallError, Feed, FeedLost, Follow, LinkStatus, ParticipantEvents, ParticipantJoined,
+};
+use state::{Effect, Input, LinkConfig, LinkState};
+
+/// How long the Chat Server may take to answer the Hello of a new connection.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn event_kind(k: bgs_proto::chat::EventKind) -> &'static str {
+    use bgs_proto::chat::EventKind::*;
+    match k {
+        Joined => "joined",
+        Left => "left",
+        Message => "message",
+        Notice => "notice",
+        Typing => "typing",
+        Userdata => "userdata",
+        Closed => "closed",
+    }
+}
+/// A connection to a Chat Server, as typed frames. The outbound side is unbounded because the
+/// link bounds what it sends itself (`max_queued` requests, one resume per followed bot) and
+/// must never block or drop a frame.
+pub struct ChatConnection {
+    pub outbound: mpsc::UnboundedSender<ClientFrame>,
+    pub inbound: mpsc::Receiver<ServerFrame>,
+}
+
+/// How a ChatLink reaches its Chat Server (TCP and the proto codec, provided by `src`).
+pub trait ChatConnector: Send + Sync + 'static {
+    fn connect(&self, address: &str) -> BoxFuture<'static, io::Result<ChatConnection>>;
+}
+
+/// A request to the Chat Server. With `follow`, a successful join or resume tells that
+/// follower `Feed::Joined` with the token, then routes the participant's events to it.
+#[derive(Message)]
+#[rtype(result = "Result<ChatResponse, ChatCallError>")]
+pub struct ChatCall {
+    pub request: ChatRequest,
+    pub follow: Option<Follow<Follower>>,
+}
+
+/// A request that must reach the Chat Server even if it is unreachable now, and even after the
+/// reconnect attempts ran out (the link keeps trying): it is sent when the connection is back.
+/// Nobody waits for its answer (the waiting-mode outcome of a bot that ended `chat_server_lost`).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct ChatCallLater(pub ChatRequest);
+
+/// What sessions and bots use of the ChatLink, as Recipients: the node's ChatLink, or a test's
+/// stand-in.
+#[derive(Clone)]
+pub struct ChatPort(std::sync::Arc<ChatPorts>);
+
+/// The ChatLink's mailboxes that a [`ChatPort`] shares.
+pub struct ChatPorts {
+    pub call: Recipient<ChatCall>,
+    pub later: Recipient<ChatCallLater>,
+    pub unfollow: Recipient<Unfollow>,
+}
+
+impl ChatPort {
+    pub fn of(link: &Addr<ChatLink>) -> Self {
+        Self::new(
+            link.clone().recipient(),
+            link.clone().recipient(),
+            link.clone().recipient(),
+        )
+    }
+
+    pub fn new(
+        call: Recipient<ChatCall>,
+        later: Recipient<ChatCallLater>,
+        unfollow: Recipient<Unfollow>,
+    ) -> Self {
+        ChatPort(std::sync::Arc::new(ChatPorts {
+            call,
+            later,
+            unfollow,
+        }))
+    }
+}
+
+impl std::ops::Deref for ChatPort {
+    type Target = ChatPorts;
+
+    fn deref(&self) -> &ChatPorts {
+        &self.0
+    }
+}
+
+impl Message for Feed {
+    type Result = ();
+}
+
+/// Where a followed participant's feed goes: one mailbox for its join, its events and its end.
+/// A route keeps it weakly: the session stops itself, and a strong sender would cost about 100
+/// bytes more a route (the upgrade per routed batch is three small allocations).
+pub type Follower = Recipient<Feed>;
+
+/// Stops routing a participant's events (its bot is gone).
+#[derive(Message)]
+#[rtype(result = "()")]
+pub struct Unfollow {
+    pub session_id: String,
+    pub participant_id: String,
+}
+
+/// Whether the link is up, for status and readiness.
+#[derive(Message)]
+#[rtype(result = "LinkStatus")]
+pub struct GetLinkStatus;
+
+pub struct ChatLinkConfig {
+    pub address: String,
+    /// The gateway role; its epoch is replaced by the one [`Activate`] gives.
+    pub role: ClientRole,
+    /// The token the Chat Server's `--credentials` lists for this cluster (empty: none).
+    pub credential: Secret,
+    /// Told when the Chat Server fences this node.
+    pub on_fenced: Option<Recipient<ChatFenced>>,
+    pub reconnect_delay: Duration,
+    pub reconnect_attempts: u32,
+    /// Requests queued while the link is down, beyond which calls fail at once.
+    pub max_queued: usize,
+}
+
+type Reply = oneshot::Sender<Result<ChatResponse, ChatCallError>>;
+
+/// The pump of a [`LinkState`]: the connection it uses, its timers, its mailboxes.
+pub struct ChatLink {
+    state: LinkState<WeakRecipient<Feed>, Reply>,
+    connector: Arc<dyn ChatConnector>,
+    on_fenced: Option<Recipient<ChatFenced>>,
+    /// The current connection's outbound side (of the state's generation), once it is open.
+    outbound: Option<mpsc::UnboundedSender<ClientFrame>>,
+    address: String,
+    clock: Instant,
+}
+
+impl ChatLink {
+    pub fn new(config: ChatLinkConfig, connector: Arc<dyn ChatConnector>) -> Self {
+        let state = LinkState::new(LinkConfig {
+            address: config.address.clone(),
+            role: config.role,
+            credential: config.credential,
+            reconnect_delay_ms: config.reconnect_delay.as_millis() as u64,
+            reconnect_attempts: config.reconnect_attempts,
+            max_queued: config.max_queued,
+            hello_timeout_ms: HELLO_TIMEOUT.as_millis() as u64,
+        });
+        Self {
+            state,
+            connector,
+            on_fenced: config.on_fenced,
+            outbound: None,
+            address: config.address,
+            clock: Instant::now(),
+        }
+    }
+
+    fn now(&self) -> u64 {
+        self.clock.elapsed().as_millis() as u64
+    }
+
+    /// Steps the state with `input`, and with whatever carrying out its effects brings back.
+    fn apply(&mut self, input: Input<WeakRecipient<Feed>, Reply>, ctx: &mut Context<Self>) {
+        let mut inputs = VecDeque::from([input]);
+        while let Some(input) = inputs.pop_front() {
+            let now = self.now();
+            for effect in self.state.step(now, input) {
+                self.carry_out(effect, &mut inputs, ctx);
+            }
+        }
+    }
+
+    fn carry_out(
+        &mut self,
+        effect: Effect<WeakRecipient<Feed>, Reply>,
+        inputs: &mut VecDeque<Input<WeakRecipient<Feed>, Reply>>,
+        ctx: &mut Context<Self>,
+    ) {
+        match effect {
+            Effect::Connect {
+                generation,
+                reconnect,
+            } => {
+                self.outbound = None;
+                if reconnect {
+                    metrics().chat_reconnects.inc();
+                }
+                let connect = self.connector.connect(&self.address);
+                let connecting = connect.into_actor(self).map(move |result, act, ctx| {
+                    let input = match result {
+                        Ok(conn) if act.state.generation() == generation => {
+                            act.outbound = Some(conn.outbound);
+                            ctx.add_stream(crate::frames_of(generation, conn.inbound));
+                            Input::Connected { generation }
+                        }
+                        Ok(_) => return, // a newer connection was asked for since
+                        Err(e) => Input::ConnectFailed {
+                            generation,
+                            error: e.to_string(),
+                        },
+                    };
+                    act.apply(input, ctx);
+                });
+                ctx.spawn(connecting);
+            }
+            Effect::Send(frame) => {
+                let sent = self
+                    .outbound
+                    .as_ref()
+                    .is_some_and(|tx| tx.send(frame).is_ok());
+                if !sent {
+                    inputs.push_back(Input::Closed {
+                        generation: self.state.generation(),
+                    });
+                }
+            }
+            Effect::Disconnect => self.outbound = None,
+            Effect::Up(up) => {
+                metrics().chat_connected.set(i64::from(up));
+            }
+            Effect::WakeAt(at) => {
+                let after = Duration::from_millis(at.saturating_sub(self.now()));
+                ctx.run_later(after, |act, ctx| act.apply(Input::Tick, ctx));
+            }
+            Effect::Reply { to, result } => {
+                let _ = to.send(result);
+            }
+            Effect::Feed { to, feed } => self.tell(to, feed, inputs, ctx),
+            Effect::Fenced => {
+                if let Some(r) = &self.on_fenced {
+                    r.do_send(ChatFenced);
+                }
+            }
+            Effect::Dispose(routes) => crate::drop_later(routes),
+        }
+    }
+
+    /// Hands a feed to its follower; a full mailbox holds the link (and so the socket's reader)
+    /// until there is room, and a follower that is gone is forgotten.
+    fn tell(
+        &mut self,
+        to: WeakRecipient<Feed>,
+        feed: Feed,
+        inputs: &mut VecDeque<Input<WeakRecipient<Feed>, Reply>>,
+        ctx: &mut Context<Self>,
+    ) {
+        let gone = |feed: &Feed| match feed {
+            Feed::Joined(j) => Some((j.session_id.clone(), j.participant_id.clone())),
+            Feed::Events(e) => Some((e.session_id.clone(), e.participant_id.clone())),
+            Feed::Lost(_) => None,
+        };
+        if let Feed::Events(e) = &feed {
+            for event in &e.events {
+                metrics().chat_events.inc(&["in", event_kind(event.kind)]);
+            }
+        }
+        let Some(recipient) = to.upgrade() else {
+            if let Some((session_id, participant_id)) = gone(&feed) {
+                inputs.push_back(Input::Unfollow {
+                    session_id,
+                    participant_id,
+                });
+            }
+            return;
+        };
+        match recipient.try_send(feed) {
+            Ok(()) => metrics().queued(Kind::Session),
+            Err(SendError::Full(feed)) => {
+                metrics().queued(Kind::Session);
+                ctx.wait(
+                    async move {
+                        let _ = recipient.send(feed).await;
+                    }
+                    .into_actor(self),
+                );
+            }
+            Err(SendError::Closed(feed)) => {
+                if let Some((session_id, participant_id)) = gone(&feed) {
+                    inputs.push_back(Input::Unfollow {
+                        session_id,
+                        participant_id,
+                    });
+                }
+            }
+        }
+    }
+}
+
+impl Actor for ChatLink {
+    type Context = Context<Self>;
+
+    fn started(&mut self, ctx: &mut Context<Self>) {
+        metrics().actor_started(Kind::ChatLink);
+        ctx.set_mailbox_capacity(1024);
+    }
+
+    fn stopped(&mut self, _ctx: &mut Context<Self>) {
+        metrics().actor_stopped(Kind::ChatLink);
+    }
+}
+
+impl StreamHandler<(u64, Option<ServerFrame>)> for ChatLink {
+    fn handle(&mut self, (generation, frame): (u64, Option<ServerFrame>), ctx: &mut Context<Self>) {
+        match frame {
+            Some(frame) => {
+                let started = Instant::now();
+                self.apply(Input::Frame { generation, frame }, ctx);
+                metrics().handled(Kind::ChatLink, started.elapsed());
+            }
+            None => self.apply(Input::Closed { generation }, ctx),
+        }
+    }
+
+    fn finished(&mut self, _ctx: &mut Context<Self>) {}
+}
+
+impl Handler<ChatCall> for ChatLink {
+    type Result = ResponseFuture<Result<ChatResponse, ChatCallError>>;
+
+    fn handle(&mut self, msg: ChatCall, ctx: &mut Context<Self>) -> Self::Result {
+        let (tx, rx) = oneshot::channel();
+        let follow = msg.follow.map(|f| Follow {
+            to: f.to.downgrade(),
+            token: f.token,
+        });
+        self.apply(
+            Input::Call {
+                request: msg.request,
+                follow,
+                reply: Some(tx),
+            },
+            ctx,
+        );
+        Box::pin(async move {
+            rx.await
+                .unwrap_or_else(|_| Err(ChatCallError::Unavailable("the chat link stopped".into())))
+        })
+    }
+}
+
+impl Handler<ChatCallLater> for ChatLink {
+    type Result = ();
+
+    fn handle(&mut self, msg: ChatCallLater, ctx: &mut Context<Self>) {
+        let call = Input::Call {
+            request: msg.0,
+            follow: None,
+            reply: None,
+        };
+        self.apply(call, ctx);
+    }
+}
+
+impl Handler<Activate> for ChatLink {
+    type Result = ();
+
+    fn handle(&mut self, msg: Activate, ctx: &mut Context<Self>) {
+        self.apply(Input::Activate { epoch: msg.epoch }, ctx);
+    }
+}
+
+impl Handler<Deactivate> for ChatLink {
+    type Result = ();
+
+    fn handle(&mut self, _: Deactivate, ctx: &mut Context<Self>) {
+        self.apply(Input::Deactivate, ctx);
+    }
+}
+
+impl Handler<PauseEvents> for ChatLink {
+    type Result = ();
+
+    fn handle(&mut self, _: PauseEvents, ctx: &mut Context<Self>) {
+        self.apply(Input::Pause, ctx);
+    }
+}
+
+impl Handler<ResumeEvents> for ChatLink {
+    type Result = ();
+
+    fn handle(&mut self, _: ResumeEvents, ctx: &mut Context<Self>) {
+        self.apply(Input::Unpause, ctx);
+    }
+}
+
+impl Handler<Unfollow> for ChatLink {
+    type Result = ();
+
+    fn handle(&mut self, msg: Unfollow, ctx: &mut Context<Self>) {
+        let input = Input::Unfollow {
+            session_id: msg.session_id,
+            participant_id: msg.participant_id,
+        };
+        self.apply(input, ctx);
+    }
+}
+
+impl Handler<GetLinkStatus> for ChatLink {
+    type Result = MessageResult<GetLinkStatus>;
+
+    fn handle(&mut self, _: GetLinkStatus, _ctx: &mut Context<Self>) -> Self::Result {
+        MessageResult(self.state.status())
+    }
+}
