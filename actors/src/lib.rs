@@ -16,6 +16,8 @@ pub mod metrics;
 pub mod report;
 pub mod role;
 pub mod session;
+#[cfg(test)]
+mod sim;
 pub mod supervisor;
 
 /// Frees `value` on a thread of its own: for the maps of 100 000 bots a demotion lets go of, so

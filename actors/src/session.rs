@@ -212,11 +212,13 @@ impl SessionActor {
         let Some(slot) = self.bots.get_mut(pid) else {
             return;
         };
-        if p.new {
-            // A new bot: replicate its start before it can save anything.
+        // A new bot: its start is replicated before it can save anything, and its StartBot is
+        // answered once the backup has it (sync mode), so a StartBot answered ok survives the
+        // primary's crash.
+        let replicated = p.new.then(|| {
             let replica = replica_of(&slot.spec, &slot.instance_id, pid, slot.joined_seq);
-            self.ha.do_send(Replicate(HaOp::Started(Box::new(replica))));
-        }
+            self.ha.send(Replicate(HaOp::Started(Box::new(replica))))
+        });
         let setup = BotSetup {
             spec: slot.spec.clone(),
             instance_id: slot.instance_id.clone(),
@@ -244,10 +246,22 @@ impl SessionActor {
             participant_id = %pid,
             "bot started"
         );
-        let _ = p.reply.send(Ok(Started {
+        let started = Started {
             instance_id: slot.instance_id.clone(),
             participant_id: pid.to_string(),
-        }));
+        };
+        let reply = p.reply;
+        match replicated {
+            Some(replicated) => {
+                actix::spawn(async move {
+                    let _ = replicated.await;
+                    let _ = reply.send(Ok(started));
+                });
+            }
+            None => {
+                let _ = reply.send(Ok(started));
+            }
+        }
     }
 
     /// One event after the bot's join: relay it, then apply the end conditions.

@@ -8,7 +8,7 @@
 //! is its pump: it feeds it calls, frames, connections and timers, and carries out its effects.
 //! The socket and its framing live in `src` (a [`ChatConnector`]); this actor sees typed frames.
 
-mod state;
+pub(crate) mod state;
 
 use std::collections::VecDeque;
 use std::io;
