@@ -367,7 +367,7 @@ impl HaState {
                         epoch = self.epoch,
                         "the Chat Server fenced this node; becoming backup"
                     );
-                    self.demote(true, now);
+                    self.demote(true, false, now);
                     self.remember("fenced", now);
                 }
             }
@@ -926,7 +926,9 @@ impl HaState {
     }
 
     /// Becomes backup: drops every bot without a leave (they go on at the primary).
-    fn demote(&mut self, fenced: bool, now: Time) {
+    /// Becomes a backup: `fenced` (a newer epoch exists), or after this node `handed_over` in a
+    /// switchover.
+    fn demote(&mut self, fenced: bool, handed_over: bool, now: Time) {
         if self.role == HaRole::Backup {
             return;
         }
@@ -936,13 +938,21 @@ impl HaState {
         for conn in std::mem::take(&mut self.handshakes).into_keys() {
             self.refuse(conn, "this node is no longer the primary");
         }
-        // Another node is (or is becoming) the primary: do not fail over to ourselves before we
-        // hold its state.
-        self.synced_once = false;
         self.in_sync = false;
-        let store = std::mem::take(&mut self.store);
-        if !store.is_empty() {
-            self.out.push(Effect::Discard(std::sync::Arc::new(store)));
+        if handed_over {
+            // This node's store is what it handed over, every op acknowledged: the state the
+            // new primary starts from. Kept, so that if the hand-over never arrives (the link
+            // broke under it) or the new primary dies at once, this node fails over again with
+            // every bot rather than leaving the pair with no primary.
+            self.synced_once = true;
+        } else {
+            // Another node is the primary (it fenced us): do not fail over to ourselves before
+            // we hold its state.
+            self.synced_once = false;
+            let store = std::mem::take(&mut self.store);
+            if !store.is_empty() {
+                self.out.push(Effect::Discard(std::sync::Arc::new(store)));
+            }
         }
         self.outbox.clear();
         self.unacked.clear();
@@ -1073,7 +1083,7 @@ impl HaState {
         self.primary_http = None;
         let peer_http = self.c.peer_http.clone();
         self.epoch = new_epoch;
-        self.demote(false, now);
+        self.demote(false, true, now);
         self.remember("switchover", now);
         self.drop_link("hand-over sent", now);
         self.primary_http = peer_http;
