@@ -3,7 +3,7 @@
 //! Every function must return (a value or an error) for any input: a panic is a finding.
 
 use bgs_actors::bot::BotContext;
-use bgs_proto::chat::{ChatEvent, ClientFrame, ServerFrame, Visibility};
+use bgs_proto::chat::{ChatEvent, ClientFrame, ServerFrame};
 use bgs_proto::codec::FrameCodec;
 use bgs_proto::esp::{EspClientFrame, EspRequest};
 use bgs_proto::ha::HaFrame;
@@ -45,13 +45,14 @@ pub fn ha_frames(bytes: &[u8]) {
 }
 
 fn ctx(plugin: &str) -> BotContext {
+    let key = bgs_proto::bot::BotKey {
+        interaction_id: "s".into(),
+        bot_id: plugin.into(),
+        bot_name: "b".into(),
+    };
     BotContext::new(
+        std::sync::Arc::new(bgs_proto::bot::BotSpec::new(key, "B")),
         "i".into(),
-        "s".into(),
-        plugin.into(),
-        "b".into(),
-        "B".into(),
-        Visibility::All,
     )
 }
 

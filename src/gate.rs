@@ -200,12 +200,12 @@ async fn run(
         let id = match admitted {
             Admit::In { id, evicted } => {
                 if evicted > 0 {
-                    metrics().refused.add(&["http", "silent"], evicted as u64);
+                    metrics().refused.add(["http", "silent"], evicted as u64);
                 }
                 id
             }
             Admit::Full => {
-                metrics().refused.inc(&["http", "capacity"]);
+                metrics().refused.inc(["http", "capacity"]);
                 continue;
             }
         };

@@ -25,7 +25,7 @@ impl Intake {
             (None, _) => Ok(()),
             (Some(want), Some(got)) if constant_time_eq(want.as_bytes(), got.as_bytes()) => Ok(()),
             (Some(_), _) => {
-                metrics().refused.inc(&[port, "unauthorized"]);
+                metrics().refused.inc([port, "unauthorized"]);
                 Err(EspError::new(
                     ErrorCode::Unauthorized,
                     "a valid bearer token is required",

@@ -10,7 +10,7 @@ use std::time::Duration;
 use bgs_actors::chat_link::{ChatConnection, ChatConnector};
 use bgs_actors::esp::{ErrorCode, EspError};
 use bgs_chat_server::tls::{self, BoxIo};
-use bgs_proto::chat::{ChatRequest, ClientFrame, ServerFrame};
+use bgs_proto::chat::{ChatRequest, ServerFrame, SharedClientFrame};
 use bgs_proto::codec::{CodecError, FrameCodec, DEFAULT_MAX_FRAME, PRE_AUTH_MAX_FRAME};
 use bgs_proto::esp::{EspClientFrame, EspResponse, EspResult, ESP_PROTOCOL_VERSION};
 use futures_util::future::BoxFuture;
@@ -203,7 +203,7 @@ pub async fn serve_ha(
                 };
                 let Ok(mut s) = slots.lock() else { continue };
                 if s.make_room() {
-                    metrics().refused.inc(&["ha", "capacity"]);
+                    metrics().refused.inc(["ha", "capacity"]);
                     tracing::warn!(%peer, "HA TLS handshakes all under way: the oldest was ended to make room");
                 }
                 s.next += 1;
@@ -217,7 +217,7 @@ pub async fn serve_ha(
                     match result {
                         Ok(io) => coordinator.do_send(Accepted(ha_connection(io))),
                         Err(e) => {
-                            metrics().refused.inc(&["ha", "handshake"]);
+                            metrics().refused.inc(["ha", "handshake"]);
                             tracing::info!(%peer, error = %e, "HA TLS handshake failed");
                         }
                     }
@@ -253,21 +253,22 @@ impl ChatConnector for TcpChatConnector {
             stream.set_nodelay(true)?;
             let stream = tls::connect(stream, &address, tls.as_ref()).await?;
             let (rd, wr) = tokio::io::split(stream);
-            let (out_tx, mut out_rx) = mpsc::unbounded_channel::<ClientFrame>();
+            let (out_tx, mut out_rx) = mpsc::unbounded_channel::<SharedClientFrame>();
             let (in_tx, in_rx) = mpsc::channel::<ServerFrame>(LINK_BUFFER);
             tokio::spawn(async move {
                 let mut sink = FramedWrite::new(
                     wr,
-                    FrameCodec::<ServerFrame, ClientFrame>::new(DEFAULT_MAX_FRAME),
+                    FrameCodec::<ServerFrame, SharedClientFrame>::new(DEFAULT_MAX_FRAME),
                 );
+                let ping = SharedClientFrame {
+                    id: 0,
+                    request: Arc::new(ChatRequest::Ping),
+                };
                 loop {
                     let frame = match tokio::time::timeout(PING_EVERY, out_rx.recv()).await {
                         Ok(Some(f)) => f,
                         Ok(None) => break,
-                        Err(_) => ClientFrame {
-                            id: 0,
-                            request: ChatRequest::Ping,
-                        },
+                        Err(_) => ping.clone(),
                     };
                     if let Err(e) = sink.send(frame).await {
                         tracing::warn!(error = %e, "chat server write failed");
@@ -278,7 +279,7 @@ impl ChatConnector for TcpChatConnector {
             tokio::spawn(async move {
                 let mut frames = FramedRead::new(
                     rd,
-                    FrameCodec::<ServerFrame, ClientFrame>::new(bgs_proto::MAX_FRAME_LIMIT),
+                    FrameCodec::<ServerFrame, SharedClientFrame>::new(bgs_proto::MAX_FRAME_LIMIT),
                 );
                 loop {
                     // We ping at least every PING_EVERY and the server answers: a connection
@@ -501,7 +502,7 @@ async fn esp_connection(
         Ok(s) => s,
         Err(e) => {
             Pending::leave(&pending, slot);
-            metrics().refused.inc(&["esp", "handshake"]);
+            metrics().refused.inc(["esp", "handshake"]);
             return Err(e);
         }
     };
@@ -531,7 +532,7 @@ async fn esp_connection(
     };
     Pending::leave(&pending, slot);
     let capacity = |why: &str| {
-        metrics().refused.inc(&["esp", "capacity"]);
+        metrics().refused.inc(["esp", "capacity"]);
         tracing::warn!("esp connection refused: {why}");
         Err(EspError::new(ErrorCode::Capacity, why.to_string()))
     };

@@ -11,11 +11,15 @@
 //! `error`; the node and the session go on.
 
 use std::fmt;
+use std::sync::Arc;
 
+use bgs_proto::bot::BotSpec;
 use bgs_proto::chat::{ChatEvent, RichContent, UserdataChanges, Visibility};
 use bgs_proto::esp::KeyValues;
 use futures_util::future::BoxFuture;
 use serde::{Deserialize, Serialize};
+
+use crate::delivery::InputLabel;
 
 /// Why a bot stopped. The string forms are stable: reports, GetBotStatus and metrics use them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -196,45 +200,69 @@ pub enum BotAction {
     Handoff(Handoff),
 }
 
-/// Who the bot is, and the outbox of its current handler.
+/// Who the bot is, and the outbox of its current handler. It borrows the bot's one shared
+/// spec: giving a bot an input copies no id.
 #[derive(Debug)]
 pub struct BotContext {
-    pub instance_id: String,
-    pub interaction_id: String,
-    pub bot_id: String,
-    pub bot_name: String,
-    pub nickname: String,
-    pub visibility: Visibility,
-    /// A stable id of the input being handled: `{instance_id}:{label}`, the prefix of its posts'
-    /// client keys. The same input handled again (after a reconnect or a switchover) has the
-    /// same id: connectors send it as an idempotency key.
-    pub input_id: String,
+    spec: Arc<BotSpec>,
+    instance_id: Arc<str>,
+    label: Option<InputLabel>,
     actions: Vec<BotAction>,
 }
 
 impl BotContext {
-    pub fn new(
-        instance_id: String,
-        interaction_id: String,
-        bot_id: String,
-        bot_name: String,
-        nickname: String,
-        visibility: Visibility,
-    ) -> Self {
+    pub fn new(spec: Arc<BotSpec>, instance_id: Arc<str>) -> Self {
         Self {
+            spec,
             instance_id,
-            interaction_id,
-            bot_id,
-            bot_name,
-            nickname,
-            visibility,
-            input_id: String::new(),
+            label: None,
             actions: Vec::new(),
         }
     }
 
+    /// The context of one input, named by its label.
+    pub fn for_input(spec: Arc<BotSpec>, instance_id: Arc<str>, label: InputLabel) -> Self {
+        Self {
+            label: Some(label),
+            ..Self::new(spec, instance_id)
+        }
+    }
+
+    pub fn instance_id(&self) -> &str {
+        &self.instance_id
+    }
+
+    pub fn interaction_id(&self) -> &str {
+        &self.spec.key.interaction_id
+    }
+
+    pub fn bot_id(&self) -> &str {
+        &self.spec.key.bot_id
+    }
+
+    pub fn bot_name(&self) -> &str {
+        &self.spec.key.bot_name
+    }
+
+    pub fn nickname(&self) -> &str {
+        &self.spec.nickname
+    }
+
+    pub fn visibility(&self) -> Visibility {
+        self.spec.visibility
+    }
+
+    /// A stable id of the input being handled: `{instance_id}:{label}`, the prefix of its posts'
+    /// client keys. The same input handled again (after a reconnect or a switchover) has the
+    /// same id: connectors send it as an idempotency key. Empty outside an input.
+    pub fn input_id(&self) -> String {
+        self.label
+            .map(|l| l.input_id(&self.instance_id))
+            .unwrap_or_default()
+    }
+
     fn post_kind(&mut self, kind: bgs_proto::chat::PostKind, text: String) {
-        let visibility = self.visibility;
+        let visibility = self.visibility();
         self.actions.push(BotAction::Post {
             kind,
             text,
@@ -252,7 +280,7 @@ impl BotContext {
         } else {
             (rich.fallback(&text), Some(rich))
         };
-        let visibility = self.visibility;
+        let visibility = self.visibility();
         self.actions.push(BotAction::Post {
             kind: bgs_proto::chat::PostKind::Message,
             text,
@@ -277,7 +305,7 @@ impl BotContext {
         self.actions.push(BotAction::Post {
             kind: bgs_proto::chat::PostKind::Message,
             text: text.into(),
-            visibility: self.visibility.narrow(visibility),
+            visibility: self.visibility().narrow(visibility),
             rich: None,
         });
     }

@@ -280,7 +280,7 @@ struct Outbox {
     /// What the bot was started with; its interaction is the chat session it posts to.
     spec: Arc<BotSpec>,
     participant_id: String,
-    instance_id: String,
+    instance_id: Arc<str>,
     /// The chat events it may still cause this minute (`[bots] max-events-per-minute`).
     allowance: std::sync::Mutex<Allowance>,
 }
@@ -330,7 +330,7 @@ impl Outbox {
             PostKind::Notice => "notice",
             PostKind::Typing => "typing",
         };
-        metrics().chat_events.inc(&["out", kind_label]);
+        metrics().chat_events.inc(["out", kind_label]);
         self.call(request).await.map_err(|e| e.context("a post"))
     }
 
@@ -495,7 +495,7 @@ impl Outbox {
             );
             metrics()
                 .bot_limits
-                .add(&["posts_per_input"], left_out as u64);
+                .add(["posts_per_input"], left_out as u64);
             let key = self.key(label, PostSlot::Cut);
             let visibility = self.spec.visibility;
             if let Err(e) = self
@@ -549,17 +549,17 @@ fn note_fitted(fitted: crate::bot_limits::Fitted) {
             parts = crate::bot_limits::MAX_PARTS,
             "bot post too long; split and cut, with a marker"
         );
-        metrics().bot_limits.inc(&["text_cut"]);
+        metrics().bot_limits.inc(["text_cut"]);
     } else if fitted.split {
         tracing::info!(max = MAX_POST, "bot post too long; split into parts");
-        metrics().bot_limits.inc(&["text_split"]);
+        metrics().bot_limits.inc(["text_split"]);
     }
     if fitted.rich_trimmed {
         tracing::warn!(
             max_items = bgs_proto::chat::MAX_RICH_ITEMS,
             "bot post has too many buttons or cards; the first kept, the text lists every choice"
         );
-        metrics().bot_limits.inc(&["rich_items"]);
+        metrics().bot_limits.inc(["rich_items"]);
     }
 }
 
@@ -605,7 +605,7 @@ impl BotActor {
         BotActor {
             outbox: Arc::new(Outbox {
                 spec: setup.spec,
-                instance_id: setup.instance_id,
+                instance_id: setup.instance_id.into(),
                 participant_id: setup.participant_id,
                 link: setup.link,
                 allowance: Default::default(),
@@ -643,16 +643,11 @@ impl BotActor {
     }
 
     fn context(&self, label: InputLabel) -> BotContext {
-        let mut ctx = BotContext::new(
+        BotContext::for_input(
+            self.outbox.spec.clone(),
             self.outbox.instance_id.clone(),
-            self.outbox.spec.key.interaction_id.clone(),
-            self.outbox.spec.key.bot_id.clone(),
-            self.outbox.spec.key.bot_name.clone(),
-            self.outbox.spec.nickname.clone(),
-            self.outbox.spec.visibility,
-        );
-        ctx.input_id = label.input_id(&self.outbox.instance_id);
-        ctx
+            label,
+        )
     }
 
     /// The events the bot was in, for what a hand-off writes as `ChatBotTranscript`.
@@ -681,7 +676,7 @@ impl BotActor {
         let own =
             matches!(&input, BotInput::Event(e) if e.participant_id == self.outbox.participant_id);
         let ha = self.ha.clone();
-        let instance_id = self.outbox.instance_id.clone();
+        let instance_id = self.outbox.instance_id.to_string();
         let started = std::time::Instant::now();
         let span = self.span();
         let fut = async move {
@@ -754,7 +749,7 @@ impl BotActor {
     fn report(&self, reason: StopReason, ended_ms: u64) -> BotReport {
         let spec = &self.outbox.spec;
         BotReport {
-            instance_id: self.outbox.instance_id.clone(),
+            instance_id: self.outbox.instance_id.to_string(),
             interaction_id: spec.key.interaction_id.clone(),
             bot_id: spec.key.bot_id.clone(),
             bot_name: spec.key.bot_name.clone(),
@@ -922,7 +917,7 @@ impl Handler<StopBotActor> for BotActor {
                         Some(reason.as_str().to_string()),
                     ),
                     ("ChatBotEndedAt".to_string(), Some(ended_ms.to_string())),
-                    ("ChatBotInstanceId".to_string(), Some(instance_id)),
+                    ("ChatBotInstanceId".to_string(), Some(instance_id.to_string())),
                 ]
                 .into();
                 let write = async {

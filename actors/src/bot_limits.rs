@@ -28,7 +28,7 @@ pub fn limit_handoff(error: String) -> crate::bot::Handoff {
     tracing::warn!(%error, "bot stopped: it posts too much");
     crate::metrics::metrics()
         .bot_limits
-        .inc(&["events_per_minute"]);
+        .inc(["events_per_minute"]);
     crate::bot::Handoff {
         reason: "bot_limit".into(),
         summary: String::new(),

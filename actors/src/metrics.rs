@@ -109,6 +109,34 @@ impl Counters {
     }
 }
 
+/// A counter family whose label values are all known when the code is written (directions,
+/// kinds, ports, reasons): an increment finds its series by reference, with no allocation, where
+/// [`Counters`] builds a label set of strings for each.
+#[derive(Clone)]
+pub struct StaticCounters<const N: usize> {
+    names: [&'static str; N],
+    family: Family<[(&'static str, &'static str); N], Counter>,
+}
+
+impl<const N: usize> StaticCounters<N> {
+    fn new(names: [&'static str; N]) -> Self {
+        StaticCounters {
+            names,
+            family: Family::default(),
+        }
+    }
+
+    pub fn inc(&self, values: [&'static str; N]) {
+        self.add(values, 1);
+    }
+
+    pub fn add(&self, values: [&'static str; N], n: u64) {
+        let labels: [(&'static str, &'static str); N] =
+            std::array::from_fn(|i| (self.names[i], values[i]));
+        self.family.get_or_create(&labels).inc_by(n);
+    }
+}
+
 /// A histogram family with one label (`method`).
 #[derive(Clone)]
 pub struct Histograms {
@@ -176,17 +204,17 @@ pub struct Metrics {
     /// plugin, reason, category, function
     pub bots_stopped: Counters,
     /// direction, kind
-    pub chat_events: Counters,
+    pub chat_events: StaticCounters<2>,
     /// kind (manual, failover)
-    pub switchovers: Counters,
+    pub switchovers: StaticCounters<1>,
     /// plugin, endpoint, result (ok, retry, failed): calls of connector plugins to external bots
     pub external_requests: Counters,
     /// plugin, outcome (restarted, given_up): exits of process plugins
     pub plugin_exits: Counters,
     /// port (esp, http, ha), reason (unauthorized, capacity, handshake, bf_capability)
-    pub refused: Counters,
+    pub refused: StaticCounters<2>,
     /// limit (posts_per_input, events_per_minute, text_split, text_cut, rich_items)
-    pub bot_limits: Counters,
+    pub bot_limits: StaticCounters<1>,
     /// plugin: set from the node's registry of bots at each scrape
     bots_active: Family<Labels, Gauge>,
     pub chat_reconnects: Counter,
@@ -255,16 +283,6 @@ impl Default for Metrics {
             "Bots stopped, by plugin, reason, category and function",
             &["plugin", "reason", "category", "function"],
         );
-        let chat_events = counters(
-            "bgs_chat_events",
-            "Chat events received (in) and posted (out), by kind",
-            &["direction", "kind"],
-        );
-        let switchovers = counters(
-            "bgs_ha_switchovers",
-            "Role changes to primary on this node, by kind (manual, failover)",
-            &["kind"],
-        );
         let external_requests = counters(
             "bgs_external_requests",
             "Attempts of connector plugins to reach their external bots, by plugin, endpoint and result (ok; retry: failed, tried again; failed: failed, given up)",
@@ -275,15 +293,29 @@ impl Default for Metrics {
             "Exits of process plugins, by plugin and outcome (restarted, given_up)",
             &["plugin", "outcome"],
         );
-        let refused = counters(
+        let chat_events = StaticCounters::new(["direction", "kind"]);
+        registry.register(
+            "bgs_chat_events",
+            "Chat events received (in) and posted (out), by kind",
+            chat_events.family.clone(),
+        );
+        let switchovers = StaticCounters::new(["kind"]);
+        registry.register(
+            "bgs_ha_switchovers",
+            "Role changes to primary on this node, by kind (manual, failover)",
+            switchovers.family.clone(),
+        );
+        let refused = StaticCounters::new(["port", "reason"]);
+        registry.register(
             "bgs_connections_refused",
             "Connections and requests refused before any work, by port (esp: framed ESP, http, ha) and reason (unauthorized, capacity, handshake, bf_capability)",
-            &["port", "reason"],
+            refused.family.clone(),
         );
-        let bot_limits = counters(
+        let bot_limits = StaticCounters::new(["limit"]);
+        registry.register(
             "bgs_bot_limits",
             "Times a bot's output was held to a limit, by limit (posts_per_input: posts left out; events_per_minute: bot stopped; text_split, text_cut: a long post split or cut; rich_items: buttons or cards left out)",
-            &["limit"],
+            bot_limits.family.clone(),
         );
         registry.register(
             "bgs_esp_request_seconds",

@@ -517,6 +517,15 @@ pub struct ClientFrame {
     pub request: ChatRequest,
 }
 
+/// A [`ClientFrame`] whose request is shared: the ChatLink keeps every request it sends until it
+/// is answered, to send it again after a reconnect, and sends it without a copy. The same bytes
+/// on the wire as a `ClientFrame`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SharedClientFrame {
+    pub id: u64,
+    pub request: std::sync::Arc<ChatRequest>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ChatResponse {
     Welcome {
@@ -636,6 +645,34 @@ impl ChatErrorCode {
 mod tests {
     use super::*;
     use crate::codec::{decode, encode};
+
+    #[test]
+    fn a_shared_client_frame_is_a_client_frame_on_the_wire() {
+        let request = ChatRequest::Post(PostRequest {
+            session_id: "s".into(),
+            participant_id: "p".into(),
+            kind: PostKind::Message,
+            text: "hi".into(),
+            visibility: Visibility::Int,
+            key: Some("k:1:0".into()),
+            rich: None,
+        });
+        let shared = SharedClientFrame {
+            id: 9,
+            request: std::sync::Arc::new(request.clone()),
+        };
+        let bytes = encode(&shared).unwrap();
+        assert_eq!(
+            bytes,
+            encode(&ClientFrame {
+                id: 9,
+                request: request.clone()
+            })
+            .unwrap()
+        );
+        let back: ClientFrame = decode(&bytes).unwrap();
+        assert_eq!((back.id, back.request), (9, request));
+    }
 
     #[test]
     fn visibility_rules() {

@@ -220,9 +220,7 @@ impl Connector {
 /// reason}`: `bf_capability`, not the conversation's serviceUrl; `bf_token`, a bot with an app id
 /// sent no valid token).
 pub fn refused(reason: &'static str) {
-    bgs_actors::metrics::metrics()
-        .refused
-        .inc(&["http", reason]);
+    bgs_actors::metrics::metrics().refused.inc(["http", reason]);
     tracing::debug!(reason, "Bot Framework connector request refused");
 }
 
@@ -411,18 +409,18 @@ impl ChannelBot {
             "type": kind,
             "timestamp": timestamp,
             "localTimestamp": local,
-            "id": ctx.input_id,
+            "id": ctx.input_id(),
             "channelId": "bgs",
             "serviceUrl": self.service_url,
             "conversation": {"id": self.conversation},
             "recipient": {
                 "id": self.endpoint.app_id.clone().unwrap_or_else(|| format!("bot-{}", self.endpoint.name)),
-                "name": ctx.nickname,
+                "name": ctx.nickname(),
                 "role": "bot"
             },
             "channelData": {
-                "interaction_id": ctx.interaction_id,
-                "instance_id": ctx.instance_id,
+                "interaction_id": ctx.interaction_id(),
+                "instance_id": ctx.instance_id(),
                 "userdata": self.userdata,
             },
             "locale": "en-US",
@@ -565,7 +563,7 @@ impl Bot for ChannelBot {
         Box::pin(async move {
             match input {
                 BotInput::Start(start) => {
-                    self.conversation = ctx.instance_id.clone();
+                    self.conversation = ctx.instance_id().to_string();
                     self.service_url = format!(
                         "{}bf/{}/",
                         self.service_url,
@@ -608,7 +606,7 @@ impl Bot for ChannelBot {
                             if !self.done {
                                 let mut activity =
                                     self.activity(ctx, "message", bgs_actors::now_ms());
-                                activity["id"] = json!(format!("{}:history", ctx.input_id));
+                                activity["id"] = json!(format!("{}:history", ctx.input_id()));
                                 activity["from"] =
                                     json!({"id": sender, "name": customer.1, "role": "user"});
                                 activity["text"] = json!(text);
@@ -799,16 +797,16 @@ fn urlencode(s: &str) -> String {
 mod tests {
     use super::*;
     use bgs_actors::bot::BotAction;
-    use bgs_proto::chat::Visibility;
 
     fn ctx() -> BotContext {
+        let key = bgs_proto::bot::BotKey {
+            interaction_id: "s".into(),
+            bot_id: "botframework".into(),
+            bot_name: "helpdesk".into(),
+        };
         BotContext::new(
+            std::sync::Arc::new(bgs_proto::bot::BotSpec::new(key, "Helpdesk")),
             "i".into(),
-            "s".into(),
-            "botframework".into(),
-            "helpdesk".into(),
-            "Helpdesk".into(),
-            Visibility::All,
         )
     }
 

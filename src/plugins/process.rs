@@ -518,12 +518,12 @@ impl Drop for ProcessBot {
 
 fn first_message(ctx: &BotContext, bot_name: &str, start: BotStart) -> Value {
     let mut msg = json!({
-        "bot": ctx.instance_id,
-        "interaction": ctx.interaction_id,
-        "bot_id": ctx.bot_id,
+        "bot": ctx.instance_id(),
+        "interaction": ctx.interaction_id(),
+        "bot_id": ctx.bot_id(),
         "bot_name": bot_name,
-        "nickname": ctx.nickname,
-        "visibility": ctx.visibility,
+        "nickname": ctx.nickname(),
+        "visibility": ctx.visibility(),
         "parameters": start.parameters,
         "userdata": start.userdata,
     });
@@ -566,7 +566,7 @@ impl Bot for ProcessBot {
     ) -> BoxFuture<'a, Result<(), BotError>> {
         Box::pin(async move {
             let (tx, rx) = oneshot::channel();
-            let instance = ctx.instance_id.clone();
+            let instance = ctx.instance_id().to_string();
             let cmd = match input {
                 BotInput::Start(start) => {
                     self.instance = instance.clone();

@@ -231,17 +231,17 @@ impl WebhookBot {
             "sender": sender,
             "message": text,
             "metadata": {
-                "interaction_id": ctx.interaction_id,
-                "instance_id": ctx.instance_id,
-                "bot_name": ctx.bot_name,
-                "nickname": ctx.nickname,
+                "interaction_id": ctx.interaction_id(),
+                "instance_id": ctx.instance_id(),
+                "bot_name": ctx.bot_name(),
+                "nickname": ctx.nickname(),
                 "parameters": self.parameters,
                 "userdata": self.userdata,
             }
         });
         let endpoint = self.endpoint.clone();
         let client = endpoint.client.clone();
-        let key = ctx.input_id.clone();
+        let key = ctx.input_id();
         let answer = endpoint
             .policy
             .run(|timeout| {
@@ -321,16 +321,16 @@ impl Bot for WebhookBot {
 mod tests {
     use super::*;
     use bgs_actors::bot::BotAction;
-    use bgs_proto::chat::Visibility;
 
     fn ctx() -> BotContext {
+        let key = bgs_proto::bot::BotKey {
+            interaction_id: "s".into(),
+            bot_id: "webhook".into(),
+            bot_name: "faq".into(),
+        };
         BotContext::new(
+            std::sync::Arc::new(bgs_proto::bot::BotSpec::new(key, "faq")),
             "i".into(),
-            "s".into(),
-            "webhook".into(),
-            "faq".into(),
-            "faq".into(),
-            Visibility::All,
         )
     }
 

@@ -17,7 +17,9 @@ use std::time::{Duration, Instant};
 
 use actix::prelude::*;
 use actix::WeakRecipient;
-use bgs_proto::chat::{ChatRequest, ChatResponse, ClientFrame, ClientRole, Secret, ServerFrame};
+use bgs_proto::chat::{
+    ChatRequest, ChatResponse, ClientRole, Secret, ServerFrame, SharedClientFrame,
+};
 use futures_util::future::BoxFuture;
 use tokio::sync::{mpsc, oneshot};
 
@@ -48,7 +50,7 @@ fn event_kind(k: bgs_proto::chat::EventKind) -> &'static str {
 /// link bounds what it sends itself (`max_queued` requests, one resume per followed bot) and
 /// must never block or drop a frame.
 pub struct ChatConnection {
-    pub outbound: mpsc::UnboundedSender<ClientFrame>,
+    pub outbound: mpsc::UnboundedSender<SharedClientFrame>,
     pub inbound: mpsc::Receiver<ServerFrame>,
 }
 
@@ -159,9 +161,12 @@ pub struct ChatLink {
     connector: Arc<dyn ChatConnector>,
     on_fenced: Option<Recipient<ChatFenced>>,
     /// The current connection's outbound side (of the state's generation), once it is open.
-    outbound: Option<mpsc::UnboundedSender<ClientFrame>>,
+    outbound: Option<mpsc::UnboundedSender<SharedClientFrame>>,
     address: String,
     clock: Instant,
+    /// Kept between steps, so that a step allocates nothing for its inputs and effects.
+    inputs: VecDeque<Input<WeakRecipient<Feed>, Reply>>,
+    effects: Vec<Effect<WeakRecipient<Feed>, Reply>>,
 }
 
 impl ChatLink {
@@ -182,6 +187,8 @@ impl ChatLink {
             outbound: None,
             address: config.address,
             clock: Instant::now(),
+            inputs: VecDeque::new(),
+            effects: Vec::new(),
         }
     }
 
@@ -191,13 +198,18 @@ impl ChatLink {
 
     /// Steps the state with `input`, and with whatever carrying out its effects brings back.
     fn apply(&mut self, input: Input<WeakRecipient<Feed>, Reply>, ctx: &mut Context<Self>) {
-        let mut inputs = VecDeque::from([input]);
+        let mut inputs = std::mem::take(&mut self.inputs);
+        let mut effects = std::mem::take(&mut self.effects);
+        inputs.push_back(input);
         while let Some(input) = inputs.pop_front() {
             let now = self.now();
-            for effect in self.state.step(now, input) {
+            self.state.step_into(now, input, &mut effects);
+            for effect in effects.drain(..) {
                 self.carry_out(effect, &mut inputs, ctx);
             }
         }
+        self.inputs = inputs;
+        self.effects = effects;
     }
 
     fn carry_out(
@@ -281,7 +293,7 @@ impl ChatLink {
         };
         if let Feed::Events(e) = &feed {
             for event in &e.events {
-                metrics().chat_events.inc(&["in", event_kind(event.kind)]);
+                metrics().chat_events.inc(["in", event_kind(event.kind)]);
             }
         }
         let Some(recipient) = to.upgrade() else {

@@ -14,9 +14,11 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use std::sync::Arc;
+
 use bgs_proto::chat::{
-    ChatError, ChatErrorCode, ChatEvent, ChatRequest, ChatResponse, ClientFrame, ClientRole, Hello,
-    ResumeRequest, Secret, ServerFrame, CHAT_PROTOCOL_VERSION,
+    ChatError, ChatErrorCode, ChatEvent, ChatRequest, ChatResponse, ClientRole, Hello,
+    ResumeRequest, Secret, ServerFrame, SharedClientFrame, CHAT_PROTOCOL_VERSION,
 };
 
 use crate::delivery::Cursor;
@@ -134,8 +136,9 @@ pub enum Effect<F, R> {
         generation: u64,
         reconnect: bool,
     },
-    /// Send on the current connection (its failure comes back as `Closed`).
-    Send(ClientFrame),
+    /// Send on the current connection (its failure comes back as `Closed`). The request is
+    /// shared with the pending call that keeps it for a re-send.
+    Send(SharedClientFrame),
     /// Drop the current connection.
     Disconnect,
     /// The link is up (true) or not, for status and metrics.
@@ -164,7 +167,7 @@ pub struct Route<F> {
 }
 
 struct Pending<F, R> {
-    request: ChatRequest,
+    request: Arc<ChatRequest>,
     follow: Option<Follow<F>>,
     reply: Option<R>,
     /// Sent on the current connection (else queued for the next one).
@@ -253,7 +256,18 @@ impl<F: Clone, R> LinkState<F, R> {
         self.generation
     }
 
+    /// One input; the effects to carry out, in order (the tests' and the simulation's form).
+    #[cfg(test)]
     pub fn step(&mut self, now: Millis, input: Input<F, R>) -> Vec<Effect<F, R>> {
+        let mut out = Vec::new();
+        self.step_into(now, input, &mut out);
+        out
+    }
+
+    /// [`step`](Self::step) into a buffer the caller keeps (empty on entry): a step allocates
+    /// nothing for its effects.
+    pub fn step_into(&mut self, now: Millis, input: Input<F, R>, out: &mut Vec<Effect<F, R>>) {
+        std::mem::swap(&mut self.effects, out);
         self.now = self.now.max(now);
         match input {
             Input::Activate { epoch } => self.activate(epoch),
@@ -291,7 +305,7 @@ impl<F: Clone, R> LinkState<F, R> {
             }
             Input::Tick => self.tick(),
         }
-        std::mem::take(&mut self.effects)
+        std::mem::swap(&mut self.effects, out);
     }
 
     fn emit(&mut self, effect: Effect<F, R>) {
@@ -343,14 +357,14 @@ impl<F: Clone, R> LinkState<F, R> {
         self.handshake.clear();
         let id = self.take_id();
         self.handshake.insert(id, Handshake::Hello);
-        let hello = ClientFrame {
+        let hello = SharedClientFrame {
             id,
-            request: ChatRequest::Hello(Hello {
+            request: Arc::new(ChatRequest::Hello(Hello {
                 version: CHAT_PROTOCOL_VERSION,
                 role: self.config.role.clone(),
                 client_name: "bgs".into(),
                 credential: self.config.credential.clone(),
-            }),
+            })),
         };
         self.emit(Effect::Send(hello));
         self.conn = Conn::Handshaking;
@@ -477,7 +491,7 @@ impl<F: Clone, R> LinkState<F, R> {
         self.pending.insert(
             id,
             Pending {
-                request,
+                request: Arc::new(request),
                 follow,
                 reply,
                 sent: false,
@@ -494,7 +508,7 @@ impl<F: Clone, R> LinkState<F, R> {
             return;
         };
         p.sent = true;
-        let frame = ClientFrame {
+        let frame = SharedClientFrame {
             id,
             request: p.request.clone(),
         };
@@ -533,7 +547,7 @@ impl<F: Clone, R> LinkState<F, R> {
     }
 
     fn on_reply(&mut self, p: Pending<F, R>, result: Result<ChatResponse, ChatError>) {
-        let since = match &p.request {
+        let since = match &*p.request {
             ChatRequest::Join(r) => r.since_seq,
             ChatRequest::Resume(r) => r.since_seq,
             _ => 0,
@@ -659,13 +673,13 @@ impl<F: Clone, R> LinkState<F, R> {
                 id,
                 Handshake::Resume(session_id.clone(), participant_id.clone()),
             );
-            self.emit(Effect::Send(ClientFrame {
+            self.emit(Effect::Send(SharedClientFrame {
                 id,
-                request: ChatRequest::Resume(ResumeRequest {
+                request: Arc::new(ChatRequest::Resume(ResumeRequest {
                     session_id,
                     participant_id,
                     since_seq,
-                }),
+                })),
             }));
         }
     }
@@ -687,7 +701,7 @@ impl<F: Clone, R> LinkState<F, R> {
             let join_in_doubt = self
                 .pending
                 .get(&id)
-                .is_some_and(|p| matches!(p.request, ChatRequest::Join(_)) && p.sent);
+                .is_some_and(|p| matches!(*p.request, ChatRequest::Join(_)) && p.sent);
             if join_in_doubt {
                 if let Some(p) = self.pending.remove(&id) {
                     self.reply(
@@ -812,7 +826,7 @@ mod tests {
             .filter_map(|e| match e {
                 Effect::Send(f) => Some((
                     f.id,
-                    match &f.request {
+                    match &*f.request {
                         ChatRequest::Hello(_) => "hello".to_string(),
                         ChatRequest::Join(_) => "join".to_string(),
                         ChatRequest::Resume(r) => format!("resume {}", r.since_seq),
@@ -926,10 +940,12 @@ mod tests {
         assert!(call(&mut l, post("k1"), None, 2).is_empty());
         let (hello, out) = connect(&mut l, 0);
         match &out[0] {
-            Effect::Send(ClientFrame {
-                request: ChatRequest::Hello(h),
-                ..
-            }) => assert!(matches!(h.role, ClientRole::Gateway { epoch: 4, .. })),
+            Effect::Send(f) => match &*f.request {
+                ChatRequest::Hello(h) => {
+                    assert!(matches!(h.role, ClientRole::Gateway { epoch: 4, .. }))
+                }
+                _ => panic!("the Hello goes first"),
+            },
             _ => panic!("the Hello goes first"),
         }
         assert!(call(&mut l, post("k2"), None, 3).is_empty());

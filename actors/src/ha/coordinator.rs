@@ -118,7 +118,7 @@ impl HaCoordinator {
             Effect::Send { conn, frame } => {
                 if let HaFrame::Refused { reason } = &frame {
                     tracing::warn!(%reason, "HA connection refused");
-                    metrics().refused.inc(&["ha", "handshake"]);
+                    metrics().refused.inc(["ha", "handshake"]);
                 }
                 let sent = self
                     .links
@@ -218,7 +218,7 @@ impl HaCoordinator {
                 });
                 inputs.push_back(Input::StateWritten { saved, error });
             }
-            Effect::Switched { kind } => metrics().switchovers.inc(&[kind]),
+            Effect::Switched { kind } => metrics().switchovers.inc([kind]),
         }
     }
 

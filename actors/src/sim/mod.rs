@@ -723,6 +723,10 @@ impl Sim {
             }
             LinkEffect::Send(frame) => {
                 if let Some((_, conn)) = self.nodes[n].conn {
+                    let frame = bgs_proto::chat::ClientFrame {
+                        id: frame.id,
+                        request: (*frame.request).clone(),
+                    };
                     self.chat_send(conn, true, Ev::ToServer { conn, frame });
                 }
             }
