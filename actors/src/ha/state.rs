@@ -182,7 +182,8 @@ struct Link {
     peer_node: Option<String>,
     /// Backup: the snapshot of this connection has been applied. A primary sends one snapshot
     /// per connection: another one is a stale or repeated frame, and must not roll the store
-    /// back past what was acknowledged since.
+    /// back past what was acknowledged since. Primary: the backup has acknowledged it, so it
+    /// holds this node's state (an empty store acknowledged at op 0 included).
     snapshot_applied: bool,
 }
 
@@ -367,7 +368,7 @@ impl HaState {
                         epoch = self.epoch,
                         "the Chat Server fenced this node; becoming backup"
                     );
-                    self.demote(true, false, now);
+                    self.demote(true, now);
                     self.remember("fenced", now);
                 }
             }
@@ -402,9 +403,7 @@ impl HaState {
             peer_connected: self.link_up(),
             in_sync: match self.role {
                 HaRole::Backup => self.in_sync && self.link_up(),
-                HaRole::Primary => {
-                    self.link_up() && self.acked >= self.snapshot_upto && self.unacked.is_empty()
-                }
+                HaRole::Primary => self.backup_synced() && self.unacked.is_empty(),
             },
             replication_pending: self.unacked.len() as u64,
             replication_lag_seconds: self.lag_ms(now) as f64 / 1000.0,
@@ -450,6 +449,14 @@ impl HaState {
 
     fn link_up(&self) -> bool {
         self.link.as_ref().is_some_and(|l| l.stage == Stage::Up)
+    }
+
+    /// Primary: the backup on the link has acknowledged this connection's snapshot (it holds
+    /// this node's state, and follows the stream).
+    fn backup_synced(&self) -> bool {
+        self.link
+            .as_ref()
+            .is_some_and(|l| l.stage == Stage::Up && l.snapshot_applied)
     }
 
     fn drop_link(&mut self, why: &str, now: Time) {
@@ -807,6 +814,10 @@ impl HaState {
             }
             HaFrame::Ack { upto_op } if self.role == HaRole::Primary => {
                 self.acked = self.acked.max(upto_op);
+                let snapshot = self.snapshot_upto;
+                if let Some(l) = self.link.as_mut().filter(|_| upto_op >= snapshot) {
+                    l.snapshot_applied = true;
+                }
                 while self.unacked.front().is_some_and(|(id, _)| *id <= upto_op) {
                     self.unacked.pop_front();
                 }
@@ -816,7 +827,7 @@ impl HaState {
                     ..
                 }) = self.switchover
                 {
-                    if self.acked >= last {
+                    if self.acked >= last && self.backup_synced() {
                         self.finish_switchover(now);
                     }
                 }
@@ -926,9 +937,7 @@ impl HaState {
     }
 
     /// Becomes backup: drops every bot without a leave (they go on at the primary).
-    /// Becomes a backup: `fenced` (a newer epoch exists), or after this node `handed_over` in a
-    /// switchover.
-    fn demote(&mut self, fenced: bool, handed_over: bool, now: Time) {
+    fn demote(&mut self, fenced: bool, now: Time) {
         if self.role == HaRole::Backup {
             return;
         }
@@ -938,21 +947,13 @@ impl HaState {
         for conn in std::mem::take(&mut self.handshakes).into_keys() {
             self.refuse(conn, "this node is no longer the primary");
         }
+        // Another node is (or is becoming) the primary: do not fail over to ourselves before we
+        // hold its state.
+        self.synced_once = false;
         self.in_sync = false;
-        if handed_over {
-            // This node's store is what it handed over, every op acknowledged: the state the
-            // new primary starts from. Kept, so that if the hand-over never arrives (the link
-            // broke under it) or the new primary dies at once, this node fails over again with
-            // every bot rather than leaving the pair with no primary.
-            self.synced_once = true;
-        } else {
-            // Another node is the primary (it fenced us): do not fail over to ourselves before
-            // we hold its state.
-            self.synced_once = false;
-            let store = std::mem::take(&mut self.store);
-            if !store.is_empty() {
-                self.out.push(Effect::Discard(std::sync::Arc::new(store)));
-            }
+        let store = std::mem::take(&mut self.store);
+        if !store.is_empty() {
+            self.out.push(Effect::Discard(std::sync::Arc::new(store)));
         }
         self.outbox.clear();
         self.unacked.clear();
@@ -1027,10 +1028,10 @@ impl HaState {
         if self.switchover.is_none() {
             return;
         }
-        // Wait until the backup has acknowledged every op.
+        // Wait until the backup has acknowledged every op (and this connection's snapshot).
         self.flush();
         let last = self.next_op - 1;
-        if self.acked >= last || !self.link_up() {
+        if (self.acked >= last && self.backup_synced()) || !self.link_up() {
             self.finish_switchover(now);
         } else if let Some(run) = self.switchover.as_mut() {
             run.phase = SwitchoverPhase::Waiting {
@@ -1055,9 +1056,11 @@ impl HaState {
             SwitchoverPhase::Waiting { last, .. } => last,
             SwitchoverPhase::Draining => self.next_op - 1,
         };
-        // Everything up to the drained state is acknowledged; anything later (a bot that ended
-        // meanwhile) is already on the link, ahead of the hand-over.
-        let all_acked = self.acked >= last;
+        // Everything up to the drained state is acknowledged, by a backup that applied this
+        // connection's snapshot (a backup that never held this node's state would take over
+        // without it, or ignore the hand-over); anything later (a bot that ended meanwhile) is
+        // already on the link, ahead of the hand-over.
+        let all_acked = self.acked >= last && self.backup_synced();
         self.flush();
         if !self.link_up() || !all_acked {
             self.draining = false;
@@ -1083,7 +1086,7 @@ impl HaState {
         self.primary_http = None;
         let peer_http = self.c.peer_http.clone();
         self.epoch = new_epoch;
-        self.demote(false, true, now);
+        self.demote(false, now);
         self.remember("switchover", now);
         self.drop_link("hand-over sent", now);
         self.primary_http = peer_http;
