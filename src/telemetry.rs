@@ -29,7 +29,7 @@ pub fn init(json: bool, level: &str) {
 pub fn install_panic_hook() {
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
-        if bgs_actors::bot_actor::in_plugin() {
+        if bgs_actors::plugin_guard::in_plugin() {
             tracing::warn!(panic = %info, "a bot plugin panicked; it is caught (the bot stops, or its StartBot is refused)");
             return;
         }

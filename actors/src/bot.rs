@@ -103,7 +103,7 @@ impl fmt::Display for StopReason {
 /// they share besides messages is the `done` flag (an `AtomicBool`): set as soon as either
 /// decides the bot takes no more inputs, so that inputs already queued are skipped at once.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BotPhase {
+pub(crate) enum BotPhase {
     /// Joining the chat (the session waits for the bot's own `joined` event).
     Starting,
     /// Taking inputs.
@@ -117,11 +117,11 @@ pub enum BotPhase {
 
 impl BotPhase {
     /// Whether the bot still takes inputs.
-    pub fn takes_inputs(self) -> bool {
+    pub(crate) fn takes_inputs(self) -> bool {
         self == BotPhase::Running
     }
 
-    pub fn is_stopping(self) -> bool {
+    pub(crate) fn is_stopping(self) -> bool {
         matches!(self, BotPhase::Stopping(_))
     }
 }

@@ -28,7 +28,7 @@ use bgs_proto::ha::HaOp;
 use tracing::Instrument;
 
 /// Most inputs waiting for one bot; beyond it the bot is stopped (it cannot keep up).
-pub const BOT_MAILBOX: usize = 1024;
+pub(crate) const BOT_MAILBOX: usize = 1024;
 
 /// Everything a BotActor starts with.
 pub struct BotSetup {
@@ -52,15 +52,16 @@ pub struct BotSetup {
     pub done: Arc<std::sync::atomic::AtomicBool>,
 }
 
-/// Switchover drain: handled after every input given before it; then the token is let go.
+/// Switchover drain: handled after every input given before it; then the token is let go
+/// (it is held, never read: its drop is the signal).
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct FlushBot(pub DrainToken);
+pub(crate) struct FlushBot(#[allow(dead_code)] pub(crate) DrainToken);
 
 /// Stop at once: no stop handler, no leave, no report (the bot goes on at the new primary).
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct AbandonBot;
+pub(crate) struct AbandonBot;
 
 /// An input for the bot.
 #[derive(Message)]
@@ -76,7 +77,7 @@ pub enum Deliver {
 /// says so, then reports `BotNotice::Finished`.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct StopBotActor {
+pub(crate) struct StopBotActor {
     pub reason: StopReason,
 }
 
@@ -172,49 +173,6 @@ struct Outcome {
     handoff: Option<Handoff>,
 }
 
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    panic
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "unknown panic".into())
-}
-
-thread_local! {
-    static IN_PLUGIN: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// True while plugin code runs on this thread: a panic hook uses it to tell a plugin's panic
-/// (caught, the bot stops) from the gateway's own (the process exits).
-pub fn in_plugin() -> bool {
-    IN_PLUGIN.with(|f| f.get())
-}
-
-/// Marks every poll of the wrapped plugin future as plugin code.
-struct PluginCode<F>(F);
-
-impl<F: std::future::Future + Unpin> std::future::Future for PluginCode<F> {
-    type Output = F::Output;
-    fn poll(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<F::Output> {
-        let before = IN_PLUGIN.with(|f| f.replace(true));
-        let out = std::pin::Pin::new(&mut self.0).poll(cx);
-        IN_PLUGIN.with(|f| f.set(before));
-        out
-    }
-}
-
-/// Runs plugin code that is not a future (factories, the synchronous part of `handle`),
-/// catching a panic and marking the thread as in plugin code meanwhile.
-pub fn plugin_call<R>(f: impl FnOnce() -> R) -> Result<R, String> {
-    let before = IN_PLUGIN.with(|flag| flag.replace(true));
-    let result = std::panic::catch_unwind(AssertUnwindSafe(f));
-    IN_PLUGIN.with(|flag| flag.set(before));
-    result.map_err(|p| panic_message(&*p))
-}
-
 /// How long a stopping bot waits for its waiting-mode outcome to be written.
 const OUTCOME_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -222,9 +180,10 @@ pub use crate::bot_limits::MAX_POST;
 use crate::bot_limits::{
     fit_post, limit_handoff, limits, Allowance, POSTS_CUT_NOTICE, STOPPED_NOTICE,
 };
+use crate::plugin_guard::{panic_message, plugin_call, PluginCode};
 /// Largest context a bot may save (bytes); a larger save is refused and logged, and the last
 /// accepted one stays (the HA link carries contexts in frames of at most 16 MiB).
-pub const MAX_CONTEXT: usize = 1 << 20;
+pub(crate) const MAX_CONTEXT: usize = 1 << 20;
 
 /// Runs one handler: returns the bot (unless it panicked or overran), its error, its actions.
 async fn call(

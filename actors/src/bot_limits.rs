@@ -12,11 +12,11 @@ use bgs_proto::chat::{RichContent, MAX_RICH_ITEMS};
 /// text is split into parts of at most this size.
 pub const MAX_POST: usize = 16 * 1024;
 /// Most parts one post is split into; what is beyond them is cut, with [`CUT_MARKER`].
-pub const MAX_PARTS: usize = 4;
+pub(crate) const MAX_PARTS: usize = 4;
 /// Ends the last part of a post that was cut.
-pub const CUT_MARKER: &str = " [… message cut]";
+pub(crate) const CUT_MARKER: &str = " [… message cut]";
 /// The notice the customer gets when posts of one input were not shown.
-pub const POSTS_CUT_NOTICE: &str = "(Some of the assistant's messages were not shown.)";
+pub(crate) const POSTS_CUT_NOTICE: &str = "(Some of the assistant's messages were not shown.)";
 /// The notice the customer gets when a bot is stopped for posting too much.
 pub const STOPPED_NOTICE: &str =
     "Sorry, our assistant ran into a problem. Let me find a person who can help you.";
@@ -72,7 +72,7 @@ pub fn limits() -> BotLimits {
 /// A bot's allowance of chat events: a bucket of `per_minute` tokens, refilled every second.
 /// Eight bytes: every bot has one.
 #[derive(Debug, Default)]
-pub struct Allowance {
+pub(crate) struct Allowance {
     used: f32,
     /// When it was last taken from, in seconds of [`clock`].
     last: u32,
@@ -87,7 +87,7 @@ pub fn clock(now: Instant) -> u32 {
 
 impl Allowance {
     /// Takes one event's token at `now` (seconds of [`clock`]); false when the bucket is empty.
-    pub fn take(&mut self, per_minute: u32, now: u32) -> bool {
+    pub(crate) fn take(&mut self, per_minute: u32, now: u32) -> bool {
         let capacity = per_minute.max(1) as f32;
         let refill = now.saturating_sub(self.last) as f32 * capacity / 60.0;
         self.used = (self.used - refill).max(0.0);
@@ -102,7 +102,7 @@ impl Allowance {
 
 /// What [`fit_post`] had to change.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Fitted {
+pub(crate) struct Fitted {
     /// The text was split into more than one part.
     pub split: bool,
     /// Text beyond [`MAX_PARTS`] parts was cut.
@@ -116,7 +116,7 @@ pub struct Fitted {
 /// a space where there is one, always at a character boundary), at most [`MAX_PARTS`] of them,
 /// the last one ending in [`CUT_MARKER`] when text was left out; rich content with at most
 /// [`MAX_RICH_ITEMS`] items and `max` bytes of text, attached to the last part.
-pub fn fit_post(
+pub(crate) fn fit_post(
     text: String,
     rich: Option<RichContent>,
     max: usize,

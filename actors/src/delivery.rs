@@ -16,25 +16,25 @@ use bgs_proto::chat::ChatEvent;
 /// How far a feed was handled: the number of the last event taken. Chat events are numbered
 /// from 1 in each session; a cursor at 0 takes everything.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Cursor(u64);
+pub(crate) struct Cursor(u64);
 
 impl Cursor {
     /// A cursor past every event up to `seq` (a join, a checkpoint, a resume's since).
-    pub const fn at(seq: u64) -> Self {
+    pub(crate) const fn at(seq: u64) -> Self {
         Cursor(seq)
     }
 
-    pub const fn seq(self) -> u64 {
+    pub(crate) const fn seq(self) -> u64 {
         self.0
     }
 
     /// An event the cursor has not passed yet.
-    pub const fn is_new(self, seq: u64) -> bool {
+    pub(crate) const fn is_new(self, seq: u64) -> bool {
         seq > self.0
     }
 
     /// Takes the event `seq` if it is new: true, and the cursor moves past it; false for a replay.
-    pub fn take(&mut self, seq: u64) -> bool {
+    pub(crate) fn take(&mut self, seq: u64) -> bool {
         let new = self.is_new(seq);
         if new {
             self.0 = seq;
@@ -43,7 +43,7 @@ impl Cursor {
     }
 
     /// Keeps the new events of a batch (in order), and moves past the whole batch.
-    pub fn take_new(&mut self, mut events: Vec<ChatEvent>) -> Vec<ChatEvent> {
+    pub(crate) fn take_new(&mut self, mut events: Vec<ChatEvent>) -> Vec<ChatEvent> {
         let last = events.last().map_or(0, |e| e.seq);
         let from = self.0;
         events.retain(|e| e.seq > from);
@@ -106,7 +106,7 @@ impl InputLabel {
 
 /// Which post of an input a key names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PostSlot {
+pub(crate) enum PostSlot {
     /// The `index`th action of the input, its `part`th part when it was split to fit
     /// (`{index}`, then `{index}.{part}`).
     Action { index: usize, part: usize },
@@ -118,7 +118,7 @@ pub enum PostSlot {
 
 /// The client key of one post: `{instance}:{label}:{slot}`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct PostKey<'a> {
+pub(crate) struct PostKey<'a> {
     pub instance_id: &'a str,
     pub label: InputLabel,
     pub slot: PostSlot,

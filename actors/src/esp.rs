@@ -153,7 +153,7 @@ impl EspCommand {
     }
 }
 
-pub const CHANNEL: &str = "channel-chatbot";
+pub(crate) const CHANNEL: &str = "channel-chatbot";
 const START_KEYS: &[&str] = &[
     "ChatBotID",
     "ChatBotName",

@@ -1,3 +1,4 @@
+#![warn(unreachable_pub)]
 //! bgs actors: the Supervisor (ESP intake), one SessionActor per chat session, one BotActor per
 //! bot instance, a ChatLink per Chat Server connection, and the bot API plugins implement.
 //!
@@ -13,6 +14,7 @@ pub mod esp;
 pub mod ha;
 pub mod messages;
 pub mod metrics;
+pub mod plugin_guard;
 pub mod report;
 pub mod role;
 pub mod session;
@@ -22,7 +24,7 @@ pub mod supervisor;
 
 /// Frees `value` on a thread of its own: for the maps of 100 000 bots a demotion lets go of, so
 /// the thread that carries ESP and the HA link does not spend tens of ms in `free`.
-pub fn drop_later<T: Send + 'static>(value: T) {
+pub(crate) fn drop_later<T: Send + 'static>(value: T) {
     let spawned = std::thread::Builder::new()
         .name("bgs-free".into())
         .spawn(move || drop(value));

@@ -103,22 +103,22 @@ where
 /// is gone) drops its clone at once. It is mini-redis's shutdown idiom: a channel nobody sends
 /// on, whose receiver ends when the last sender is dropped.
 #[derive(Clone)]
-pub struct DrainToken {
+pub(crate) struct DrainToken {
     _held: tokio::sync::mpsc::Sender<()>,
 }
 
 /// Resolves once every clone of its [`DrainToken`] has been dropped.
-pub struct DrainDone(tokio::sync::mpsc::Receiver<()>);
+pub(crate) struct DrainDone(tokio::sync::mpsc::Receiver<()>);
 
 impl DrainToken {
-    pub fn new() -> (DrainToken, DrainDone) {
+    pub(crate) fn new() -> (DrainToken, DrainDone) {
         let (tx, rx) = tokio::sync::mpsc::channel(1);
         (DrainToken { _held: tx }, DrainDone(rx))
     }
 }
 
 impl DrainDone {
-    pub async fn wait(mut self) {
+    pub(crate) async fn wait(mut self) {
         // Nothing is ever sent: this returns None when the last token is gone.
         let _ = self.0.recv().await;
     }

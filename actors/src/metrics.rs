@@ -53,7 +53,7 @@ impl Kind {
 }
 
 /// Bucket upper bounds in seconds for handler and request times.
-pub const BUCKETS: [f64; 12] = [
+pub(crate) const BUCKETS: [f64; 12] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
 ];
 

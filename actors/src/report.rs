@@ -43,7 +43,7 @@ pub trait ReportSink: Send + Sync + 'static {
 }
 
 /// Finished instances kept per interaction for GetBotStatus.
-pub const FINISHED_PER_INTERACTION: usize = 32;
+pub(crate) const FINISHED_PER_INTERACTION: usize = 32;
 
 /// A running bot as the registry keeps it: the spec it shares with its session and its bot,
 /// and what a status answer needs besides.

@@ -35,7 +35,7 @@ use bgs_proto::chat::{LeaveRequest, ResumeRequest};
 use bgs_proto::ha::{HaOp, ReplicatedBot};
 
 /// Inputs a SessionActor may have queued before it must shed load.
-pub const SESSION_MAILBOX: usize = 256;
+pub(crate) const SESSION_MAILBOX: usize = 256;
 
 /// Start a bot in this session.
 #[derive(Message)]
@@ -56,7 +56,7 @@ pub struct Started {
 /// Stop one bot (StopBot); answers once it has left and is disposed of.
 #[derive(Message)]
 #[rtype(result = "Result<String, EspError>")]
-pub struct StopInSession {
+pub(crate) struct StopInSession {
     pub key: BotKey,
     pub reason: StopReason,
 }
@@ -64,7 +64,7 @@ pub struct StopInSession {
 /// Deliver ESP data to one bot.
 #[derive(Message)]
 #[rtype(result = "Result<String, EspError>")]
-pub struct DataInSession {
+pub(crate) struct DataInSession {
     pub key: BotKey,
     pub data: KeyValues,
 }
@@ -73,7 +73,7 @@ pub struct DataInSession {
 /// missed after its checkpoint, start it with its saved context.
 #[derive(Message)]
 #[rtype(result = "Result<Started, EspError>")]
-pub struct RestoreInSession {
+pub(crate) struct RestoreInSession {
     pub replica: ReplicatedBot,
     pub bot: Box<dyn Bot>,
 }
@@ -81,17 +81,17 @@ pub struct RestoreInSession {
 /// Drop every bot at once: no leave, no report (the bots go on at the new primary).
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct Abandon;
+pub(crate) struct Abandon;
 
 /// Switchover drain: let every bot handle what it was given, each holding the token until then.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct Quiesce(pub DrainToken);
+pub(crate) struct Quiesce(pub DrainToken);
 
 /// Stop every bot (shutdown); answers when all are done.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub struct StopAll {
+pub(crate) struct StopAll {
     pub reason: StopReason,
 }
 

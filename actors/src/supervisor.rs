@@ -168,7 +168,7 @@ impl Supervisor {
             bot_name: spec.key.bot_name.clone(),
             parameters: bgs_proto::esp::unstored(&spec.parameters),
         };
-        let made = crate::bot_actor::plugin_call(|| {
+        let made = crate::plugin_guard::plugin_call(|| {
             factory
                 .check(&create)
                 .and_then(|()| factory.create(&create))
@@ -528,7 +528,7 @@ impl Supervisor {
             bot_name: key.bot_name.clone(),
             parameters: bgs_proto::esp::unstored(&bot.spec.parameters),
         };
-        let instance = match crate::bot_actor::plugin_call(|| factory.create(&create)) {
+        let instance = match crate::plugin_guard::plugin_call(|| factory.create(&create)) {
             Ok(Ok(b)) => b,
             Ok(Err(e)) => {
                 forget(format!("its plugin refused: {e}"));

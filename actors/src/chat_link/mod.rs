@@ -124,7 +124,7 @@ impl Message for Feed {
 /// Where a followed participant's feed goes: one mailbox for its join, its events and its end.
 /// A route keeps it weakly: the session stops itself, and a strong sender would cost about 100
 /// bytes more a route (the upgrade per routed batch is three small allocations).
-pub type Follower = Recipient<Feed>;
+pub(crate) type Follower = Recipient<Feed>;
 
 /// Stops routing a participant's events (its bot is gone).
 #[derive(Message)]

@@ -24,7 +24,7 @@ use bgs_proto::chat::{
 use crate::delivery::Cursor;
 
 /// Milliseconds on a clock that only goes forward (the pump's, or the simulation's).
-pub type Millis = u64;
+pub(crate) type Millis = u64;
 
 /// Why a chat call failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -84,7 +84,7 @@ pub struct Follow<F> {
 
 /// How the link behaves; the role's epoch is replaced by each activation.
 #[derive(Debug, Clone)]
-pub struct LinkConfig {
+pub(crate) struct LinkConfig {
     pub address: String,
     pub role: ClientRole,
     pub credential: Secret,
@@ -96,7 +96,7 @@ pub struct LinkConfig {
     pub hello_timeout_ms: Millis,
 }
 
-pub enum Input<F, R> {
+pub(crate) enum Input<F, R> {
     /// Become the primary's link with this epoch (a connection of an older epoch is replaced).
     Activate { epoch: u64 },
     /// Not the primary any more: forget every route, fail every call.
@@ -129,7 +129,7 @@ pub enum Input<F, R> {
     Tick,
 }
 
-pub enum Effect<F, R> {
+pub(crate) enum Effect<F, R> {
     /// Open a connection; answer with `Connected` or `ConnectFailed` of this generation. Any
     /// older connection is dropped.
     Connect {
@@ -159,9 +159,9 @@ pub enum Effect<F, R> {
 }
 
 /// The routes of followed participants, by (session, participant).
-pub type Routes<F> = HashMap<(String, String), Route<F>>;
+pub(crate) type Routes<F> = HashMap<(String, String), Route<F>>;
 
-pub struct Route<F> {
+pub(crate) struct Route<F> {
     follower: F,
     cursor: Cursor,
 }
@@ -197,7 +197,7 @@ pub struct LinkStatus {
     pub participants: usize,
 }
 
-pub struct LinkState<F, R> {
+pub(crate) struct LinkState<F, R> {
     config: LinkConfig,
     /// Only the primary is connected; a backup's link is inactive.
     active: bool,
@@ -221,7 +221,7 @@ pub struct LinkState<F, R> {
 }
 
 impl<F: Clone, R> LinkState<F, R> {
-    pub fn new(config: LinkConfig) -> Self {
+    pub(crate) fn new(config: LinkConfig) -> Self {
         Self {
             config,
             active: false,
@@ -242,7 +242,7 @@ impl<F: Clone, R> LinkState<F, R> {
         }
     }
 
-    pub fn status(&self) -> LinkStatus {
+    pub(crate) fn status(&self) -> LinkStatus {
         LinkStatus {
             address: self.config.address.clone(),
             connected: self.conn == Conn::Up,
@@ -252,13 +252,13 @@ impl<F: Clone, R> LinkState<F, R> {
     }
 
     /// The generation of the connection the link uses or is opening.
-    pub fn generation(&self) -> u64 {
+    pub(crate) fn generation(&self) -> u64 {
         self.generation
     }
 
     /// One input; the effects to carry out, in order (the tests' and the simulation's form).
     #[cfg(test)]
-    pub fn step(&mut self, now: Millis, input: Input<F, R>) -> Vec<Effect<F, R>> {
+    pub(crate) fn step(&mut self, now: Millis, input: Input<F, R>) -> Vec<Effect<F, R>> {
         let mut out = Vec::new();
         self.step_into(now, input, &mut out);
         out
@@ -266,7 +266,12 @@ impl<F: Clone, R> LinkState<F, R> {
 
     /// [`step`](Self::step) into a buffer the caller keeps (empty on entry): a step allocates
     /// nothing for its effects.
-    pub fn step_into(&mut self, now: Millis, input: Input<F, R>, out: &mut Vec<Effect<F, R>>) {
+    pub(crate) fn step_into(
+        &mut self,
+        now: Millis,
+        input: Input<F, R>,
+        out: &mut Vec<Effect<F, R>>,
+    ) {
         std::mem::swap(&mut self.effects, out);
         self.now = self.now.max(now);
         match input {

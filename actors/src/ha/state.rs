@@ -17,14 +17,14 @@ use super::state_file::SavedRole;
 use super::{HaStatus, RoleChange, SwitchoverError, SwitchoverReport};
 
 /// Ops per Ops frame (a group commit); more wait for the next frame.
-pub const OPS_PER_FRAME: usize = 2048;
+pub(crate) const OPS_PER_FRAME: usize = 2048;
 /// About this many bytes of bots per snapshot frame (frames are at most 16 MiB).
-pub const SNAPSHOT_CHUNK_BYTES: usize = 4 << 20;
+pub(crate) const SNAPSHOT_CHUNK_BYTES: usize = 4 << 20;
 /// How long a switchover waits for the backup to acknowledge everything.
-pub const SWITCHOVER_WAIT_MS: u64 = 30_000;
+pub(crate) const SWITCHOVER_WAIT_MS: u64 = 30_000;
 const RECENT_CHANGES: usize = 10;
 /// Accepted connections that may be handshaking at once; a new one evicts the oldest.
-pub const MAX_HANDSHAKES: usize = 4;
+pub(crate) const MAX_HANDSHAKES: usize = 4;
 /// The least time an accepted connection has to send its Hello (else `failover-after`).
 const HANDSHAKE_MIN_MS: u64 = 2000;
 
