@@ -229,6 +229,7 @@ pub async fn start(config: Config) -> Result<Node, ServeError> {
             finished_retention: Duration::from_secs(config.bots.finished_retention),
             arbiters: config.bots.arbiters,
             recovery_batch: config.channel_chatbot.ha_bot_recovery_batch as usize,
+            replication_waits: config.ha.mode == crate::config::HaMode::Sync,
         },
         plugins,
         link.clone(),

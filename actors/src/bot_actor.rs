@@ -20,7 +20,7 @@ use crate::bot::{
 use crate::chat_link::{ChatCall, ChatCallError, ChatCallLater, ChatPort};
 use crate::delivery::{Cursor, InputLabel, PostKey, PostSlot};
 use crate::esp::BotSpec;
-use crate::messages::{DrainToken, Replicate, Shared};
+use crate::messages::{DrainToken, HaPort};
 use crate::metrics::{metrics, Kind};
 use crate::now_ms;
 use crate::report::BotReport;
@@ -42,7 +42,7 @@ pub struct BotSetup {
     pub restored: Option<Vec<u8>>,
     pub link: ChatPort,
     pub notices: Recipient<BotNotice>,
-    pub ha: Shared<Replicate>,
+    pub ha: HaPort,
     pub handling_timeout: Duration,
     pub started_ms: u64,
     /// The last event already handled (its join, or for a restored bot its checkpoint).
@@ -104,7 +104,7 @@ pub struct BotActor {
     /// Its session (weak: the session owns the bot and stops itself; a strong sender is about
     /// 100 bytes more a bot).
     notices: actix::WeakRecipient<BotNotice>,
-    ha: Shared<Replicate>,
+    ha: HaPort,
     handling_timeout: Duration,
     /// Makes data labels of this incarnation unique (data is not replayed after a switchover).
     incarnation: u32,
@@ -662,7 +662,7 @@ impl BotActor {
             };
             let replicated = op.is_some();
             if let Some(op) = op {
-                let _ = ha.send(Replicate(op)).await;
+                ha.replicate(op).await;
             }
             (bot, error, outcome, replicated)
         }
@@ -933,6 +933,7 @@ mod tests {
     use super::*;
     use crate::bot::{BotError, Handoff};
     use crate::esp::BotKey;
+    use crate::messages::Replicate;
     use bgs_proto::chat::{ChatResponse, ParticipantType};
     use futures_util::future::BoxFuture;
     use std::sync::atomic::AtomicBool;

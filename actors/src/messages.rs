@@ -96,6 +96,49 @@ where
     }
 }
 
+/// Where sessions and bots replicate their changes, and whether a change waits for the backup
+/// (`ha.mode = "sync"`). In async mode a change is sent and nothing comes back: no reply crosses
+/// from the HA coordinator's thread to the bot's for each message.
+#[derive(Clone)]
+pub struct HaPort {
+    to: Shared<Replicate>,
+    waits: bool,
+}
+
+impl HaPort {
+    pub fn new(to: Shared<Replicate>, waits: bool) -> Self {
+        HaPort { to, waits }
+    }
+
+    /// Sends the change now (changes keep their order); the future resolves once it counts:
+    /// at once in async mode, when the backup has it in sync mode.
+    pub fn replicate(&self, op: HaOp) -> impl std::future::Future<Output = ()> + 'static {
+        let waiting = if self.waits {
+            Some(self.to.send(Replicate(op)))
+        } else {
+            self.to.do_send(Replicate(op));
+            None
+        };
+        async move {
+            if let Some(w) = waiting {
+                let _ = w.await;
+            }
+        }
+    }
+
+    /// Sends a change nobody waits for.
+    pub fn tell(&self, op: HaOp) {
+        self.to.do_send(Replicate(op));
+    }
+}
+
+/// A port that waits for every change (what tests hand their probes).
+impl From<Recipient<Replicate>> for HaPort {
+    fn from(r: Recipient<Replicate>) -> Self {
+        HaPort::new(r.into(), true)
+    }
+}
+
 /// One switchover drain, carried by every message of it: each session and each bot holds a
 /// clone until it has handled what it was given before, and when the last clone is dropped the
 /// drain is complete. A node with 100 000 sessions drains with 100 000 plain messages and no

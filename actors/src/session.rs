@@ -27,7 +27,7 @@ use crate::chat_link::{
     ChatCall, ChatCallError, ChatPort, Feed, Follow, ParticipantJoined, Unfollow,
 };
 use crate::esp::{BotKey, BotSpec, ErrorCode, EspError};
-use crate::messages::{DrainToken, Replicate, Shared};
+use crate::messages::{DrainToken, HaPort, Shared};
 use crate::metrics::{metrics, Kind};
 use crate::now_ms;
 use crate::report::BotReport;
@@ -115,7 +115,7 @@ pub struct SessionActor {
     link: ChatPort,
     finished: Shared<BotFinished>,
     ended: Shared<SessionEnded>,
-    ha: Shared<Replicate>,
+    ha: HaPort,
     handling_timeout: Duration,
     bots: Slots,
     /// Bots whose join (or resume) is under way, by the token its `Feed::Joined` carries back.
@@ -152,7 +152,7 @@ impl SessionActor {
         link: ChatPort,
         finished: Shared<BotFinished>,
         ended: Shared<SessionEnded>,
-        ha: Shared<Replicate>,
+        ha: HaPort,
         handling_timeout: Duration,
     ) -> Self {
         Self {
@@ -217,7 +217,7 @@ impl SessionActor {
         // primary's crash.
         let replicated = p.new.then(|| {
             let replica = replica_of(&slot.spec, &slot.instance_id, pid, slot.joined_seq);
-            self.ha.send(Replicate(HaOp::Started(Box::new(replica))))
+            self.ha.replicate(HaOp::Started(Box::new(replica)))
         });
         let setup = BotSetup {
             spec: slot.spec.clone(),
@@ -589,9 +589,9 @@ impl Handler<BotNotice> for SessionActor {
                 if let Some(slot) = self.bots.remove(&participant_id) {
                     // A node shutting down keeps its bots in the backup's copy: HA applies.
                     if report.end_reason != StopReason::Shutdown.as_str() {
-                        self.ha.do_send(Replicate(HaOp::Removed {
+                        self.ha.tell(HaOp::Removed {
                             instance_id: slot.instance_id.clone(),
-                        }));
+                        });
                     }
                     self.link.unfollow.do_send(Unfollow {
                         session_id: self.interaction_id.clone(),
@@ -752,6 +752,7 @@ mod tests {
     use super::*;
     use crate::bot::{BotContext, BotError, BotInput};
     use crate::chat_link::{ChatCallLater, Follower, ParticipantEvents};
+    use crate::messages::Replicate;
     use bgs_proto::chat::EventKind;
     use futures_util::future::BoxFuture;
     use tokio::sync::mpsc;

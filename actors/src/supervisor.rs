@@ -13,7 +13,7 @@ use crate::bot::{BotFactory, CreateBot, StopReason};
 use crate::chat_link::{ChatLink, ChatPort};
 use crate::esp::BotKey;
 use crate::esp::{self, BotSpec, ErrorCode, EspCommand, EspError};
-use crate::messages::{BecomeBackup, BecomePrimary, Drain, DrainToken, Replicate, Shared};
+use crate::messages::{BecomeBackup, BecomePrimary, Drain, DrainToken, HaPort, Replicate, Shared};
 use crate::metrics::{metrics, Kind};
 use crate::now_ms;
 use crate::report::{Registry, ReportSink, RunningBot};
@@ -51,6 +51,8 @@ pub struct SupervisorConfig {
     pub arbiters: usize,
     /// Bots restored at once after a promotion (`ha-bot-recovery-batch`).
     pub recovery_batch: usize,
+    /// `ha.mode = "sync"`: a bot's start and saves wait for the backup.
+    pub replication_waits: bool,
 }
 
 pub struct Supervisor {
@@ -62,7 +64,7 @@ pub struct Supervisor {
     reports: Arc<dyn ReportSink>,
     arbiters: Vec<ArbiterHandle>,
     shutting_down: bool,
-    ha: Shared<Replicate>,
+    ha: HaPort,
     /// What every session is handed (shared: made once, at the first session).
     session_ports: Option<(ChatPort, Shared<BotFinished>, Shared<SessionEnded>)>,
     /// The node's role, as the HaCoordinator sets it.
@@ -89,6 +91,7 @@ impl Supervisor {
             config.arbiters
         };
         let arbiters = (0..n).map(|_| Arbiter::new().handle()).collect();
+        let waits = config.replication_waits;
         Self {
             plugins: plugins
                 .into_iter()
@@ -101,7 +104,7 @@ impl Supervisor {
             reports,
             arbiters,
             shutting_down: false,
-            ha: ha.into(),
+            ha: HaPort::new(ha.into(), waits),
             session_ports: None,
             role,
             restore_run: 0,
@@ -516,9 +519,9 @@ impl Supervisor {
         let forget = |why: String| {
             tracing::error!(bot = %key, reason = %why, "cannot restore a bot");
             self.registry.remove(&key);
-            self.ha.do_send(Replicate(HaOp::Removed {
+            self.ha.tell(HaOp::Removed {
                 instance_id: bot.instance_id.clone(),
-            }));
+            });
         };
         let Some(factory) = self.plugins.get(&key.bot_id).cloned() else {
             forget("its plugin is not on this node".into());
@@ -600,7 +603,7 @@ impl Handler<RestoreNext> for Supervisor {
                     // Gone for good: out of the registry and out of the replicated state.
                     tracing::warn!(bot = %key, %error, "bot not restored");
                     registry.remove(&key);
-                    ha.do_send(Replicate(HaOp::Removed { instance_id }));
+                    ha.tell(HaOp::Removed { instance_id });
                 }
                 restored
             }

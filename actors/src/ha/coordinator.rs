@@ -167,9 +167,11 @@ impl HaCoordinator {
                         "switchover: every bot drained"
                     );
                 };
+                // Through the mailbox, behind every change the drained bots replicated before
+                // letting their tokens go (sent, not waited for, in async mode).
                 ctx.spawn(
                     fut.into_actor(self)
-                        .map(|(), act, ctx| act.step(Input::Drained, ctx)),
+                        .map(|(), _act, ctx| ctx.address().do_send(Drained)),
                 );
             }
             Effect::SetRole {
@@ -300,6 +302,19 @@ impl StreamHandler<(u64, Option<HaFrame>)> for HaCoordinator {
 #[derive(Message)]
 #[rtype(result = "()")]
 struct Flush;
+
+/// The switchover's drain is done (queued behind the bots' last changes).
+#[derive(Message)]
+#[rtype(result = "()")]
+struct Drained;
+
+impl Handler<Drained> for HaCoordinator {
+    type Result = ();
+
+    fn handle(&mut self, _: Drained, ctx: &mut Context<Self>) {
+        self.step(Input::Drained, ctx);
+    }
+}
 
 impl Handler<Flush> for HaCoordinator {
     type Result = ();
