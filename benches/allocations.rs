@@ -22,7 +22,7 @@ use actix::prelude::*;
 use allocation_counter::{measure, opt_out};
 use bgs_actors::bot::{BotFactory, CreateBot};
 use bgs_actors::chat_link::{ChatConnection, ChatConnector, ChatLink, ChatLinkConfig, ChatPort};
-use bgs_actors::messages::{Activate, Replicate};
+use bgs_actors::messages::{Activate, HaPort, Replicate};
 use bgs_actors::session::{BotFinished, SessionActor, SessionEnded, StartInSession};
 use bgs_proto::bot::{BotKey, BotSpec};
 use bgs_proto::chat::{
@@ -250,7 +250,8 @@ fn actors(n: u64) -> f64 {
             ChatPort::of(&link),
             sink.clone().recipient().into(),
             sink.clone().recipient().into(),
-            sink.recipient().into(),
+            // `ha.mode = "async"`, the default: saves are sent, not waited for.
+            HaPort::new(sink.recipient().into(), false),
             Duration::from_secs(5),
         )
         .start();

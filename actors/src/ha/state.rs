@@ -213,6 +213,13 @@ pub struct HaState {
     /// silence make this node promote itself. A backup that never reached a primary (wrong
     /// secret, no route) never takes over by itself.
     synced_once: bool,
+    /// This node handed over in a switchover and keeps what it handed over (every op of it
+    /// acknowledged) until it holds the new primary's state: if the hand-over was lost (the
+    /// backup died under it, or the link broke), it takes the role back rather than leave the
+    /// pair with no primary.
+    handed_over: bool,
+    /// Since the hand-over: dials that found no node, or a node that refused us as not primary.
+    unreachable: u32,
     /// Primary: the op number the last snapshot covered (the backup is in sync once it acks it).
     snapshot_upto: u64,
     link: Option<Link>,
@@ -266,6 +273,8 @@ impl HaState {
             draining: false,
             attached: false,
             synced_once: false,
+            handed_over: false,
+            unreachable: 0,
             snapshot_upto: 0,
             link: None,
             handshakes: BTreeMap::new(),
@@ -335,7 +344,7 @@ impl HaState {
                         self.install(conn, Stage::AwaitChallenge, now);
                     }
                     Some(conn) => self.out.push(Effect::Close { conn }),
-                    None => {}
+                    None => self.unreachable += u32::from(self.handed_over),
                 }
             }
             Input::Accepted { conn, nonce } => self.accepted(conn, nonce, now),
@@ -368,7 +377,7 @@ impl HaState {
                         epoch = self.epoch,
                         "the Chat Server fenced this node; becoming backup"
                     );
-                    self.demote(true, now);
+                    self.demote(true, false, now);
                     self.remember("fenced", now);
                 }
             }
@@ -653,7 +662,9 @@ impl HaState {
                 // A primary that restarted at the same epoch has lost every bot (its state is in
                 // memory) and would replace ours with nothing. We hold the bots: take over, and
                 // the Chat Server fences it.
-                let restarted = self.synced_run.as_ref().is_some_and(|r| *r != run_id);
+                // (A node that handed over holds its own state, not a snapshot of that run.)
+                let restarted =
+                    !self.handed_over && self.synced_run.as_ref().is_some_and(|r| *r != run_id);
                 if restarted && epoch <= self.epoch && !self.store.is_empty() {
                     tracing::warn!(peer = %node_id, bots = self.store.len(), "the primary restarted without its state; taking over");
                     self.drop_link("the primary restarted without its state", now);
@@ -665,6 +676,7 @@ impl HaState {
                     return;
                 }
                 self.pending_run = Some(run_id);
+                self.unreachable = 0;
                 tracing::info!(peer = %node_id, epoch, "connected to the HA primary");
                 if let Some(l) = self.link.as_mut() {
                     l.peer_node = Some(node_id);
@@ -677,6 +689,7 @@ impl HaState {
                 self.refresh_supervisor();
             }
             (_, HaFrame::Refused { reason }) => {
+                self.unreachable += u32::from(self.handed_over);
                 tracing::error!(%reason, "the HA peer refused this node");
                 self.drop_link("refused by peer", now);
             }
@@ -768,6 +781,7 @@ impl HaState {
                 self.applied = upto_op;
                 self.in_sync = true;
                 self.synced_once = true;
+                self.handed_over = false;
                 tracing::info!(bots = self.store.len(), upto_op, "HA snapshot applied");
                 self.send(HaFrame::Ack { upto_op });
             }
@@ -924,6 +938,7 @@ impl HaState {
         self.epoch = epoch;
         self.draining = false;
         self.in_sync = false;
+        self.handed_over = false;
         self.next_op = self.applied + 1;
         self.acked = self.applied;
         self.unacked.clear();
@@ -937,7 +952,9 @@ impl HaState {
     }
 
     /// Becomes backup: drops every bot without a leave (they go on at the primary).
-    fn demote(&mut self, fenced: bool, now: Time) {
+    /// Becomes a backup: `fenced` (a newer epoch exists), or after this node `handed_over` in a
+    /// switchover.
+    fn demote(&mut self, fenced: bool, handed_over: bool, now: Time) {
         if self.role == HaRole::Backup {
             return;
         }
@@ -947,13 +964,20 @@ impl HaState {
         for conn in std::mem::take(&mut self.handshakes).into_keys() {
             self.refuse(conn, "this node is no longer the primary");
         }
-        // Another node is (or is becoming) the primary: do not fail over to ourselves before we
-        // hold its state.
-        self.synced_once = false;
         self.in_sync = false;
-        let store = std::mem::take(&mut self.store);
-        if !store.is_empty() {
-            self.out.push(Effect::Discard(std::sync::Arc::new(store)));
+        self.handed_over = handed_over;
+        self.unreachable = 0;
+        if handed_over {
+            // Keep what was handed over; take the role back only if the hand-over was lost.
+            self.synced_once = true;
+        } else {
+            // Another node is the primary (it fenced us): do not fail over to ourselves before
+            // we hold its state.
+            self.synced_once = false;
+            let store = std::mem::take(&mut self.store);
+            if !store.is_empty() {
+                self.out.push(Effect::Discard(std::sync::Arc::new(store)));
+            }
         }
         self.outbox.clear();
         self.unacked.clear();
@@ -1086,7 +1110,7 @@ impl HaState {
         self.primary_http = None;
         let peer_http = self.c.peer_http.clone();
         self.epoch = new_epoch;
-        self.demote(false, now);
+        self.demote(false, true, now);
         self.remember("switchover", now);
         self.drop_link("hand-over sent", now);
         self.primary_http = peer_http;
@@ -1146,7 +1170,15 @@ impl HaState {
                     self.dial();
                 }
                 let silent = t.saturating_sub(self.last_primary) > failover_after;
-                if silent && !self.link_up() && self.synced_once && self.c.has_peer {
+                // A node that handed over takes the role back only when the peer is not there
+                // to be a primary: twice no answer, or a refusal as a backup.
+                let lost_hand_over = !self.handed_over || self.unreachable >= 2;
+                if silent
+                    && !self.link_up()
+                    && self.synced_once
+                    && self.c.has_peer
+                    && lost_hand_over
+                {
                     tracing::warn!(
                         silence_ms = t.saturating_sub(self.last_primary),
                         "the primary is silent; failing over"
