@@ -1774,3 +1774,14 @@ fn each_checker_catches_its_mutation() {
         assert!(caught, "{m:?} went unnoticed by its checker in 300 seeds");
     }
 }
+
+/// The seeds whose failures led to fixes (RELIABILITY.md 6), run in CI beside the first 10 000.
+/// (A change to the simulation's own draws makes them different runs, but no weaker ones.)
+#[test]
+fn past_findings_keep_passing() {
+    for seed in [89_015, 792_363] {
+        if let Err(e) = run_seed(seed, Mutation::None, false) {
+            panic!("seed {seed} failed (replay: BGS_SIM_SEED={seed}): {e}");
+        }
+    }
+}
