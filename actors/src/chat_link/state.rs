@@ -1,6 +1,6 @@
 //! The ChatLink's decisions, with no actix, tokio, socket or clock inside: [`LinkState::step`]
 //! takes the time and one [`Input`] and returns the [`Effect`]s the pump (`chat_link/mod.rs`)
-//! carries out, as `HaState` does for the HA pair. The seeded simulation (`ha/sim.rs`) runs it
+//! carries out, as `HaState` does for the HA pair. The seeded simulation (`crate::sim`) runs it
 //! against a model of the Chat Server.
 //!
 //! What it keeps: one connection at a time, numbered by a generation (whatever an older one
@@ -922,6 +922,35 @@ mod tests {
         )
     }
 
+    /// A link activated at epoch 1 and up.
+    fn active(attempts: u32, max_queued: usize) -> Link {
+        let mut l = link(attempts, max_queued);
+        l.step(0, Input::Activate { epoch: 1 });
+        up(&mut l, 0);
+        l
+    }
+
+    /// Joins participant `p` of session `s` at seq 3, followed by 7 (token 77): the effects of
+    /// the join's answer.
+    fn join_p(l: &mut Link, now: u64) -> Out {
+        let out = call(l, join(), Some(7), 1);
+        let id = sent(&out)[0].0;
+        let joined = ChatResponse::Joined {
+            session_id: "s".into(),
+            participant_id: "p".into(),
+            seq: 3,
+        };
+        frame(l, now, ok(id, joined))
+    }
+
+    fn events_of_p(seqs: &[u64]) -> ServerFrame {
+        ServerFrame::Events {
+            session_id: "s".into(),
+            participant_id: "p".into(),
+            events: seqs.iter().map(|s| event(*s)).collect(),
+        }
+    }
+
     #[test]
     fn a_link_connects_says_hello_and_sends_what_was_queued_in_order() {
         let mut l = link(3, 10);
@@ -1006,11 +1035,7 @@ mod tests {
             .position(|e| matches!(e, Effect::Reply { .. }))
             .unwrap();
         assert!(feed_at < reply_at);
-        let events = |seqs: &[u64]| ServerFrame::Events {
-            session_id: "s".into(),
-            participant_id: "p".into(),
-            events: seqs.iter().map(|s| event(*s)).collect(),
-        };
+        let events = events_of_p;
         let out = frame(&mut l, 2, events(&[1, 2, 3]));
         assert_eq!(feeds(&out), [(7, "events [1, 2, 3]".into())]);
         // An overlap (a replay) is dropped; what is new goes on.
@@ -1041,17 +1066,8 @@ mod tests {
     /// join in flight is in doubt and fails.
     #[test]
     fn a_reconnect_resumes_from_the_cursor_re_sends_posts_and_fails_a_join_in_doubt() {
-        let mut l = link(3, 10);
-        l.step(0, Input::Activate { epoch: 1 });
-        up(&mut l, 0);
-        let out = call(&mut l, join(), Some(7), 1);
-        let id = sent(&out)[0].0;
-        let joined = ChatResponse::Joined {
-            session_id: "s".into(),
-            participant_id: "p".into(),
-            seq: 3,
-        };
-        frame(&mut l, 1, ok(id, joined));
+        let mut l = active(3, 10);
+        join_p(&mut l, 1);
         let routed = ServerFrame::Events {
             session_id: "s".into(),
             participant_id: "p".into(),
@@ -1108,17 +1124,8 @@ mod tests {
 
     #[test]
     fn a_silent_server_is_dropped_and_the_bots_given_up_after_every_attempt() {
-        let mut l = link(2, 10);
-        l.step(0, Input::Activate { epoch: 1 });
-        up(&mut l, 0);
-        let out = call(&mut l, join(), Some(7), 1);
-        let id = sent(&out)[0].0;
-        let joined = ChatResponse::Joined {
-            session_id: "s".into(),
-            participant_id: "p".into(),
-            seq: 3,
-        };
-        frame(&mut l, 0, ok(id, joined));
+        let mut l = active(2, 10);
+        join_p(&mut l, 0);
         let g = l.generation();
         l.step(0, Input::Closed { generation: g });
         call(&mut l, post("k1"), None, 2);
@@ -1166,17 +1173,8 @@ mod tests {
 
     #[test]
     fn a_fenced_link_lets_go_of_everything_and_says_so() {
-        let mut l = link(3, 10);
-        l.step(0, Input::Activate { epoch: 1 });
-        up(&mut l, 0);
-        let out = call(&mut l, join(), Some(7), 1);
-        let id = sent(&out)[0].0;
-        let joined = ChatResponse::Joined {
-            session_id: "s".into(),
-            participant_id: "p".into(),
-            seq: 3,
-        };
-        frame(&mut l, 0, ok(id, joined));
+        let mut l = active(3, 10);
+        join_p(&mut l, 0);
         call(&mut l, post("k1"), None, 2);
         let out = frame(
             &mut l,
@@ -1215,22 +1213,9 @@ mod tests {
 
     #[test]
     fn a_pause_drops_events_and_an_unpause_re_fetches_them_from_the_cursor() {
-        let mut l = link(3, 10);
-        l.step(0, Input::Activate { epoch: 1 });
-        up(&mut l, 0);
-        let out = call(&mut l, join(), Some(7), 1);
-        let id = sent(&out)[0].0;
-        let joined = ChatResponse::Joined {
-            session_id: "s".into(),
-            participant_id: "p".into(),
-            seq: 3,
-        };
-        frame(&mut l, 0, ok(id, joined));
-        let events = |seqs: &[u64]| ServerFrame::Events {
-            session_id: "s".into(),
-            participant_id: "p".into(),
-            events: seqs.iter().map(|s| event(*s)).collect(),
-        };
+        let mut l = active(3, 10);
+        join_p(&mut l, 0);
+        let events = events_of_p;
         frame(&mut l, 0, events(&[3]));
         l.step(1, Input::Pause);
         assert!(frame(&mut l, 1, events(&[4, 5])).is_empty());
@@ -1247,17 +1232,8 @@ mod tests {
 
     #[test]
     fn a_participant_the_chat_server_forgot_is_lost_and_the_queue_is_bounded() {
-        let mut l = link(3, 1);
-        l.step(0, Input::Activate { epoch: 1 });
-        up(&mut l, 0);
-        let out = call(&mut l, join(), Some(7), 1);
-        let id = sent(&out)[0].0;
-        let joined = ChatResponse::Joined {
-            session_id: "s".into(),
-            participant_id: "p".into(),
-            seq: 3,
-        };
-        frame(&mut l, 0, ok(id, joined));
+        let mut l = active(3, 1);
+        join_p(&mut l, 0);
         let g = l.generation();
         l.step(0, Input::Closed { generation: g });
         // One queued call is the bound: the next fails at once.

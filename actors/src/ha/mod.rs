@@ -7,7 +7,8 @@
 //! - `state.rs`: the protocol as a pure state machine (`HaState::step(time, input) -> effects`);
 //! - `coordinator.rs`: the actor that feeds it and carries its effects out;
 //! - `handshake.rs`: the HMAC proof; `state_file.rs`: `ha.state-file`;
-//! - `sim.rs` (tests): two nodes and a Chat Server stepped over a faulty in-memory network.
+//! - the seeded simulation of the pair is in `crate::sim` (tests), with the ChatLinks, the bots
+//!   and a Chat Server model around these state machines.
 //!
 //! The socket lives in `src` (an [`HaDialer`] and the listener that sends [`Accepted`]).
 
@@ -25,8 +26,6 @@ use crate::messages::{
 
 mod coordinator;
 mod handshake;
-#[cfg(test)]
-mod sim;
 pub mod state;
 mod state_file;
 
