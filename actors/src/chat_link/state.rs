@@ -1,6 +1,6 @@
 //! The ChatLink's decisions, with no actix, tokio, socket or clock inside: [`LinkState::step`]
 //! takes the time and one [`Input`] and returns the [`Effect`]s the pump (`chat_link/mod.rs`)
-//! carries out, as `HaState` does for the HA pair. The seeded simulation (`crate::sim`) runs it
+//! carries out, as `HaState` does for the HA pair. The seeded simulation (`actors/src/sim`) runs it
 //! against a model of the Chat Server.
 //!
 //! What it keeps: one connection at a time, numbered by a generation (whatever an older one
