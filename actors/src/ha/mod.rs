@@ -7,7 +7,7 @@
 //! - `state.rs`: the protocol as a pure state machine (`HaState::step(time, input) -> effects`);
 //! - `coordinator.rs`: the actor that feeds it and carries its effects out;
 //! - `handshake.rs`: the HMAC proof; `state_file.rs`: `ha.state-file`;
-//! - the seeded simulation of the pair is in `crate::sim` (tests), with the ChatLinks, the bots
+//! - the seeded simulation of the pair is in `actors/src/sim` (tests), with the ChatLinks, the bots
 //!   and a Chat Server model around these state machines.
 //!
 //! The socket lives in `src` (an [`HaDialer`] and the listener that sends [`Accepted`]).
