@@ -444,3 +444,207 @@ impl Handler<GetLinkStatus> for ChatLink {
         MessageResult(self.state.status())
     }
 }
+
+/// The pump in process: a real ChatLink over an in-memory connector that plays the Chat Server,
+/// a follower that records what it is told, and a connection cut under it.
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use bgs_proto::chat::{
+        ChatEvent, EventKind, JoinRequest, ParticipantType, PostKind, PostRequest, Style,
+        Visibility,
+    };
+
+    /// Each connection the link opens, as the server sees it: what the link sends, and a way to
+    /// answer.
+    struct Conn {
+        from_link: mpsc::UnboundedReceiver<SharedClientFrame>,
+        to_link: mpsc::Sender<ServerFrame>,
+    }
+
+    struct Connector(mpsc::UnboundedSender<Conn>);
+
+    impl ChatConnector for Connector {
+        fn connect(&self, _address: &str) -> BoxFuture<'static, io::Result<ChatConnection>> {
+            let (out_tx, out_rx) = mpsc::unbounded_channel();
+            let (in_tx, in_rx) = mpsc::channel(64);
+            let _ = self.0.send(Conn {
+                from_link: out_rx,
+                to_link: in_tx,
+            });
+            Box::pin(async move {
+                Ok(ChatConnection {
+                    outbound: out_tx,
+                    inbound: in_rx,
+                })
+            })
+        }
+    }
+
+    /// Records the feed it is told, in order.
+    struct Recorder(mpsc::UnboundedSender<String>);
+
+    impl Actor for Recorder {
+        type Context = Context<Self>;
+    }
+
+    impl Handler<Feed> for Recorder {
+        type Result = ();
+        fn handle(&mut self, feed: Feed, _ctx: &mut Context<Self>) {
+            let line = match feed {
+                Feed::Joined(j) => format!("joined {} {}", j.token, j.seq),
+                Feed::Events(e) => format!(
+                    "events {:?}",
+                    e.events.iter().map(|e| e.seq).collect::<Vec<_>>()
+                ),
+                Feed::Lost(l) => format!("lost {}", l.removed),
+            };
+            let _ = self.0.send(line);
+        }
+    }
+
+    async fn next<T>(rx: &mut mpsc::UnboundedReceiver<T>) -> T {
+        tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("in time")
+            .expect("open")
+    }
+
+    async fn frame(conn: &mut Conn) -> SharedClientFrame {
+        tokio::time::timeout(Duration::from_secs(5), conn.from_link.recv())
+            .await
+            .expect("in time")
+            .expect("open")
+    }
+
+    async fn reply(conn: &Conn, id: u64, response: ChatResponse) {
+        let frame = ServerFrame::Reply {
+            id,
+            result: Ok(response),
+        };
+        conn.to_link.send(frame).await.unwrap();
+    }
+
+    /// Answers the Hello of a new connection (and what resumes it asks for: their ids).
+    async fn welcome(conn: &mut Conn) {
+        let hello = frame(conn).await;
+        assert!(matches!(*hello.request, ChatRequest::Hello(_)));
+        let welcome = ChatResponse::Welcome {
+            version: bgs_proto::chat::CHAT_PROTOCOL_VERSION,
+            server_id: "cs".into(),
+            max_frame: 1 << 20,
+        };
+        reply(conn, hello.id, welcome).await;
+    }
+
+    fn events(seqs: &[u64]) -> ServerFrame {
+        ServerFrame::Events {
+            session_id: "s".into(),
+            participant_id: "p".into(),
+            events: seqs
+                .iter()
+                .map(|s| ChatEvent::new(*s, EventKind::Message, "c", ParticipantType::Customer))
+                .collect(),
+        }
+    }
+
+    #[actix::test]
+    async fn the_pump_joins_routes_reconnects_and_resends_through_a_real_actor() {
+        let (conns_tx, mut conns) = mpsc::unbounded_channel();
+        let link = ChatLink::new(
+            ChatLinkConfig {
+                address: "chat".into(),
+                role: ClientRole::Gateway {
+                    cluster_id: "bgs".into(),
+                    epoch: 0,
+                    node_id: "a".into(),
+                },
+                credential: Secret::default(),
+                on_fenced: None,
+                reconnect_delay: Duration::from_millis(10),
+                reconnect_attempts: 5,
+                max_queued: 100,
+            },
+            Arc::new(Connector(conns_tx)),
+        )
+        .start();
+        let (told_tx, mut told) = mpsc::unbounded_channel();
+        let follower = Recorder(told_tx).start();
+        link.do_send(Activate { epoch: 3 });
+        let mut conn = next(&mut conns).await;
+        welcome(&mut conn).await;
+
+        // A join: the follower hears of it before its events, and the caller gets the answer.
+        let join = link.send(ChatCall {
+            request: ChatRequest::Join(JoinRequest {
+                session_id: "s".into(),
+                nickname: "Bot".into(),
+                participant_type: ParticipantType::Agent,
+                style: Style::Bot,
+                visibility: Visibility::All,
+                since_seq: 0,
+            }),
+            follow: Some(Follow {
+                to: follower.clone().recipient(),
+                token: 42,
+            }),
+        });
+        let asked = frame(&mut conn).await;
+        let joined = ChatResponse::Joined {
+            session_id: "s".into(),
+            participant_id: "p".into(),
+            seq: 2,
+        };
+        reply(&conn, asked.id, joined).await;
+        conn.to_link.send(events(&[1, 2])).await.unwrap();
+        assert!(matches!(
+            join.await.unwrap(),
+            Ok(ChatResponse::Joined { seq: 2, .. })
+        ));
+        assert_eq!(next(&mut told).await, "joined 42 2");
+        assert_eq!(next(&mut told).await, "events [1, 2]");
+        conn.to_link.send(events(&[2, 3])).await.unwrap();
+        assert_eq!(next(&mut told).await, "events [3]");
+
+        // A post in flight when the connection drops is sent again, the same request, and the
+        // participant is resumed from the last event routed.
+        let post = link.send(ChatCall {
+            request: ChatRequest::Post(PostRequest {
+                session_id: "s".into(),
+                participant_id: "p".into(),
+                kind: PostKind::Message,
+                text: "hi".into(),
+                visibility: Visibility::All,
+                key: Some("i:3:0".into()),
+                rich: None,
+            }),
+            follow: None,
+        });
+        let sent = frame(&mut conn).await;
+        drop(conn);
+        let mut conn = next(&mut conns).await;
+        welcome(&mut conn).await;
+        let resume = frame(&mut conn).await;
+        match &*resume.request {
+            ChatRequest::Resume(r) => {
+                assert_eq!((r.participant_id.as_str(), r.since_seq), ("p", 3))
+            }
+            other => panic!("a resume first, not {other:?}"),
+        }
+        let again = frame(&mut conn).await;
+        assert_eq!((again.id, &again.request), (sent.id, &sent.request));
+        let posted = ChatResponse::Posted {
+            seq: 4,
+            duplicate: true,
+        };
+        reply(&conn, again.id, posted).await;
+        assert!(matches!(
+            post.await.unwrap(),
+            Ok(ChatResponse::Posted { seq: 4, .. })
+        ));
+        let status = link.send(GetLinkStatus).await.unwrap();
+        assert!(status.connected && status.reconnects >= 1 && status.participants == 1);
+    }
+}
