@@ -232,7 +232,7 @@ pub async fn start(config: Config) -> Result<Node, ServeError> {
             replication_waits: config.ha.mode == crate::config::HaMode::Sync,
         },
         plugins,
-        link.clone(),
+        bgs_actors::chat_link::ChatPort::of(&link),
         registry.clone(),
         reports.clone(),
         coordinator.clone().recipient(),

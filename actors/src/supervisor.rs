@@ -10,7 +10,7 @@ use actix::prelude::*;
 use bgs_proto::esp::{EspRequest, EspResponse, EspResult};
 
 use crate::bot::{BotFactory, CreateBot, StopReason};
-use crate::chat_link::{ChatLink, ChatPort};
+use crate::chat_link::ChatPort;
 use crate::esp::BotKey;
 use crate::esp::{self, BotSpec, ErrorCode, EspCommand, EspError};
 use crate::messages::{BecomeBackup, BecomePrimary, Drain, DrainToken, HaPort, Replicate, Shared};
@@ -58,7 +58,7 @@ pub struct SupervisorConfig {
 pub struct Supervisor {
     config: SupervisorConfig,
     plugins: HashMap<String, Arc<dyn BotFactory>>,
-    link: Addr<ChatLink>,
+    link: ChatPort,
     sessions: HashMap<String, Addr<SessionActor>>,
     registry: Arc<Registry>,
     reports: Arc<dyn ReportSink>,
@@ -79,7 +79,7 @@ impl Supervisor {
     pub fn new(
         config: SupervisorConfig,
         plugins: Vec<Arc<dyn BotFactory>>,
-        link: Addr<ChatLink>,
+        link: ChatPort,
         registry: Arc<Registry>,
         reports: Arc<dyn ReportSink>,
         ha: Recipient<Replicate>,
@@ -124,7 +124,7 @@ impl Supervisor {
             .get_or_insert_with(|| {
                 let me = ctx.address();
                 (
-                    ChatPort::of(&self.link),
+                    self.link.clone(),
                     me.clone().recipient().into(),
                     me.recipient().into(),
                 )
@@ -640,5 +640,250 @@ impl Handler<Shutdown> for Supervisor {
                     .await;
             }
         })
+    }
+}
+
+/// The Supervisor in process: ESP in, a stand-in ChatLink (through `ChatPort`) that answers the
+/// join as the real one does, probes for what goes to the HA coordinator and the report sink.
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use crate::bot::{Bot, BotContext, BotError, BotInput, CreateBot};
+    use crate::chat_link::{
+        ChatCall, ChatCallError, ChatCallLater, Feed, ParticipantEvents, ParticipantJoined,
+        Unfollow,
+    };
+    use crate::report::BotReport;
+    use crate::role::Role;
+    use bgs_proto::chat::{ChatEvent, ChatRequest, ChatResponse, EventKind, ParticipantType};
+    use bgs_proto::esp::{EspRequest, EspResult, EspStatus, ESP_SERVICE};
+    use futures_util::future::BoxFuture;
+    use std::time::Duration;
+    use tokio::sync::mpsc;
+
+    /// Answers a join as `bot-1` at seq 2 (told to the follower first, with the customer's
+    /// join and its own), and everything else; reports each request.
+    struct FakeChat(mpsc::UnboundedSender<ChatRequest>);
+
+    impl Actor for FakeChat {
+        type Context = Context<Self>;
+    }
+
+    impl Handler<ChatCall> for FakeChat {
+        type Result = Result<ChatResponse, ChatCallError>;
+
+        fn handle(&mut self, msg: ChatCall, _ctx: &mut Context<Self>) -> Self::Result {
+            let answer = match &msg.request {
+                ChatRequest::Join(j) => {
+                    if let Some(f) = &msg.follow {
+                        f.to.do_send(Feed::Joined(ParticipantJoined {
+                            token: f.token,
+                            session_id: j.session_id.clone(),
+                            participant_id: "bot-1".into(),
+                            seq: 2,
+                        }));
+                        f.to.do_send(Feed::Events(ParticipantEvents {
+                            session_id: j.session_id.clone(),
+                            participant_id: "bot-1".into(),
+                            events: vec![
+                                ChatEvent::new(
+                                    1,
+                                    EventKind::Joined,
+                                    "c",
+                                    ParticipantType::Customer,
+                                ),
+                                ChatEvent::new(
+                                    2,
+                                    EventKind::Joined,
+                                    "bot-1",
+                                    ParticipantType::Agent,
+                                ),
+                            ],
+                        }));
+                    }
+                    ChatResponse::Joined {
+                        session_id: j.session_id.clone(),
+                        participant_id: "bot-1".into(),
+                        seq: 2,
+                    }
+                }
+                ChatRequest::Leave(_) => ChatResponse::Left { seq: 9 },
+                ChatRequest::Post(_) => ChatResponse::Posted {
+                    seq: 3,
+                    duplicate: false,
+                },
+                _ => ChatResponse::Userdata(Default::default()),
+            };
+            let _ = self.0.send(msg.request);
+            Ok(answer)
+        }
+    }
+
+    impl Handler<ChatCallLater> for FakeChat {
+        type Result = ();
+        fn handle(&mut self, msg: ChatCallLater, _ctx: &mut Context<Self>) {
+            let _ = self.0.send(msg.0);
+        }
+    }
+
+    impl Handler<Unfollow> for FakeChat {
+        type Result = ();
+        fn handle(&mut self, _: Unfollow, _ctx: &mut Context<Self>) {}
+    }
+
+    struct HaProbe(mpsc::UnboundedSender<HaOp>);
+
+    impl Actor for HaProbe {
+        type Context = Context<Self>;
+    }
+
+    impl Handler<Replicate> for HaProbe {
+        type Result = ();
+        fn handle(&mut self, msg: Replicate, _ctx: &mut Context<Self>) {
+            let _ = self.0.send(msg.0);
+        }
+    }
+
+    struct Reports(std::sync::Mutex<Vec<BotReport>>);
+
+    impl ReportSink for Reports {
+        fn write(&self, report: &BotReport) {
+            self.0.lock().unwrap().push(report.clone());
+        }
+    }
+
+    struct Quiet;
+
+    impl Bot for Quiet {
+        fn handle<'a>(
+            &'a mut self,
+            _ctx: &'a mut BotContext,
+            _input: BotInput,
+        ) -> BoxFuture<'a, Result<(), BotError>> {
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    struct QuietFactory;
+
+    impl BotFactory for QuietFactory {
+        fn bot_id(&self) -> &str {
+            "quiet"
+        }
+        fn create(&self, _request: &CreateBot) -> Result<Box<dyn Bot>, BotError> {
+            Ok(Box::new(Quiet))
+        }
+    }
+
+    fn esp(method: &str, interaction: &str) -> Esp {
+        Esp(EspRequest {
+            request_id: 1,
+            service: ESP_SERVICE.into(),
+            method: method.into(),
+            parameters: [
+                ("ChatBotID".to_string(), "quiet".to_string()),
+                ("_umsChannel".to_string(), "channel-chatbot".to_string()),
+            ]
+            .into(),
+            userdata: [("InteractionId".to_string(), interaction.to_string())].into(),
+        })
+    }
+
+    async fn next<T>(rx: &mut mpsc::UnboundedReceiver<T>) -> T {
+        tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("in time")
+            .expect("open")
+    }
+
+    #[actix::test]
+    async fn esp_starts_finds_and_stops_a_bot_through_the_supervisor_in_process() {
+        let (seen_tx, mut seen) = mpsc::unbounded_channel();
+        let (ops_tx, mut ops) = mpsc::unbounded_channel();
+        let chat = FakeChat(seen_tx).start();
+        let ha = HaProbe(ops_tx).start();
+        let reports = Arc::new(Reports(Default::default()));
+        let role = RoleView::default();
+        let supervisor = Supervisor::new(
+            SupervisorConfig {
+                node_id: "a".into(),
+                chat_server_name: String::new(),
+                handling_timeout: Duration::from_secs(5),
+                finished_retention: Duration::from_secs(60),
+                arbiters: 1,
+                recovery_batch: 10,
+                replication_waits: false,
+            },
+            vec![Arc::new(QuietFactory)],
+            ChatPort::new(
+                chat.clone().recipient(),
+                chat.clone().recipient(),
+                chat.recipient(),
+            ),
+            Arc::new(Registry::default()),
+            reports.clone(),
+            ha.recipient(),
+            role.clone(),
+        )
+        .start();
+
+        // A backup answers not_primary, and starts nothing.
+        let answer = supervisor.send(esp("StartBot", "chat-1")).await.unwrap();
+        assert_eq!(answer.code.as_deref(), Some("not_primary"));
+        role.set(Role {
+            primary: true,
+            draining: false,
+            primary_url: None,
+        });
+
+        let answer = supervisor.send(esp("StartBot", "chat-1")).await.unwrap();
+        assert_eq!(answer.status, EspStatus::Ok, "{answer:?}");
+        let Some(EspResult::Started {
+            instance_id,
+            participant_id,
+        }) = answer.result
+        else {
+            panic!("started: {answer:?}");
+        };
+        assert_eq!(participant_id, "bot-1");
+        assert!(matches!(next(&mut seen).await, ChatRequest::Join(_)));
+        match next(&mut ops).await {
+            HaOp::Started(b) => assert_eq!(
+                (b.instance_id.as_str(), b.joined_seq),
+                (instance_id.as_str(), 2)
+            ),
+            other => panic!("the start is replicated first, not {other:?}"),
+        }
+
+        // The same bot again is refused; its status is running.
+        let again = supervisor.send(esp("StartBot", "chat-1")).await.unwrap();
+        assert_eq!(again.code.as_deref(), Some("already_running"));
+        let status = supervisor
+            .send(esp("GetBotStatus", "chat-1"))
+            .await
+            .unwrap();
+        assert_eq!(status.status, EspStatus::Ok, "{status:?}");
+
+        // StopBot: the bot leaves, is removed from the replica and reported once.
+        let stopped = supervisor.send(esp("StopBot", "chat-1")).await.unwrap();
+        assert_eq!(stopped.status, EspStatus::Ok, "{stopped:?}");
+        loop {
+            if let ChatRequest::Leave(l) = next(&mut seen).await {
+                assert_eq!(l.participant_id, "bot-1");
+                break;
+            }
+        }
+        loop {
+            if let HaOp::Removed { instance_id: gone } = next(&mut ops).await {
+                assert_eq!(gone, instance_id);
+                break;
+            }
+        }
+        supervisor.send(Barrier).await.unwrap();
+        let written = reports.0.lock().unwrap().clone();
+        assert_eq!(written.len(), 1);
+        assert_eq!(written[0].end_reason, "stop_requested");
     }
 }
