@@ -857,13 +857,15 @@ impl HaState {
             self.release(waiter, false);
             return;
         }
-        apply(&mut self.store, op.clone());
         let id = self.next_op;
         self.next_op += 1;
         if !self.link_up() {
+            // No backup to send it to: into the store, with no copy.
+            apply(&mut self.store, op);
             self.release(waiter, false);
             return;
         }
+        apply(&mut self.store, op.clone());
         self.unacked.push_back((id, now.mono_ms));
         self.outbox.push(op);
         if !self.flush_scheduled {
