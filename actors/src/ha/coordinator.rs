@@ -21,7 +21,6 @@ use crate::messages::{
     ResumeEvents,
 };
 use crate::metrics::{metrics, Kind};
-use crate::role::Role;
 
 type SwitchoverReply = oneshot::Sender<Result<SwitchoverReport, SwitchoverError>>;
 
@@ -174,17 +173,9 @@ impl HaCoordinator {
                         .map(|(), _act, ctx| ctx.address().do_send(Drained)),
                 );
             }
-            Effect::SetRole {
-                primary,
-                draining,
-                primary_url,
-            } => {
+            Effect::SetRole(role) => {
                 if let Some(p) = &self.peers {
-                    p.role.set(Role {
-                        primary,
-                        draining,
-                        primary_url,
-                    });
+                    p.role.set(role);
                 }
             }
             Effect::BecomePrimary { bots } => {

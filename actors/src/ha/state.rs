@@ -109,11 +109,7 @@ pub enum Effect {
     /// Pause the chat link's events, then drain the Supervisor; answer with [`Input::Drained`].
     Drain,
     /// The Supervisor's view of the role.
-    SetRole {
-        primary: bool,
-        draining: bool,
-        primary_url: Option<String>,
-    },
+    SetRole(crate::role::Role),
     BecomePrimary {
         bots: Vec<ReplicatedBot>,
     },
@@ -923,11 +919,11 @@ impl HaState {
                 .clone()
                 .or_else(|| self.primary_http.clone()),
         };
-        self.out.push(Effect::SetRole {
+        self.out.push(Effect::SetRole(crate::role::Role {
             primary: self.role == HaRole::Primary,
             draining: self.draining,
             primary_url,
-        });
+        }));
     }
 
     /// Becomes primary with `epoch`: respawns every replicated bot, fences the old primary.

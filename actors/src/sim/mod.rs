@@ -580,7 +580,7 @@ impl Sim {
                     self.link_step(n, LinkInput::Pause);
                     self.maybe_drained(n);
                 }
-                Effect::SetRole { .. } | Effect::Discard(_) => {}
+                Effect::SetRole(_) | Effect::Discard(_) => {}
                 Effect::BecomePrimary { bots } => {
                     let names: Vec<&str> = bots.iter().map(|b| b.instance_id.as_str()).collect();
                     let what = format!("{} restores {names:?}", self.nodes[n].name);
