@@ -81,16 +81,28 @@ impl StopReason {
         matches!(self, StopReason::ChatServerLost | StopReason::Error)
     }
 
-    /// Who ended the bot session, for reports: `workflow`, `bot`, `customer`, `agent`, `system`.
-    pub fn ended_by(self) -> &'static str {
+    /// Who ended the bot session, for reports.
+    pub fn ended_by(self) -> EndedBy {
         match self {
-            StopReason::StopRequested => "workflow",
-            StopReason::BotLeft | StopReason::Error => "bot",
-            StopReason::CustomerLeft | StopReason::ParticipantsLeft => "customer",
-            StopReason::AgentArrived => "agent",
-            _ => "system",
+            StopReason::StopRequested => EndedBy::Workflow,
+            StopReason::BotLeft | StopReason::Error => EndedBy::Bot,
+            StopReason::CustomerLeft | StopReason::ParticipantsLeft => EndedBy::Customer,
+            StopReason::AgentArrived => EndedBy::Agent,
+            _ => EndedBy::System,
         }
     }
+}
+
+/// Who ended a bot session (`ended_by` in reports): `workflow`, `bot`, `customer`, `agent`,
+/// `system`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EndedBy {
+    Workflow,
+    Bot,
+    Customer,
+    Agent,
+    System,
 }
 
 impl fmt::Display for StopReason {

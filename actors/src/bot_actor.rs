@@ -715,15 +715,15 @@ impl BotActor {
             category: spec.category.clone(),
             function: spec.function.clone(),
             nickname: spec.nickname.clone(),
-            visibility: spec.visibility.to_string(),
+            visibility: spec.visibility,
             holdup: spec.holdup,
             started_ms: self.started_ms,
             ended_ms,
             duration_ms: ended_ms.saturating_sub(self.started_ms),
             messages_sent: self.sent,
             messages_received: self.received,
-            ended_by: reason.ended_by().into(),
-            end_reason: reason.as_str().into(),
+            ended_by: reason.ended_by(),
+            end_reason: reason,
             abnormal: reason.is_abnormal(),
             error: self
                 .error
@@ -1199,7 +1199,7 @@ mod tests {
         assert!(matches!(next(&mut h.chat).await, ChatRequest::Leave(_)));
         match next(&mut h.notices).await {
             BotNotice::Finished { report, .. } => {
-                assert_eq!(report.end_reason, "bot_left");
+                assert_eq!(report.end_reason, StopReason::BotLeft);
                 assert_eq!(report.handoff.unwrap().summary, "wants a person");
             }
             other => panic!("{other:?}"),
@@ -1224,7 +1224,7 @@ mod tests {
         assert!(matches!(next(&mut h.chat).await, ChatRequest::Leave(_)));
         match next(&mut h.notices).await {
             BotNotice::Finished { report, .. } => {
-                assert_eq!(report.end_reason, "error");
+                assert_eq!(report.end_reason, StopReason::Error);
                 assert_eq!(report.error.as_deref(), Some("bot error: asked to fail"));
                 assert_eq!(report.messages_sent, 0);
             }

@@ -20,15 +20,15 @@ pub struct BotReport {
     pub category: String,
     pub function: String,
     pub nickname: String,
-    pub visibility: String,
+    pub visibility: bgs_proto::chat::Visibility,
     pub holdup: bool,
     pub started_ms: u64,
     pub ended_ms: u64,
     pub duration_ms: u64,
     pub messages_sent: u64,
     pub messages_received: u64,
-    pub ended_by: String,
-    pub end_reason: String,
+    pub ended_by: crate::bot::EndedBy,
+    pub end_reason: crate::bot::StopReason,
     pub abnormal: bool,
     pub error: Option<String>,
     /// The hand-off the bot ended with (`null` unless it handed the customer over).
@@ -197,7 +197,7 @@ impl Registry {
         if let Some(bot) = self.remove(key) {
             let mut status = bot.status();
             status.state = "finished".into();
-            status.reason = Some(report.end_reason.clone());
+            status.reason = Some(report.end_reason.as_str().to_string());
             status.ended_ms = Some(report.ended_ms);
             status.handoff = report.handoff.clone();
             let mut list = self.finished.entry(key.interaction_id.clone()).or_default();
@@ -249,7 +249,7 @@ mod tests {
         }
     }
 
-    fn report(end_reason: &str) -> BotReport {
+    fn report(end_reason: crate::bot::StopReason) -> BotReport {
         BotReport {
             instance_id: String::new(),
             interaction_id: String::new(),
@@ -258,15 +258,15 @@ mod tests {
             category: String::new(),
             function: String::new(),
             nickname: String::new(),
-            visibility: String::new(),
+            visibility: Default::default(),
             holdup: false,
             started_ms: 0,
             ended_ms: 9,
             duration_ms: 0,
             messages_sent: 0,
             messages_received: 0,
-            ended_by: String::new(),
-            end_reason: end_reason.into(),
+            ended_by: end_reason.ended_by(),
+            end_reason,
             abnormal: false,
             error: None,
             handoff: None,
@@ -296,7 +296,7 @@ mod tests {
         assert_eq!(r.status("chat-1", None, Some("b")).len(), 1);
         assert_eq!(r.status("chat-3", None, None), Vec::new());
 
-        r.finish(&key, &report("stop_requested"));
+        r.finish(&key, &report(crate::bot::StopReason::StopRequested));
         assert!(!r.is_running(&key));
         assert_eq!(r.running_count(), 2);
         assert_eq!(r.running_by_plugin(), [("echo".to_string(), 2)].into());
@@ -305,7 +305,10 @@ mod tests {
         assert_eq!(after[1].state, "finished");
         assert_eq!(after[1].reason.as_deref(), Some("stop_requested"));
 
-        r.finish(&bot("chat-1", "b", 0).spec.key, &report("customer_left"));
+        r.finish(
+            &bot("chat-1", "b", 0).spec.key,
+            &report(crate::bot::StopReason::CustomerLeft),
+        );
         assert_eq!((r.running_count(), r.interaction_count()), (1, 1));
         assert_eq!(r.running_by_plugin(), [("echo".to_string(), 1)].into());
         r.clear_running();

@@ -588,7 +588,7 @@ impl Handler<BotNotice> for SessionActor {
             } => {
                 if let Some(slot) = self.bots.remove(&participant_id) {
                     // A node shutting down keeps its bots in the backup's copy: HA applies.
-                    if report.end_reason != StopReason::Shutdown.as_str() {
+                    if report.end_reason != StopReason::Shutdown {
                         self.ha.tell(HaOp::Removed {
                             instance_id: slot.instance_id.clone(),
                         });
@@ -1015,7 +1015,7 @@ mod tests {
             }
         }
         let f = finished.unwrap();
-        assert_eq!(f.report.end_reason, "customer_left");
+        assert_eq!(f.report.end_reason, StopReason::CustomerLeft);
         assert_eq!(f.report.messages_received, 1);
         assert_eq!(f.report.messages_sent, 2);
     }

@@ -392,7 +392,7 @@ impl Handler<BotFinished> for Supervisor {
         self.registry.finish(&msg.key, r);
         metrics()
             .bots_stopped
-            .inc(&[&r.bot_id, &r.end_reason, &r.category, &r.function]);
+            .inc(&[&r.bot_id, r.end_reason.as_str(), &r.category, &r.function]);
         self.reports.write(r);
     }
 }
@@ -884,6 +884,6 @@ mod tests {
         supervisor.send(Barrier).await.unwrap();
         let written = reports.0.lock().unwrap().clone();
         assert_eq!(written.len(), 1);
-        assert_eq!(written[0].end_reason, "stop_requested");
+        assert_eq!(written[0].end_reason, StopReason::StopRequested);
     }
 }
