@@ -52,16 +52,20 @@ pub struct BotSetup {
     pub done: Arc<std::sync::atomic::AtomicBool>,
 }
 
-/// Switchover drain: handled after every input given before it; then the token is let go
-/// (it is held, never read: its drop is the signal).
+/// What a SessionActor tells its bot beside inputs: one control message, three ways to end
+/// or pause its work.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub(crate) struct FlushBot(#[allow(dead_code)] pub(crate) DrainToken);
-
-/// Stop at once: no stop handler, no leave, no report (the bot goes on at the new primary).
-#[derive(Message)]
-#[rtype(result = "()")]
-pub(crate) struct AbandonBot;
+pub(crate) enum BotControl {
+    /// Stop: runs the bot's stop handler, writes the waiting-mode outcome, leaves if the reason
+    /// says so, then reports `BotNotice::Finished`.
+    Stop(StopReason),
+    /// Stop at once: no stop handler, no leave, no report (the bot goes on at the new primary).
+    Abandon,
+    /// Switchover drain: handled after every input given before it; then the token is let go
+    /// (it is held, never read: its drop is the signal).
+    Flush(#[allow(dead_code)] DrainToken),
+}
 
 /// An input for the bot.
 #[derive(Message)]
@@ -71,14 +75,6 @@ pub enum Deliver {
     Data(KeyValues),
     /// The bot's [`BotWaker`] was called.
     Wake,
-}
-
-/// Stop the bot: runs its stop handler, writes the waiting-mode outcome, leaves if the reason
-/// says so, then reports `BotNotice::Finished`.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub(crate) struct StopBotActor {
-    pub reason: StopReason,
 }
 
 /// What a bot tells its SessionActor.
@@ -819,31 +815,28 @@ impl Handler<Deliver> for BotActor {
     }
 }
 
-impl Handler<FlushBot> for BotActor {
+impl Handler<BotControl> for BotActor {
     type Result = ();
 
-    fn handle(&mut self, _: FlushBot, _ctx: &mut Context<Self>) {
-        // Dropping the token here tells the drain this bot is done.
+    fn handle(&mut self, msg: BotControl, ctx: &mut Context<Self>) {
+        match msg {
+            BotControl::Stop(reason) => self.stop(reason, ctx),
+            BotControl::Abandon => {
+                self.phase = BotPhase::Stopping(None);
+                ctx.stop();
+            }
+            // Dropping the token here tells the drain this bot is done.
+            BotControl::Flush(_token) => {}
+        }
     }
 }
 
-impl Handler<AbandonBot> for BotActor {
-    type Result = ();
-
-    fn handle(&mut self, _: AbandonBot, ctx: &mut Context<Self>) {
-        self.phase = BotPhase::Stopping(None);
-        ctx.stop();
-    }
-}
-
-impl Handler<StopBotActor> for BotActor {
-    type Result = ();
-
-    fn handle(&mut self, msg: StopBotActor, ctx: &mut Context<Self>) {
+impl BotActor {
+    /// Runs the stop handler, the waiting-mode outcome and the leave, then reports.
+    fn stop(&mut self, reason: StopReason, ctx: &mut Context<Self>) {
         if self.phase.is_stopping() {
             return;
         }
-        let reason = msg.reason;
         self.phase = BotPhase::Stopping(Some(reason));
         let bot = self.bot.take();
         let bctx = self.context(InputLabel::Stop);
@@ -1189,9 +1182,7 @@ mod tests {
             BotNotice::WantsToLeave { .. }
         ));
         // The session then stops it: waiting-mode outcome, leave, report with the hand-off.
-        h.bot.do_send(StopBotActor {
-            reason: StopReason::BotLeft,
-        });
+        h.bot.do_send(BotControl::Stop(StopReason::BotLeft));
         let ChatRequest::UpdateUserdata { changes, .. } = next(&mut h.chat).await else {
             panic!("the outcome")
         };
@@ -1218,9 +1209,7 @@ mod tests {
         }
         // Halted: later inputs are skipped.
         h.bot.do_send(Deliver::Event(message(7, "hi")));
-        h.bot.do_send(StopBotActor {
-            reason: StopReason::Error,
-        });
+        h.bot.do_send(BotControl::Stop(StopReason::Error));
         assert!(matches!(next(&mut h.chat).await, ChatRequest::Leave(_)));
         match next(&mut h.notices).await {
             BotNotice::Finished { report, .. } => {

@@ -20,9 +20,7 @@ use bgs_proto::esp::KeyValues;
 use tokio::sync::oneshot;
 
 use crate::bot::{Bot, BotPhase, StopReason};
-use crate::bot_actor::{
-    AbandonBot, BotActor, BotNotice, BotSetup, Deliver, FlushBot, StopBotActor,
-};
+use crate::bot_actor::{BotActor, BotControl, BotNotice, BotSetup, Deliver};
 use crate::chat_link::{
     ChatCall, ChatCallError, ChatPort, Feed, Follow, ParticipantJoined, Unfollow,
 };
@@ -78,21 +76,17 @@ pub(crate) struct RestoreInSession {
     pub bot: Box<dyn Bot>,
 }
 
-/// Drop every bot at once: no leave, no report (the bots go on at the new primary).
+/// What the Supervisor tells a session beside its bots' requests: one control message.
 #[derive(Message)]
 #[rtype(result = "()")]
-pub(crate) struct Abandon;
-
-/// Switchover drain: let every bot handle what it was given, each holding the token until then.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub(crate) struct Quiesce(pub DrainToken);
-
-/// Stop every bot (shutdown); answers when all are done.
-#[derive(Message)]
-#[rtype(result = "()")]
-pub(crate) struct StopAll {
-    pub reason: StopReason,
+pub(crate) enum SessionControl {
+    /// Stop every bot (shutdown); answered when all are done.
+    StopAll(StopReason),
+    /// Drop every bot at once: no leave, no report (the bots go on at the new primary).
+    Abandon,
+    /// Switchover drain: let every bot handle what it was given, each holding the token until
+    /// then.
+    Quiesce(DrainToken),
 }
 
 /// Told to the Supervisor when a bot has finished.
@@ -328,7 +322,7 @@ impl SessionActor {
             "stopping bot"
         );
         match &slot.addr {
-            Some(addr) => addr.do_send(StopBotActor { reason }),
+            Some(addr) => addr.do_send(BotControl::Stop(reason)),
             None => {
                 // Still waiting for its join event: it never started. Leave if it should, stop
                 // following it, and answer the StartBot that is waiting.
@@ -678,31 +672,48 @@ impl Handler<DataInSession> for SessionActor {
     }
 }
 
-impl Handler<Abandon> for SessionActor {
-    type Result = ();
+impl Handler<SessionControl> for SessionActor {
+    type Result = ResponseFuture<()>;
 
-    fn handle(&mut self, _: Abandon, ctx: &mut Context<Self>) {
-        // No Unfollow: the demotion deactivated the ChatLink, which forgot every route (a late
-        // Unfollow could remove the route of a session restored after a quick promotion).
-        for (_, slot) in self.bots.drain() {
-            slot.done.store(true, std::sync::atomic::Ordering::SeqCst);
-            if let Some(addr) = slot.addr {
-                addr.do_send(AbandonBot);
+    fn handle(&mut self, msg: SessionControl, ctx: &mut Context<Self>) -> Self::Result {
+        match msg {
+            SessionControl::StopAll(reason) => {
+                let pids: Vec<String> = self.bots.keys().cloned().collect();
+                let mut waits = Vec::new();
+                for pid in pids {
+                    let (tx, rx) = oneshot::channel();
+                    self.stop(&pid, reason, Some(tx), ctx);
+                    waits.push(rx);
+                }
+                return Box::pin(async move {
+                    for w in waits {
+                        let _ = w.await;
+                    }
+                });
+            }
+            SessionControl::Abandon => {
+                // No Unfollow: the demotion deactivated the ChatLink, which forgot every route
+                // (a late Unfollow could remove the route of a session restored after a quick
+                // promotion).
+                for (_, slot) in self.bots.drain() {
+                    slot.done.store(true, std::sync::atomic::Ordering::SeqCst);
+                    if let Some(addr) = slot.addr {
+                        addr.do_send(BotControl::Abandon);
+                    }
+                }
+                self.abandoned = true;
+                ctx.stop();
+            }
+            SessionControl::Quiesce(token) => {
+                // Each bot lets go of its clone once it has handled what is ahead of it in its
+                // mailbox.
+                for addr in self.bots.values().filter_map(|s| s.addr.as_ref()) {
+                    addr.do_send(BotControl::Flush(token.clone()));
+                }
             }
         }
-        self.abandoned = true;
-        ctx.stop();
-    }
-}
-
-impl Handler<Quiesce> for SessionActor {
-    type Result = ();
-
-    fn handle(&mut self, msg: Quiesce, _ctx: &mut Context<Self>) {
-        // Each bot lets go of its clone once it has handled what is ahead of it in its mailbox.
-        for addr in self.bots.values().filter_map(|s| s.addr.as_ref()) {
-            addr.do_send(FlushBot(msg.0.clone()));
-        }
+        // A future of nothing: no allocation for the drain's and the demotion's messages.
+        Box::pin(async {})
     }
 }
 
@@ -721,25 +732,6 @@ fn replica_of(
         started_ms: now_ms(),
         context: None,
         checkpoint_seq: joined_seq,
-    }
-}
-
-impl Handler<StopAll> for SessionActor {
-    type Result = ResponseFuture<()>;
-
-    fn handle(&mut self, msg: StopAll, ctx: &mut Context<Self>) -> Self::Result {
-        let pids: Vec<String> = self.bots.keys().cloned().collect();
-        let mut waits = Vec::new();
-        for pid in pids {
-            let (tx, rx) = oneshot::channel();
-            self.stop(&pid, msg.reason, Some(tx), ctx);
-            waits.push(rx);
-        }
-        Box::pin(async move {
-            for w in waits {
-                let _ = w.await;
-            }
-        })
     }
 }
 

@@ -19,8 +19,8 @@ use crate::now_ms;
 use crate::report::{Registry, ReportSink, RunningBot};
 use crate::role::RoleView;
 use crate::session::{
-    Abandon, BotFinished, DataInSession, Quiesce, RestoreInSession, SessionActor, SessionEnded,
-    StartInSession, StopAll, StopInSession,
+    BotFinished, DataInSession, RestoreInSession, SessionActor, SessionControl, SessionEnded,
+    StartInSession, StopInSession,
 };
 use bgs_proto::ha::HaOp;
 
@@ -431,7 +431,7 @@ impl Handler<BecomeBackup> for Supervisor {
         actix::spawn(async move {
             let n = sessions.len();
             for (i, s) in sessions.values().enumerate() {
-                s.do_send(Abandon);
+                s.do_send(SessionControl::Abandon);
                 if i % 1024 == 1023 {
                     tokio::task::yield_now().await;
                 }
@@ -455,7 +455,7 @@ impl Handler<Drain> for Supervisor {
         // One token for the whole node: done when every session and bot has let go of it.
         let (token, done) = DrainToken::new();
         for s in self.sessions.values() {
-            s.do_send(Quiesce(token.clone()));
+            s.do_send(SessionControl::Quiesce(token.clone()));
         }
         drop(token);
         Box::pin(done.wait())
@@ -630,15 +630,14 @@ impl Handler<Shutdown> for Supervisor {
 
     fn handle(&mut self, _: Shutdown, _ctx: &mut Context<Self>) -> Self::Result {
         self.shutting_down = true;
-        let sessions: Vec<Addr<SessionActor>> = self.sessions.values().cloned().collect();
+        // Every session at once; done when the last has stopped its bots.
+        let stops: Vec<_> = self
+            .sessions
+            .values()
+            .map(|s| s.send(SessionControl::StopAll(StopReason::Shutdown)))
+            .collect();
         Box::pin(async move {
-            for s in sessions {
-                let _ = s
-                    .send(StopAll {
-                        reason: StopReason::Shutdown,
-                    })
-                    .await;
-            }
+            futures_util::future::join_all(stops).await;
         })
     }
 }
