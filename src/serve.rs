@@ -92,129 +92,21 @@ impl Tls {
     }
 }
 
-/// Starts a node inside the current actix System.
+/// Starts a node inside the current actix System: its listeners, plugins, the HaCoordinator, the
+/// ChatLink and the Supervisor, tied together, then ESP and HTTP.
 pub async fn start(config: Config) -> Result<Node, ServeError> {
     let tls = Tls::load(&config)?;
-    let reports: Arc<dyn ReportSink> = match &config.reporting.file {
-        Some(path) => Arc::new(
-            FileReports::open(path).map_err(|source| ServeError::Reports {
-                path: path.display().to_string(),
-                source,
-            })?,
-        ),
-        None => Arc::new(LogReports),
-    };
-    let esp_listener = tokio::net::TcpListener::bind(config.node.esp_listen)
-        .await
-        .map_err(|source| ServeError::Listen {
-            what: "node.esp-listen",
-            addr: config.node.esp_listen,
-            source,
-        })?;
-    let http_listener = std::net::TcpListener::bind(config.node.http_listen).map_err(|source| {
-        ServeError::Listen {
-            what: "node.http-listen",
-            addr: config.node.http_listen,
-            source,
-        }
-    })?;
-    let esp = esp_listener
-        .local_addr()
-        .map_err(|source| ServeError::Listen {
-            what: "node.esp-listen",
-            addr: config.node.esp_listen,
-            source,
-        })?;
-    let http = http_listener
-        .local_addr()
-        .map_err(|source| ServeError::Listen {
-            what: "node.http-listen",
-            addr: config.node.http_listen,
-            source,
-        })?;
-
+    let reports = report_sink(&config)?;
+    let Listeners {
+        esp_listener,
+        http_listener,
+        esp,
+        http,
+    } = Listeners::bind(&config).await?;
     let (plugins, connector) = crate::plugins::load(&config, http).map_err(ServeError::Plugins)?;
     // The HA coordinator first: the chat link tells it about fencing, bots tell it their saves.
-    let configured = config.node.role;
-    // The role and epoch this node had when it stopped win over the configured role.
-    let saved = match &config.ha.state_file {
-        Some(path) => read_state(path).map_err(|source| ServeError::State {
-            path: path.display().to_string(),
-            source,
-        })?,
-        None => None,
-    };
-    // A single node (no peer) is always primary; it keeps the epoch it had.
-    let (role, epoch) = match (saved, config.ha.peer.is_some()) {
-        (Some(s), true) => (s.role, s.epoch),
-        (Some(s), false) => (HaRole::Primary, s.epoch),
-        (None, _) => (configured, 1),
-    };
-    if let Some(s) = saved {
-        tracing::info!(role = ?s.role, epoch = s.epoch, "role and epoch restored from ha.state-file");
-    }
-    let ha_listener = match &config.ha.peer {
-        Some(_) => Some(
-            tokio::net::TcpListener::bind(config.ha.listen)
-                .await
-                .map_err(|source| ServeError::Listen {
-                    what: "ha.listen",
-                    addr: config.ha.listen,
-                    source,
-                })?,
-        ),
-        None => None,
-    };
-    let ha_addr = ha_listener.as_ref().and_then(|l| l.local_addr().ok());
-    let coordinator = HaCoordinator::new(
-        HaSettings {
-            node_id: config.node.id.clone(),
-            cluster_id: config.node.cluster_id.clone(),
-            role,
-            peer: config.ha.peer.clone(),
-            secret: config.ha.secret.clone(),
-            heartbeat: Duration::from_millis(config.ha.heartbeat_interval_ms),
-            failover_after: Duration::from_millis(config.ha.failover_after_ms),
-            sync: config.ha.mode == crate::config::HaMode::Sync,
-            http_url: format!(
-                "{}://{http}",
-                if tls.server.is_some() {
-                    "https"
-                } else {
-                    "http"
-                }
-            ),
-            peer_http: config.ha.peer_http.clone(),
-            state_file: config.ha.state_file.clone(),
-        },
-        epoch,
-        Arc::new(TcpHaDialer {
-            tls: tls.ha_client.clone(),
-        }),
-    )
-    .start();
-    if let Some(l) = ha_listener {
-        actix_rt::spawn(serve_ha(l, coordinator.clone(), tls.acceptor()));
-    }
-    let link = ChatLink::new(
-        ChatLinkConfig {
-            on_fenced: Some(coordinator.clone().recipient()),
-            address: config.chat_server.address.clone(),
-            role: ClientRole::Gateway {
-                cluster_id: config.node.cluster_id.clone(),
-                epoch: 1,
-                node_id: config.node.id.clone(),
-            },
-            credential: Secret::new(config.chat_server.credential.clone().unwrap_or_default()),
-            reconnect_delay: config.reconnect_delay(),
-            reconnect_attempts: config.channel_chatbot.ha_chat_reconnecting_attempts,
-            max_queued: 100_000,
-        },
-        Arc::new(TcpChatConnector {
-            tls: tls.chat_client.clone(),
-        }),
-    )
-    .start();
+    let (coordinator, ha_addr) = start_ha(&config, &tls, http).await?;
+    let link = start_chat_link(&config, &tls, &coordinator);
     let registry = Arc::new(Registry::default());
     bgs_actors::bot_limits::set_limits(bgs_actors::bot_limits::BotLimits {
         posts_per_input: config.bots.max_posts_per_input,
@@ -278,13 +170,194 @@ pub async fn start(config: Config) -> Result<Node, ServeError> {
         connector,
         read_timeout: Duration::from_millis(config.node.http_read_timeout_ms),
     });
+    let http_server = start_http(&config, &tls, http_listener, http, caps.http, state)?;
+    tracing::info!(node = %config.node.id, %http, %esp, chat_server = %config.chat_server.address, "bgs node started");
+    Ok(Node {
+        http,
+        esp,
+        ha: ha_addr,
+        supervisor,
+        http_server,
+        reports,
+        coordinator,
+    })
+}
+
+/// Where report records go: `reporting.file`, else the log.
+fn report_sink(config: &Config) -> Result<Arc<dyn ReportSink>, ServeError> {
+    Ok(match &config.reporting.file {
+        Some(path) => Arc::new(
+            FileReports::open(path).map_err(|source| ServeError::Reports {
+                path: path.display().to_string(),
+                source,
+            })?,
+        ),
+        None => Arc::new(LogReports),
+    })
+}
+
+/// The ESP and HTTP ports, bound (a port 0 in the configuration becomes a free one).
+struct Listeners {
+    esp_listener: tokio::net::TcpListener,
+    http_listener: std::net::TcpListener,
+    esp: SocketAddr,
+    http: SocketAddr,
+}
+
+impl Listeners {
+    async fn bind(config: &Config) -> Result<Listeners, ServeError> {
+        let esp_listener = tokio::net::TcpListener::bind(config.node.esp_listen)
+            .await
+            .map_err(|source| ServeError::Listen {
+                what: "node.esp-listen",
+                addr: config.node.esp_listen,
+                source,
+            })?;
+        let http_listener =
+            std::net::TcpListener::bind(config.node.http_listen).map_err(|source| {
+                ServeError::Listen {
+                    what: "node.http-listen",
+                    addr: config.node.http_listen,
+                    source,
+                }
+            })?;
+        let esp = esp_listener
+            .local_addr()
+            .map_err(|source| ServeError::Listen {
+                what: "node.esp-listen",
+                addr: config.node.esp_listen,
+                source,
+            })?;
+        let http = http_listener
+            .local_addr()
+            .map_err(|source| ServeError::Listen {
+                what: "node.http-listen",
+                addr: config.node.http_listen,
+                source,
+            })?;
+        Ok(Listeners {
+            esp_listener,
+            http_listener,
+            esp,
+            http,
+        })
+    }
+}
+
+/// The HaCoordinator, in the role and epoch of the state file (else configured), and its
+/// listener in a pair.
+async fn start_ha(
+    config: &Config,
+    tls: &Tls,
+    http: SocketAddr,
+) -> Result<(Addr<HaCoordinator>, Option<SocketAddr>), ServeError> {
+    let configured = config.node.role;
+    // The role and epoch this node had when it stopped win over the configured role.
+    let saved = match &config.ha.state_file {
+        Some(path) => read_state(path).map_err(|source| ServeError::State {
+            path: path.display().to_string(),
+            source,
+        })?,
+        None => None,
+    };
+    // A single node (no peer) is always primary; it keeps the epoch it had.
+    let (role, epoch) = match (saved, config.ha.peer.is_some()) {
+        (Some(s), true) => (s.role, s.epoch),
+        (Some(s), false) => (HaRole::Primary, s.epoch),
+        (None, _) => (configured, 1),
+    };
+    if let Some(s) = saved {
+        tracing::info!(role = ?s.role, epoch = s.epoch, "role and epoch restored from ha.state-file");
+    }
+    let ha_listener = match &config.ha.peer {
+        Some(_) => Some(
+            tokio::net::TcpListener::bind(config.ha.listen)
+                .await
+                .map_err(|source| ServeError::Listen {
+                    what: "ha.listen",
+                    addr: config.ha.listen,
+                    source,
+                })?,
+        ),
+        None => None,
+    };
+    let ha_addr = ha_listener.as_ref().and_then(|l| l.local_addr().ok());
+    let coordinator = HaCoordinator::new(
+        HaSettings {
+            node_id: config.node.id.clone(),
+            cluster_id: config.node.cluster_id.clone(),
+            role,
+            peer: config.ha.peer.clone(),
+            secret: config.ha.secret.clone(),
+            heartbeat: Duration::from_millis(config.ha.heartbeat_interval_ms),
+            failover_after: Duration::from_millis(config.ha.failover_after_ms),
+            sync: config.ha.mode == crate::config::HaMode::Sync,
+            http_url: format!(
+                "{}://{http}",
+                if tls.server.is_some() {
+                    "https"
+                } else {
+                    "http"
+                }
+            ),
+            peer_http: config.ha.peer_http.clone(),
+            state_file: config.ha.state_file.clone(),
+        },
+        epoch,
+        Arc::new(TcpHaDialer {
+            tls: tls.ha_client.clone(),
+        }),
+    )
+    .start();
+    if let Some(l) = ha_listener {
+        actix_rt::spawn(serve_ha(l, coordinator.clone(), tls.acceptor()));
+    }
+    Ok((coordinator, ha_addr))
+}
+
+/// The ChatLink to the Chat Server, fenced through the coordinator.
+fn start_chat_link(
+    config: &Config,
+    tls: &Tls,
+    coordinator: &Addr<HaCoordinator>,
+) -> Addr<ChatLink> {
+    ChatLink::new(
+        ChatLinkConfig {
+            on_fenced: Some(coordinator.clone().recipient()),
+            address: config.chat_server.address.clone(),
+            role: ClientRole::Gateway {
+                cluster_id: config.node.cluster_id.clone(),
+                epoch: 1,
+                node_id: config.node.id.clone(),
+            },
+            credential: Secret::new(config.chat_server.credential.clone().unwrap_or_default()),
+            reconnect_delay: config.reconnect_delay(),
+            reconnect_attempts: config.channel_chatbot.ha_chat_reconnecting_attempts,
+            max_queued: 100_000,
+        },
+        Arc::new(TcpChatConnector {
+            tls: tls.chat_client.clone(),
+        }),
+    )
+    .start()
+}
+
+/// The HTTP server, behind the gate that takes the port.
+fn start_http(
+    config: &Config,
+    tls: &Tls,
+    http_listener: std::net::TcpListener,
+    http: SocketAddr,
+    max_connections: usize,
+    state: web::Data<HttpState>,
+) -> Result<actix_web::dev::ServerHandle, ServeError> {
     let server = HttpServer::new(move || {
         App::new()
             .app_data(state.clone())
             .configure(crate::http::configure)
     })
     .workers(HTTP_WORKERS)
-    .max_connections(caps.http.div_ceil(HTTP_WORKERS))
+    .max_connections(max_connections.div_ceil(HTTP_WORKERS))
     .client_request_timeout(Duration::from_millis(config.node.http_read_timeout_ms))
     // An idle keep-alive connection stays longer than the head deadline (client pools expect
     // it: aiohttp's, reqwest's); nginx keeps 75 s too.
@@ -305,7 +378,7 @@ pub async fn start(config: Config) -> Result<Node, ServeError> {
         backend_addr,
         tls.acceptor(),
         crate::gate::GateConfig {
-            max: caps.http,
+            max: max_connections,
             per_client: config.node.http_max_connections_per_client,
             handshake: bgs_chat_server::http::TLS_HANDSHAKE_TIMEOUT,
             first_bytes: Duration::from_millis(config.node.http_read_timeout_ms),
@@ -314,16 +387,7 @@ pub async fn start(config: Config) -> Result<Node, ServeError> {
     .map_err(listen_error)?;
     let http_server = server.handle();
     actix_rt::spawn(server);
-    tracing::info!(node = %config.node.id, %http, %esp, chat_server = %config.chat_server.address, "bgs node started");
-    Ok(Node {
-        http,
-        esp,
-        ha: ha_addr,
-        supervisor,
-        http_server,
-        reports,
-        coordinator,
-    })
+    Ok(http_server)
 }
 
 impl Node {
