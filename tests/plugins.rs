@@ -719,9 +719,16 @@ async fn a_process_plugin_is_isolated_and_watched() {
 
     // Its output closed: restarted at once, before any bot fails for it.
     let c = Customer::open(&chat, "sly-close").await;
-    gw.start_bot("sly-close", &[("ChatBotID", "py-sly")]).await;
+    let closer = gw.start_bot("sly-close", &[("ChatBotID", "py-sly")]).await;
     c.say("close").await;
     gw.wait_log("it closed its output").await;
+    // Its input is given again to the new process, which closes its output again: that bot
+    // fails (the process died twice on its input). Only then is the process free for the calm
+    // bot, whose 1 s of handling time must not be spent on restarts (a loaded machine).
+    let report = gw
+        .report_of(closer["BotInstanceId"].as_str().unwrap())
+        .await;
+    assert_eq!(report["end_reason"], "error");
     calm.say("after close").await;
     assert_eq!(calm.next_reply().await, "sly: after close");
 
@@ -742,6 +749,21 @@ async fn a_process_plugin_is_isolated_and_watched() {
         assert!(
             std::time::Instant::now() < deadline,
             "the plugin's child {pid} outlived it"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The plugin exits after forking and is restarted after its back-off (800 ms by now): the
+    // calm bot's next input must not spend its 1 s of handling time waiting for that.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let log = gw.log();
+        let after_exit = log.rfind("exit status: 3").map(|i| &log[i..]);
+        if after_exit.is_some_and(|rest| rest.contains("plugin process started")) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the plugin was not restarted after its fork"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
