@@ -369,7 +369,7 @@ fn replication(c: &mut Criterion) {
                         Input::Replicate {
                             op: HaOp::Saved {
                                 instance_id: id.clone(),
-                                context: (i as u64).to_le_bytes().to_vec(),
+                                context: (i as u64).to_le_bytes().to_vec().into(),
                                 checkpoint_seq: 3 + i as u64,
                             },
                             waiter: None,
@@ -389,7 +389,7 @@ fn replication(c: &mut Criterion) {
             .enumerate()
             .map(|(i, id)| HaOp::Saved {
                 instance_id: id.clone(),
-                context: (i as u64).to_le_bytes().to_vec(),
+                context: (i as u64).to_le_bytes().to_vec().into(),
                 checkpoint_seq: 3 + i as u64,
             })
             .collect(),

@@ -637,17 +637,18 @@ impl BotActor {
         let fut = async move {
             let (bot, error, actions) = call(bot, bctx, input, timeout).await;
             let quiet = own && actions.is_empty();
-            let outcome = outbox.execute(actions, label, seen).await;
+            let mut outcome = outbox.execute(actions, label, seen).await;
             // Posts first, then the save: a failover before the save replays the input, and the
             // replayed posts carry the same client keys.
             // A completed turn moves the checkpoint even when the bot saved nothing: a
             // take-over gives the bot only the input in flight, never the ones it has handled
             // (an external bot keeps its own state; a replay would run its dialog again).
             let error = error.or_else(|| outcome.failed.clone());
-            let op = match (&outcome.saved, &error, outcome.unavailable) {
+            // The saved bytes move into the op, shared from here to the frame (no copy).
+            let op = match (outcome.saved.take(), &error, outcome.unavailable) {
                 (Some(bytes), None, false) => Some(HaOp::Saved {
                     instance_id,
-                    context: bytes.clone(),
+                    context: bytes.into(),
                     checkpoint_seq: covered,
                 }),
                 (None, None, false) if advanced && !quiet => Some(HaOp::Checkpoint {
@@ -1116,7 +1117,7 @@ mod tests {
                 context,
                 checkpoint_seq,
                 ..
-            } => assert_eq!((context, checkpoint_seq), (b"1".to_vec(), 6)),
+            } => assert_eq!((&context[..], checkpoint_seq), (&b"1"[..], 6)),
             other => panic!("{other:?}"),
         }
         // The same event again (a replay overlap) is not handled; the next one is.

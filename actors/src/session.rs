@@ -426,7 +426,7 @@ impl Handler<RestoreInSession> for SessionActor {
                 joined_seq: r.joined_seq,
                 checkpoint_seq: r.checkpoint_seq,
                 started_ms: r.started_ms,
-                context: r.context,
+                context: r.context.map(Vec::from),
             },
         };
         self.join(request, joining, ctx)

@@ -42,8 +42,10 @@ pub struct ReplicatedBot {
     pub participant_id: String,
     pub joined_seq: u64,
     pub started_ms: u64,
-    /// The last saved context and the last event sequence it covers.
-    pub context: Option<Vec<u8>>,
+    /// The last saved context and the last event sequence it covers. Shared bytes: the save,
+    /// the primary's store, the outbox and the frame hold one copy (the same bytes on the wire
+    /// as a `Vec<u8>`).
+    pub context: Option<bytes::Bytes>,
     pub checkpoint_seq: u64,
 }
 
@@ -53,7 +55,7 @@ pub enum HaOp {
     Started(Box<ReplicatedBot>),
     Saved {
         instance_id: String,
-        context: Vec<u8>,
+        context: bytes::Bytes,
         checkpoint_seq: u64,
     },
     Removed {
@@ -157,7 +159,7 @@ mod tests {
             participant_id: "p".into(),
             joined_seq: 2,
             started_ms: 1,
-            context: Some(b"3".to_vec()),
+            context: Some(bytes::Bytes::from_static(b"3")),
             checkpoint_seq: 9,
         };
         for f in [
@@ -185,6 +187,18 @@ mod tests {
             HaFrame::Challenge { nonce: [7; 32] },
         ] {
             assert_eq!(decode::<HaFrame>(&encode(&f).unwrap()).unwrap(), f);
+        }
+    }
+
+    /// A saved context is carried as shared bytes, with the same bytes on the wire as the
+    /// `Vec<u8>` it was before: no HA protocol change.
+    #[test]
+    fn shared_context_bytes_encode_as_a_byte_vector_did() {
+        for context in [&b""[..], b"3", &[0u8, 255, 7, 128][..], &[42u8; 300][..]] {
+            assert_eq!(
+                encode(&bytes::Bytes::copy_from_slice(context)).unwrap(),
+                encode(&context.to_vec()).unwrap()
+            );
         }
     }
 }

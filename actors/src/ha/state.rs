@@ -711,7 +711,7 @@ impl HaState {
                 m.iter().map(|(k, v)| k.len() + v.len() + 4).sum()
             };
             let bytes = 512
-                + bot.context.as_ref().map_or(0, Vec::len)
+                + bot.context.as_ref().map_or(0, |c| c.len())
                 + kv(&bot.spec.parameters)
                 + kv(&bot.spec.userdata);
             if size + bytes > SNAPSHOT_CHUNK_BYTES && chunks.last().is_some_and(|c| !c.is_empty()) {
@@ -889,19 +889,22 @@ impl HaState {
         if self.outbox.is_empty() {
             return;
         }
-        let ops = std::mem::take(&mut self.outbox);
+        let mut ops = std::mem::take(&mut self.outbox);
         if !self.link_up() || self.role != HaRole::Primary {
             return;
         }
         let mut first = self.next_op - ops.len() as u64;
-        for chunk in ops.chunks(OPS_PER_FRAME) {
-            let frame = HaFrame::Ops {
+        // The ops move into their frames, a group commit of at most OPS_PER_FRAME each.
+        while !ops.is_empty() {
+            let rest = ops.split_off(ops.len().min(OPS_PER_FRAME));
+            let chunk = std::mem::replace(&mut ops, rest);
+            let n = chunk.len() as u64;
+            self.send(HaFrame::Ops {
                 epoch: self.epoch,
                 first_op: first,
-                ops: chunk.to_vec(),
-            };
-            first += chunk.len() as u64;
-            self.send(frame);
+                ops: chunk,
+            });
+            first += n;
         }
     }
 

@@ -313,10 +313,10 @@ fn link_config(name: &str, mutation: Mutation) -> LinkConfig {
     }
 }
 
-fn value(context: &Option<Vec<u8>>) -> u64 {
+fn value<C: AsRef<[u8]>>(context: &Option<C>) -> u64 {
     context
         .as_ref()
-        .and_then(|c| std::str::from_utf8(c).ok())
+        .and_then(|c| std::str::from_utf8(c.as_ref()).ok())
         .and_then(|s| s.parse().ok())
         .unwrap_or(0)
 }
@@ -1091,7 +1091,7 @@ impl Sim {
         turn.waiter = waiter;
         let op = HaOp::Saved {
             instance_id: b.instance.clone(),
-            context: turn.count.to_string().into_bytes(),
+            context: turn.count.to_string().into_bytes().into(),
             checkpoint_seq: turn.seq,
         };
         if let Some(w) = waiter {
