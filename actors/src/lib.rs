@@ -21,6 +21,8 @@ pub mod session;
 #[cfg(test)]
 mod sim;
 pub mod supervisor;
+#[cfg(test)]
+mod testing;
 
 /// Frees `value` on a thread of its own: for the maps of 100 000 bots a demotion lets go of, so
 /// the thread that carries ESP and the HA link does not spend tens of ms in `free`.

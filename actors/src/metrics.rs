@@ -119,11 +119,16 @@ pub struct StaticCounters<const N: usize> {
 }
 
 impl<const N: usize> StaticCounters<N> {
-    fn new(names: [&'static str; N]) -> Self {
-        StaticCounters {
-            names,
-            family: Family::default(),
-        }
+    /// A family registered as `name` with its `help`.
+    fn registered(
+        registry: &mut Registry,
+        name: &str,
+        help: &str,
+        names: [&'static str; N],
+    ) -> Self {
+        let family = Family::default();
+        registry.register(name, help, family.clone());
+        StaticCounters { names, family }
     }
 
     pub fn inc(&self, values: [&'static str; N]) {
@@ -293,30 +298,20 @@ impl Default for Metrics {
             "Exits of process plugins, by plugin and outcome (restarted, given_up)",
             &["plugin", "outcome"],
         );
-        let chat_events = StaticCounters::new(["direction", "kind"]);
-        registry.register(
+        let chat_events = StaticCounters::registered(
+            &mut registry,
             "bgs_chat_events",
             "Chat events received (in) and posted (out), by kind",
-            chat_events.family.clone(),
+            ["direction", "kind"],
         );
-        let switchovers = StaticCounters::new(["kind"]);
-        registry.register(
+        let switchovers = StaticCounters::registered(
+            &mut registry,
             "bgs_ha_switchovers",
             "Role changes to primary on this node, by kind (manual, failover)",
-            switchovers.family.clone(),
+            ["kind"],
         );
-        let refused = StaticCounters::new(["port", "reason"]);
-        registry.register(
-            "bgs_connections_refused",
-            "Connections and requests refused before any work, by port (esp: framed ESP, http, ha) and reason (unauthorized, capacity, handshake, bf_capability)",
-            refused.family.clone(),
-        );
-        let bot_limits = StaticCounters::new(["limit"]);
-        registry.register(
-            "bgs_bot_limits",
-            "Times a bot's output was held to a limit, by limit (posts_per_input: posts left out; events_per_minute: bot stopped; text_split, text_cut: a long post split or cut; rich_items: buttons or cards left out)",
-            bot_limits.family.clone(),
-        );
+        let refused = StaticCounters::registered(&mut registry, "bgs_connections_refused", "Connections and requests refused before any work, by port (esp: framed ESP, http, ha) and reason (unauthorized, capacity, handshake, bf_capability)", ["port", "reason"]);
+        let bot_limits = StaticCounters::registered(&mut registry, "bgs_bot_limits", "Times a bot's output was held to a limit, by limit (posts_per_input: posts left out; events_per_minute: bot stopped; text_split, text_cut: a long post split or cut; rich_items: buttons or cards left out)", ["limit"]);
         registry.register(
             "bgs_esp_request_seconds",
             "ESP request latency by method",

@@ -650,87 +650,14 @@ mod tests {
 
     use super::*;
     use crate::bot::{Bot, BotContext, BotError, BotInput, CreateBot};
-    use crate::chat_link::{
-        ChatCall, ChatCallError, ChatCallLater, Feed, ParticipantEvents, ParticipantJoined,
-        Unfollow,
-    };
     use crate::report::BotReport;
     use crate::role::Role;
-    use bgs_proto::chat::{ChatEvent, ChatRequest, ChatResponse, EventKind, ParticipantType};
+    use crate::testing::FakeChat;
+    use bgs_proto::chat::ChatRequest;
     use bgs_proto::esp::{EspRequest, EspResult, EspStatus, ESP_SERVICE};
     use futures_util::future::BoxFuture;
     use std::time::Duration;
     use tokio::sync::mpsc;
-
-    /// Answers a join as `bot-1` at seq 2 (told to the follower first, with the customer's
-    /// join and its own), and everything else; reports each request.
-    struct FakeChat(mpsc::UnboundedSender<ChatRequest>);
-
-    impl Actor for FakeChat {
-        type Context = Context<Self>;
-    }
-
-    impl Handler<ChatCall> for FakeChat {
-        type Result = Result<ChatResponse, ChatCallError>;
-
-        fn handle(&mut self, msg: ChatCall, _ctx: &mut Context<Self>) -> Self::Result {
-            let answer = match &msg.request {
-                ChatRequest::Join(j) => {
-                    if let Some(f) = &msg.follow {
-                        f.to.do_send(Feed::Joined(ParticipantJoined {
-                            token: f.token,
-                            session_id: j.session_id.clone(),
-                            participant_id: "bot-1".into(),
-                            seq: 2,
-                        }));
-                        f.to.do_send(Feed::Events(ParticipantEvents {
-                            session_id: j.session_id.clone(),
-                            participant_id: "bot-1".into(),
-                            events: vec![
-                                ChatEvent::new(
-                                    1,
-                                    EventKind::Joined,
-                                    "c",
-                                    ParticipantType::Customer,
-                                ),
-                                ChatEvent::new(
-                                    2,
-                                    EventKind::Joined,
-                                    "bot-1",
-                                    ParticipantType::Agent,
-                                ),
-                            ],
-                        }));
-                    }
-                    ChatResponse::Joined {
-                        session_id: j.session_id.clone(),
-                        participant_id: "bot-1".into(),
-                        seq: 2,
-                    }
-                }
-                ChatRequest::Leave(_) => ChatResponse::Left { seq: 9 },
-                ChatRequest::Post(_) => ChatResponse::Posted {
-                    seq: 3,
-                    duplicate: false,
-                },
-                _ => ChatResponse::Userdata(Default::default()),
-            };
-            let _ = self.0.send(msg.request);
-            Ok(answer)
-        }
-    }
-
-    impl Handler<ChatCallLater> for FakeChat {
-        type Result = ();
-        fn handle(&mut self, msg: ChatCallLater, _ctx: &mut Context<Self>) {
-            let _ = self.0.send(msg.0);
-        }
-    }
-
-    impl Handler<Unfollow> for FakeChat {
-        type Result = ();
-        fn handle(&mut self, _: Unfollow, _ctx: &mut Context<Self>) {}
-    }
 
     struct HaProbe(mpsc::UnboundedSender<HaOp>);
 
@@ -801,7 +728,12 @@ mod tests {
     async fn esp_starts_finds_and_stops_a_bot_through_the_supervisor_in_process() {
         let (seen_tx, mut seen) = mpsc::unbounded_channel();
         let (ops_tx, mut ops) = mpsc::unbounded_channel();
-        let chat = FakeChat(seen_tx).start();
+        let (follower_tx, _followers) = mpsc::unbounded_channel();
+        let chat = FakeChat {
+            seen: seen_tx,
+            follower: follower_tx,
+        }
+        .start();
         let ha = HaProbe(ops_tx).start();
         let reports = Arc::new(Reports(Default::default()));
         let role = RoleView::default();
@@ -848,10 +780,11 @@ mod tests {
         };
         assert_eq!(participant_id, "bot-1");
         assert!(matches!(next(&mut seen).await, ChatRequest::Join(_)));
+        // The stand-in joins the bot at seq 3: the replica carries that join.
         match next(&mut ops).await {
             HaOp::Started(b) => assert_eq!(
                 (b.instance_id.as_str(), b.joined_seq),
-                (instance_id.as_str(), 2)
+                (instance_id.as_str(), 3)
             ),
             other => panic!("the start is replicated first, not {other:?}"),
         }
