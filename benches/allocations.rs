@@ -239,6 +239,7 @@ fn actors(n: u64) -> f64 {
                 reconnect_delay: Duration::from_secs(1),
                 reconnect_attempts: 3,
                 max_queued: 1000,
+                in_flight: Default::default(),
             },
             connector,
         )

@@ -23,7 +23,7 @@ use bgs_actors::bot::{BotFactory, CreateBot};
 use bgs_actors::bot_actor::{BotActor, BotNotice, BotSetup, Deliver};
 use bgs_actors::chat_link::{ChatCall, ChatCallError, ChatCallLater, ChatPort, Unfollow};
 use bgs_actors::ha::state::{Config, HaState, Input, Time};
-use bgs_actors::messages::Replicate;
+use bgs_actors::messages::{InFlight, Replicate};
 use bgs_proto::bot::{BotKey, BotSpec};
 use bgs_proto::chat::{
     ChatEvent, ChatRequest, ChatResponse, ClientFrame, EventKind, ParticipantType, PostKind,
@@ -268,6 +268,7 @@ fn bot_dispatch(c: &mut Criterion) {
                 }
                 .start();
                 let sink = Sink.start();
+                let in_flight = InFlight::default();
                 let bot = BotActor::new(BotSetup {
                     spec: Arc::new(spec()),
                     instance_id: "6a0c2e4b8d1f4e3a".into(),
@@ -292,6 +293,7 @@ fn bot_dispatch(c: &mut Criterion) {
                     started_ms: 0,
                     checkpoint: 2,
                     done: Arc::new(AtomicBool::new(false)),
+                    work: in_flight.enter(),
                 })
                 .start();
                 let started = Instant::now();
@@ -299,7 +301,10 @@ fn bot_dispatch(c: &mut Criterion) {
                 while sent < iters {
                     // At most 12 events ahead of the posts: a mailbox in use, never a backlog.
                     while sent - posts.load(Ordering::Relaxed) < 12 && sent < iters {
-                        bot.do_send(Deliver::Event(customer_message(3 + sent)));
+                        bot.do_send(Deliver::Event(
+                            customer_message(3 + sent),
+                            in_flight.enter(),
+                        ));
                         sent += 1;
                     }
                     tokio::task::yield_now().await;

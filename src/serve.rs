@@ -106,7 +106,9 @@ pub async fn start(config: Config) -> Result<Node, ServeError> {
     let (plugins, connector) = crate::plugins::load(&config, http).map_err(ServeError::Plugins)?;
     // The HA coordinator first: the chat link tells it about fencing, bots tell it their saves.
     let (coordinator, ha_addr) = start_ha(&config, &tls, http).await?;
-    let link = start_chat_link(&config, &tls, &coordinator);
+    // Work in flight (chat feeds, bots' inputs and stops): what a switchover's drain waits for.
+    let in_flight = bgs_actors::messages::InFlight::default();
+    let link = start_chat_link(&config, &tls, &coordinator, &in_flight);
     let registry = Arc::new(Registry::default());
     bgs_actors::bot_limits::set_limits(bgs_actors::bot_limits::BotLimits {
         posts_per_input: config.bots.max_posts_per_input,
@@ -122,6 +124,7 @@ pub async fn start(config: Config) -> Result<Node, ServeError> {
             arbiters: config.bots.arbiters,
             recovery_batch: config.channel_chatbot.ha_bot_recovery_batch as usize,
             replication_waits: config.ha.mode == crate::config::HaMode::Sync,
+            in_flight,
         },
         plugins,
         bgs_actors::chat_link::ChatPort::of(&link),
@@ -320,6 +323,7 @@ fn start_chat_link(
     config: &Config,
     tls: &Tls,
     coordinator: &Addr<HaCoordinator>,
+    in_flight: &bgs_actors::messages::InFlight,
 ) -> Addr<ChatLink> {
     ChatLink::new(
         ChatLinkConfig {
@@ -334,6 +338,7 @@ fn start_chat_link(
             reconnect_delay: config.reconnect_delay(),
             reconnect_attempts: config.channel_chatbot.ha_chat_reconnecting_attempts,
             max_queued: 100_000,
+            in_flight: in_flight.clone(),
         },
         Arc::new(TcpChatConnector {
             tls: tls.chat_client.clone(),

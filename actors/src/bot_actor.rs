@@ -20,7 +20,7 @@ use crate::bot::{
 use crate::chat_link::{ChatCall, ChatCallError, ChatCallLater, ChatPort};
 use crate::delivery::{Cursor, InputLabel, PostKey, PostSlot};
 use crate::esp::BotSpec;
-use crate::messages::{DrainToken, HaPort};
+use crate::messages::{HaPort, Work};
 use crate::metrics::{metrics, Kind};
 use crate::now_ms;
 use crate::report::BotReport;
@@ -50,6 +50,8 @@ pub struct BotSetup {
     /// Set by the session when the bot is being stopped or dropped, and by the bot when it halts:
     /// inputs still queued are then skipped at once, not handed to the plugin.
     pub done: Arc<std::sync::atomic::AtomicBool>,
+    /// The start counted as work in flight, until the bot's first input is done.
+    pub work: Work,
 }
 
 /// What a SessionActor tells its bot beside inputs: one control message, three ways to end
@@ -58,39 +60,43 @@ pub struct BotSetup {
 #[rtype(result = "()")]
 pub(crate) enum BotControl {
     /// Stop: runs the bot's stop handler, writes the waiting-mode outcome, leaves if the reason
-    /// says so, then reports `BotNotice::Finished`.
-    Stop(StopReason),
+    /// says so, then reports `BotNotice::Finished`; the stop counts as work in flight until
+    /// then.
+    Stop(StopReason, Work),
     /// Stop at once: no stop handler, no leave, no report (the bot goes on at the new primary).
     Abandon,
-    /// Switchover drain: handled after every input given before it; then the token is let go
-    /// (it is held, never read: its drop is the signal).
-    Flush(#[allow(dead_code)] DrainToken),
 }
 
-/// An input for the bot.
+/// An input for the bot, counted as work in flight (`InFlight`) until the bot has done it.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub enum Deliver {
-    Event(ChatEvent),
-    Data(KeyValues),
+    Event(ChatEvent, Work),
+    Data(KeyValues, Work),
     /// The bot's [`BotWaker`] was called.
-    Wake,
+    Wake(Work),
 }
 
 /// What a bot tells its SessionActor.
 #[derive(Message, Debug)]
 #[rtype(result = "()")]
+///
+/// Each carries work in flight (`InFlight`): what the session does about it (a stop, the
+/// `Removed` change) is done before a switchover's drain can end.
 pub enum BotNotice {
     WantsToLeave {
         participant_id: String,
+        work: Work,
     },
     Failed {
         participant_id: String,
         error: String,
+        work: Work,
     },
     Finished {
         participant_id: String,
         report: Box<BotReport>,
+        work: Work,
     },
 }
 
@@ -105,8 +111,9 @@ pub struct BotActor {
     /// Makes data labels of this incarnation unique (data is not replayed after a switchover).
     incarnation: u32,
     bot: Option<Box<dyn Bot>>,
-    /// What its first input gives the plugin (boxed: it is gone once the bot has started).
-    start: Option<Box<BotStart>>,
+    /// What its first input gives the plugin, with the start's work in flight (boxed: it is
+    /// gone once the bot has started).
+    start: Option<Box<(BotStart, Work)>>,
     joined_seq: u64,
     /// The last chat event handled: a replay overlap is dropped.
     cursor: Cursor,
@@ -570,7 +577,7 @@ impl BotActor {
             incarnation: uuid::Uuid::new_v4().as_u128() as u32,
             handling_timeout: setup.handling_timeout,
             bot: Some(setup.bot),
-            start: Some(Box::new(start)),
+            start: Some(Box::new((start, setup.work))),
             joined_seq: setup.joined_seq,
             cursor: Cursor::at(setup.checkpoint.max(setup.joined_seq)),
             replicated_seq: setup.checkpoint.max(setup.joined_seq),
@@ -618,7 +625,8 @@ impl BotActor {
     }
 
     /// Runs one input exclusively: the next input waits until this one's actions are done.
-    fn run(&mut self, input: BotInput, label: InputLabel, ctx: &mut Context<Self>) {
+    /// The input's `work` is held until then.
+    fn run(&mut self, input: BotInput, label: InputLabel, work: Work, ctx: &mut Context<Self>) {
         let Some(bot) = self.bot.take() else { return };
         let bctx = self.context(label);
         let seen = self.seen();
@@ -667,6 +675,8 @@ impl BotActor {
         ctx.wait(
             fut.into_actor(self)
                 .map(move |(bot, error, outcome, replicated), act, _ctx| {
+                    // Dropped last: the notices below carry work of their own first.
+                    let _work = work;
                     metrics().handled(Kind::Bot, started.elapsed());
                     if replicated {
                         act.replicated_seq = act.replicated_seq.max(covered);
@@ -684,11 +694,13 @@ impl BotActor {
                         act.notify(BotNotice::Failed {
                             participant_id: act.outbox.participant_id.clone(),
                             error,
+                            work: act.ha.work(),
                         });
                     } else if outcome.leave {
                         act.halt();
                         act.notify(BotNotice::WantsToLeave {
                             participant_id: act.outbox.participant_id.clone(),
+                            work: act.ha.work(),
                         });
                     }
                 }),
@@ -741,11 +753,13 @@ impl Actor for BotActor {
     fn started(&mut self, ctx: &mut Context<Self>) {
         metrics().actor_started(Kind::Bot);
         ctx.set_mailbox_capacity(BOT_MAILBOX);
-        if let Some(mut start) = self.start.take() {
+        if let Some(starting) = self.start.take() {
+            let (mut start, work) = *starting;
             let me = ctx.address().downgrade();
+            let in_flight = self.ha.in_flight().clone();
             start.waker = BotWaker::new(move || {
                 if let Some(addr) = me.upgrade() {
-                    if addr.try_send(Deliver::Wake).is_ok() {
+                    if addr.try_send(Deliver::Wake(in_flight.enter())).is_ok() {
                         metrics().queued(Kind::Bot);
                     }
                 }
@@ -753,7 +767,7 @@ impl Actor for BotActor {
             let label = InputLabel::Start {
                 joined_seq: self.joined_seq,
             };
-            self.run(BotInput::Start(*start), label, ctx);
+            self.run(BotInput::Start(start), label, work, ctx);
         }
     }
 }
@@ -782,7 +796,7 @@ impl Handler<Deliver> for BotActor {
             return;
         }
         match msg {
-            Deliver::Event(event) => {
+            Deliver::Event(event, work) => {
                 if !self.cursor.take(event.seq) {
                     return; // already handled (a replay overlap)
                 }
@@ -792,25 +806,25 @@ impl Handler<Deliver> for BotActor {
                     self.received += 1;
                 }
                 let label = InputLabel::Event { seq: event.seq };
-                self.run(BotInput::Event(event), label, ctx);
+                self.run(BotInput::Event(event), label, work, ctx);
             }
-            Deliver::Data(data) => {
+            Deliver::Data(data, work) => {
                 self.data_count += 1;
                 let label = InputLabel::Data {
                     after: self.cursor.seq(),
                     incarnation: self.incarnation,
                     n: self.data_count,
                 };
-                self.run(BotInput::Data(data), label, ctx);
+                self.run(BotInput::Data(data), label, work, ctx);
             }
-            Deliver::Wake => {
+            Deliver::Wake(work) => {
                 self.wake_count += 1;
                 let label = InputLabel::Wake {
                     after: self.cursor.seq(),
                     incarnation: self.incarnation,
                     n: self.wake_count,
                 };
-                self.run(BotInput::Wake, label, ctx);
+                self.run(BotInput::Wake, label, work, ctx);
             }
         }
     }
@@ -821,20 +835,19 @@ impl Handler<BotControl> for BotActor {
 
     fn handle(&mut self, msg: BotControl, ctx: &mut Context<Self>) {
         match msg {
-            BotControl::Stop(reason) => self.stop(reason, ctx),
+            BotControl::Stop(reason, work) => self.stop(reason, work, ctx),
             BotControl::Abandon => {
                 self.phase = BotPhase::Stopping(None);
                 ctx.stop();
             }
-            // Dropping the token here tells the drain this bot is done.
-            BotControl::Flush(_token) => {}
         }
     }
 }
 
 impl BotActor {
     /// Runs the stop handler, the waiting-mode outcome and the leave, then reports.
-    fn stop(&mut self, reason: StopReason, ctx: &mut Context<Self>) {
+    /// The stop's `work` is held until then.
+    fn stop(&mut self, reason: StopReason, work: Work, ctx: &mut Context<Self>) {
         if self.phase.is_stopping() {
             return;
         }
@@ -903,6 +916,7 @@ impl BotActor {
         ctx.wait(
             fut.into_actor(self)
                 .map(move |(error, sent, ended_ms), act, ctx| {
+                    let _work = work;
                     act.sent += sent;
                     if act.error.is_none() {
                         act.error = error;
@@ -911,6 +925,7 @@ impl BotActor {
                     act.notify(BotNotice::Finished {
                         participant_id: act.outbox.participant_id.clone(),
                         report: Box::new(report),
+                        work: act.ha.work(),
                     });
                     ctx.stop();
                 }),
@@ -1091,6 +1106,7 @@ mod tests {
             started_ms: 0,
             checkpoint: 5,
             done: Arc::new(AtomicBool::new(false)),
+            work: Work::uncounted(),
         })
         .start();
         Harness {
@@ -1105,7 +1121,8 @@ mod tests {
     #[actix::test]
     async fn posts_carry_keys_saves_follow_posts_and_a_replay_is_not_handled_twice() {
         let mut h = start(false);
-        h.bot.do_send(Deliver::Event(message(6, "hi")));
+        h.bot
+            .do_send(Deliver::Event(message(6, "hi"), Work::uncounted()));
         let ChatRequest::Post(post) = next(&mut h.chat).await else {
             panic!("a post first")
         };
@@ -1121,8 +1138,10 @@ mod tests {
             other => panic!("{other:?}"),
         }
         // The same event again (a replay overlap) is not handled; the next one is.
-        h.bot.do_send(Deliver::Event(message(6, "hi")));
-        h.bot.do_send(Deliver::Event(message(7, "again")));
+        h.bot
+            .do_send(Deliver::Event(message(6, "hi"), Work::uncounted()));
+        h.bot
+            .do_send(Deliver::Event(message(7, "again"), Work::uncounted()));
         let ChatRequest::Post(post) = next(&mut h.chat).await else {
             panic!("a post")
         };
@@ -1137,24 +1156,26 @@ mod tests {
         let mut own = message(6, "got: earlier");
         own.participant_id = "bot".into();
         own.participant_type = ParticipantType::Agent;
-        h.bot.do_send(Deliver::Event(own));
+        h.bot.do_send(Deliver::Event(own, Work::uncounted()));
         // An agent's message: the bot posts nothing and saves nothing, but it has handled it
         // (the checkpoint covers the bot's own post before it too).
         let mut agent = message(7, "hello");
         agent.participant_type = ParticipantType::Agent;
-        h.bot.do_send(Deliver::Event(agent));
+        h.bot.do_send(Deliver::Event(agent, Work::uncounted()));
         match next(&mut h.ops).await {
             HaOp::Checkpoint { checkpoint_seq, .. } => assert_eq!(checkpoint_seq, 7),
             other => panic!("{other:?}"),
         }
         // A turn that saves carries the checkpoint in its save; a failed turn moves nothing.
-        h.bot.do_send(Deliver::Event(message(8, "hi")));
+        h.bot
+            .do_send(Deliver::Event(message(8, "hi"), Work::uncounted()));
         let _ = next(&mut h.chat).await;
         match next(&mut h.ops).await {
             HaOp::Saved { checkpoint_seq, .. } => assert_eq!(checkpoint_seq, 8),
             other => panic!("{other:?}"),
         }
-        h.bot.do_send(Deliver::Event(message(9, "boom")));
+        h.bot
+            .do_send(Deliver::Event(message(9, "boom"), Work::uncounted()));
         assert!(matches!(
             next(&mut h.notices).await,
             BotNotice::Failed { .. }
@@ -1168,7 +1189,8 @@ mod tests {
     #[actix::test]
     async fn a_handoff_writes_userdata_then_asks_to_leave_and_is_reported() {
         let mut h = start(true);
-        h.bot.do_send(Deliver::Event(message(6, "handoff")));
+        h.bot
+            .do_send(Deliver::Event(message(6, "handoff"), Work::uncounted()));
         let ChatRequest::UpdateUserdata { changes, .. } = next(&mut h.chat).await else {
             panic!("userdata first")
         };
@@ -1183,7 +1205,8 @@ mod tests {
             BotNotice::WantsToLeave { .. }
         ));
         // The session then stops it: waiting-mode outcome, leave, report with the hand-off.
-        h.bot.do_send(BotControl::Stop(StopReason::BotLeft));
+        h.bot
+            .do_send(BotControl::Stop(StopReason::BotLeft, Work::uncounted()));
         let ChatRequest::UpdateUserdata { changes, .. } = next(&mut h.chat).await else {
             panic!("the outcome")
         };
@@ -1201,7 +1224,8 @@ mod tests {
     #[actix::test]
     async fn a_failing_handler_posts_nothing_and_the_bot_is_reported_failed() {
         let mut h = start(false);
-        h.bot.do_send(Deliver::Event(message(6, "boom")));
+        h.bot
+            .do_send(Deliver::Event(message(6, "boom"), Work::uncounted()));
         match next(&mut h.notices).await {
             BotNotice::Failed { error, .. } => {
                 assert_eq!(error, "bot error: asked to fail")
@@ -1209,8 +1233,10 @@ mod tests {
             other => panic!("{other:?}"),
         }
         // Halted: later inputs are skipped.
-        h.bot.do_send(Deliver::Event(message(7, "hi")));
-        h.bot.do_send(BotControl::Stop(StopReason::Error));
+        h.bot
+            .do_send(Deliver::Event(message(7, "hi"), Work::uncounted()));
+        h.bot
+            .do_send(BotControl::Stop(StopReason::Error, Work::uncounted()));
         assert!(matches!(next(&mut h.chat).await, ChatRequest::Leave(_)));
         match next(&mut h.notices).await {
             BotNotice::Finished { report, .. } => {

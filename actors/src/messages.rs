@@ -96,18 +96,33 @@ where
     }
 }
 
-/// Where sessions and bots replicate their changes, and whether a change waits for the backup
-/// (`ha.mode = "sync"`). In async mode a change is sent and nothing comes back: no reply crosses
+/// Where sessions and bots replicate their changes, whether a change waits for the backup
+/// (`ha.mode = "sync"`), and the node's count of work in flight (what a switchover waits for). In async mode a change is sent and nothing comes back: no reply crosses
 /// from the HA coordinator's thread to the bot's for each message.
 #[derive(Clone)]
 pub struct HaPort {
     to: Shared<Replicate>,
     waits: bool,
+    in_flight: InFlight,
 }
 
 impl HaPort {
-    pub fn new(to: Shared<Replicate>, waits: bool) -> Self {
-        HaPort { to, waits }
+    pub fn new(to: Shared<Replicate>, waits: bool, in_flight: InFlight) -> Self {
+        HaPort {
+            to,
+            waits,
+            in_flight,
+        }
+    }
+
+    /// Counts one piece of work for the switchover's drain (see [`InFlight`]).
+    pub fn work(&self) -> Work {
+        self.in_flight.enter()
+    }
+
+    /// The node's count of work in flight.
+    pub fn in_flight(&self) -> &InFlight {
+        &self.in_flight
     }
 
     /// Sends the change now (changes keep their order); the future resolves once it counts:
@@ -135,61 +150,114 @@ impl HaPort {
 /// A port that waits for every change (what tests hand their probes).
 impl From<Recipient<Replicate>> for HaPort {
     fn from(r: Recipient<Replicate>) -> Self {
-        HaPort::new(r.into(), true)
+        HaPort::new(r.into(), true, InFlight::default())
     }
 }
 
-/// One switchover drain, carried by every message of it: each session and each bot holds a
-/// clone until it has handled what it was given before, and when the last clone is dropped the
-/// drain is complete. A node with 100 000 sessions drains with 100 000 plain messages and no
-/// future per session (docs/PERFORMANCE.md 5.6). A message that cannot be delivered (its actor
-/// is gone) drops its clone at once. It is mini-redis's shutdown idiom: a channel nobody sends
-/// on, whose receiver ends when the last sender is dropped.
-#[derive(Clone)]
-pub(crate) struct DrainToken {
-    _held: tokio::sync::mpsc::Sender<()>,
+/// The work this node has been given and not finished: chat feeds on their way to sessions,
+/// inputs and stops on their way to bots or running in them. Every message that gives work
+/// carries a [`Work`] guard, and whoever does the work holds it until the work is done (a bot:
+/// until its posts are sent and its save is replicated). A switchover's drain waits for the
+/// count to reach zero ([`InFlight::idle`]) after the ChatLink paused its events and ESP stopped
+/// taking requests: no message per session or bot at drain time, a few nanoseconds per input
+/// (docs/PERFORMANCE.md 5.12). A message that is never delivered (its actor is gone) drops its
+/// guard with it, so nothing is counted forever.
+#[derive(Clone, Default)]
+pub struct InFlight(std::sync::Arc<InFlightCount>);
+
+#[derive(Default)]
+pub struct InFlightCount {
+    count: std::sync::atomic::AtomicUsize,
+    idle: tokio::sync::Notify,
 }
 
-/// Resolves once every clone of its [`DrainToken`] has been dropped.
-pub(crate) struct DrainDone(tokio::sync::mpsc::Receiver<()>);
+/// One piece of work counted by [`InFlight`]; dropping it ends it.
+#[must_use = "work ends when its guard is dropped"]
+pub struct Work(Option<std::sync::Arc<InFlightCount>>);
 
-impl DrainToken {
-    pub(crate) fn new() -> (DrainToken, DrainDone) {
-        let (tx, rx) = tokio::sync::mpsc::channel(1);
-        (DrainToken { _held: tx }, DrainDone(rx))
+impl InFlight {
+    /// Counts one more piece of work until the guard is dropped.
+    pub fn enter(&self) -> Work {
+        self.0
+            .count
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Work(Some(self.0.clone()))
+    }
+
+    /// How much work is in flight now.
+    pub fn count(&self) -> usize {
+        self.0.count.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Resolves when no work is in flight (at once if none is).
+    pub async fn idle(&self) {
+        loop {
+            let notified = self.0.idle.notified();
+            tokio::pin!(notified);
+            // Registered before the check: a guard dropped in between still wakes this.
+            notified.as_mut().enable();
+            if self.count() == 0 {
+                return;
+            }
+            notified.await;
+        }
     }
 }
 
-impl DrainDone {
-    pub(crate) async fn wait(mut self) {
-        // Nothing is ever sent: this returns None when the last token is gone.
-        let _ = self.0.recv().await;
+impl Work {
+    /// Work that nobody counts (tests that give a bot an input by hand).
+    pub fn uncounted() -> Work {
+        Work(None)
     }
+}
 
-    #[cfg(test)]
-    fn is_done(&mut self) -> bool {
-        matches!(
-            self.0.try_recv(),
-            Err(tokio::sync::mpsc::error::TryRecvError::Disconnected)
-        )
+impl Drop for Work {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.take() {
+            if c.count.fetch_sub(1, std::sync::atomic::Ordering::SeqCst) == 1 {
+                c.idle.notify_waiters();
+            }
+        }
+    }
+}
+
+impl std::fmt::Debug for Work {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Work")
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::DrainToken;
+    use super::InFlight;
+
+    #[tokio::test]
+    async fn idle_waits_for_the_last_piece_of_work() {
+        let in_flight = InFlight::default();
+        in_flight.idle().await; // nothing in flight: at once
+        let work: Vec<_> = (0..3).map(|_| in_flight.enter()).collect();
+        assert_eq!(in_flight.count(), 3);
+        let waiter = tokio::spawn({
+            let in_flight = in_flight.clone();
+            async move { in_flight.idle().await }
+        });
+        let mut work = work.into_iter();
+        drop(work.next());
+        drop(work.next());
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "one piece of work is left");
+        drop(work);
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .expect("idle once the last guard is dropped")
+            .unwrap();
+        assert_eq!(in_flight.count(), 0);
+    }
 
     #[test]
-    fn a_drain_completes_when_the_last_holder_lets_go() {
-        let (token, mut done) = DrainToken::new();
-        let held: Vec<DrainToken> = (0..3).map(|_| token.clone()).collect();
-        drop(token);
-        assert!(!done.is_done(), "three holders are still busy");
-        let mut held = held.into_iter();
-        drop(held.next());
-        drop(held.next());
-        assert!(!done.is_done(), "one holder is still busy");
-        drop(held);
-        assert!(done.is_done());
+    fn uncounted_work_counts_nothing() {
+        let in_flight = InFlight::default();
+        drop(super::Work::uncounted());
+        assert_eq!(in_flight.count(), 0);
     }
 }

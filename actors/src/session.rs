@@ -22,10 +22,10 @@ use tokio::sync::oneshot;
 use crate::bot::{Bot, BotPhase, StopReason};
 use crate::bot_actor::{BotActor, BotControl, BotNotice, BotSetup, Deliver};
 use crate::chat_link::{
-    ChatCall, ChatCallError, ChatPort, Feed, Follow, ParticipantJoined, Unfollow,
+    ChatCall, ChatCallError, ChatPort, CountedFeed, Feed, Follow, ParticipantJoined, Unfollow,
 };
 use crate::esp::{BotKey, BotSpec, ErrorCode, EspError};
-use crate::messages::{DrainToken, HaPort, Shared};
+use crate::messages::{HaPort, Shared, Work};
 use crate::metrics::{metrics, Kind};
 use crate::now_ms;
 use crate::report::BotReport;
@@ -84,9 +84,6 @@ pub(crate) enum SessionControl {
     StopAll(StopReason),
     /// Drop every bot at once: no leave, no report (the bots go on at the new primary).
     Abandon,
-    /// Switchover drain: let every bot handle what it was given, each holding the token until
-    /// then.
-    Quiesce(DrainToken),
 }
 
 /// Told to the Supervisor when a bot has finished.
@@ -112,8 +109,10 @@ pub struct SessionActor {
     ha: HaPort,
     handling_timeout: Duration,
     bots: Slots,
-    /// Bots whose join (or resume) is under way, by the token its `Feed::Joined` carries back.
-    joins: Vec<(u64, Joining, StartReply)>,
+    /// Bots whose join (or resume) is under way, by the token its `Feed::Joined` carries back;
+    /// each counts as work in flight until its bot has started (a new bot: until it joined,
+    /// since its start waits for its join event, which a draining link holds back).
+    joins: Vec<(u64, Joining, StartReply, Work)>,
     next_token: u64,
     /// Dropped by a demotion: it ends silently (the Supervisor has forgotten it already).
     abandoned: bool,
@@ -228,6 +227,7 @@ impl SessionActor {
             started_ms: p.started_ms.unwrap_or_else(now_ms),
             checkpoint: slot.deliver_after.seq(),
             done: slot.done.clone(),
+            work: self.ha.work(),
         };
         slot.addr = Some(BotActor::new(setup).start());
         if slot.phase == BotPhase::Starting {
@@ -273,7 +273,7 @@ impl SessionActor {
         };
         let stop = end_reason(pid, options, &slot.roster, &e);
         if let Some(addr) = &slot.addr {
-            let sent = addr.try_send(Deliver::Event(e));
+            let sent = addr.try_send(Deliver::Event(e, self.ha.work()));
             if sent.is_ok() {
                 metrics().queued(Kind::Bot);
             }
@@ -322,7 +322,7 @@ impl SessionActor {
             "stopping bot"
         );
         match &slot.addr {
-            Some(addr) => addr.do_send(BotControl::Stop(reason)),
+            Some(addr) => addr.do_send(BotControl::Stop(reason, self.ha.work())),
             None => {
                 // Still waiting for its join event: it never started. Leave if it should, stop
                 // following it, and answer the StartBot that is waiting.
@@ -446,7 +446,7 @@ impl SessionActor {
         let token = self.next_token;
         self.next_token += 1;
         let (reply, started) = oneshot::channel();
-        self.joins.push((token, joining, reply));
+        self.joins.push((token, joining, reply, self.ha.work()));
         let call = ChatCall {
             request,
             follow: Some(Follow {
@@ -471,7 +471,7 @@ impl SessionActor {
                     Err(e) => EspError::new(ErrorCode::Internal, format!("chat link: {e}")),
                 };
                 if let Some(i) = act.joins.iter().position(|(t, ..)| *t == token) {
-                    let (_, _, reply) = act.joins.swap_remove(i);
+                    let (_, _, reply, _) = act.joins.swap_remove(i);
                     let _ = reply.send(Err(error));
                 }
                 act.maybe_end(ctx);
@@ -495,7 +495,8 @@ impl SessionActor {
         let Some(i) = self.joins.iter().position(|(t, ..)| *t == joined.token) else {
             return;
         };
-        let (_, joining, reply) = self.joins.swap_remove(i);
+        // The join's work is held to the end: a restored bot's start counts first.
+        let (_, joining, reply, _work) = self.joins.swap_remove(i);
         let pid = joined.participant_id;
         let Joining {
             spec,
@@ -539,13 +540,14 @@ impl SessionActor {
     }
 }
 
-impl Handler<Feed> for SessionActor {
+impl Handler<CountedFeed> for SessionActor {
     type Result = ();
 
-    fn handle(&mut self, msg: Feed, ctx: &mut Context<Self>) {
+    fn handle(&mut self, msg: CountedFeed, ctx: &mut Context<Self>) {
         let _span = self.span().entered();
         metrics().dequeued(Kind::Session);
-        match msg {
+        // `msg.work` is held to the end: every input and stop this feed gives counts first.
+        match msg.feed {
             Feed::Joined(joined) => self.on_joined(joined, ctx),
             Feed::Events(msg) => {
                 let started = std::time::Instant::now();
@@ -570,7 +572,9 @@ impl Handler<BotNotice> for SessionActor {
     fn handle(&mut self, msg: BotNotice, ctx: &mut Context<Self>) {
         let _span = self.span().entered();
         match msg {
-            BotNotice::WantsToLeave { participant_id } => {
+            // Each notice's work is held to the end of this handler: the stop it causes (and the
+            // `Removed` change) are counted before it is let go.
+            BotNotice::WantsToLeave { participant_id, .. } => {
                 self.stop(&participant_id, StopReason::BotLeft, None, ctx)
             }
             BotNotice::Failed { participant_id, .. } => {
@@ -579,6 +583,7 @@ impl Handler<BotNotice> for SessionActor {
             BotNotice::Finished {
                 participant_id,
                 report,
+                ..
             } => {
                 if let Some(slot) = self.bots.remove(&participant_id) {
                     // A node shutting down keeps its bots in the backup's copy: HA applies.
@@ -655,7 +660,7 @@ impl Handler<DataInSession> for SessionActor {
                 format!("bot {} is still starting", msg.key),
             ));
         };
-        match addr.try_send(Deliver::Data(msg.data)) {
+        match addr.try_send(Deliver::Data(msg.data, self.ha.work())) {
             Ok(()) => {
                 metrics().queued(Kind::Bot);
                 Ok(slot.instance_id.clone())
@@ -704,15 +709,8 @@ impl Handler<SessionControl> for SessionActor {
                 self.abandoned = true;
                 ctx.stop();
             }
-            SessionControl::Quiesce(token) => {
-                // Each bot lets go of its clone once it has handled what is ahead of it in its
-                // mailbox.
-                for addr in self.bots.values().filter_map(|s| s.addr.as_ref()) {
-                    addr.do_send(BotControl::Flush(token.clone()));
-                }
-            }
         }
-        // A future of nothing: no allocation for the drain's and the demotion's messages.
+        // A future of nothing: no allocation for the demotion's messages.
         Box::pin(async {})
     }
 }
@@ -880,7 +878,7 @@ mod tests {
 
         // A live event after the join reaches the bot.
         let follower = next(&mut followers).await;
-        follower.do_send(Feed::Events(ParticipantEvents {
+        follower.do_send(CountedFeed::from(Feed::Events(ParticipantEvents {
             session_id: "chat-1".into(),
             participant_id: "bot-1".into(),
             events: vec![event(
@@ -890,13 +888,13 @@ mod tests {
                 ParticipantType::Customer,
                 "hello",
             )],
-        }));
+        })));
         let post = next_post(&mut seen).await;
         assert_eq!(post.text, "got: hello");
         assert_eq!(post.key.as_deref(), Some("inst:4:0"));
 
         // The customer leaves with StopBotOnCustomerLeft: the bot leaves, is reported and removed.
-        follower.do_send(Feed::Events(ParticipantEvents {
+        follower.do_send(CountedFeed::from(Feed::Events(ParticipantEvents {
             session_id: "chat-1".into(),
             participant_id: "bot-1".into(),
             events: vec![event(
@@ -906,7 +904,7 @@ mod tests {
                 ParticipantType::Customer,
                 "",
             )],
-        }));
+        })));
         loop {
             if let ChatRequest::Leave(l) = next(&mut seen).await {
                 assert_eq!(l.participant_id, "bot-1");

@@ -13,7 +13,7 @@ use crate::bot::{BotFactory, CreateBot, StopReason};
 use crate::chat_link::ChatPort;
 use crate::esp::BotKey;
 use crate::esp::{self, BotSpec, ErrorCode, EspCommand, EspError};
-use crate::messages::{BecomeBackup, BecomePrimary, Drain, DrainToken, HaPort, Replicate, Shared};
+use crate::messages::{BecomeBackup, BecomePrimary, Drain, HaPort, InFlight, Replicate, Shared};
 use crate::metrics::{metrics, Kind};
 use crate::now_ms;
 use crate::report::{Registry, ReportSink, RunningBot};
@@ -53,6 +53,8 @@ pub struct SupervisorConfig {
     pub recovery_batch: usize,
     /// `ha.mode = "sync"`: a bot's start and saves wait for the backup.
     pub replication_waits: bool,
+    /// The node's count of work in flight, shared with its ChatLink (what a drain waits for).
+    pub in_flight: InFlight,
 }
 
 pub struct Supervisor {
@@ -92,6 +94,7 @@ impl Supervisor {
         };
         let arbiters = (0..n).map(|_| Arbiter::new().handle()).collect();
         let waits = config.replication_waits;
+        let in_flight = config.in_flight.clone();
         Self {
             plugins: plugins
                 .into_iter()
@@ -104,7 +107,7 @@ impl Supervisor {
             reports,
             arbiters,
             shutting_down: false,
-            ha: HaPort::new(ha.into(), waits),
+            ha: HaPort::new(ha.into(), waits, in_flight),
             session_ports: None,
             role,
             restore_run: 0,
@@ -452,13 +455,10 @@ impl Handler<Drain> for Supervisor {
     type Result = ResponseFuture<()>;
 
     fn handle(&mut self, _: Drain, _ctx: &mut Context<Self>) -> Self::Result {
-        // One token for the whole node: done when every session and bot has let go of it.
-        let (token, done) = DrainToken::new();
-        for s in self.sessions.values() {
-            s.do_send(SessionControl::Quiesce(token.clone()));
-        }
-        drop(token);
-        Box::pin(done.wait())
+        // The ChatLink has paused its events and ESP is refused: what is left is the work
+        // already given, which ends when every guard of it is dropped (no message per bot).
+        let in_flight = self.ha.in_flight().clone();
+        Box::pin(async move { in_flight.idle().await })
     }
 }
 
@@ -746,6 +746,7 @@ mod tests {
                 arbiters: 1,
                 recovery_batch: 10,
                 replication_waits: false,
+                in_flight: Default::default(),
             },
             vec![Arc::new(QuietFactory)],
             ChatPort::new(

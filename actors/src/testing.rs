@@ -7,7 +7,7 @@ use bgs_proto::chat::{
 use tokio::sync::mpsc;
 
 use crate::chat_link::{
-    ChatCall, ChatCallError, ChatCallLater, Feed, Follow, Follower, ParticipantEvents,
+    ChatCall, ChatCallError, ChatCallLater, CountedFeed, Feed, Follow, Follower, ParticipantEvents,
     ParticipantJoined, Unfollow,
 };
 
@@ -30,13 +30,13 @@ impl Handler<ChatCall> for FakeChat {
             ChatRequest::Join(j) => {
                 if let Some(Follow { to: f, token }) = msg.follow.clone() {
                     // As the ChatLink does: the join first, then the replay.
-                    f.do_send(Feed::Joined(ParticipantJoined {
+                    f.do_send(CountedFeed::from(Feed::Joined(ParticipantJoined {
                         token,
                         session_id: j.session_id.clone(),
                         participant_id: "bot-1".into(),
                         seq: 3,
-                    }));
-                    f.do_send(Feed::Events(ParticipantEvents {
+                    })));
+                    f.do_send(CountedFeed::from(Feed::Events(ParticipantEvents {
                         session_id: j.session_id.clone(),
                         participant_id: "bot-1".into(),
                         events: vec![
@@ -50,7 +50,7 @@ impl Handler<ChatCall> for FakeChat {
                             ),
                             event(3, EventKind::Joined, "bot-1", ParticipantType::Agent, ""),
                         ],
-                    }));
+                    })));
                     let _ = self.follower.send(f);
                 }
                 ChatResponse::Joined {

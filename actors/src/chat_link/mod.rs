@@ -23,7 +23,9 @@ use bgs_proto::chat::{
 use futures_util::future::BoxFuture;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::messages::{Activate, ChatFenced, Deactivate, PauseEvents, ResumeEvents};
+use crate::messages::{
+    Activate, ChatFenced, Deactivate, InFlight, PauseEvents, ResumeEvents, Work,
+};
 use crate::metrics::{metrics, Kind};
 
 pub use state::{
@@ -117,14 +119,32 @@ impl std::ops::Deref for ChatPort {
     }
 }
 
-impl Message for Feed {
+/// A feed in its follower's mailbox, counted as work in flight until the follower has handled
+/// it (what a switchover's drain waits for: `InFlight`).
+pub struct CountedFeed {
+    pub feed: Feed,
+    pub work: Work,
+}
+
+impl Message for CountedFeed {
     type Result = ();
+}
+
+/// A feed that nobody counts, for stand-ins that tell a session by hand.
+#[cfg(test)]
+impl From<Feed> for CountedFeed {
+    fn from(feed: Feed) -> Self {
+        CountedFeed {
+            feed,
+            work: Work::uncounted(),
+        }
+    }
 }
 
 /// Where a followed participant's feed goes: one mailbox for its join, its events and its end.
 /// A route keeps it weakly: the session stops itself, and a strong sender would cost about 100
 /// bytes more a route (the upgrade per routed batch is three small allocations).
-pub(crate) type Follower = Recipient<Feed>;
+pub(crate) type Follower = Recipient<CountedFeed>;
 
 /// Stops routing a participant's events (its bot is gone).
 #[derive(Message)]
@@ -151,13 +171,15 @@ pub struct ChatLinkConfig {
     pub reconnect_attempts: u32,
     /// Requests queued while the link is down, beyond which calls fail at once.
     pub max_queued: usize,
+    /// The node's count of work in flight: each feed handed to a follower is counted.
+    pub in_flight: InFlight,
 }
 
 type Reply = oneshot::Sender<Result<ChatResponse, ChatCallError>>;
 
 /// The pump of a [`LinkState`]: the connection it uses, its timers, its mailboxes.
 pub struct ChatLink {
-    state: LinkState<WeakRecipient<Feed>, Reply>,
+    state: LinkState<WeakRecipient<CountedFeed>, Reply>,
     connector: Arc<dyn ChatConnector>,
     on_fenced: Option<Recipient<ChatFenced>>,
     /// The current connection's outbound side (of the state's generation), once it is open.
@@ -165,8 +187,9 @@ pub struct ChatLink {
     address: String,
     clock: Instant,
     /// Kept between steps, so that a step allocates nothing for its inputs and effects.
-    inputs: VecDeque<Input<WeakRecipient<Feed>, Reply>>,
-    effects: Vec<Effect<WeakRecipient<Feed>, Reply>>,
+    inputs: VecDeque<Input<WeakRecipient<CountedFeed>, Reply>>,
+    effects: Vec<Effect<WeakRecipient<CountedFeed>, Reply>>,
+    in_flight: InFlight,
 }
 
 impl ChatLink {
@@ -189,6 +212,7 @@ impl ChatLink {
             clock: Instant::now(),
             inputs: VecDeque::new(),
             effects: Vec::new(),
+            in_flight: config.in_flight,
         }
     }
 
@@ -197,7 +221,7 @@ impl ChatLink {
     }
 
     /// Steps the state with `input`, and with whatever carrying out its effects brings back.
-    fn apply(&mut self, input: Input<WeakRecipient<Feed>, Reply>, ctx: &mut Context<Self>) {
+    fn apply(&mut self, input: Input<WeakRecipient<CountedFeed>, Reply>, ctx: &mut Context<Self>) {
         let mut inputs = std::mem::take(&mut self.inputs);
         let mut effects = std::mem::take(&mut self.effects);
         inputs.push_back(input);
@@ -214,8 +238,8 @@ impl ChatLink {
 
     fn carry_out(
         &mut self,
-        effect: Effect<WeakRecipient<Feed>, Reply>,
-        inputs: &mut VecDeque<Input<WeakRecipient<Feed>, Reply>>,
+        effect: Effect<WeakRecipient<CountedFeed>, Reply>,
+        inputs: &mut VecDeque<Input<WeakRecipient<CountedFeed>, Reply>>,
         ctx: &mut Context<Self>,
     ) {
         match effect {
@@ -281,9 +305,9 @@ impl ChatLink {
     /// until there is room, and a follower that is gone is forgotten.
     fn tell(
         &mut self,
-        to: WeakRecipient<Feed>,
+        to: WeakRecipient<CountedFeed>,
         feed: Feed,
-        inputs: &mut VecDeque<Input<WeakRecipient<Feed>, Reply>>,
+        inputs: &mut VecDeque<Input<WeakRecipient<CountedFeed>, Reply>>,
         ctx: &mut Context<Self>,
     ) {
         let gone = |feed: &Feed| match feed {
@@ -305,6 +329,10 @@ impl ChatLink {
             }
             return;
         };
+        let feed = CountedFeed {
+            feed,
+            work: self.in_flight.enter(),
+        };
         match recipient.try_send(feed) {
             Ok(()) => metrics().queued(Kind::Session),
             Err(SendError::Full(feed)) => {
@@ -317,7 +345,7 @@ impl ChatLink {
                 );
             }
             Err(SendError::Closed(feed)) => {
-                if let Some((session_id, participant_id)) = gone(&feed) {
+                if let Some((session_id, participant_id)) = gone(&feed.feed) {
                     inputs.push_back(Input::Unfollow {
                         session_id,
                         participant_id,
@@ -490,10 +518,10 @@ mod tests {
         type Context = Context<Self>;
     }
 
-    impl Handler<Feed> for Recorder {
+    impl Handler<CountedFeed> for Recorder {
         type Result = ();
-        fn handle(&mut self, feed: Feed, _ctx: &mut Context<Self>) {
-            let line = match feed {
+        fn handle(&mut self, feed: CountedFeed, _ctx: &mut Context<Self>) {
+            let line = match feed.feed {
                 Feed::Joined(j) => format!("joined {} {}", j.token, j.seq),
                 Feed::Events(e) => format!(
                     "events {:?}",
@@ -566,6 +594,7 @@ mod tests {
                 reconnect_delay: Duration::from_millis(10),
                 reconnect_attempts: 5,
                 max_queued: 100,
+                in_flight: Default::default(),
             },
             Arc::new(Connector(conns_tx)),
         )

@@ -305,6 +305,11 @@ impl HaState {
         self.role
     }
 
+    /// A switchover is under way: ESP is refused and the chat link's events are paused.
+    pub fn draining(&self) -> bool {
+        self.draining
+    }
+
     pub fn epoch(&self) -> u64 {
         self.epoch
     }

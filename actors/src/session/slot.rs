@@ -136,10 +136,6 @@ impl Slots {
         self.0.iter().map(|(p, s)| (p, s))
     }
 
-    pub(super) fn values(&self) -> impl Iterator<Item = &Slot> {
-        self.0.iter().map(|(_, s)| s)
-    }
-
     pub(super) fn keys(&self) -> impl Iterator<Item = &String> {
         self.0.iter().map(|(p, _)| p)
     }

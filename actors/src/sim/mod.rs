@@ -87,6 +87,8 @@ pub(crate) enum Mutation {
     CountUnacked,
     /// A restored bot starts from its checkpoint but without its saved context.
     LoseContext,
+    /// A switchover's drain ends at once, as if the count of work in flight missed a path.
+    DrainEarly,
 }
 
 /// Where an event goes.
@@ -200,7 +202,8 @@ struct Node {
     bots: BTreeMap<u64, Bot>,
     joins: HashMap<u64, Joining>,
     next_local: u64,
-    /// A drain is under way: `Drained` goes to the HA state once every bot is idle.
+    /// A drain is waiting: `Drained` goes to the HA state once every bot is idle (the HA
+    /// state's own `draining` lasts until the hand-over).
     draining: bool,
 }
 
@@ -275,6 +278,8 @@ struct Sim {
     handed: Vec<Handed>,
     next_token: u64,
     log: Vec<String>,
+    /// A broken promise seen while running (reported by `check`).
+    violation: Option<String>,
 }
 
 fn config(name: &str, role: HaRole, sync: bool) -> Config {
@@ -375,6 +380,7 @@ impl Sim {
             handed: Vec::new(),
             next_token: 1,
             log: Vec::new(),
+            violation: None,
         };
         sim.boot(0);
         sim.boot(1);
@@ -527,7 +533,12 @@ impl Sim {
     fn ha_carry_out(&mut self, n: usize, effects: Vec<Effect>) {
         for e in effects {
             match e {
-                Effect::Send { conn, frame } => self.ha_send(n, conn, frame),
+                Effect::Send { conn, frame } => {
+                    if matches!(frame, HaFrame::HandOver { .. }) {
+                        self.check_idle(n);
+                    }
+                    self.ha_send(n, conn, frame)
+                }
                 Effect::Close { conn } => {
                     if let Some((a, b)) = self.ha_conns.remove(&conn) {
                         // What was sent before the close arrives first (TCP's FIN comes last).
@@ -576,6 +587,8 @@ impl Sim {
                     self.link_step(n, LinkInput::Unpause);
                 }
                 Effect::Drain => {
+                    let what = format!("{} drains", self.nodes[n].name);
+                    self.note(what);
                     self.nodes[n].draining = true;
                     self.link_step(n, LinkInput::Pause);
                     self.maybe_drained(n);
@@ -641,6 +654,23 @@ impl Sim {
         }
         self.push(at, dest, Ev::Ha(input));
         self.ha_conn_last.insert(conn, at);
+    }
+
+    /// A node hands its bots over (a switchover): none of them has work left, or the new
+    /// primary would hand that input to the bot a second time.
+    fn check_idle(&mut self, n: usize) {
+        for (id, b) in &self.nodes[n].bots {
+            if (b.turn.is_some() || !b.queue.is_empty()) && self.violation.is_none() {
+                self.violation = Some(format!(
+                    "{} handed over at {} while bot {id} of {} had work (a turn: {:?}, {} queued)",
+                    self.nodes[n].name,
+                    self.now,
+                    b.session,
+                    b.turn.as_ref().map(|t| t.label.to_string()),
+                    b.queue.len()
+                ));
+            }
+        }
     }
 
     /// A node took over: every save the backup acknowledged is in what it restores, unless
@@ -776,8 +806,8 @@ impl Sim {
         else {
             return Err(());
         };
-        if node.draining {
-            return Err(());
+        if node.ha.as_ref().is_some_and(|s| s.draining()) {
+            return Err(()); // ESP is refused from the drain to the hand-over
         }
         if let Some(b) = node.bots.values().find(|b| b.session == session) {
             return Ok(Some((b.instance.clone(), b.joined_seq, epoch)));
@@ -849,6 +879,7 @@ impl Sim {
             Reply::Join { token } => {
                 if result.is_err() && self.nodes[n].joins.remove(&token).is_some() {
                     self.note(format!("{} join failed: {result:?}", self.nodes[n].name));
+                    self.maybe_drained(n);
                 }
             }
             Reply::Post { bot, label } => {
@@ -883,6 +914,7 @@ impl Sim {
                 let Some(joining) = self.nodes[n].joins.remove(&j.token) else {
                     return;
                 };
+                let restored = joining.restore.is_some();
                 let bot = match joining.restore {
                     None => {
                         let instance =
@@ -963,8 +995,15 @@ impl Sim {
                     self.nodes[n].name, bot.instance, bot.participant
                 );
                 self.note(what);
+                let new = !restored;
                 self.nodes[n].bots.insert(to, bot);
-                self.pump(n, to);
+                // A new bot starts at its join event, which a draining link holds back (the
+                // SessionActor's pending start); a restored one starts now.
+                let paused = self.nodes[n].ha.as_ref().is_some_and(|s| s.draining());
+                if !(new && paused) {
+                    self.pump(n, to);
+                }
+                self.maybe_drained(n);
             }
             Feed::Events(ev) => {
                 let Some(b) = self.nodes[n].bots.get_mut(&to) else {
@@ -1064,6 +1103,8 @@ impl Sim {
             key: Some(key),
             rich: None,
         });
+        let what = format!("{} bot{id} turn {label}", self.nodes[n].name);
+        self.note(what);
         self.call(n, request, None, Reply::Post { bot: id, label });
     }
 
@@ -1113,11 +1154,13 @@ impl Sim {
 
     fn maybe_drained(&mut self, n: usize) {
         let node = &self.nodes[n];
-        let idle = node
-            .bots
-            .values()
-            .all(|b| b.turn.is_none() && b.queue.is_empty());
-        if node.draining && idle {
+        // Joins under way count as work (each holds a guard until its bot has started).
+        let idle = node.joins.is_empty()
+            && node
+                .bots
+                .values()
+                .all(|b| b.turn.is_none() && b.queue.is_empty());
+        if node.draining && (idle || self.mutation == Mutation::DrainEarly) {
             self.nodes[n].draining = false;
             self.later(n, 0, Ev::Ha(Input::Drained));
         }
@@ -1518,6 +1561,9 @@ impl Sim {
 
     /// The safety checks on what the Chat Server holds and what the bots were handed.
     fn check(&self) -> Result<(), String> {
+        if let Some(v) = &self.violation {
+            return Err(v.clone());
+        }
         // No post from a fenced epoch.
         for a in &self.server.accepted {
             if a.epoch < a.max_epoch {
@@ -1677,6 +1723,7 @@ fn mutation() -> Mutation {
         Ok("give-up") => Mutation::GiveUpAtOnce,
         Ok("count-unacked") => Mutation::CountUnacked,
         Ok("lose-context") => Mutation::LoseContext,
+        Ok("drain-early") => Mutation::DrainEarly,
         _ => Mutation::None,
     }
 }
@@ -1759,13 +1806,14 @@ fn seeded_simulation_keeps_every_promise() {
 #[test]
 fn each_checker_catches_its_mutation() {
     // The checker that must catch each (a posted-twice greeting or answer, for no dedupe).
-    let mutations: [(Mutation, &[&str]); 6] = [
+    let mutations: [(Mutation, &[&str]); 7] = [
         (Mutation::NoDedupe, &["greeted", "answered"]),
         (Mutation::NoFencing, &["accepted from epoch"]),
         (Mutation::NoSaves, &["again"]),
         (Mutation::LoseContext, &["counts"]),
         (Mutation::GiveUpAtOnce, &["was lost", "waiting"]),
         (Mutation::CountUnacked, &["acknowledged save"]),
+        (Mutation::DrainEarly, &["had work"]),
     ];
     for (m, expect) in mutations {
         let caught = (0..300)
