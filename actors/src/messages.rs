@@ -43,7 +43,8 @@ pub struct ResumeEvents;
 #[derive(Message)]
 #[rtype(result = "()")]
 pub struct BecomePrimary {
-    pub bots: Vec<ReplicatedBot>,
+    /// Shared with the HA store (a save during the restore copies that one bot).
+    pub bots: Vec<std::sync::Arc<ReplicatedBot>>,
 }
 
 /// This node became a backup: drop every bot without a leave (they go on at the primary).

@@ -73,8 +73,10 @@ pub struct Supervisor {
     role: RoleView,
     /// Counts promotions and demotions: a restore in batches goes on while this is unchanged.
     restore_run: u64,
-    /// Interactions with bots still to restore, and how many (ESP to them: retry shortly).
-    restoring: HashMap<String, u32>,
+    /// Interactions with bots still to restore, by the id's fingerprint (no copy of 100 000
+    /// ids at a promotion), and how many (ESP to them: retry shortly; an interaction that
+    /// shares a fingerprint is told the same until the restore is over).
+    restoring: HashMap<u64, u32>,
 }
 
 impl Supervisor {
@@ -469,9 +471,11 @@ impl Handler<BecomePrimary> for Supervisor {
         // Every bot is running from now on (GetBotStatus says so, a second StartBot is refused);
         // they re-join in batches of `ha-bot-recovery-batch`, each batch after the one before,
         // so a big node does not stampede the Chat Server, and ESP is answered between batches.
+        let started = std::time::Instant::now();
         self.restore_run += 1;
         self.restoring.clear();
         let total = msg.bots.len();
+        self.restoring.reserve(total);
         for bot in &msg.bots {
             self.registry.insert(RunningBot {
                 spec: bot.spec.clone(),
@@ -481,15 +485,20 @@ impl Handler<BecomePrimary> for Supervisor {
             });
             *self
                 .restoring
-                .entry(bot.spec.key.interaction_id.clone())
+                .entry(crate::fingerprint(&bot.spec.key.interaction_id))
                 .or_default() += 1;
         }
+        tracing::info!(
+            bots = total,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "bots registered; restoring them in batches"
+        );
         ctx.notify(RestoreNext {
             run: self.restore_run,
             rest: msg.bots.into(),
             total,
             restored: 0,
-            started: std::time::Instant::now(),
+            started,
         });
     }
 }
@@ -500,7 +509,7 @@ impl Handler<BecomePrimary> for Supervisor {
 struct RestoreNext {
     /// Which promotion this belongs to; a later role change ends it.
     run: u64,
-    rest: std::collections::VecDeque<bgs_proto::ha::ReplicatedBot>,
+    rest: std::collections::VecDeque<Arc<bgs_proto::ha::ReplicatedBot>>,
     total: usize,
     restored: usize,
     started: std::time::Instant,
@@ -511,7 +520,7 @@ impl Supervisor {
     /// come back.
     fn prepare_restore(
         &mut self,
-        bot: bgs_proto::ha::ReplicatedBot,
+        bot: Arc<bgs_proto::ha::ReplicatedBot>,
         ctx: &mut Context<Self>,
     ) -> Option<(Addr<SessionActor>, RestoreInSession)> {
         let key = bot.spec.key.clone();
@@ -546,7 +555,8 @@ impl Supervisor {
         Some((
             session,
             RestoreInSession {
-                replica: bot,
+                // Copied here, batch by batch, not all at the promotion (the store shares it).
+                replica: Arc::unwrap_or_clone(bot),
                 bot: instance,
             },
         ))
@@ -554,7 +564,8 @@ impl Supervisor {
 
     /// This interaction has a bot still waiting for its restore.
     fn is_restoring(&self, interaction_id: &str) -> bool {
-        self.restoring.contains_key(interaction_id)
+        self.restoring
+            .contains_key(&crate::fingerprint(interaction_id))
     }
 }
 
@@ -571,11 +582,11 @@ impl Handler<RestoreNext> for Supervisor {
             let Some(bot) = msg.rest.pop_front() else {
                 break;
             };
-            let interaction = &bot.spec.key.interaction_id;
-            if let Some(n) = self.restoring.get_mut(interaction) {
+            let interaction = crate::fingerprint(&bot.spec.key.interaction_id);
+            if let Some(n) = self.restoring.get_mut(&interaction) {
                 *n -= 1;
                 if *n == 0 {
-                    self.restoring.remove(interaction);
+                    self.restoring.remove(&interaction);
                 }
             }
             batch.extend(self.prepare_restore(bot, ctx));

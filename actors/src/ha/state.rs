@@ -11,6 +11,10 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use bgs_proto::ha::{HaFrame, HaOp, HaRole, ReplicatedBot, HA_PROTOCOL_VERSION};
+use std::sync::Arc;
+
+/// The replicated bots by instance id, each shared with a promotion's restore.
+pub type Store = BTreeMap<String, Arc<ReplicatedBot>>;
 
 use super::handshake::{proof, verify};
 use super::state_file::SavedRole;
@@ -111,7 +115,7 @@ pub enum Effect {
     /// The Supervisor's view of the role.
     SetRole(crate::role::Role),
     BecomePrimary {
-        bots: Vec<ReplicatedBot>,
+        bots: Vec<Arc<ReplicatedBot>>,
     },
     BecomeBackup,
     /// These waiters' changes are done with: acknowledged by the backup (`acked`), or no longer
@@ -126,7 +130,7 @@ pub enum Effect {
     WriteState(SavedRole),
     /// The replicated bots this node no longer holds (demoted): freed off the HA thread, which
     /// must send the hand-over first (100 000 bots take tens of ms to free).
-    Discard(std::sync::Arc<BTreeMap<String, ReplicatedBot>>),
+    Discard(Arc<Store>),
     /// A role change to primary: `manual` (a hand-over) or `failover`.
     Switched {
         kind: &'static str,
@@ -224,7 +228,7 @@ pub struct HaState {
     handshakes: BTreeMap<u64, ([u8; 32], u64)>,
     dialing: bool,
     // Primary side.
-    store: BTreeMap<String, ReplicatedBot>,
+    store: Store,
     next_op: u64,
     unacked: VecDeque<(u64, u64)>,
     outbox: Vec<HaOp>,
@@ -250,7 +254,7 @@ pub struct HaState {
     synced_run: Option<String>,
     pending_run: Option<String>,
     /// Backup: snapshot chunks received so far.
-    staging: BTreeMap<String, ReplicatedBot>,
+    staging: Store,
     out: Vec<Effect>,
 }
 
@@ -315,7 +319,7 @@ impl HaState {
     }
 
     /// The bots this node holds (the primary's, or the backup's copy).
-    pub fn store(&self) -> &BTreeMap<String, ReplicatedBot> {
+    pub fn store(&self) -> &Store {
         &self.store
     }
 
@@ -725,7 +729,7 @@ impl HaState {
             }
             size += bytes;
             if let Some(c) = chunks.last_mut() {
-                c.push(bot.clone());
+                c.push(ReplicatedBot::clone(bot));
             }
         }
         let n = chunks.len();
@@ -768,8 +772,10 @@ impl HaState {
                 if first {
                     self.staging.clear();
                 }
-                self.staging
-                    .extend(bots.into_iter().map(|b| (b.instance_id.clone(), b)));
+                self.staging.extend(
+                    bots.into_iter()
+                        .map(|b| (b.instance_id.clone(), Arc::new(b))),
+                );
                 if !last {
                     self.send(HaFrame::Heartbeat { epoch: self.epoch });
                     return;
@@ -949,7 +955,9 @@ impl HaState {
         self.acked = self.applied;
         self.unacked.clear();
         self.primary_http = None;
-        let bots: Vec<ReplicatedBot> = self.store.values().cloned().collect();
+        // Shared with the store, not copied: a promotion with 100 000 bots hands them over in
+        // a few milliseconds (a save during the restore copies that one bot).
+        let bots: Vec<Arc<ReplicatedBot>> = self.store.values().cloned().collect();
         tracing::warn!(epoch, bots = bots.len(), node = %self.c.node_id, "this node is now the primary");
         self.out.push(Effect::Activate { epoch });
         self.save_state();
@@ -982,7 +990,7 @@ impl HaState {
             self.synced_once = false;
             let store = std::mem::take(&mut self.store);
             if !store.is_empty() {
-                self.out.push(Effect::Discard(std::sync::Arc::new(store)));
+                self.out.push(Effect::Discard(Arc::new(store)));
             }
         }
         self.outbox.clear();
@@ -1207,10 +1215,10 @@ impl HaState {
     }
 }
 
-fn apply(store: &mut BTreeMap<String, ReplicatedBot>, op: HaOp) {
+fn apply(store: &mut Store, op: HaOp) {
     match op {
         HaOp::Started(bot) => {
-            store.insert(bot.instance_id.clone(), *bot);
+            store.insert(bot.instance_id.clone(), Arc::new(*bot));
         }
         HaOp::Saved {
             instance_id,
@@ -1218,6 +1226,7 @@ fn apply(store: &mut BTreeMap<String, ReplicatedBot>, op: HaOp) {
             checkpoint_seq,
         } => {
             if let Some(b) = store.get_mut(&instance_id) {
+                let b = Arc::make_mut(b);
                 b.context = Some(context);
                 b.checkpoint_seq = checkpoint_seq;
             }
@@ -1226,8 +1235,11 @@ fn apply(store: &mut BTreeMap<String, ReplicatedBot>, op: HaOp) {
             instance_id,
             checkpoint_seq,
         } => {
-            if let Some(b) = store.get_mut(&instance_id) {
-                b.checkpoint_seq = b.checkpoint_seq.max(checkpoint_seq);
+            if let Some(b) = store
+                .get_mut(&instance_id)
+                .filter(|b| b.checkpoint_seq < checkpoint_seq)
+            {
+                Arc::make_mut(b).checkpoint_seq = checkpoint_seq;
             }
         }
         HaOp::Removed { instance_id } => {

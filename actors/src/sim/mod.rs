@@ -675,7 +675,7 @@ impl Sim {
 
     /// A node took over: every save the backup acknowledged is in what it restores, unless
     /// that node restarted since it acknowledged (a second failure).
-    fn check_takeover(&mut self, n: usize, bots: &[ReplicatedBot]) {
+    fn check_takeover(&mut self, n: usize, bots: &[Arc<ReplicatedBot>]) {
         let inc = self.nodes[n].incarnation;
         let held: BTreeMap<&str, u64> = bots
             .iter()
@@ -847,8 +847,9 @@ impl Sim {
         Ok(None)
     }
 
-    fn restore(&mut self, n: usize, bots: Vec<ReplicatedBot>) {
+    fn restore(&mut self, n: usize, bots: Vec<Arc<ReplicatedBot>>) {
         for r in bots {
+            let r = Arc::unwrap_or_clone(r);
             let token = self.next_token;
             self.next_token += 1;
             let local = self.nodes[n].next_local;
