@@ -156,7 +156,8 @@ pub struct BotsConfig {
     pub handling_timeout_ms: u64,
     /// Seconds finished bot instances stay visible to GetBotStatus.
     pub finished_retention: u64,
-    /// Threads (actix arbiters) for sessions and bots; 0: one per core but one, at least 1.
+    /// Threads (actix arbiters) of their own for sessions and bots; 0: automatic (none on up to 2
+    /// cores: the main thread; one per core but one beyond).
     pub arbiters: usize,
     /// Messages and notices one input of a bot may post; the rest are left out with a notice.
     pub max_posts_per_input: usize,

@@ -238,6 +238,9 @@ const PING_EVERY: Duration = Duration::from_secs(30);
 /// Frames buffered from the socket to the ChatLink.
 const LINK_BUFFER: usize = 1024;
 
+/// Most frames written to the Chat Server with one flush.
+const WRITE_BATCH: usize = 64;
+
 /// Connects to the Chat Server over TCP with the proto codec.
 /// With `tls` (`chat-server.tls`), the link is TLS, trusting `tls.ca-file`.
 pub struct TcpChatConnector {
@@ -270,7 +273,19 @@ impl ChatConnector for TcpChatConnector {
                         Ok(None) => break,
                         Err(_) => ping.clone(),
                     };
-                    if let Err(e) = sink.send(frame).await {
+                    // Whatever else is queued goes in the same write (at most 64 frames): under
+                    // load one system call carries many posts, as the Chat Server's writer does.
+                    let write = async {
+                        sink.feed(frame).await?;
+                        for _ in 1..WRITE_BATCH {
+                            match out_rx.try_recv() {
+                                Ok(f) => sink.feed(f).await?,
+                                Err(_) => break,
+                            }
+                        }
+                        sink.flush().await
+                    };
+                    if let Err(e) = write.await {
                         tracing::warn!(error = %e, "chat server write failed");
                         break;
                     }

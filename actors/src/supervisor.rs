@@ -46,8 +46,10 @@ pub struct SupervisorConfig {
     pub handling_timeout: Duration,
     /// How long finished instances stay visible to GetBotStatus.
     pub finished_retention: Duration,
-    /// Arbiters (threads) to spread sessions and bots over; 0: one per core but one (the main
-    /// thread, with the ChatLink, the HA coordinator and this Supervisor, takes a core), at least 1.
+    /// Arbiters (threads) of their own to spread sessions and bots over. 0: automatic, which is
+    /// none on up to 2 cores (sessions and bots run on the main thread, with the ChatLink, the
+    /// HA coordinator and this Supervisor: no wake-up between threads per message), and one per
+    /// core but one beyond (docs/PERFORMANCE.md 5.12).
     pub arbiters: usize,
     /// Bots restored at once after a promotion (`ha-bot-recovery-batch`).
     pub recovery_batch: usize,
@@ -64,6 +66,7 @@ pub struct Supervisor {
     sessions: HashMap<String, Addr<SessionActor>>,
     registry: Arc<Registry>,
     reports: Arc<dyn ReportSink>,
+    /// Empty: sessions and bots run on this (the main) thread.
     arbiters: Vec<ArbiterHandle>,
     shutting_down: bool,
     ha: HaPort,
@@ -90,7 +93,10 @@ impl Supervisor {
         role: RoleView,
     ) -> Self {
         let n = if config.arbiters == 0 {
-            std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1))
+            match std::thread::available_parallelism().map_or(1, |n| n.get()) {
+                0..=2 => 0,
+                cores => cores - 1,
+            }
         } else {
             config.arbiters
         };
@@ -121,9 +127,6 @@ impl Supervisor {
         if let Some(addr) = self.sessions.get(interaction_id).filter(|a| a.connected()) {
             return addr.clone();
         }
-        let mut h = DefaultHasher::new();
-        interaction_id.hash(&mut h);
-        let arbiter = &self.arbiters[(h.finish() as usize) % self.arbiters.len()];
         let (link, finished, ended) = self
             .session_ports
             .get_or_insert_with(|| {
@@ -138,9 +141,18 @@ impl Supervisor {
         let id = interaction_id.to_string();
         let timeout = self.config.handling_timeout;
         let ha = self.ha.clone();
-        let addr = SessionActor::start_in_arbiter(arbiter, move |_| {
+        let session = move |_: &mut Context<SessionActor>| {
             SessionActor::new(id, link, finished, ended, ha, timeout)
-        });
+        };
+        let addr = if self.arbiters.is_empty() {
+            // No arbiters of their own: on this thread.
+            SessionActor::create(session)
+        } else {
+            let mut h = DefaultHasher::new();
+            interaction_id.hash(&mut h);
+            let arbiter = &self.arbiters[(h.finish() as usize) % self.arbiters.len()];
+            SessionActor::start_in_arbiter(arbiter, session)
+        };
         self.sessions
             .insert(interaction_id.to_string(), addr.clone());
         addr
