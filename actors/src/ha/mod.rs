@@ -25,7 +25,9 @@ use crate::messages::{
 };
 
 mod coordinator;
+mod follower;
 mod handshake;
+mod log;
 pub mod state;
 mod state_file;
 mod status;

@@ -16,7 +16,9 @@ use std::sync::Arc;
 /// The replicated bots by instance id, each shared with a promotion's restore.
 pub type Store = BTreeMap<String, Arc<ReplicatedBot>>;
 
-use super::handshake::{proof, verify};
+use super::follower::Follower;
+use super::handshake::{proof, verify, Handshakes};
+use super::log::PrimaryLog;
 use super::state_file::SavedRole;
 use super::{HaStatus, RoleChange, SwitchoverError, SwitchoverReport};
 
@@ -220,27 +222,18 @@ pub struct HaState {
     handed_over: bool,
     /// Since the hand-over: dials that found no node, or a node that refused us as not primary.
     unreachable: u32,
-    /// Primary: the op number the last snapshot covered (the backup is in sync once it acks it).
-    snapshot_upto: u64,
     link: Option<Link>,
-    /// Accepted connections that were sent a Challenge and have not answered it: the nonce and
-    /// when. Nothing they send but a valid Hello is acted on, and they never hold the link slot.
-    handshakes: BTreeMap<u64, ([u8; 32], u64)>,
+    /// Accepted connections that were sent a Challenge and have not answered it.
+    handshakes: Handshakes,
     dialing: bool,
-    // Primary side.
+    /// The replicated bots: the primary's, or the backup's copy.
     store: Store,
-    next_op: u64,
-    unacked: VecDeque<(u64, u64)>,
-    outbox: Vec<HaOp>,
-    flush_scheduled: bool,
-    acked: u64,
-    waiters: BTreeMap<u64, Vec<u64>>,
+    /// Primary: the changes sent to the backup, and its acknowledgements.
+    log: PrimaryLog,
     switchover: Option<SwitchoverRun>,
     link_lost_at: u64,
-    // Backup side.
-    applied: u64,
-    in_sync: bool,
-    last_primary: u64,
+    /// Backup: the primary it follows.
+    follower: Follower,
     primary_http: Option<String>,
     switchovers_manual: u64,
     switchovers_failover: u64,
@@ -250,11 +243,6 @@ pub struct HaState {
     state_write_failed: Option<SavedRole>,
     /// This run of the process (told to backups in Welcome).
     run_id: String,
-    /// Backup: the run of the primary whose state it holds, and of the one it is linking to.
-    synced_run: Option<String>,
-    pending_run: Option<String>,
-    /// Backup: snapshot chunks received so far.
-    staging: Store,
     out: Vec<Effect>,
 }
 
@@ -275,22 +263,14 @@ impl HaState {
             synced_once: false,
             handed_over: false,
             unreachable: 0,
-            snapshot_upto: 0,
             link: None,
-            handshakes: BTreeMap::new(),
+            handshakes: Handshakes::new(MAX_HANDSHAKES),
             dialing: false,
             store: BTreeMap::new(),
-            next_op: 1,
-            unacked: VecDeque::new(),
-            outbox: Vec::new(),
-            flush_scheduled: false,
-            acked: 0,
-            waiters: BTreeMap::new(),
+            log: PrimaryLog::new(),
             switchover: None,
             link_lost_at: now.mono_ms,
-            applied: 0,
-            in_sync: false,
-            last_primary: now.mono_ms,
+            follower: Follower::new(now.mono_ms),
             switchovers_manual: 0,
             switchovers_failover: 0,
             peer_http: None,
@@ -298,9 +278,6 @@ impl HaState {
             saved: None,
             state_write_failed: None,
             run_id,
-            synced_run: None,
-            pending_run: None,
-            staging: BTreeMap::new(),
             out: Vec::new(),
         }
     }
@@ -354,20 +331,20 @@ impl HaState {
             }
             Input::Accepted { conn, nonce } => self.accepted(conn, nonce, now),
             Input::Frame { conn, frame } => {
-                if let Some((nonce, _)) = self.handshakes.remove(&conn) {
+                if let Some(nonce) = self.handshakes.take(conn) {
                     self.on_hello(conn, nonce, frame, now);
                 } else if self.link.as_ref().is_some_and(|l| l.conn == conn) {
                     self.on_frame(frame, now);
                 }
             }
             Input::Closed { conn } => {
-                self.handshakes.remove(&conn);
+                self.handshakes.take(conn);
                 if self.link.as_ref().is_some_and(|l| l.conn == conn) {
                     self.drop_link("connection closed", now);
                 }
             }
             Input::SendFailed { conn } => {
-                if self.handshakes.remove(&conn).is_some() {
+                if self.handshakes.take(conn).is_some() {
                     self.out.push(Effect::Close { conn });
                 }
                 if self.link.as_ref().is_some_and(|l| l.conn == conn) {
@@ -416,10 +393,10 @@ impl HaState {
             peer: self.c.peer.clone(),
             peer_connected: self.link_up(),
             in_sync: match self.role {
-                HaRole::Backup => self.in_sync && self.link_up(),
-                HaRole::Primary => self.backup_synced() && self.unacked.is_empty(),
+                HaRole::Backup => self.follower.in_sync && self.link_up(),
+                HaRole::Primary => self.backup_synced() && self.log.pending() == 0,
             },
-            replication_pending: self.unacked.len() as u64,
+            replication_pending: self.log.pending() as u64,
             replication_lag_seconds: self.lag_ms(now) as f64 / 1000.0,
             primary_http: self.primary_http.clone(),
             replicated_bots: self.store.len(),
@@ -436,16 +413,14 @@ impl HaState {
             primary: self.role == HaRole::Primary,
             epoch: self.epoch,
             peer_connected: self.link_up(),
-            replication_pending: self.unacked.len() as u64,
+            replication_pending: self.log.pending() as u64,
             replication_lag_seconds: self.lag_ms(now) as f64 / 1000.0,
         }
     }
 
     /// Age of the oldest change the backup has not acknowledged.
     pub fn lag_ms(&self, now: Time) -> u64 {
-        self.unacked
-            .front()
-            .map_or(0, |(_, at)| now.mono_ms.saturating_sub(*at))
+        self.log.lag_ms(now.mono_ms)
     }
 
     fn send(&mut self, frame: HaFrame) -> bool {
@@ -479,19 +454,13 @@ impl HaState {
             self.link_lost_at = now.mono_ms;
             self.out.push(Effect::Close { conn: l.conn });
         }
-        // Unacknowledged ops are covered by the snapshot the backup gets when it comes back.
-        self.unacked.clear();
-        // Nobody can acknowledge now: sync-mode saves go on without the backup (it gets a
-        // snapshot when it comes back).
-        self.release_waiters(u64::MAX, false);
+        // Unacknowledged ops are covered by the snapshot the backup gets when it comes back;
+        // nobody can acknowledge now: sync-mode saves go on without the backup.
+        let done = self.log.link_lost();
+        self.released(done, false);
     }
 
-    fn release_waiters(&mut self, upto: u64, acked: bool) {
-        let later = self.waiters.split_off(&(upto.saturating_add(1)));
-        let done: Vec<u64> = std::mem::replace(&mut self.waiters, later)
-            .into_values()
-            .flatten()
-            .collect();
+    fn released(&mut self, done: Vec<u64>, acked: bool) {
         if !done.is_empty() {
             self.out.push(Effect::Release {
                 waiters: done,
@@ -541,20 +510,10 @@ impl HaState {
             // One link at a time: a newer connection replaces a silent one only via the tick.
             self.refuse(conn, "a link is already up");
         } else {
-            // Full: the oldest handshake makes room. A real backup answers its Challenge within
-            // a round trip, so silent connections cannot keep it out.
-            if self.handshakes.len() >= MAX_HANDSHAKES {
-                let oldest = self
-                    .handshakes
-                    .iter()
-                    .min_by_key(|(_, (_, since))| *since)
-                    .map(|(c, _)| *c);
-                if let Some(old) = oldest {
-                    self.handshakes.remove(&old);
-                    self.refuse(old, "too many handshakes in progress");
-                }
+            // Full: the oldest handshake makes room.
+            if let Some(old) = self.handshakes.admit(conn, nonce, now.mono_ms) {
+                self.refuse(old, "too many handshakes in progress");
             }
-            self.handshakes.insert(conn, (nonce, now.mono_ms));
             self.out.push(Effect::Send {
                 conn,
                 frame: HaFrame::Challenge { nonce },
@@ -668,8 +627,7 @@ impl HaState {
                 // memory) and would replace ours with nothing. We hold the bots: take over, and
                 // the Chat Server fences it.
                 // (A node that handed over holds its own state, not a snapshot of that run.)
-                let restarted =
-                    !self.handed_over && self.synced_run.as_ref().is_some_and(|r| *r != run_id);
+                let restarted = !self.handed_over && self.follower.restarted(&run_id);
                 if restarted && epoch <= self.epoch && !self.store.is_empty() {
                     tracing::warn!(peer = %node_id, bots = self.store.len(), "the primary restarted without its state; taking over");
                     self.drop_link("the primary restarted without its state", now);
@@ -680,7 +638,7 @@ impl HaState {
                     self.remember("failover", now);
                     return;
                 }
-                self.pending_run = Some(run_id);
+                self.follower.linking(run_id, now.mono_ms);
                 self.unreachable = 0;
                 tracing::info!(peer = %node_id, epoch, "connected to the HA primary");
                 if let Some(l) = self.link.as_mut() {
@@ -689,8 +647,6 @@ impl HaState {
                 self.epoch = self.epoch.max(epoch);
                 self.peer_http = Some(http.clone());
                 self.primary_http = Some(http);
-                self.last_primary = now.mono_ms;
-                self.in_sync = false;
                 self.refresh_supervisor();
             }
             (_, HaFrame::Refused { reason }) => {
@@ -708,11 +664,8 @@ impl HaState {
 
     /// Sends the whole state in frames of at most about [`SNAPSHOT_CHUNK_BYTES`].
     fn send_snapshot(&mut self) {
-        self.snapshot_upto = self.next_op - 1;
-        self.acked = 0;
         // Ops already queued are covered by the snapshot.
-        self.outbox.clear();
-        self.unacked.clear();
+        let upto_op = self.log.snapshot();
         let mut chunks: Vec<Vec<ReplicatedBot>> = vec![Vec::new()];
         let mut size = 0;
         for bot in self.store.values() {
@@ -736,7 +689,7 @@ impl HaState {
         for (i, bots) in chunks.into_iter().enumerate() {
             let frame = HaFrame::Snapshot {
                 epoch: self.epoch,
-                upto_op: self.snapshot_upto,
+                upto_op,
                 bots,
                 first: i == 0,
                 last: i + 1 == n,
@@ -749,7 +702,7 @@ impl HaState {
         match frame {
             HaFrame::Heartbeat { epoch } => {
                 if self.role == HaRole::Backup {
-                    self.last_primary = now.mono_ms;
+                    self.follower.last_heard = now.mono_ms;
                     self.epoch = self.epoch.max(epoch);
                 }
             }
@@ -765,28 +718,16 @@ impl HaState {
                     self.drop_link("snapshot repeated", now);
                     return;
                 }
-                self.last_primary = now.mono_ms;
+                self.follower.last_heard = now.mono_ms;
                 self.epoch = self.epoch.max(epoch);
-                // Chunks go to a staging copy: the state held so far stays whole until the
-                // last chunk arrives (a snapshot cut in the middle changes nothing).
-                if first {
-                    self.staging.clear();
-                }
-                self.staging.extend(
-                    bots.into_iter()
-                        .map(|b| (b.instance_id.clone(), Arc::new(b))),
-                );
-                if !last {
+                let Some(store) = self.follower.chunk(bots, first, last, upto_op) else {
                     self.send(HaFrame::Heartbeat { epoch: self.epoch });
                     return;
-                }
-                self.store = std::mem::take(&mut self.staging);
+                };
+                self.store = store;
                 if let Some(l) = self.link.as_mut() {
                     l.snapshot_applied = true;
                 }
-                self.synced_run = self.pending_run.clone();
-                self.applied = upto_op;
-                self.in_sync = true;
                 self.synced_once = true;
                 self.handed_over = false;
                 tracing::info!(bots = self.store.len(), upto_op, "HA snapshot applied");
@@ -797,30 +738,30 @@ impl HaState {
                 first_op,
                 ops,
             } if self.role == HaRole::Backup => {
-                self.last_primary = now.mono_ms;
+                self.follower.last_heard = now.mono_ms;
                 self.epoch = self.epoch.max(epoch);
-                if !self.in_sync || first_op != self.applied + 1 {
+                if self
+                    .follower
+                    .apply_ops(&mut self.store, first_op, ops)
+                    .is_err()
+                {
                     tracing::warn!(
                         first_op,
-                        applied = self.applied,
+                        applied = self.follower.applied,
                         "HA stream gap; reconnecting for a snapshot"
                     );
                     self.drop_link("stream gap", now);
                     return;
                 }
-                for op in ops {
-                    apply(&mut self.store, op);
-                    self.applied += 1;
-                }
                 self.send(HaFrame::Ack {
-                    upto_op: self.applied,
+                    upto_op: self.follower.applied,
                 });
             }
             HaFrame::HandOver { epoch, upto_op } if self.role == HaRole::Backup => {
-                if upto_op != self.applied {
+                if upto_op != self.follower.applied {
                     tracing::warn!(
                         upto_op,
-                        applied = self.applied,
+                        applied = self.follower.applied,
                         "hand-over with a gap; taking over anyway"
                     );
                 }
@@ -834,21 +775,18 @@ impl HaState {
                 self.remember("switchover", now);
             }
             HaFrame::Ack { upto_op } if self.role == HaRole::Primary => {
-                self.acked = self.acked.max(upto_op);
-                let snapshot = self.snapshot_upto;
+                let snapshot = self.log.snapshot_upto();
                 if let Some(l) = self.link.as_mut().filter(|_| upto_op >= snapshot) {
                     l.snapshot_applied = true;
                 }
-                while self.unacked.front().is_some_and(|(id, _)| *id <= upto_op) {
-                    self.unacked.pop_front();
-                }
-                self.release_waiters(upto_op, true);
+                let done = self.log.ack(upto_op);
+                self.released(done, true);
                 if let Some(SwitchoverRun {
                     phase: SwitchoverPhase::Waiting { last, .. },
                     ..
                 }) = self.switchover
                 {
-                    if self.acked >= last && self.backup_synced() {
+                    if self.log.acked() >= last && self.backup_synced() {
                         self.finish_switchover(now);
                     }
                 }
@@ -864,23 +802,20 @@ impl HaState {
             self.release(waiter, false);
             return;
         }
-        let id = self.next_op;
-        self.next_op += 1;
         if !self.link_up() {
             // No backup to send it to: into the store, with no copy.
+            self.log.skip();
             apply(&mut self.store, op);
             self.release(waiter, false);
             return;
         }
         apply(&mut self.store, op.clone());
-        self.unacked.push_back((id, now.mono_ms));
-        self.outbox.push(op);
-        if !self.flush_scheduled {
-            self.flush_scheduled = true;
+        let (id, schedule) = self.log.queue(op, now.mono_ms);
+        if schedule {
             self.out.push(Effect::ScheduleFlush);
         }
         match waiter {
-            Some(w) if self.c.sync => self.waiters.entry(id).or_default().push(w),
+            Some(w) if self.c.sync => self.log.wait(id, w),
             other => self.release(other, false),
         }
     }
@@ -896,26 +831,9 @@ impl HaState {
 
     /// Sends queued ops as few frames as possible (everything that arrived since the last flush).
     fn flush(&mut self) {
-        self.flush_scheduled = false;
-        if self.outbox.is_empty() {
-            return;
-        }
-        let mut ops = std::mem::take(&mut self.outbox);
-        if !self.link_up() || self.role != HaRole::Primary {
-            return;
-        }
-        let mut first = self.next_op - ops.len() as u64;
-        // The ops move into their frames, a group commit of at most OPS_PER_FRAME each.
-        while !ops.is_empty() {
-            let rest = ops.split_off(ops.len().min(OPS_PER_FRAME));
-            let chunk = std::mem::replace(&mut ops, rest);
-            let n = chunk.len() as u64;
-            self.send(HaFrame::Ops {
-                epoch: self.epoch,
-                first_op: first,
-                ops: chunk,
-            });
-            first += n;
+        let send = self.link_up() && self.role == HaRole::Primary;
+        for frame in self.log.flush(self.epoch, send) {
+            self.send(frame);
         }
     }
 
@@ -949,11 +867,9 @@ impl HaState {
         self.role = HaRole::Primary;
         self.epoch = epoch;
         self.draining = false;
-        self.in_sync = false;
+        self.follower.in_sync = false;
         self.handed_over = false;
-        self.next_op = self.applied + 1;
-        self.acked = self.applied;
-        self.unacked.clear();
+        self.log.restart_after(self.follower.applied);
         self.primary_http = None;
         // Shared with the store, not copied: a promotion with 100 000 bots hands them over in
         // a few milliseconds (a save during the restore copies that one bot).
@@ -975,10 +891,9 @@ impl HaState {
         tracing::warn!(epoch = self.epoch, fenced, node = %self.c.node_id, "this node is now a backup");
         self.role = HaRole::Backup;
         self.draining = false;
-        for conn in std::mem::take(&mut self.handshakes).into_keys() {
+        for conn in self.handshakes.drain() {
             self.refuse(conn, "this node is no longer the primary");
         }
-        self.in_sync = false;
         self.handed_over = handed_over;
         self.unreachable = 0;
         if handed_over {
@@ -993,11 +908,10 @@ impl HaState {
                 self.out.push(Effect::Discard(Arc::new(store)));
             }
         }
-        self.outbox.clear();
-        self.unacked.clear();
-        self.applied = 0;
-        self.release_waiters(u64::MAX, false);
-        self.last_primary = now.mono_ms;
+        self.follower.applied = 0;
+        self.follower.stop(now.mono_ms);
+        let done = self.log.clear();
+        self.released(done, false);
         self.out.push(Effect::Deactivate);
         self.save_state();
         self.out.push(Effect::BecomeBackup);
@@ -1068,8 +982,8 @@ impl HaState {
         }
         // Wait until the backup has acknowledged every op (and this connection's snapshot).
         self.flush();
-        let last = self.next_op - 1;
-        if (self.acked >= last && self.backup_synced()) || !self.link_up() {
+        let last = self.log.last_op();
+        if (self.log.acked() >= last && self.backup_synced()) || !self.link_up() {
             self.finish_switchover(now);
         } else if let Some(run) = self.switchover.as_mut() {
             run.phase = SwitchoverPhase::Waiting {
@@ -1092,13 +1006,13 @@ impl HaState {
         }
         let last = match run.phase {
             SwitchoverPhase::Waiting { last, .. } => last,
-            SwitchoverPhase::Draining => self.next_op - 1,
+            SwitchoverPhase::Draining => self.log.last_op(),
         };
         // Everything up to the drained state is acknowledged, by a backup that applied this
         // connection's snapshot (a backup that never held this node's state would take over
         // without it, or ignore the hand-over); anything later (a bot that ended meanwhile) is
         // already on the link, ahead of the hand-over.
-        let all_acked = self.acked >= last && self.backup_synced();
+        let all_acked = self.log.acked() >= last && self.backup_synced();
         self.flush();
         if !self.link_up() || !all_acked {
             self.draining = false;
@@ -1114,7 +1028,7 @@ impl HaState {
             return;
         }
         let new_epoch = self.epoch + 1;
-        let upto_op = self.next_op - 1;
+        let upto_op = self.log.last_op();
         let bots = self.store.len();
         self.send(HaFrame::HandOver {
             epoch: new_epoch,
@@ -1142,15 +1056,8 @@ impl HaState {
         let failover_after = self.c.failover_after_ms;
         // An accepted connection that has not proved itself in time is closed.
         let deadline = failover_after.max(HANDSHAKE_MIN_MS);
-        let late: Vec<u64> = self
-            .handshakes
-            .iter()
-            .filter(|(_, (_, since))| t.saturating_sub(*since) > deadline)
-            .map(|(conn, _)| *conn)
-            .collect();
-        for conn in late {
+        for conn in self.handshakes.late(t, deadline) {
             tracing::warn!("an HA connection sent no Hello in time; closing it");
-            self.handshakes.remove(&conn);
             self.out.push(Effect::Close { conn });
         }
         if let Some(SwitchoverRun {
@@ -1183,7 +1090,7 @@ impl HaState {
                 if self.link.is_none() {
                     self.dial();
                 }
-                let silent = t.saturating_sub(self.last_primary) > failover_after;
+                let silent = t.saturating_sub(self.follower.last_heard) > failover_after;
                 // A node that handed over takes the role back only when the peer is not there
                 // to be a primary: twice no answer, or a refusal as a backup.
                 let lost_hand_over = !self.handed_over || self.unreachable >= 2;
@@ -1194,7 +1101,7 @@ impl HaState {
                     && lost_hand_over
                 {
                     tracing::warn!(
-                        silence_ms = t.saturating_sub(self.last_primary),
+                        silence_ms = t.saturating_sub(self.follower.last_heard),
                         "the primary is silent; failing over"
                     );
                     self.switchovers_failover += 1;
@@ -1202,8 +1109,8 @@ impl HaState {
                     let epoch = self.epoch + 1;
                     self.promote(epoch, now);
                     self.remember("failover", now);
-                } else if self.link_up() && self.in_sync {
-                    let upto_op = self.applied;
+                } else if self.link_up() && self.follower.in_sync {
+                    let upto_op = self.follower.applied;
                     self.send(HaFrame::Ack { upto_op });
                 } else if self.link_up() {
                     // Still receiving a snapshot: tell the primary we are alive.
@@ -1215,7 +1122,7 @@ impl HaState {
     }
 }
 
-fn apply(store: &mut Store, op: HaOp) {
+pub(super) fn apply(store: &mut Store, op: HaOp) {
     match op {
         HaOp::Started(bot) => {
             store.insert(bot.instance_id.clone(), Arc::new(*bot));
@@ -1314,7 +1221,7 @@ mod tests {
         }
         // The first was evicted by the last; the rest wait.
         assert_eq!(a.handshakes.len(), MAX_HANDSHAKES);
-        assert!(!a.handshakes.contains_key(&1));
+        assert!(!a.handshakes.has(1));
         // Anything but a Hello closes it; a Hello with a wrong proof is refused.
         let out = a.step(
             at(10),
@@ -1354,6 +1261,6 @@ mod tests {
             })
             .collect();
         assert_eq!(closed, vec![4, 5]);
-        assert!(a.handshakes.is_empty());
+        assert_eq!(a.handshakes.len(), 0);
     }
 }
