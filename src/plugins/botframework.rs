@@ -26,7 +26,7 @@ use bgs_actors::bot::{
 use bgs_proto::chat::{EventKind, ParticipantType};
 use dashmap::DashMap;
 use futures_util::future::BoxFuture;
-use serde_json::{json, Value};
+use serde_json::Value;
 use tokio::sync::mpsc;
 
 use super::bf_auth;
@@ -400,31 +400,111 @@ impl Drop for ChannelBot {
     }
 }
 
+/// An activity the channel sends to a bot: the Bot Framework's Activity schema, with the fields
+/// this channel fills (camelCase JSON; those it has no value for are left out).
+#[derive(Debug, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Activity<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    timestamp: String,
+    local_timestamp: String,
+    id: String,
+    channel_id: &'static str,
+    service_url: &'a str,
+    conversation: ConversationAccount<'a>,
+    recipient: ChannelAccount,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    from: Option<ChannelAccount>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    members_added: Vec<ChannelAccount>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    text: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    code: Option<&'static str>,
+    channel_data: ChannelData<'a>,
+    locale: &'static str,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+struct ChannelAccount {
+    id: String,
+    name: String,
+    role: &'static str,
+}
+
+impl ChannelAccount {
+    fn user(id: &str, name: &str) -> Self {
+        ChannelAccount {
+            id: id.to_string(),
+            name: name.to_string(),
+            role: "user",
+        }
+    }
+}
+
+#[derive(Debug, serde::Serialize)]
+struct ConversationAccount<'a> {
+    id: &'a str,
+}
+
+/// What bgs adds for the bot: its interaction, instance and the chat's userdata.
+#[derive(Debug, serde::Serialize)]
+struct ChannelData<'a> {
+    interaction_id: &'a str,
+    instance_id: &'a str,
+    userdata: &'a BTreeMap<String, String>,
+}
+
+/// What makes an activity besides its conversation: kind, time, id, sender and text.
+struct ActivityParts {
+    kind: &'static str,
+    at: u64,
+    id: String,
+    from: Option<ChannelAccount>,
+    text: Option<String>,
+}
+
 impl ChannelBot {
     /// An activity to the bot, stamped `at` (milliseconds since 1970, UTC).
-    fn activity(&self, ctx: &BotContext, kind: &str, at: u64) -> Value {
-        let timestamp = timestamp(at);
-        let local = format!("{}+00:00", timestamp.trim_end_matches('Z'));
-        json!({
-            "type": kind,
-            "timestamp": timestamp,
-            "localTimestamp": local,
-            "id": ctx.input_id(),
-            "channelId": "bgs",
-            "serviceUrl": self.service_url,
-            "conversation": {"id": self.conversation},
-            "recipient": {
-                "id": self.endpoint.app_id.clone().unwrap_or_else(|| format!("bot-{}", self.endpoint.name)),
-                "name": ctx.nickname(),
-                "role": "bot"
+    fn activity<'a>(&'a self, ctx: &'a BotContext, parts: ActivityParts) -> Activity<'a> {
+        let timestamp = timestamp(parts.at);
+        let local_timestamp = format!("{}+00:00", timestamp.trim_end_matches('Z'));
+        Activity {
+            kind: parts.kind,
+            timestamp,
+            local_timestamp,
+            id: parts.id,
+            channel_id: "bgs",
+            service_url: &self.service_url,
+            conversation: ConversationAccount {
+                id: &self.conversation,
             },
-            "channelData": {
-                "interaction_id": ctx.interaction_id(),
-                "instance_id": ctx.instance_id(),
-                "userdata": self.userdata,
+            recipient: self.recipient(ctx),
+            from: parts.from,
+            members_added: Vec::new(),
+            text: parts.text,
+            code: None,
+            channel_data: ChannelData {
+                interaction_id: ctx.interaction_id(),
+                instance_id: ctx.instance_id(),
+                userdata: &self.userdata,
             },
-            "locale": "en-US",
-        })
+            locale: "en-US",
+        }
+    }
+
+    /// The bot itself, as its activities name it.
+    fn recipient(&self, ctx: &BotContext) -> ChannelAccount {
+        ChannelAccount {
+            id: self
+                .endpoint
+                .app_id
+                .clone()
+                .unwrap_or_else(|| format!("bot-{}", self.endpoint.name)),
+            name: ctx.nickname().to_string(),
+            role: "bot",
+        }
     }
 
     /// The bearer token for the bot's endpoint, when the bot has an app id.
@@ -435,9 +515,20 @@ impl ChannelBot {
         }
     }
 
-    /// One turn: posts `activity`, then takes the replies the bot sent meanwhile. `Err` when
-    /// the bot could not be reached or refused the activity.
-    async fn turn(&mut self, ctx: &mut BotContext, activity: Value) -> Result<(), String> {
+    /// One turn: posts the activity made of `parts`, then takes the replies the bot sent
+    /// meanwhile. `Err` when the bot could not be reached or refused the activity.
+    async fn turn(&mut self, ctx: &mut BotContext, parts: ActivityParts) -> Result<(), String> {
+        // Serialized once, posted as many times as the retries need.
+        let activity = body(&self.activity(ctx, parts));
+        self.post_turn(ctx, activity).await
+    }
+
+    /// Posts one activity (its JSON) to the bot, then takes the replies the bot sent meanwhile.
+    async fn post_turn(
+        &mut self,
+        ctx: &mut BotContext,
+        activity: bytes::Bytes,
+    ) -> Result<(), String> {
         let name = self.endpoint.name.clone();
         let token = self
             .token()
@@ -453,7 +544,7 @@ impl ChannelBot {
                 if let Some(t) = &token {
                     request = request.bearer_auth(t);
                 }
-                let activity = &activity;
+                let activity = activity.clone();
                 async move { connector::post_json(request, activity, timeout).await }
             })
             .await;
@@ -462,6 +553,30 @@ impl ChannelBot {
         result
             .map(|_| ())
             .map_err(|(error, _)| format!("Bot Framework bot {name} failed: {error}"))
+    }
+
+    /// The conversation starts: the bot and the customer are its members.
+    async fn announce(
+        &mut self,
+        ctx: &mut BotContext,
+        customer: &(String, String),
+    ) -> Result<(), String> {
+        let parts = ActivityParts {
+            kind: "conversationUpdate",
+            at: bgs_actors::now_ms(),
+            id: ctx.input_id(),
+            from: Some(ChannelAccount::user(&customer.0, &customer.1)),
+            text: None,
+        };
+        let activity = Activity {
+            members_added: vec![
+                self.recipient(ctx),
+                ChannelAccount::user(&customer.0, &customer.1),
+            ],
+            ..self.activity(ctx, parts)
+        };
+        let activity = body(&activity);
+        self.post_turn(ctx, activity).await
     }
 
     fn take_replies(&mut self, ctx: &mut BotContext) {
@@ -591,26 +706,20 @@ impl Bot for ChannelBot {
                             .find(|e| e.participant_type == ParticipantType::Customer)
                             .map(|e| (e.participant_id.clone(), e.nickname.clone()))
                             .unwrap_or_else(|| ("customer".into(), "customer".into()));
-                        let mut activity =
-                            self.activity(ctx, "conversationUpdate", bgs_actors::now_ms());
-                        let bot = activity["recipient"].clone();
-                        activity["from"] =
-                            json!({"id": customer.0, "name": customer.1, "role": "user"});
-                        activity["membersAdded"] =
-                            json!([bot, {"id": customer.0, "name": customer.1, "role": "user"}]);
-                        if let Err(e) = self.turn(ctx, activity).await {
+                        if let Err(e) = self.announce(ctx, &customer).await {
                             self.give_up(ctx, e);
                         }
                         // The customer's question from before the bot joined gets its answer.
                         if let Some((sender, text)) = connector::unanswered(&start.history) {
                             if !self.done {
-                                let mut activity =
-                                    self.activity(ctx, "message", bgs_actors::now_ms());
-                                activity["id"] = json!(format!("{}:history", ctx.input_id()));
-                                activity["from"] =
-                                    json!({"id": sender, "name": customer.1, "role": "user"});
-                                activity["text"] = json!(text);
-                                if let Err(e) = self.turn(ctx, activity).await {
+                                let parts = ActivityParts {
+                                    kind: "message",
+                                    at: bgs_actors::now_ms(),
+                                    id: format!("{}:history", ctx.input_id()),
+                                    from: Some(ChannelAccount::user(&sender, &customer.1)),
+                                    text: Some(text),
+                                };
+                                if let Err(e) = self.turn(ctx, parts).await {
                                     self.give_up(ctx, e);
                                 }
                             }
@@ -630,38 +739,45 @@ impl Bot for ChannelBot {
                     if e.kind == EventKind::Message
                         && e.participant_type == ParticipantType::Customer =>
                 {
-                    let mut activity = self.activity(
-                        ctx,
-                        "message",
-                        if e.ts_ms > 0 {
+                    // A number typed after a numbered list of choices is that choice.
+                    let text = e.text.unwrap_or_default();
+                    let parts = ActivityParts {
+                        kind: "message",
+                        at: if e.ts_ms > 0 {
                             e.ts_ms
                         } else {
                             bgs_actors::now_ms()
                         },
-                    );
-                    activity["from"] =
-                        json!({"id": e.participant_id, "name": e.nickname, "role": "user"});
-                    // A number typed after a numbered list of choices is that choice.
-                    let text = e.text.unwrap_or_default();
-                    activity["text"] = json!(self.choices.answer(&text).unwrap_or(text));
-                    if let Err(err) = self.turn(ctx, activity).await {
+                        id: ctx.input_id(),
+                        from: Some(ChannelAccount::user(&e.participant_id, &e.nickname)),
+                        text: Some(self.choices.answer(&text).unwrap_or(text)),
+                    };
+                    if let Err(err) = self.turn(ctx, parts).await {
                         self.give_up(ctx, err);
                     }
                 }
                 BotInput::Wake => self.take_replies(ctx),
                 BotInput::Stop(reason) => {
                     // Best effort: the bot hears the conversation is over; its answer is not waited for long.
-                    let mut activity =
-                        self.activity(ctx, "endOfConversation", bgs_actors::now_ms());
-                    activity["code"] = json!("completedSuccessfully");
-                    activity["text"] = json!(reason.as_str());
+                    let parts = ActivityParts {
+                        kind: "endOfConversation",
+                        at: bgs_actors::now_ms(),
+                        id: ctx.input_id(),
+                        from: None,
+                        text: Some(reason.as_str().to_string()),
+                    };
+                    let activity = Activity {
+                        code: Some("completedSuccessfully"),
+                        ..self.activity(ctx, parts)
+                    };
                     if let Ok(token) = self.token().await {
                         let mut request = self.client.post(self.endpoint.url.clone());
                         if let Some(t) = token {
                             request = request.bearer_auth(t);
                         }
                         let _ =
-                            connector::post_json(request, &activity, Duration::from_secs(2)).await;
+                            connector::post_json(request, body(&activity), Duration::from_secs(2))
+                                .await;
                     }
                 }
                 _ => {}
@@ -669,6 +785,11 @@ impl Bot for ChannelBot {
             Ok(())
         })
     }
+}
+
+/// An activity's JSON (the types above always serialize).
+fn body(activity: &Activity<'_>) -> bytes::Bytes {
+    serde_json::to_vec(activity).unwrap_or_default().into()
 }
 
 /// An RFC 3339 UTC timestamp with milliseconds (`2026-12-07T23:10:23.123Z`), as activities carry.
@@ -797,6 +918,54 @@ fn urlencode(s: &str) -> String {
 mod tests {
     use super::*;
     use bgs_actors::bot::BotAction;
+    use serde_json::json;
+
+    #[test]
+    fn an_activity_is_the_bot_framework_schema_in_camel_case() {
+        let userdata = BTreeMap::from([("Queue".to_string(), "sales".to_string())]);
+        let activity = Activity {
+            kind: "message",
+            timestamp: timestamp(1_796_000_000_123),
+            local_timestamp: "2026-11-30T00:53:20.123+00:00".into(),
+            id: "inst:7".into(),
+            channel_id: "bgs",
+            service_url: "http://gw/bf/x/",
+            conversation: ConversationAccount { id: "inst" },
+            recipient: ChannelAccount {
+                id: "bot-a".into(),
+                name: "Bot".into(),
+                role: "bot",
+            },
+            from: Some(ChannelAccount::user("c1", "Ann")),
+            members_added: Vec::new(),
+            text: Some("hi".into()),
+            code: None,
+            channel_data: ChannelData {
+                interaction_id: "chat-1",
+                instance_id: "inst",
+                userdata: &userdata,
+            },
+            locale: "en-US",
+        };
+        let v: Value = serde_json::from_slice(&body(&activity)).unwrap();
+        assert_eq!(
+            v,
+            json!({
+                "type": "message",
+                "timestamp": "2026-11-30T00:53:20.123Z",
+                "localTimestamp": "2026-11-30T00:53:20.123+00:00",
+                "id": "inst:7",
+                "channelId": "bgs",
+                "serviceUrl": "http://gw/bf/x/",
+                "conversation": {"id": "inst"},
+                "recipient": {"id": "bot-a", "name": "Bot", "role": "bot"},
+                "from": {"id": "c1", "name": "Ann", "role": "user"},
+                "text": "hi",
+                "channelData": {"interaction_id": "chat-1", "instance_id": "inst", "userdata": {"Queue": "sales"}},
+                "locale": "en-US"
+            })
+        );
+    }
 
     fn ctx() -> BotContext {
         let key = bgs_proto::bot::BotKey {

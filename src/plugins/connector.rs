@@ -77,13 +77,13 @@ impl std::fmt::Display for AttemptError {
 /// `timeout`. A status that is not 2xx is an error; a 5xx or 429 may be retried.
 pub async fn post_json(
     request: reqwest::RequestBuilder,
-    body: &serde_json::Value,
+    body: bytes::Bytes,
     timeout: Duration,
 ) -> Result<(u16, Vec<u8>), AttemptError> {
     let attempt = async {
         let response = request
             .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(body.to_string())
+            .body(body)
             .send()
             .await
             .map_err(|e| AttemptError::Retry(describe(&e)))?;

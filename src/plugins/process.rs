@@ -22,11 +22,11 @@ use bgs_actors::bot::{
     Bot, BotContext, BotError, BotFactory, BotInput, BotStart, BotWaker, CreateBot, Handoff,
 };
 use bgs_actors::metrics::metrics;
-use bgs_proto::chat::{PostKind, RichContent, UserdataChanges, Visibility};
+use bgs_proto::chat::{ChatEvent, PostKind, RichContent, UserdataChanges, Visibility};
+use bgs_proto::esp::KeyValues;
 use futures_util::future::BoxFuture;
 use futures_util::StreamExt;
 use serde::Deserialize;
-use serde_json::{json, Value};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -336,18 +336,86 @@ fn apply(ctx: &mut BotContext, actions: Vec<PluginAction>) {
 
 type Reply = oneshot::Sender<Result<Vec<PluginAction>, String>>;
 
+/// A line to the plugin (docs/PLUGINS.md 18): one JSON object, tagged by `type`, with the `id`
+/// its `done` answers. Typed, so that a line is written straight from the values (no JSON tree
+/// built and patched per input).
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+enum ToPlugin {
+    Start {
+        id: u64,
+        #[serde(flatten)]
+        bot: Arc<BotInfo>,
+        history: Vec<ChatEvent>,
+    },
+    Restore {
+        id: u64,
+        #[serde(flatten)]
+        bot: Arc<BotInfo>,
+        context: Option<String>,
+    },
+    Event {
+        id: u64,
+        bot: String,
+        event: ChatEvent,
+    },
+    Data {
+        id: u64,
+        bot: String,
+        data: KeyValues,
+    },
+    Stop {
+        id: u64,
+        bot: String,
+        reason: &'static str,
+    },
+}
+
+impl ToPlugin {
+    fn set_id(&mut self, to: u64) {
+        match self {
+            ToPlugin::Start { id, .. }
+            | ToPlugin::Restore { id, .. }
+            | ToPlugin::Event { id, .. }
+            | ToPlugin::Data { id, .. }
+            | ToPlugin::Stop { id, .. } => *id = to,
+        }
+    }
+}
+
+/// Who a bot is, as its `start` and `restore` lines tell the plugin.
+#[derive(Debug, serde::Serialize)]
+struct BotInfo {
+    bot: String,
+    interaction: String,
+    bot_id: String,
+    bot_name: String,
+    nickname: String,
+    visibility: Visibility,
+    parameters: KeyValues,
+    userdata: KeyValues,
+}
+
+/// A bot's input as the host is given it: the line without its `id` and `bot`.
+#[derive(Debug)]
+enum InputLine {
+    Event(ChatEvent),
+    Data(KeyValues),
+    Stop(&'static str),
+}
+
 enum HostCmd {
     /// A new bot: `msg` is its `start` or `restore`.
     Start {
         instance: String,
-        msg: Value,
+        msg: ToPlugin,
         waker: BotWaker,
         reply: Reply,
     },
-    /// One input of a running bot (`event`, `data`, `stop`), without its `id`.
+    /// One input of a running bot (`event`, `data`, `stop`).
     Input {
         instance: String,
-        msg: Value,
+        msg: InputLine,
         reply: Reply,
     },
     /// The actions the plugin sent on its own since the bot last asked.
@@ -357,7 +425,7 @@ enum HostCmd {
 /// An input sent and not yet answered with `done`.
 struct Pending {
     id: u64,
-    msg: Value,
+    msg: ToPlugin,
     /// Processes that died with this input in flight; at 2 it is given up (a poison input).
     deaths: u32,
     actions: Vec<PluginAction>,
@@ -365,8 +433,8 @@ struct Pending {
 }
 
 struct HostBot {
-    /// Its `start` or `restore` message: the template of a `restore` after a crash.
-    first: Value,
+    /// Who it is: what a `restore` after a crash tells the plugin again.
+    first: Arc<BotInfo>,
     /// The process has been told of this bot (its first message was written).
     announced: bool,
     /// The plugin answered the first message: a new process must be sent a `restore`.
@@ -516,28 +584,29 @@ impl Drop for ProcessBot {
     }
 }
 
-fn first_message(ctx: &BotContext, bot_name: &str, start: BotStart) -> Value {
-    let mut msg = json!({
-        "bot": ctx.instance_id(),
-        "interaction": ctx.interaction_id(),
-        "bot_id": ctx.bot_id(),
-        "bot_name": bot_name,
-        "nickname": ctx.nickname(),
-        "visibility": ctx.visibility(),
-        "parameters": start.parameters,
-        "userdata": start.userdata,
+fn first_message(ctx: &BotContext, bot_name: &str, start: BotStart) -> ToPlugin {
+    let bot = Arc::new(BotInfo {
+        bot: ctx.instance_id().to_string(),
+        interaction: ctx.interaction_id().to_string(),
+        bot_id: ctx.bot_id().to_string(),
+        bot_name: bot_name.to_string(),
+        nickname: ctx.nickname().to_string(),
+        visibility: ctx.visibility(),
+        parameters: start.parameters,
+        userdata: start.userdata,
     });
     match start.restored {
-        Some(bytes) => {
-            msg["type"] = json!("restore");
-            msg["context"] = json!(String::from_utf8_lossy(&bytes));
-        }
-        None => {
-            msg["type"] = json!("start");
-            msg["history"] = json!(start.history);
-        }
+        Some(bytes) => ToPlugin::Restore {
+            id: 0,
+            bot,
+            context: Some(String::from_utf8_lossy(&bytes).into_owned()),
+        },
+        None => ToPlugin::Start {
+            id: 0,
+            bot,
+            history: start.history,
+        },
     }
-    msg
 }
 
 impl ProcessBot {
@@ -581,17 +650,17 @@ impl Bot for ProcessBot {
                 }
                 BotInput::Event(event) => HostCmd::Input {
                     instance,
-                    msg: json!({"type": "event", "event": event}),
+                    msg: InputLine::Event(event),
                     reply: tx,
                 },
                 BotInput::Data(data) => HostCmd::Input {
                     instance,
-                    msg: json!({"type": "data", "data": data}),
+                    msg: InputLine::Data(data),
                     reply: tx,
                 },
                 BotInput::Stop(reason) => HostCmd::Input {
                     instance,
-                    msg: json!({"type": "stop", "reason": reason}),
+                    msg: InputLine::Stop(reason.as_str()),
                     reply: tx,
                 },
                 BotInput::Wake => HostCmd::TakeUnasked {
@@ -769,15 +838,12 @@ impl Host {
                 continue;
             };
             if let Some(id) = restore_id {
-                let mut restore = bot.first.clone();
-                restore["type"] = json!("restore");
-                restore["context"] = json!(bot.saved);
-                if let Some(map) = restore.as_object_mut() {
-                    map.remove("history");
-                }
-                restore["id"] = json!(id);
                 bot.restoring = Some(id);
-                lines.push(restore);
+                lines.push(ToPlugin::Restore {
+                    id,
+                    bot: bot.first.clone(),
+                    context: bot.saved.clone(),
+                });
             }
             if let Some(p) = &mut bot.pending {
                 if p.deaths >= 2 {
@@ -800,9 +866,11 @@ impl Host {
     }
 
     /// Writes one message to the plugin; a plugin that does not read is killed.
-    fn write(&mut self, msg: &Value) {
+    fn write(&mut self, msg: &ToPlugin) {
         let Some(running) = &self.running else { return };
-        let line = format!("{msg}\n");
+        // The types above always serialize.
+        let mut line = serde_json::to_string(msg).unwrap_or_default();
+        line.push('\n');
         match running.stdin.try_send(line) {
             Ok(()) => {}
             Err(mpsc::error::TrySendError::Full(_)) => self.kill("it does not read its input"),
@@ -838,17 +906,21 @@ impl Host {
                 reply,
             } => {
                 let id = self.next_id();
-                let mut line = msg.clone();
-                line["id"] = json!(id);
-                let saved = msg
-                    .get("context")
-                    .and_then(Value::as_str)
-                    .map(str::to_string);
+                let mut line = msg;
+                line.set_id(id);
+                let (first, saved) = match &line {
+                    ToPlugin::Start { bot, .. } => (bot.clone(), None),
+                    ToPlugin::Restore { bot, context, .. } => (bot.clone(), context.clone()),
+                    other => {
+                        let _ = reply.send(Err(format!("not a first message: {other:?}")));
+                        return;
+                    }
+                };
                 let running = self.running.is_some();
                 self.bots.insert(
                     instance,
                     HostBot {
-                        first: msg,
+                        first,
                         announced: running,
                         started: false,
                         saved,
@@ -881,9 +953,23 @@ impl Host {
                     let _ = reply.send(Err("the plugin does not know this bot".into()));
                     return;
                 };
-                let mut line = msg;
-                line["id"] = json!(id);
-                line["bot"] = json!(instance);
+                let line = match msg {
+                    InputLine::Event(event) => ToPlugin::Event {
+                        id,
+                        bot: instance,
+                        event,
+                    },
+                    InputLine::Data(data) => ToPlugin::Data {
+                        id,
+                        bot: instance,
+                        data,
+                    },
+                    InputLine::Stop(reason) => ToPlugin::Stop {
+                        id,
+                        bot: instance,
+                        reason,
+                    },
+                };
                 bot.unasked_count = 0;
                 bot.pending = Some(Pending {
                     id,
@@ -926,7 +1012,11 @@ impl Host {
             }
         }
         // A bot that goes without its stop: the plugin is told, with id 0 (nothing to answer).
-        let note = json!({"type": "stop", "bot": instance, "reason": "dropped", "id": 0});
+        let note = ToPlugin::Stop {
+            id: 0,
+            bot: instance.to_string(),
+            reason: "dropped",
+        };
         self.write(&note);
     }
 
@@ -972,7 +1062,7 @@ impl Host {
                             b.saved = Some(c.clone());
                         }
                     }
-                    let stop = p.msg.get("type").is_some_and(|t| t == "stop");
+                    let stop = matches!(p.msg, ToPlugin::Stop { .. });
                     b.started = true;
                     let _ = p.reply.send(Ok(p.actions));
                     if stop {
@@ -1107,6 +1197,51 @@ impl Host {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lines_to_plugins_keep_their_documented_shape() {
+        let bot = Arc::new(BotInfo {
+            bot: "inst".into(),
+            interaction: "chat-1".into(),
+            bot_id: "py-echo".into(),
+            bot_name: String::new(),
+            nickname: "Bot".into(),
+            visibility: Visibility::All,
+            parameters: [("lang".to_string(), "en".to_string())].into(),
+            userdata: Default::default(),
+        });
+        let line = |m: &ToPlugin| serde_json::to_value(m).unwrap();
+        assert_eq!(
+            line(&ToPlugin::Restore {
+                id: 4,
+                bot: bot.clone(),
+                context: Some("{\"n\":2}".into()),
+            }),
+            serde_json::json!({"type": "restore", "id": 4, "bot": "inst", "interaction": "chat-1",
+                "bot_id": "py-echo", "bot_name": "", "nickname": "Bot", "visibility": "ALL",
+                "parameters": {"lang": "en"}, "userdata": {}, "context": "{\"n\":2}"})
+        );
+        let start = line(&ToPlugin::Start {
+            id: 1,
+            bot,
+            history: Vec::new(),
+        });
+        assert_eq!(
+            (
+                start["type"].as_str(),
+                start["history"].as_array().map(Vec::len)
+            ),
+            (Some("start"), Some(0))
+        );
+        assert_eq!(
+            line(&ToPlugin::Stop {
+                id: 0,
+                bot: "inst".into(),
+                reason: "dropped",
+            }),
+            serde_json::json!({"type": "stop", "id": 0, "bot": "inst", "reason": "dropped"})
+        );
+    }
 
     #[test]
     fn messages_from_plugins_parse_or_are_refused() {

@@ -239,6 +239,8 @@ impl WebhookBot {
                 "userdata": self.userdata,
             }
         });
+        // Serialized once, posted as many times as the retries need.
+        let body = bytes::Bytes::from(body.to_string());
         let endpoint = self.endpoint.clone();
         let client = endpoint.client.clone();
         let key = ctx.input_id();
@@ -249,7 +251,7 @@ impl WebhookBot {
                     .post(endpoint.url.clone())
                     .headers(endpoint.headers.clone())
                     .header("Idempotency-Key", key.as_str());
-                let body = &body;
+                let body = body.clone();
                 async move { connector::post_json(request, body, timeout).await }
             })
             .await;
