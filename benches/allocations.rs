@@ -226,6 +226,8 @@ fn actors(n: u64) -> f64 {
             posts: posts.clone(),
             inject: std::sync::Mutex::new(Some(inject_rx)),
         });
+        // One count of work in flight, as a node has: the link's feeds and the bots' inputs.
+        let in_flight = bgs_actors::messages::InFlight::default();
         let link = ChatLink::new(
             ChatLinkConfig {
                 address: "bench".into(),
@@ -239,7 +241,7 @@ fn actors(n: u64) -> f64 {
                 reconnect_delay: Duration::from_secs(1),
                 reconnect_attempts: 3,
                 max_queued: 1000,
-                in_flight: Default::default(),
+                in_flight: in_flight.clone(),
             },
             connector,
         )
@@ -252,7 +254,7 @@ fn actors(n: u64) -> f64 {
             sink.clone().recipient().into(),
             sink.clone().recipient().into(),
             // `ha.mode = "async"`, the default: saves are sent, not waited for.
-            HaPort::new(sink.recipient().into(), false),
+            HaPort::new(sink.recipient().into(), false, in_flight),
             Duration::from_secs(5),
         )
         .start();
