@@ -742,10 +742,11 @@ mod tests {
     use super::*;
     use crate::bot::{BotContext, BotError, BotInput};
     use crate::chat_link::ParticipantEvents;
-    use crate::messages::Replicate;
+    use crate::messages::{InFlight, Replicate};
     use crate::testing::{event, FakeChat};
     use bgs_proto::chat::EventKind;
     use futures_util::future::BoxFuture;
+    use std::sync::Arc;
     use tokio::sync::mpsc;
 
     /// What the session tells its Supervisor and the HA coordinator.
@@ -820,6 +821,129 @@ mod tests {
         loop {
             if let ChatRequest::Post(p) = next(rx).await {
                 return p;
+            }
+        }
+    }
+
+    /// Holds each customer message until the test lets it go, then answers and saves.
+    struct GatedBot {
+        entered: mpsc::UnboundedSender<String>,
+        gate: Arc<tokio::sync::Semaphore>,
+    }
+
+    impl Bot for GatedBot {
+        fn handle<'a>(
+            &'a mut self,
+            ctx: &'a mut BotContext,
+            input: BotInput,
+        ) -> BoxFuture<'a, Result<(), BotError>> {
+            Box::pin(async move {
+                if let BotInput::Event(e) = input {
+                    if e.kind == EventKind::Message
+                        && e.participant_type == ParticipantType::Customer
+                    {
+                        let text = e.text.unwrap_or_default();
+                        let _ = self.entered.send(text.clone());
+                        self.gate.acquire().await.unwrap().forget();
+                        ctx.say(format!("got: {text}"));
+                        ctx.save_context(text.into_bytes());
+                    }
+                }
+                Ok(())
+            })
+        }
+    }
+
+    /// What a switchover's drain waits for, through the real session and bot actors: a feed
+    /// counts from the ChatLink's hand to the bot's last action, its post answered and its save
+    /// sent to the HA coordinator.
+    #[actix::test]
+    async fn work_in_flight_lasts_until_the_bot_has_posted_and_saved() {
+        let (seen_tx, mut seen) = mpsc::unbounded_channel();
+        let (follower_tx, mut followers) = mpsc::unbounded_channel();
+        let (told_tx, mut told) = mpsc::unbounded_channel();
+        let (entered_tx, mut entered) = mpsc::unbounded_channel();
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let in_flight = InFlight::default();
+        let fake = FakeChat {
+            seen: seen_tx,
+            follower: follower_tx,
+        }
+        .start();
+        let probe = Probe(told_tx).start();
+        let session = SessionActor::new(
+            "chat-1".into(),
+            ChatPort::new(
+                fake.clone().recipient(),
+                fake.clone().recipient(),
+                fake.recipient(),
+            ),
+            probe.clone().recipient().into(),
+            probe.clone().recipient().into(),
+            // Async mode: a save is sent, not waited for.
+            HaPort::new(probe.recipient().into(), false, in_flight.clone()),
+            Duration::from_secs(5),
+        )
+        .start();
+        let key = BotKey {
+            interaction_id: "chat-1".into(),
+            bot_id: "gated".into(),
+            bot_name: String::new(),
+        };
+        session
+            .send(StartInSession {
+                spec: BotSpec::new(key, "Bot").into(),
+                instance_id: "inst".into(),
+                bot: Box::new(GatedBot {
+                    entered: entered_tx,
+                    gate: gate.clone(),
+                }),
+                restored: None,
+            })
+            .await
+            .unwrap()
+            .unwrap();
+        let follower = next(&mut followers).await;
+        // Started: nothing is in flight once the start has run.
+        tokio::time::timeout(Duration::from_secs(5), in_flight.idle())
+            .await
+            .expect("idle after the start");
+
+        // The ChatLink hands a customer message over, counted.
+        follower.do_send(CountedFeed {
+            feed: Feed::Events(ParticipantEvents {
+                session_id: "chat-1".into(),
+                participant_id: "bot-1".into(),
+                events: vec![event(
+                    4,
+                    EventKind::Message,
+                    "ann",
+                    ParticipantType::Customer,
+                    "hello",
+                )],
+            }),
+            work: in_flight.enter(),
+        });
+        assert_eq!(next(&mut entered).await, "hello");
+        assert!(in_flight.count() > 0, "the bot is handling it");
+        let drained = tokio::spawn({
+            let in_flight = in_flight.clone();
+            async move { in_flight.idle().await }
+        });
+        tokio::task::yield_now().await;
+        assert!(!drained.is_finished(), "a drain waits for the bot");
+
+        gate.add_permits(1);
+        tokio::time::timeout(Duration::from_secs(5), drained)
+            .await
+            .expect("the drain ends once the bot is done")
+            .unwrap();
+        // By then the post was made and the save sent, in that order.
+        assert_eq!(next_post(&mut seen).await.text, "got: hello");
+        loop {
+            if let Told::Op(HaOp::Saved { context, .. }) = next(&mut told).await {
+                assert_eq!(&context[..], b"hello");
+                break;
             }
         }
     }
