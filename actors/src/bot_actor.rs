@@ -54,8 +54,7 @@ pub struct BotSetup {
     pub work: Work,
 }
 
-/// What a SessionActor tells its bot beside inputs: one control message, three ways to end
-/// or pause its work.
+/// What a SessionActor tells its bot beside inputs: one control message, two ways to end.
 #[derive(Message)]
 #[rtype(result = "()")]
 pub(crate) enum BotControl {
