@@ -401,6 +401,49 @@ async fn idle_control_closes_a_quiet_session() {
     assert_eq!(t["closed"], true);
 }
 
+/// A gateway that reconnects twice quickly can have a resume of the connection it replaced read
+/// after the new connection's (two sockets, no order between them). The older one must not take
+/// the participant back: that connection is about to close, and the participant would be left
+/// detached while the gateway follows it on the new one (found by the gateway's simulation).
+#[tokio::test]
+async fn a_resume_from_a_replaced_connection_does_not_take_the_participant_back() {
+    let server = Server::start(&[]);
+    let (sid, customer) = server.create_session("stale-resume").await;
+    let mut first = ChatClient::connect(server.tcp, gateway(1)).await.unwrap();
+    let (bot, _) = first
+        .join(
+            &sid,
+            "Bot",
+            ParticipantType::Agent,
+            Style::Bot,
+            Visibility::All,
+            0,
+        )
+        .await
+        .unwrap();
+    // The old connection stays open (its close is still on its way); the new one resumes.
+    let mut newer = ChatClient::connect(server.tcp, gateway(1)).await.unwrap();
+    newer.resume(&sid, &bot, 0).await.unwrap();
+    // The old connection's resume, read late, is refused; the newer one keeps the participant.
+    let stale = first.resume(&sid, &bot, 0).await;
+    assert!(
+        matches!(&stale, Err(e) if e.to_string().contains("newer connection")),
+        "{stale:?}"
+    );
+    drop(first);
+    let (status, v) = server
+        .post(
+            &format!("/sessions/{sid}/messages"),
+            json!({"participant_id": customer, "text": "still heard"}),
+        )
+        .await;
+    assert_eq!(status, 200, "{v}");
+    newer
+        .events_until(&sid, &bot, is_message("still heard"))
+        .await
+        .unwrap();
+}
+
 #[tokio::test]
 async fn rejoin_with_since_seq_gets_exactly_what_was_missed() {
     let server = Server::start(&[]);

@@ -159,7 +159,15 @@ pub(crate) enum Effect<F, R> {
 }
 
 /// The routes of followed participants, by (session, participant).
-pub(crate) type Routes<F> = HashMap<(String, String), Route<F>>;
+pub(crate) type Routes<F> = HashMap<(String, String), Route<F>, RouteHasher>;
+
+/// A node hashes with random keys (no one outside can choose colliding ids); the simulation
+/// with fixed ones, so that the order in which routes are resumed, and so every later draw of
+/// its random numbers, is the same each time a seed runs.
+#[cfg(not(test))]
+type RouteHasher = std::collections::hash_map::RandomState;
+#[cfg(test)]
+type RouteHasher = std::hash::BuildHasherDefault<std::collections::hash_map::DefaultHasher>;
 
 pub(crate) struct Route<F> {
     follower: F,
@@ -234,7 +242,7 @@ impl<F: Clone, R> LinkState<F, R> {
             next_id: 1,
             pending: BTreeMap::new(),
             handshake: HashMap::new(),
-            routes: HashMap::new(),
+            routes: Routes::default(),
             retry_at: None,
             hello_deadline: None,
             now: 0,

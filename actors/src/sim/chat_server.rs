@@ -4,7 +4,7 @@
 //! lower ones; their requests are refused). What it accepted is durable: a crash closes every
 //! connection and loses nothing (the real server acknowledges once its journal is on disk).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use bgs_proto::chat::{
     ChatError, ChatErrorCode, ChatEvent, ChatRequest, ChatResponse, ClientFrame, ClientRole,
@@ -16,7 +16,7 @@ pub(super) const CUSTOMER: &str = "customer";
 pub(super) struct Session {
     pub(super) events: Vec<ChatEvent>,
     /// (participant, key) -> the seq of the post first accepted with it.
-    keys: HashMap<(String, String), u64>,
+    keys: BTreeMap<(String, String), u64>,
     /// Participants and the connection each is attached to.
     attached: BTreeMap<String, Option<u64>>,
 }
@@ -38,7 +38,7 @@ pub(super) struct ChatServer {
     pub(super) up: bool,
     pub(super) max_epoch: u64,
     pub(super) sessions: BTreeMap<String, Session>,
-    conns: HashMap<u64, Conn>,
+    conns: BTreeMap<u64, Conn>,
     next_participant: u64,
     pub(super) accepted: Vec<AcceptedPost>,
     /// Mutation switches for the checkers' own test: a server that does not fence, or does
@@ -57,7 +57,7 @@ impl ChatServer {
             up: true,
             max_epoch: 0,
             sessions: BTreeMap::new(),
-            conns: HashMap::new(),
+            conns: BTreeMap::new(),
             next_participant: 1,
             accepted: Vec::new(),
             fencing: true,
@@ -74,7 +74,7 @@ impl ChatServer {
             id.to_string(),
             Session {
                 events: vec![joined],
-                keys: HashMap::new(),
+                keys: BTreeMap::new(),
                 attached,
             },
         );
@@ -224,6 +224,15 @@ impl ChatServer {
                 }
             },
             ChatRequest::Resume(r) => match self.sessions.get_mut(&r.session_id) {
+                // A resume from a connection older than the one the participant is attached
+                // to is the client's past: refused (the real server does the same).
+                Some(s)
+                    if s.attached
+                        .get(&r.participant_id)
+                        .is_some_and(|a| a.is_some_and(|c| c > conn)) =>
+                {
+                    refuse(ChatErrorCode::NotAllowed, "attached to a newer connection")
+                }
                 Some(s) if s.attached.contains_key(&r.participant_id) => {
                     s.attached.insert(r.participant_id.clone(), Some(conn));
                     let seq = s.events.len() as u64;

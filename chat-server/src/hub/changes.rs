@@ -216,6 +216,15 @@ impl Hub {
                 ),
             );
         }
+        // A connection opened later has it already: this one is the client's past (a resume
+        // still in flight on a connection it has since replaced, read after the new one's).
+        // Taking it back would leave it attached to a connection about to close.
+        if let Some(newer) = p.attached.filter(|c| *c > conn.id) {
+            return refuse(
+                ChatErrorCode::NotAllowed,
+                format!("participant {participant_id} is attached to a newer connection ({newer})"),
+            );
+        }
         let mut previous = None;
         if p.present && conn.attach((session_id.to_string(), participant_id.to_string())) {
             previous = p.attached.replace(conn.id);
