@@ -336,6 +336,7 @@ fn replication(c: &mut Criterion) {
         http_url: "http://a".into(),
         peer_http: None,
         state_file: false,
+        durable: false,
     };
     let now = Time {
         mono_ms: 1,

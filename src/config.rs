@@ -25,7 +25,50 @@ pub enum HaMode {
 const CHOICES: &[(&str, &str, &[&str])] = &[
     ("node", "role", &["primary", "backup"]),
     ("ha", "mode", &["async", "sync"]),
+    ("store", "kind", &["memory", "local"]),
 ];
+
+/// Where bots outlive the process (`[store] kind`; docs/HA.md 10).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StoreKind {
+    /// Nothing: a node's restart loses its bots (a pair keeps them on the other node).
+    Memory,
+    /// An embedded database at `[store] path` on this node's disk.
+    Local,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct StoreConfig {
+    /// `memory` or `local`; without it, `local` when `path` is set, else `memory`.
+    pub kind: Option<StoreKind>,
+    /// The database file of `local` (its directory must exist).
+    pub path: Option<PathBuf>,
+    /// The longest a bot's change waits before it is written.
+    pub max_lag_ms: u64,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            kind: None,
+            path: None,
+            max_lag_ms: 100,
+        }
+    }
+}
+
+impl StoreConfig {
+    /// The kind in force.
+    pub fn kind(&self) -> StoreKind {
+        self.kind.unwrap_or(if self.path.is_some() {
+            StoreKind::Local
+        } else {
+            StoreKind::Memory
+        })
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -62,6 +105,7 @@ pub struct Config {
     pub log: LogConfig,
     pub plugins: PluginsConfig,
     pub tls: TlsConfig,
+    pub store: StoreConfig,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -451,6 +495,8 @@ impl Config {
             ("tls", "ca-file"),
             ("reporting", "file"),
             ("plugins", "dir"),
+            ("store", "kind"),
+            ("store", "path"),
         ] {
             keys.push((section.into(), key.into()));
         }
@@ -464,9 +510,8 @@ impl Config {
                         // Addresses, ids and paths stay strings even when they look like numbers.
                         "id" | "cluster-id" | "role" | "address" | "name" | "secret" | "token"
                         | "credential" | "cert-file" | "key-file" | "ca-file" | "file" | "peer"
-                        | "peer-http" | "level" | "mode" | "state-file" | "dir" => {
-                            toml::Value::String(raw)
-                        }
+                        | "peer-http" | "level" | "mode" | "state-file" | "dir" | "kind"
+                        | "path" => toml::Value::String(raw),
                         _ => env_value(&raw),
                     };
                     t.insert(key, value);
@@ -494,6 +539,15 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.store.kind() == StoreKind::Local && self.store.path.is_none() {
+            return Err(invalid(
+                "store.path",
+                "kind \"local\" needs a path (the database file, in an existing directory)",
+            ));
+        }
+        if !(1..=60_000).contains(&self.store.max_lag_ms) {
+            return Err(invalid("store.max-lag-ms", "must be 1 to 60000"));
+        }
         if self.node.id.is_empty() {
             return Err(invalid("node.id", "must not be empty"));
         }

@@ -163,6 +163,7 @@ async fn status(state: web::Data<HttpState>) -> HttpResponse {
             "cluster": state.cluster_id,
             "role": ha.as_ref().map_or(state.role, |h| h.role).as_str(),
             "epoch": ha.as_ref().map(|h| h.epoch),
+            "store": ha.as_ref().and_then(|h| h.store.clone()),
             "ha": ha,
             "uptime_seconds": state.started.elapsed().as_secs(),
             "sessions": state.registry.interaction_count(),

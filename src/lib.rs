@@ -16,4 +16,5 @@ pub mod net;
 pub mod plugins;
 pub mod report;
 pub mod serve;
+pub mod store;
 pub mod telemetry;

@@ -51,6 +51,8 @@ pub enum ServeError {
         path: String,
         source: std::io::Error,
     },
+    #[error("cannot open the durable store ([store]): {0}")]
+    Store(bgs_actors::store::StoreError),
     #[error("cannot open reporting.file {path}: {source}")]
     Reports {
         path: String,
@@ -247,6 +249,30 @@ impl Listeners {
     }
 }
 
+/// The durable store of `[store]`, and what it holds (docs/HA.md 10); `None` for `memory`.
+async fn open_store(config: &Config) -> Result<Option<bgs_actors::ha::StoreSettings>, ServeError> {
+    let store: Arc<dyn bgs_actors::store::DurableStore> = match config.store.kind() {
+        crate::config::StoreKind::Memory => return Ok(None),
+        crate::config::StoreKind::Local => {
+            // `validate` made sure a local store has a path.
+            let path = config.store.path.clone().unwrap_or_default();
+            Arc::new(crate::store::LocalStore::open(&path).map_err(ServeError::Store)?)
+        }
+    };
+    let stored = store.load().await.map_err(ServeError::Store)?;
+    tracing::info!(
+        kind = store.kind(),
+        bots = stored.bots.len(),
+        epoch = stored.epoch,
+        "durable store opened"
+    );
+    Ok(Some(bgs_actors::ha::StoreSettings {
+        store,
+        max_lag: Duration::from_millis(config.store.max_lag_ms),
+        stored,
+    }))
+}
+
 /// The HaCoordinator, in the role and epoch of the state file (else configured), and its
 /// listener in a pair.
 async fn start_ha(
@@ -285,6 +311,7 @@ async fn start_ha(
         None => None,
     };
     let ha_addr = ha_listener.as_ref().and_then(|l| l.local_addr().ok());
+    let store = open_store(config).await?;
     let coordinator = HaCoordinator::new(
         HaSettings {
             node_id: config.node.id.clone(),
@@ -305,6 +332,7 @@ async fn start_ha(
             ),
             peer_http: config.ha.peer_http.clone(),
             state_file: config.ha.state_file.clone(),
+            store,
         },
         epoch,
         Arc::new(TcpHaDialer {

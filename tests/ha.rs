@@ -92,6 +92,51 @@ async fn check_exactly_once(c: &Customer<'_>, said: &[&str]) {
     assert_eq!(messages(&t), want, "session {}", c.session);
 }
 
+/// A single node with `[store] kind = "local"`: it is killed with `kill -9` mid-chat, customers
+/// post while it is down, and the node started again with its unchanged configuration restores
+/// every bot from its disk: each answers what was posted while it was away, exactly once, and
+/// its count goes on from its saved context (docs/HA.md 10).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_node_with_a_local_store_brings_every_bot_back_after_kill_9() {
+    let chat = ChatServer::start(&[]);
+    let dir = support::TempDir::new("store");
+    let config = format!(
+        "[store]\nkind = \"local\"\npath = \"{}\"\nmax-lag-ms = 20\n",
+        dir.path().join("bots.redb").display()
+    );
+    let mut node = Gateway::start(chat.tcp, &config);
+    node.wait_status("primary", |s| role(s) == "primary").await;
+    let mut customers = chats(&chat, &node, "durable", 6).await;
+    node.wait_status("every save written", |s| {
+        s["store"]["kind"] == "local" && s["store"]["state"] == "ok" && s["store"]["pending"] == 0
+    })
+    .await;
+    node.kill9();
+    for c in &customers {
+        c.say("two").await;
+    }
+    let node = Gateway::start(chat.tcp, &config);
+    node.wait_status("every bot restored", |s| {
+        s["bots"]["echo"] == 6 && s["chat_servers"][0]["participants"] == 6
+    })
+    .await;
+    for c in customers.iter_mut() {
+        assert_eq!(c.next_reply().await, "2: two");
+    }
+    for c in customers.iter_mut() {
+        c.say("three").await;
+        assert_eq!(c.next_reply().await, "3: three");
+    }
+    for c in &customers {
+        check_exactly_once(c, &["one", "two", "three"]).await;
+    }
+    assert!(
+        node.log().contains("durable store opened"),
+        "{}",
+        node.log()
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failover_after_kill_9_resumes_every_bot_with_its_context() {
     let chat = ChatServer::start(&[]);

@@ -20,6 +20,7 @@ pub mod role;
 pub mod session;
 #[cfg(test)]
 mod sim;
+pub mod store;
 pub mod supervisor;
 #[cfg(test)]
 mod testing;

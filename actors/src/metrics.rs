@@ -229,6 +229,10 @@ pub struct Metrics {
     pub ha_peer_connected: Gauge,
     pub ha_pending: Gauge,
     pub ha_lag_seconds: Gauge<f64, AtomicU64>,
+    /// result (ok, failed): batches written to the durable store
+    store_writes: StaticCounters<1>,
+    store_pending: Gauge,
+    store_lag_seconds: Gauge<f64, AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -354,7 +358,28 @@ impl Default for Metrics {
             "Age of the oldest change the backup has not acknowledged",
             ha_lag_seconds.clone(),
         );
+        let store_writes = StaticCounters::registered(
+            &mut registry,
+            "bgs_store_writes",
+            "Batches written to the durable store, by result (ok, failed)",
+            ["result"],
+        );
+        let store_pending = Gauge::default();
+        registry.register(
+            "bgs_store_pending",
+            "Bots changed and not yet written to the durable store",
+            store_pending.clone(),
+        );
+        let store_lag_seconds = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "bgs_store_lag_seconds",
+            "Age of the oldest change not yet written to the durable store",
+            store_lag_seconds.clone(),
+        );
         Metrics {
+            store_writes,
+            store_pending,
+            store_lag_seconds,
             registry,
             actor_counts,
             handled,
@@ -413,6 +438,17 @@ impl Metrics {
 
     pub fn failed(&self, k: Kind) {
         self.failures[k.index()].inc();
+    }
+
+    /// One batch written to the durable store (or not).
+    pub fn store_write(&self, ok: bool) {
+        self.store_writes.inc([if ok { "ok" } else { "failed" }]);
+    }
+
+    /// What the durable store has not had yet.
+    pub fn store_pending(&self, pending: usize, lag_seconds: f64) {
+        self.store_pending.set(pending as i64);
+        self.store_lag_seconds.set(lag_seconds);
     }
 
     /// The Prometheus text exposition (format 0.0.4). `bots_active` comes from the node's

@@ -38,6 +38,16 @@ pub struct HaCoordinator {
     next_waiter: u64,
     /// The switchover under way, waiting for its answer.
     switchover: Option<SwitchoverReply>,
+    /// The durable store written behind to, when one is configured.
+    durable: Option<Durable>,
+}
+
+/// The write-behind to the durable store: one batch in flight at a time.
+struct Durable {
+    store: Arc<dyn crate::store::DurableStore>,
+    writing: bool,
+    /// Writes fail: the node goes on from memory, and says so once.
+    degraded: bool,
 }
 
 impl HaCoordinator {
@@ -55,9 +65,19 @@ impl HaCoordinator {
             http_url: s.http_url.clone(),
             peer_http: s.peer_http.clone(),
             state_file: s.state_file.is_some(),
+            durable: s.store.is_some(),
         };
         let run_id = uuid::Uuid::new_v4().simple().to_string();
-        let state = HaState::new(config, s.role, epoch, run_id, Time::default());
+        let mut state = HaState::new(config, s.role, epoch, run_id, Time::default());
+        let mut s = s;
+        let durable = s.store.as_mut().map(|store| {
+            state.seed(std::mem::take(&mut store.stored));
+            Durable {
+                store: store.store.clone(),
+                writing: false,
+                degraded: false,
+            }
+        });
         HaCoordinator {
             s,
             state,
@@ -69,6 +89,7 @@ impl HaCoordinator {
             waiters: HashMap::new(),
             next_waiter: 1,
             switchover: None,
+            durable,
         }
     }
 
@@ -261,6 +282,9 @@ impl Actor for HaCoordinator {
         ctx.set_mailbox_capacity(4096);
         let every = self.s.heartbeat;
         ctx.run_interval(every, |act, ctx| act.step(Input::Tick, ctx));
+        if let Some(lag) = self.s.store.as_ref().map(|s| s.max_lag) {
+            ctx.run_interval(lag, |act, ctx| act.write_behind(ctx));
+        }
         let mut inputs = VecDeque::new();
         let mut none = None;
         for effect in self.state.start() {
@@ -375,7 +399,69 @@ impl Handler<GetHaStatus> for HaCoordinator {
     type Result = MessageResult<GetHaStatus>;
 
     fn handle(&mut self, _: GetHaStatus, _ctx: &mut Context<Self>) -> Self::Result {
-        MessageResult(self.state.status(self.now()))
+        let now = self.now();
+        let mut status = self.state.status(now);
+        status.store = self.durable.as_ref().map(|d| {
+            let (pending, lag_ms) = self.state.unwritten(now);
+            crate::store::StoreStatus {
+                kind: d.store.kind(),
+                state: if d.degraded { "degraded" } else { "ok" },
+                pending,
+                lag_seconds: lag_ms as f64 / 1000.0,
+            }
+        });
+        MessageResult(status)
+    }
+}
+
+impl HaCoordinator {
+    /// Writes what changed since the last batch (every `max-lag-ms`, one batch at a time). A
+    /// failed write keeps its bots unwritten and is tried again at the next turn; the node goes
+    /// on from memory meanwhile.
+    fn write_behind(&mut self, ctx: &mut Context<Self>) {
+        let now = self.now();
+        let (pending, lag_ms) = self.state.unwritten(now);
+        let Some(d) = self.durable.as_mut() else {
+            return;
+        };
+        metrics().store_pending(pending, lag_ms as f64 / 1000.0);
+        if d.writing {
+            return;
+        }
+        let batch = self.state.take_unwritten();
+        if batch.is_empty() {
+            return;
+        }
+        d.writing = true;
+        let since = now.mono_ms.saturating_sub(lag_ms);
+        // Kept (shared records, the removed ids) so that a failed write can count them again.
+        let write = d.store.write(batch.clone());
+        ctx.spawn(write.into_actor(self).map(move |result, act, _ctx| {
+            let Some(d) = act.durable.as_mut() else {
+                return;
+            };
+            d.writing = false;
+            match result {
+                Ok(()) => {
+                    metrics().store_write(true);
+                    if d.degraded {
+                        d.degraded = false;
+                        tracing::warn!(store = d.store.kind(), "durable store writes work again; caught up");
+                    }
+                }
+                Err(e) => {
+                    metrics().store_write(false);
+                    act.state.unwritten_again(&batch, since);
+                    let Some(d) = act.durable.as_mut() else {
+                        return;
+                    };
+                    if !d.degraded {
+                        d.degraded = true;
+                        tracing::error!(store = d.store.kind(), error = %e, "durable store write failed; going on from memory, trying again");
+                    }
+                }
+            }
+        }));
     }
 }
 

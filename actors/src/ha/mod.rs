@@ -95,4 +95,15 @@ pub struct HaSettings {
     pub peer_http: Option<String>,
     /// Where the role and epoch are kept across restarts (`ha.state-file`); `None`: memory only.
     pub state_file: Option<std::path::PathBuf>,
+    /// Where bots outlive the process (`[store]`); `None`: memory only.
+    pub store: Option<StoreSettings>,
+}
+
+/// The durable store a coordinator writes behind to.
+pub struct StoreSettings {
+    pub store: std::sync::Arc<dyn crate::store::DurableStore>,
+    /// The longest a change waits before it is written (`[store] max-lag-ms`).
+    pub max_lag: Duration,
+    /// What the store held at start (a node starting as primary restores it).
+    pub stored: crate::store::Stored,
 }

@@ -155,6 +155,9 @@ pub struct Config {
     pub peer_http: Option<String>,
     /// Whether a state file is configured (without one, the role is kept in memory only).
     pub state_file: bool,
+    /// A durable store is configured (`[store] kind` other than `memory`): the primary keeps
+    /// track of what changed for it.
+    pub durable: bool,
 }
 
 /// The numbers the HA metrics show, read after every step.
@@ -230,6 +233,8 @@ pub struct HaState {
     store: Store,
     /// Primary: the changes sent to the backup, and its acknowledgements.
     log: PrimaryLog,
+    /// Primary with a durable store: what it has not written yet.
+    unwritten: Unwritten,
     switchover: Option<SwitchoverRun>,
     link_lost_at: u64,
     /// Backup: the primary it follows.
@@ -268,6 +273,7 @@ impl HaState {
             dialing: false,
             store: BTreeMap::new(),
             log: PrimaryLog::new(),
+            unwritten: Unwritten::default(),
             switchover: None,
             link_lost_at: now.mono_ms,
             follower: Follower::new(now.mono_ms),
@@ -300,6 +306,43 @@ impl HaState {
         &self.store
     }
 
+    /// A node starting as primary takes the bots its durable store held (a restart of a single
+    /// node, or of both): they are restored once the Supervisor is attached.
+    pub fn seed(&mut self, stored: crate::store::Stored) {
+        self.epoch = self.epoch.max(stored.epoch);
+        if self.role == HaRole::Primary {
+            self.store = stored
+                .bots
+                .into_iter()
+                .map(|b| (b.instance_id.clone(), Arc::new(b)))
+                .collect();
+        }
+    }
+
+    /// The changes the durable store has not had, as one batch (taken: a failed write gives
+    /// them back with [`HaState::unwritten_again`]). Nothing on a backup.
+    pub fn take_unwritten(&mut self) -> crate::store::StoreBatch {
+        if self.role != HaRole::Primary {
+            return crate::store::StoreBatch::default();
+        }
+        self.unwritten.take(&self.store, self.epoch)
+    }
+
+    /// A batch that could not be written: its bots count as unwritten again (since `since_ms`).
+    pub fn unwritten_again(&mut self, batch: &crate::store::StoreBatch, since_ms: u64) {
+        if self.role == HaRole::Primary {
+            self.unwritten.again(batch, since_ms);
+        }
+    }
+
+    /// Bots changed and not yet in the durable store, and the age of the oldest change.
+    pub fn unwritten(&self, now: Time) -> (usize, u64) {
+        (
+            self.unwritten.len(self.store.len()),
+            self.unwritten.age_ms(now.mono_ms),
+        )
+    }
+
     /// What the node starts with: a backup dials its peer at once.
     pub fn start(&mut self) -> Vec<Effect> {
         if self.role == HaRole::Backup {
@@ -317,6 +360,15 @@ impl HaState {
                 self.refresh_supervisor();
                 if self.role == HaRole::Primary {
                     self.out.push(Effect::Activate { epoch: self.epoch });
+                    // Bots found in the durable store at start (a restart): they come back.
+                    if !self.store.is_empty() {
+                        let bots: Vec<Arc<ReplicatedBot>> = self.store.values().cloned().collect();
+                        tracing::warn!(
+                            bots = bots.len(),
+                            "restoring the bots of the durable store"
+                        );
+                        self.out.push(Effect::BecomePrimary { bots });
+                    }
                 }
             }
             Input::Dialed(conn) => {
@@ -385,6 +437,7 @@ impl HaState {
     /// What `/status` and the metrics show.
     pub fn status(&self, now: Time) -> HaStatus {
         HaStatus {
+            store: None,
             node_id: self.c.node_id.clone(),
             cluster_id: self.c.cluster_id.clone(),
             role: self.role,
@@ -802,6 +855,9 @@ impl HaState {
             self.release(waiter, false);
             return;
         }
+        if self.c.durable {
+            self.unwritten.changed(op_instance(&op), now.mono_ms);
+        }
         if !self.link_up() {
             // No backup to send it to: into the store, with no copy.
             self.log.skip();
@@ -870,6 +926,10 @@ impl HaState {
         self.follower.in_sync = false;
         self.handed_over = false;
         self.log.restart_after(self.follower.applied);
+        if self.c.durable {
+            // The store gets this node's whole state once, over whatever it held.
+            self.unwritten.replace(now.mono_ms);
+        }
         self.primary_http = None;
         // Shared with the store, not copied: a promotion with 100 000 bots hands them over in
         // a few milliseconds (a save during the restore copies that one bot).
@@ -910,6 +970,8 @@ impl HaState {
         }
         self.follower.applied = 0;
         self.follower.stop(now.mono_ms);
+        // A backup writes nothing: the primary does.
+        self.unwritten = Unwritten::default();
         let done = self.log.clear();
         self.released(done, false);
         self.out.push(Effect::Deactivate);
@@ -1122,6 +1184,89 @@ impl HaState {
     }
 }
 
+/// The bot an op is about.
+fn op_instance(op: &HaOp) -> &str {
+    match op {
+        HaOp::Started(b) => &b.instance_id,
+        HaOp::Saved { instance_id, .. }
+        | HaOp::Checkpoint { instance_id, .. }
+        | HaOp::Removed { instance_id } => instance_id,
+    }
+}
+
+/// What the primary has not written to its durable store: the bots that changed since the last
+/// batch (each written as it is when the batch is taken: the latest change wins), or its whole
+/// state after a promotion. At most one entry per bot, so it is bounded by the bots there are
+/// and by those that ended since.
+#[derive(Debug, Default)]
+struct Unwritten {
+    changed: std::collections::BTreeSet<String>,
+    replace: bool,
+    /// When the oldest change not written was made.
+    since_ms: Option<u64>,
+}
+
+impl Unwritten {
+    fn changed(&mut self, instance_id: &str, now_ms: u64) {
+        self.since_ms.get_or_insert(now_ms);
+        if !self.replace && !self.changed.contains(instance_id) {
+            self.changed.insert(instance_id.to_string());
+        }
+    }
+
+    fn replace(&mut self, now_ms: u64) {
+        self.replace = true;
+        self.changed.clear();
+        self.since_ms.get_or_insert(now_ms);
+    }
+
+    fn take(&mut self, store: &Store, epoch: u64) -> crate::store::StoreBatch {
+        let mut batch = crate::store::StoreBatch {
+            epoch,
+            replace: self.replace,
+            ..Default::default()
+        };
+        if self.replace {
+            batch.put = store.values().cloned().collect();
+        } else {
+            for id in std::mem::take(&mut self.changed) {
+                match store.get(&id) {
+                    Some(bot) => batch.put.push(bot.clone()),
+                    None => batch.remove.push(id),
+                }
+            }
+        }
+        self.replace = false;
+        self.since_ms = None;
+        batch
+    }
+
+    fn again(&mut self, batch: &crate::store::StoreBatch, since_ms: u64) {
+        self.since_ms = Some(self.since_ms.map_or(since_ms, |s| s.min(since_ms)));
+        if batch.replace {
+            self.replace = true;
+            self.changed.clear();
+        } else if !self.replace {
+            for bot in &batch.put {
+                self.changed.insert(bot.instance_id.clone());
+            }
+            self.changed.extend(batch.remove.iter().cloned());
+        }
+    }
+
+    fn len(&self, bots: usize) -> usize {
+        if self.replace {
+            bots
+        } else {
+            self.changed.len()
+        }
+    }
+
+    fn age_ms(&self, now_ms: u64) -> u64 {
+        self.since_ms.map_or(0, |s| now_ms.saturating_sub(s))
+    }
+}
+
 pub(super) fn apply(store: &mut Store, op: HaOp) {
     match op {
         HaOp::Started(bot) => {
@@ -1172,6 +1317,7 @@ mod tests {
             http_url: "http://n".into(),
             peer_http: None,
             state_file: false,
+            durable: false,
         };
         HaState::new(c, role, 1, "run".into(), Time::default())
     }
@@ -1181,6 +1327,89 @@ mod tests {
             mono_ms: ms,
             wall_ms: ms,
         }
+    }
+
+    fn replica(id: &str, checkpoint: u64) -> ReplicatedBot {
+        ReplicatedBot {
+            instance_id: id.into(),
+            spec: Arc::new(bgs_proto::bot::BotSpec::new(
+                bgs_proto::bot::BotKey {
+                    interaction_id: format!("chat-{id}"),
+                    bot_id: "echo".into(),
+                    bot_name: String::new(),
+                },
+                "Bot",
+            )),
+            participant_id: "p".into(),
+            joined_seq: 1,
+            started_ms: 0,
+            context: None,
+            checkpoint_seq: checkpoint,
+        }
+    }
+
+    #[test]
+    fn the_durable_store_gets_each_changed_bot_once_and_a_failed_batch_again() {
+        let mut c = node(HaRole::Primary).c;
+        c.durable = true;
+        c.has_peer = false;
+        let mut p = HaState::new(c, HaRole::Primary, 3, "run".into(), Time::default());
+        p.step(at(0), Input::Attached);
+        let op = |op| Input::Replicate { op, waiter: None };
+        p.step(at(10), op(HaOp::Started(Box::new(replica("a", 1)))));
+        p.step(at(20), op(HaOp::Started(Box::new(replica("b", 1)))));
+        p.step(
+            at(30),
+            op(HaOp::Checkpoint {
+                instance_id: "a".into(),
+                checkpoint_seq: 5,
+            }),
+        );
+        assert_eq!(
+            p.unwritten(at(110)),
+            (2, 100),
+            "two bots, the oldest change 100 ms ago"
+        );
+        let batch = p.take_unwritten();
+        let put: Vec<(&str, u64)> = batch
+            .put
+            .iter()
+            .map(|b| (b.instance_id.as_str(), b.checkpoint_seq))
+            .collect();
+        assert_eq!(put, [("a", 5), ("b", 1)], "each bot once, as it is now");
+        assert_eq!((batch.epoch, batch.replace), (3, false));
+        assert_eq!(p.unwritten(at(120)), (0, 0));
+        // The write failed: the bots count again, from when they first changed.
+        p.unwritten_again(&batch, 10);
+        p.step(
+            at(130),
+            op(HaOp::Removed {
+                instance_id: "b".into(),
+            }),
+        );
+        assert_eq!(p.unwritten(at(140)), (2, 130));
+        let batch = p.take_unwritten();
+        assert_eq!(batch.put.len(), 1);
+        assert_eq!(batch.remove, ["b"]);
+    }
+
+    #[test]
+    fn a_primary_restores_what_its_durable_store_held_and_a_backup_ignores_it() {
+        let stored = || crate::store::Stored {
+            epoch: 7,
+            bots: vec![replica("a", 4)],
+        };
+        let mut p = node(HaRole::Primary);
+        p.seed(stored());
+        assert_eq!(p.epoch(), 7, "an epoch is never taken twice");
+        let out = p.step(at(0), Input::Attached);
+        assert!(out.iter().any(
+            |e| matches!(e, Effect::BecomePrimary { bots } if bots.len() == 1 && bots[0].checkpoint_seq == 4)
+        ));
+        let mut b = node(HaRole::Backup);
+        b.seed(stored());
+        assert!(b.store().is_empty(), "a backup takes its primary's state");
+        assert_eq!(b.epoch(), 7);
     }
 
     #[test]

@@ -31,6 +31,8 @@ pub struct SwitchoverReport {
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
 pub struct HaStatus {
+    /// The durable store, when one is configured.
+    pub store: Option<crate::store::StoreStatus>,
     pub node_id: String,
     pub cluster_id: String,
     pub role: HaRole,

@@ -295,6 +295,7 @@ fn config(name: &str, role: HaRole, sync: bool) -> Config {
         http_url: format!("http://{name}"),
         peer_http: None,
         state_file: true,
+        durable: false,
     }
 }
 
