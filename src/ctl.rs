@@ -27,8 +27,8 @@ pub fn status(urls: &[String], token: Option<&str>) -> Vec<(String, Result<Value
 /// A readable table of `status` results.
 pub fn status_table(rows: &[(String, Result<Value, String>)]) -> String {
     let mut out = format!(
-        "{:<26} {:<8} {:<8} {:>5} {:<6} {:<7} {:>9} {:>8} {:>6}\n",
-        "NODE", "ID", "ROLE", "EPOCH", "PEER", "IN-SYNC", "LAG(s)", "SESSIONS", "BOTS"
+        "{:<26} {:<8} {:<8} {:>5} {:<6} {:<7} {:>9} {:>8} {:>6}  {}\n",
+        "NODE", "ID", "ROLE", "EPOCH", "PEER", "IN-SYNC", "LAG(s)", "SESSIONS", "BOTS", "STORE"
     );
     for (url, r) in rows {
         match r {
@@ -36,8 +36,17 @@ pub fn status_table(rows: &[(String, Result<Value, String>)]) -> String {
                 let bots: u64 = s["bots"]
                     .as_object()
                     .map_or(0, |m| m.values().filter_map(Value::as_u64).sum());
+                // The durable store: its state and lag, `-` without one.
+                let store = match s["store"]["state"].as_str() {
+                    Some(state) => format!(
+                        "{} {state} {:.3}s",
+                        s["store"]["kind"].as_str().unwrap_or("?"),
+                        s["store"]["lag_seconds"].as_f64().unwrap_or(0.0)
+                    ),
+                    None => "-".to_string(),
+                };
                 out.push_str(&format!(
-                    "{:<26} {:<8} {:<8} {:>5} {:<6} {:<7} {:>9.3} {:>8} {:>6}\n",
+                    "{:<26} {:<8} {:<8} {:>5} {:<6} {:<7} {:>9.3} {:>8} {:>6}  {}\n",
                     url,
                     s["node"].as_str().unwrap_or("?"),
                     s["role"].as_str().unwrap_or("?"),
@@ -55,6 +64,7 @@ pub fn status_table(rows: &[(String, Result<Value, String>)]) -> String {
                     s["ha"]["replication_lag_seconds"].as_f64().unwrap_or(0.0),
                     s["sessions"].as_u64().unwrap_or(0),
                     bots,
+                    store,
                 ));
             }
             Err(e) => out.push_str(&format!("{url:<26} unreachable: {e}\n")),
