@@ -177,8 +177,10 @@ pub fn run(once: bool) -> Result<(), String> {
             "[node]\nid = \"{id}\"\nrole = \"{role}\"\nhttp-listen = \"127.0.0.1:0\"\nesp-listen = \"127.0.0.1:0\"\n\
              [ha]\nlisten = \"127.0.0.1:{listen}\"\npeer = \"127.0.0.1:{peer}\"\nsecret = \"demo\"\n\
              heartbeat-interval-ms = 100\nfailover-after-ms = 1000\n[chat-server]\naddress = \"{chat_tcp}\"\n\
-             [channel-chatbot]\nha-chat-reconnecting-delay = 0.5\n[log]\nlevel = \"warn\"\n[reporting]\nfile = \"{}\"\n",
-            dir.join("reports.jsonl").display()
+             [channel-chatbot]\nha-chat-reconnecting-delay = 0.5\n[log]\nlevel = \"warn\"\n[reporting]\nfile = \"{}\"\n\
+             [store]\nkind = \"local\"\npath = \"{}\"\n",
+            dir.join("reports.jsonl").display(),
+            dir.join(format!("{id}.redb")).display()
         )
     };
     let a = start_node("bgs-a", &dir, node("bgs-a", "primary", ha_a, ha_b))?;
