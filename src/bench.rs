@@ -43,6 +43,8 @@ pub struct BenchConfig {
     /// Load connections (each carries a share of the customers).
     pub connections: usize,
     pub json: Option<std::path::PathBuf>,
+    /// Run the node with `[store] kind = "local"` and report what the store wrote.
+    pub store_local: bool,
 }
 
 impl BenchConfig {
@@ -54,6 +56,7 @@ impl BenchConfig {
             duration: Duration::from_secs(2),
             connections: 2,
             json: None,
+            store_local: false,
         }
     }
 }
@@ -588,10 +591,18 @@ async fn measure(config: &BenchConfig, dir: &std::path::Path) -> Result<Value, S
     )?;
     let (chat_http, chat_tcp) = (chat_addrs["http"], chat_addrs["tcp"]);
     let gw_config = dir.join("bgs.toml");
+    let store = if config.store_local {
+        format!(
+            "[store]\nkind = \"local\"\npath = \"{}\"\n",
+            dir.join("bots.redb").display()
+        )
+    } else {
+        String::new()
+    };
     std::fs::write(
         &gw_config,
         format!(
-            "[node]\nhttp-listen = \"127.0.0.1:0\"\nesp-listen = \"127.0.0.1:0\"\n[chat-server]\naddress = \"{chat_tcp}\"\n[log]\nlevel = \"warn\"\n"
+            "[node]\nhttp-listen = \"127.0.0.1:0\"\nesp-listen = \"127.0.0.1:0\"\n[chat-server]\naddress = \"{chat_tcp}\"\n[log]\nlevel = \"warn\"\n{store}"
         ),
     )
     .map_err(|e| e.to_string())?;
@@ -640,7 +651,13 @@ async fn measure(config: &BenchConfig, dir: &std::path::Path) -> Result<Value, S
     }
     let (_, gw_ticks0) = gateway.usage();
     let (_, chat_ticks0) = chat.usage();
+    let written0 = store_written(&http, gw_addrs["http"]).await;
     let gw_phase = load(gw_customers, config.rate, config.duration).await?;
+    let written1 = store_written(&http, gw_addrs["http"]).await;
+    let store_status = http_get(&http, gw_addrs["http"], "/status")
+        .await
+        .map(|s| s["store"].clone())
+        .unwrap_or(Value::Null);
     let (gw_rss, gw_ticks1) = gateway.usage();
     let (chat_rss, chat_ticks1) = chat.usage();
     let cpu =
@@ -675,6 +692,12 @@ async fn measure(config: &BenchConfig, dir: &std::path::Path) -> Result<Value, S
         "gateway_cpu_percent": cpu(gw_ticks0, gw_ticks1, gw_phase.took),
         "chat_server_rss_kib": chat_rss,
         "chat_server_cpu_percent": cpu(chat_ticks0, chat_ticks1, gw_phase.took),
+        "store": if config.store_local {
+            let per_s = |i: usize| (written1[i] - written0[i]) / gw_phase.took.as_secs_f64();
+            json!({"batches_per_s": per_s(0), "bots_written_per_s": per_s(1), "at_end": store_status})
+        } else {
+            Value::Null
+        },
     });
     println!(
         "{:<22} {:>9} {:>9} {:>9} {:>9} {:>9}",
@@ -707,5 +730,47 @@ async fn measure(config: &BenchConfig, dir: &std::path::Path) -> Result<Value, S
         chat_rss,
         result["chat_server_cpu_percent"].as_f64().unwrap_or(0.0),
     );
+    if config.store_local {
+        let s = &result["store"];
+        println!(
+            "durable store (local): {:.0} batches/s, {:.0} bots written/s; at the end of the load: {} pending, lag {:.3} s",
+            s["batches_per_s"].as_f64().unwrap_or(0.0),
+            s["bots_written_per_s"].as_f64().unwrap_or(0.0),
+            s["at_end"]["pending"],
+            s["at_end"]["lag_seconds"].as_f64().unwrap_or(0.0)
+        );
+    }
     Ok(result)
+}
+
+/// The node's durable-store counters: batches written and bots written (0 without a store).
+async fn store_written(http: &reqwest::Client, addr: SocketAddr) -> [f64; 2] {
+    let text = match http.get(format!("http://{addr}/metrics")).send().await {
+        Ok(r) => r.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
+    };
+    let value = |prefix: &str| {
+        text.lines()
+            .find(|l| l.starts_with(prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    [
+        value("bgs_store_writes_total{result=\"ok\"}"),
+        value("bgs_store_bots_written_total "),
+    ]
+}
+
+/// GETs a JSON page of the node.
+async fn http_get(http: &reqwest::Client, addr: SocketAddr, path: &str) -> Result<Value, String> {
+    let body = http
+        .get(format!("http://{addr}{path}"))
+        .send()
+        .await
+        .map_err(|e| e.to_string())?
+        .bytes()
+        .await
+        .map_err(|e| e.to_string())?;
+    serde_json::from_slice(&body).map_err(|e| e.to_string())
 }

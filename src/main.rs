@@ -69,6 +69,9 @@ enum Command {
         /// Also write the figures as JSON.
         #[arg(long, value_name = "FILE")]
         json: Option<PathBuf>,
+        /// Run the node with a local durable store (`[store] kind = "local"`) and report its writes.
+        #[arg(long)]
+        store_local: bool,
     },
     /// Operate a pair: status, bots, switchover.
     Ctl {
@@ -181,6 +184,7 @@ fn main() -> ExitCode {
             connections,
             quick,
             json,
+            store_local,
         } => {
             let mut config = if quick {
                 bgs::bench::BenchConfig::quick()
@@ -191,9 +195,11 @@ fn main() -> ExitCode {
                     duration: std::time::Duration::from_secs(duration),
                     connections,
                     json: None,
+                    store_local: false,
                 }
             };
             config.json = json;
+            config.store_local = store_local;
             let runtime = match tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()

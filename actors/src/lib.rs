@@ -138,8 +138,8 @@ mod tests {
         for m in imports.keys() {
             visit(m, &imports, &mut Vec::new(), &mut done);
         }
-        // The HaCoordinator knows no actor: only the leaves.
-        let leaves = ["messages", "metrics", "role"];
+        // The HaCoordinator knows no actor: only the leaves (`store` is the durable store's seam).
+        let leaves = ["messages", "metrics", "role", "store"];
         assert!(
             imports["ha"].iter().all(|m| leaves.contains(&m.as_str())),
             "{:?}",

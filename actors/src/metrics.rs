@@ -231,6 +231,7 @@ pub struct Metrics {
     pub ha_lag_seconds: Gauge<f64, AtomicU64>,
     /// result (ok, failed): batches written to the durable store
     store_writes: StaticCounters<1>,
+    store_bots_written: Counter,
     store_pending: Gauge,
     store_lag_seconds: Gauge<f64, AtomicU64>,
 }
@@ -364,6 +365,12 @@ impl Default for Metrics {
             "Batches written to the durable store, by result (ok, failed)",
             ["result"],
         );
+        let store_bots_written = Counter::default();
+        registry.register(
+            "bgs_store_bots_written",
+            "Bots written to the durable store (a batch writes each changed bot once)",
+            store_bots_written.clone(),
+        );
         let store_pending = Gauge::default();
         registry.register(
             "bgs_store_pending",
@@ -378,6 +385,7 @@ impl Default for Metrics {
         );
         Metrics {
             store_writes,
+            store_bots_written,
             store_pending,
             store_lag_seconds,
             registry,
@@ -440,9 +448,12 @@ impl Metrics {
         self.failures[k.index()].inc();
     }
 
-    /// One batch written to the durable store (or not).
-    pub fn store_write(&self, ok: bool) {
+    /// One batch of `bots` written to the durable store (or not).
+    pub fn store_write(&self, ok: bool, bots: usize) {
         self.store_writes.inc([if ok { "ok" } else { "failed" }]);
+        if ok {
+            self.store_bots_written.inc_by(bots as u64);
+        }
     }
 
     /// What the durable store has not had yet.

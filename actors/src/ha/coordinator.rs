@@ -443,14 +443,14 @@ impl HaCoordinator {
             d.writing = false;
             match result {
                 Ok(()) => {
-                    metrics().store_write(true);
+                    metrics().store_write(true, batch.len());
                     if d.degraded {
                         d.degraded = false;
                         tracing::warn!(store = d.store.kind(), "durable store writes work again; caught up");
                     }
                 }
                 Err(e) => {
-                    metrics().store_write(false);
+                    metrics().store_write(false, batch.len());
                     act.state.unwritten_again(&batch, since);
                     let Some(d) = act.durable.as_mut() else {
                         return;
