@@ -825,6 +825,43 @@ mod tests {
         }
     }
 
+    /// A SessionActor of `chat-1` over the stand-in Chat Server, its Supervisor and HA
+    /// coordinator a probe (`ha` makes its port of the probe): the session, then what the
+    /// stand-in saw, the followers it was given, and what the probe was told.
+    #[allow(clippy::type_complexity)]
+    fn session_in_process(
+        ha: impl FnOnce(Addr<Probe>) -> HaPort,
+    ) -> (
+        Addr<SessionActor>,
+        mpsc::UnboundedReceiver<ChatRequest>,
+        mpsc::UnboundedReceiver<crate::chat_link::Follower>,
+        mpsc::UnboundedReceiver<Told>,
+    ) {
+        let (seen_tx, seen) = mpsc::unbounded_channel();
+        let (follower_tx, followers) = mpsc::unbounded_channel();
+        let (told_tx, told) = mpsc::unbounded_channel();
+        let fake = FakeChat {
+            seen: seen_tx,
+            follower: follower_tx,
+        }
+        .start();
+        let probe = Probe(told_tx).start();
+        let session = SessionActor::new(
+            "chat-1".into(),
+            ChatPort::new(
+                fake.clone().recipient(),
+                fake.clone().recipient(),
+                fake.recipient(),
+            ),
+            probe.clone().recipient().into(),
+            probe.clone().recipient().into(),
+            ha(probe),
+            Duration::from_secs(5),
+        )
+        .start();
+        (session, seen, followers, told)
+    }
+
     /// Holds each customer message until the test lets it go, then answers and saves.
     struct GatedBot {
         entered: mpsc::UnboundedSender<String>,
@@ -859,32 +896,13 @@ mod tests {
     /// sent to the HA coordinator.
     #[actix::test]
     async fn work_in_flight_lasts_until_the_bot_has_posted_and_saved() {
-        let (seen_tx, mut seen) = mpsc::unbounded_channel();
-        let (follower_tx, mut followers) = mpsc::unbounded_channel();
-        let (told_tx, mut told) = mpsc::unbounded_channel();
         let (entered_tx, mut entered) = mpsc::unbounded_channel();
         let gate = Arc::new(tokio::sync::Semaphore::new(0));
         let in_flight = InFlight::default();
-        let fake = FakeChat {
-            seen: seen_tx,
-            follower: follower_tx,
-        }
-        .start();
-        let probe = Probe(told_tx).start();
-        let session = SessionActor::new(
-            "chat-1".into(),
-            ChatPort::new(
-                fake.clone().recipient(),
-                fake.clone().recipient(),
-                fake.recipient(),
-            ),
-            probe.clone().recipient().into(),
-            probe.clone().recipient().into(),
-            // Async mode: a save is sent, not waited for.
-            HaPort::new(probe.recipient().into(), false, in_flight.clone()),
-            Duration::from_secs(5),
-        )
-        .start();
+        // Async mode: a save is sent, not waited for.
+        let (session, mut seen, mut followers, mut told) = session_in_process(|probe| {
+            HaPort::new(probe.recipient().into(), false, in_flight.clone())
+        });
         let key = BotKey {
             interaction_id: "chat-1".into(),
             bot_id: "gated".into(),
@@ -950,28 +968,8 @@ mod tests {
 
     #[actix::test]
     async fn a_bot_joins_gets_its_history_and_events_and_ends_when_the_customer_leaves() {
-        let (seen_tx, mut seen) = mpsc::unbounded_channel();
-        let (follower_tx, mut followers) = mpsc::unbounded_channel();
-        let (told_tx, mut told) = mpsc::unbounded_channel();
-        let fake = FakeChat {
-            seen: seen_tx,
-            follower: follower_tx,
-        }
-        .start();
-        let probe = Probe(told_tx).start();
-        let session = SessionActor::new(
-            "chat-1".into(),
-            ChatPort::new(
-                fake.clone().recipient(),
-                fake.clone().recipient(),
-                fake.recipient(),
-            ),
-            probe.clone().recipient().into(),
-            probe.clone().recipient().into(),
-            probe.recipient().into(),
-            Duration::from_secs(5),
-        )
-        .start();
+        let (session, mut seen, mut followers, mut told) =
+            session_in_process(|probe| probe.recipient().into());
         let key = BotKey {
             interaction_id: "chat-1".into(),
             bot_id: "test".into(),

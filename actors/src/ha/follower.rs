@@ -105,25 +105,9 @@ impl Follower {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use bgs_proto::bot::{BotKey, BotSpec};
 
     fn bot(id: &str) -> ReplicatedBot {
-        ReplicatedBot {
-            instance_id: id.into(),
-            spec: Arc::new(BotSpec::new(
-                BotKey {
-                    interaction_id: format!("chat-{id}"),
-                    bot_id: "echo".into(),
-                    bot_name: String::new(),
-                },
-                "Bot",
-            )),
-            participant_id: "p".into(),
-            joined_seq: 1,
-            started_ms: 0,
-            context: None,
-            checkpoint_seq: 1,
-        }
+        super::super::replica(id, 1)
     }
 
     #[test]

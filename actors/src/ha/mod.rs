@@ -107,3 +107,24 @@ pub struct StoreSettings {
     /// What the store held at start (a node starting as primary restores it).
     pub stored: crate::store::Stored,
 }
+
+/// The record the HA link carries for an echo bot `id` in `chat-ID`, at `checkpoint`.
+#[cfg(test)]
+pub(crate) fn replica(id: &str, checkpoint: u64) -> bgs_proto::ha::ReplicatedBot {
+    bgs_proto::ha::ReplicatedBot {
+        instance_id: id.into(),
+        spec: std::sync::Arc::new(bgs_proto::bot::BotSpec::new(
+            bgs_proto::bot::BotKey {
+                interaction_id: format!("chat-{id}"),
+                bot_id: "echo".into(),
+                bot_name: String::new(),
+            },
+            "Bot",
+        )),
+        participant_id: "p".into(),
+        joined_seq: 1,
+        started_ms: 0,
+        context: None,
+        checkpoint_seq: checkpoint,
+    }
+}

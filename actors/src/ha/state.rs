@@ -1329,24 +1329,7 @@ mod tests {
         }
     }
 
-    fn replica(id: &str, checkpoint: u64) -> ReplicatedBot {
-        ReplicatedBot {
-            instance_id: id.into(),
-            spec: Arc::new(bgs_proto::bot::BotSpec::new(
-                bgs_proto::bot::BotKey {
-                    interaction_id: format!("chat-{id}"),
-                    bot_id: "echo".into(),
-                    bot_name: String::new(),
-                },
-                "Bot",
-            )),
-            participant_id: "p".into(),
-            joined_seq: 1,
-            started_ms: 0,
-            context: None,
-            checkpoint_seq: checkpoint,
-        }
-    }
+    use super::super::replica;
 
     #[test]
     fn the_durable_store_gets_each_changed_bot_once_and_a_failed_batch_again() {
