@@ -514,6 +514,68 @@ async fn both_nodes_down_come_back_with_their_roles_from_the_state_files() {
     assert_eq!(c.next_reply().await, "1: hi");
 }
 
+/// The same with a local durable store on each node: both nodes are killed with `kill -9` after a
+/// switchover, customers post while they are down, and when both are started again the node
+/// that was primary restores every bot from its disk; each answers once, its count going on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_nodes_down_with_local_stores_lose_no_bot() {
+    let chat = ChatServer::start(&[]);
+    let dir = support::TempDir::new("ha-store");
+    let node = |cfg: String, n: &str| {
+        cfg.replace(
+            "[ha]\n",
+            &format!(
+                "[ha]\nstate-file = \"{}\"\n",
+                dir.path().join(format!("{n}.json")).display()
+            ),
+        ) + &format!(
+            "[store]\nkind = \"local\"\npath = \"{}\"\nmax-lag-ms = 20\n",
+            dir.path().join(format!("{n}.redb")).display()
+        )
+    };
+    let (to_a, to_b) = (LinkProxy::start().await, LinkProxy::start().await);
+    let a_cfg = node(pair_config("bgs-a", "primary", to_b.addr, "s3cret"), "a");
+    let b_cfg = node(pair_config("bgs-b", "backup", to_a.addr, "s3cret"), "b");
+    let mut a = Gateway::start(chat.tcp, &a_cfg);
+    to_a.set_target(a.ha.unwrap());
+    let mut b = Gateway::start(chat.tcp, &b_cfg);
+    to_b.set_target(b.ha.unwrap());
+    let mut customers = chats(&chat, &a, "stored", 3).await;
+    in_sync_backup(&b, 3).await;
+    let (status, _) = support::http(a.http, "POST", "/admin/switchover", None).await;
+    assert_eq!(status, 200);
+    in_sync_backup(&a, 3).await;
+    for c in customers.iter_mut() {
+        c.say("two").await;
+        assert_eq!(c.next_reply().await, "2: two");
+    }
+    b.wait_status("b's store has every save", |s| {
+        role(s) == "primary" && s["store"]["state"] == "ok" && s["store"]["pending"] == 0
+    })
+    .await;
+
+    a.kill9();
+    b.kill9();
+    for c in &customers {
+        c.say("three").await;
+    }
+    let a = Gateway::start(chat.tcp, &a_cfg);
+    to_a.set_target(a.ha.unwrap());
+    let b = Gateway::start(chat.tcp, &b_cfg);
+    to_b.set_target(b.ha.unwrap());
+    b.wait_status("b primary again with its bots", |s| {
+        role(s) == "primary" && s["epoch"] == 2 && s["bots"]["echo"] == 3
+    })
+    .await;
+    for c in customers.iter_mut() {
+        assert_eq!(c.next_reply().await, "3: three");
+    }
+    in_sync_backup(&a, 3).await;
+    for c in &customers {
+        check_exactly_once(c, &["one", "two", "three"]).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_primary_restarted_before_failover_does_not_wipe_the_backup() {
     let chat = ChatServer::start(&[]);
