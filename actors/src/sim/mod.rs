@@ -194,6 +194,8 @@ struct Node {
     name: &'static str,
     ha: Option<HaState>,
     saved: Option<SavedRole>,
+    /// The node's durable store (`[store] kind = "local"`): it outlives the node's crashes.
+    disk: crate::store::Stored,
     incarnation: u64,
     next_tick: u64,
     link: LinkState<u64, Reply>,
@@ -236,6 +238,8 @@ struct Handed {
     label: InputLabel,
     epoch: u64,
     node: usize,
+    /// The node's run: a node that restarted restores its bots from its durable store.
+    incarnation: u64,
 }
 
 struct Sim {
@@ -244,6 +248,8 @@ struct Sim {
     now: u64,
     nodes: [Node; 2],
     sync: bool,
+    /// The nodes write behind to a durable store of their own (half the seeds).
+    durable: bool,
     queue: BinaryHeap<Packet>,
     next_seq: u64,
     /// When the last frame each way of a chat connection is due (TCP keeps them in order).
@@ -282,7 +288,7 @@ struct Sim {
     violation: Option<String>,
 }
 
-fn config(name: &str, role: HaRole, sync: bool) -> Config {
+fn config(name: &str, role: HaRole, sync: bool, durable: bool) -> Config {
     Config {
         node_id: name.into(),
         cluster_id: "bgs".into(),
@@ -295,7 +301,7 @@ fn config(name: &str, role: HaRole, sync: bool) -> Config {
         http_url: format!("http://{name}"),
         peer_http: None,
         state_file: true,
-        durable: false,
+        durable,
     }
 }
 
@@ -332,6 +338,7 @@ fn new_node(name: &'static str, mutation: Mutation) -> Node {
         name,
         ha: None,
         saved: None,
+        disk: Default::default(),
         incarnation: 0,
         next_tick: 0,
         link: LinkState::new(link_config(name, mutation)),
@@ -347,6 +354,7 @@ impl Sim {
     fn new(seed: u64, mutation: Mutation) -> Sim {
         let mut rng = Rng(seed);
         let sync = rng.chance(500);
+        let durable = rng.chance(500);
         let mut server = ChatServer::new();
         server.fencing = mutation != Mutation::NoFencing;
         server.dedupe = mutation != Mutation::NoDedupe;
@@ -356,6 +364,7 @@ impl Sim {
             now: 0,
             nodes: [new_node("a", mutation), new_node("b", mutation)],
             sync,
+            durable,
             queue: BinaryHeap::new(),
             next_seq: 0,
             chat_last_at: BTreeMap::new(),
@@ -439,6 +448,30 @@ impl Sim {
 
     // ---- nodes: boot, crash, HA ----
 
+    /// The durable store's write-behind, once a tick: what changed goes to the node's disk.
+    fn write_behind(&mut self, n: usize) {
+        if !self.durable {
+            return;
+        }
+        let Some(ha) = self.nodes[n].ha.as_mut() else {
+            return;
+        };
+        let batch = ha.take_unwritten();
+        if batch.is_empty() {
+            return;
+        }
+        let disk = &mut self.nodes[n].disk;
+        disk.epoch = disk.epoch.max(batch.epoch);
+        if batch.replace {
+            disk.bots.clear();
+        }
+        for bot in batch.put {
+            disk.bots.retain(|b| b.instance_id != bot.instance_id);
+            disk.bots.push(ReplicatedBot::clone(&bot));
+        }
+        disk.bots.retain(|b| !batch.remove.contains(&b.instance_id));
+    }
+
     fn boot(&mut self, n: usize) {
         let configured = if n == 0 {
             HaRole::Primary
@@ -455,12 +488,19 @@ impl Sim {
         node.incarnation += 1;
         let run = format!("{}-{}", node.name, node.incarnation);
         let mut state = HaState::new(
-            config(node.name, configured, self.sync),
+            config(node.name, configured, self.sync, self.durable),
             role,
             epoch,
             run,
             t,
         );
+        if self.durable {
+            // What the store held (a node starting as primary restores it).
+            state.seed(crate::store::Stored {
+                epoch: node.disk.epoch,
+                bots: node.disk.bots.clone(),
+            });
+        }
         let mut effects = state.start();
         node.ha = Some(state);
         node.link = LinkState::new(link_config(node.name, mutation));
@@ -1076,11 +1116,13 @@ impl Sim {
                 }
                 if e.participant_id == CUSTOMER && e.kind == EventKind::Message {
                     let label = InputLabel::Event { seq: e.seq };
+                    let incarnation = self.nodes[n].incarnation;
                     self.handed.push(Handed {
                         instance: b.instance.clone(),
                         label,
                         epoch,
                         node: n,
+                        incarnation,
                     });
                     let text = format!("re:{}#{}", e.text.unwrap_or_default(), b.count + 1);
                     break (label, text, e.seq);
@@ -1471,6 +1513,7 @@ impl Sim {
                     if self.nodes[n].ha.is_some() && self.now >= self.nodes[n].next_tick {
                         self.nodes[n].next_tick = self.now + TICK_MS;
                         self.ha_step(n, Input::Tick);
+                        self.write_behind(n);
                     }
                 }
             } else if self.next_work <= self.now {
@@ -1657,6 +1700,12 @@ impl Sim {
                 first.insert(key, h);
                 continue;
             };
+            // A node that crashed and started again as the primary restored its bots from its
+            // durable store: what they did after their last written checkpoint is replayed, as
+            // after a failover (HA.md 10).
+            if self.durable && before.node == h.node && before.incarnation != h.incarnation {
+                continue;
+            }
             let (lo, hi) = (before.epoch.min(h.epoch), before.epoch.max(h.epoch));
             let between: Vec<(u64, &str)> = self
                 .takeovers
