@@ -446,7 +446,7 @@ impl HaCoordinator {
                     metrics().store_write(true, batch.len());
                     if d.degraded {
                         d.degraded = false;
-                        tracing::warn!(store = d.store.kind(), "durable store writes work again; caught up");
+                        tracing::warn!(store = d.store.kind(), "durable store writes work again");
                     }
                 }
                 Err(e) => {
