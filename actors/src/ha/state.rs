@@ -235,6 +235,12 @@ pub struct HaState {
     log: PrimaryLog,
     /// Primary with a durable store: what it has not written yet.
     unwritten: Unwritten,
+    /// A primary of a pair that started with bots from its durable store: it restores them
+    /// only once no backup holds newer ones (HA.md 10): when its backup has taken its
+    /// snapshot, or when no backup has linked for `failover-after-ms` since the start. A backup
+    /// that holds bots takes over instead (a restarted primary), and this node steps down
+    /// without handing its older copy anything.
+    restore_after: Option<u64>,
     switchover: Option<SwitchoverRun>,
     link_lost_at: u64,
     /// Backup: the primary it follows.
@@ -274,6 +280,7 @@ impl HaState {
             store: BTreeMap::new(),
             log: PrimaryLog::new(),
             unwritten: Unwritten::default(),
+            restore_after: None,
             switchover: None,
             link_lost_at: now.mono_ms,
             follower: Follower::new(now.mono_ms),
@@ -319,6 +326,17 @@ impl HaState {
         }
     }
 
+    /// Restores the bots of the durable store (see `restore_after`).
+    fn restore_seeded(&mut self) {
+        self.restore_after = None;
+        if self.role != HaRole::Primary || self.store.is_empty() {
+            return;
+        }
+        let bots: Vec<Arc<ReplicatedBot>> = self.store.values().cloned().collect();
+        tracing::warn!(bots = bots.len(), "restoring the bots of the durable store");
+        self.out.push(Effect::BecomePrimary { bots });
+    }
+
     /// The changes the durable store has not had, as one batch (taken: a failed write gives
     /// them back with [`HaState::unwritten_again`]). Nothing on a backup.
     pub fn take_unwritten(&mut self) -> crate::store::StoreBatch {
@@ -360,14 +378,18 @@ impl HaState {
                 self.refresh_supervisor();
                 if self.role == HaRole::Primary {
                     self.out.push(Effect::Activate { epoch: self.epoch });
-                    // Bots found in the durable store at start (a restart): they come back.
+                    // Bots found in the durable store at start (a restart) come back: at once
+                    // on a single node; in a pair once no backup holds newer ones.
                     if !self.store.is_empty() {
-                        let bots: Vec<Arc<ReplicatedBot>> = self.store.values().cloned().collect();
-                        tracing::warn!(
-                            bots = bots.len(),
-                            "restoring the bots of the durable store"
-                        );
-                        self.out.push(Effect::BecomePrimary { bots });
+                        if self.c.has_peer {
+                            tracing::info!(
+                                bots = self.store.len(),
+                                "bots in the durable store: restored once the backup has this node's state, or none has linked"
+                            );
+                            self.restore_after = Some(now.mono_ms + self.c.failover_after_ms);
+                        } else {
+                            self.restore_seeded();
+                        }
                     }
                 }
             }
@@ -1115,6 +1137,13 @@ impl HaState {
     fn tick(&mut self, now: Time) {
         self.save_state();
         let t = now.mono_ms;
+        if let Some(at) = self.restore_after {
+            if self.role != HaRole::Primary {
+                self.restore_after = None;
+            } else if self.backup_synced() || (t >= at && !self.link_up()) {
+                self.restore_seeded();
+            }
+        }
         let failover_after = self.c.failover_after_ms;
         // An accepted connection that has not proved itself in time is closed.
         let deadline = failover_after.max(HANDSHAKE_MIN_MS);
@@ -1382,13 +1411,25 @@ mod tests {
             epoch: 7,
             bots: vec![replica("a", 4)],
         };
+        let restores = |out: &[Effect]| {
+            out.iter().any(|e| {
+                matches!(e, Effect::BecomePrimary { bots } if bots.len() == 1 && bots[0].checkpoint_seq == 4)
+            })
+        };
+        // A single node restores at once.
+        let mut single = node(HaRole::Primary);
+        single.c.has_peer = false;
+        single.seed(stored());
+        assert_eq!(single.epoch(), 7, "an epoch is never taken twice");
+        assert!(restores(&single.step(at(0), Input::Attached)));
+        // A node of a pair waits: a backup may hold newer bots (and take over). With no backup
+        // for failover-after-ms, it restores its own.
         let mut p = node(HaRole::Primary);
         p.seed(stored());
-        assert_eq!(p.epoch(), 7, "an epoch is never taken twice");
-        let out = p.step(at(0), Input::Attached);
-        assert!(out.iter().any(
-            |e| matches!(e, Effect::BecomePrimary { bots } if bots.len() == 1 && bots[0].checkpoint_seq == 4)
-        ));
+        assert!(!restores(&p.step(at(0), Input::Attached)));
+        assert!(!restores(&p.step(at(500), Input::Tick)));
+        assert!(restores(&p.step(at(1000), Input::Tick)));
+        assert!(!restores(&p.step(at(1100), Input::Tick)), "once");
         let mut b = node(HaRole::Backup);
         b.seed(stored());
         assert!(b.store().is_empty(), "a backup takes its primary's state");

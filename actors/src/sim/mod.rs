@@ -1888,7 +1888,7 @@ fn each_checker_catches_its_mutation() {
 /// (A change to the simulation's own draws makes them different runs, but no weaker ones.)
 #[test]
 fn past_findings_keep_passing() {
-    for seed in [89_015, 792_363, 800_866] {
+    for seed in [89_015, 792_363, 800_866, 16_160] {
         if let Err(e) = run_seed(seed, Mutation::None, false) {
             panic!("seed {seed} failed (replay: BGS_SIM_SEED={seed}): {e}");
         }
