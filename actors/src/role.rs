@@ -10,6 +10,9 @@ pub struct Role {
     pub primary: bool,
     /// A switchover is draining the node.
     pub draining: bool,
+    /// A primary that waits to restore the bots of its durable store (HA.md 10): ESP is asked
+    /// to retry, so that no bot starts twice in a chat.
+    pub restoring: bool,
     /// Where the primary answers, for `not_primary` answers (on a backup).
     pub primary_url: Option<String>,
 }

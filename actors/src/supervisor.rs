@@ -358,6 +358,15 @@ impl Supervisor {
                 .into_response(id),
             );
         }
+        if role.restoring {
+            return ready(
+                EspError::new(
+                    ErrorCode::Draining,
+                    "this node is about to restore the bots of its durable store; retry shortly",
+                )
+                .into_response(id),
+            );
+        }
         match command {
             EspCommand::Start(spec) => self.start(id, spec, ctx),
             EspCommand::Stop(key) => {
@@ -790,6 +799,7 @@ mod tests {
         role.set(Role {
             primary: true,
             draining: false,
+            restoring: false,
             primary_url: None,
         });
 

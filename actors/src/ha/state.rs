@@ -304,6 +304,11 @@ impl HaState {
         self.draining
     }
 
+    /// A primary waits to restore the bots of its durable store: ESP is asked to retry.
+    pub fn restoring(&self) -> bool {
+        self.restore_after.is_some()
+    }
+
     pub fn epoch(&self) -> u64 {
         self.epoch
     }
@@ -329,6 +334,7 @@ impl HaState {
     /// Restores the bots of the durable store (see `restore_after`).
     fn restore_seeded(&mut self) {
         self.restore_after = None;
+        self.refresh_supervisor();
         if self.role != HaRole::Primary || self.store.is_empty() {
             return;
         }
@@ -387,6 +393,7 @@ impl HaState {
                                 "bots in the durable store: restored once the backup has this node's state, or none has linked"
                             );
                             self.restore_after = Some(now.mono_ms + self.c.failover_after_ms);
+                            self.refresh_supervisor();
                         } else {
                             self.restore_seeded();
                         }
@@ -932,6 +939,7 @@ impl HaState {
         self.out.push(Effect::SetRole(crate::role::Role {
             primary: self.role == HaRole::Primary,
             draining: self.draining,
+            restoring: self.restore_after.is_some(),
             primary_url,
         }));
     }
@@ -1140,6 +1148,7 @@ impl HaState {
         if let Some(at) = self.restore_after {
             if self.role != HaRole::Primary {
                 self.restore_after = None;
+                self.refresh_supervisor();
             } else if self.backup_synced() || (t >= at && !self.link_up()) {
                 self.restore_seeded();
             }
