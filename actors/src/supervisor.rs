@@ -520,6 +520,7 @@ impl Handler<BecomePrimary> for Supervisor {
             total,
             restored: 0,
             started,
+            retries: 0,
         });
     }
 }
@@ -534,7 +535,15 @@ struct RestoreNext {
     total: usize,
     restored: usize,
     started: std::time::Instant,
+    /// Rounds in which some restore found no connection to the Chat Server.
+    retries: u32,
 }
+
+/// A restore whose Resume found no connection (the Chat Server is down, or the link lost it in
+/// the middle) is tried again after this, up to [`RESTORE_RETRIES`] rounds: a Chat Server that
+/// blinks during a take-over must not cost bots (docs/HA.md 4.6).
+const RESTORE_RETRY_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+const RESTORE_RETRIES: u32 = 300;
 
 impl Supervisor {
     /// The plugin instance and session of one bot to restore; None (and forgotten) when it cannot
@@ -610,23 +619,33 @@ impl Handler<RestoreNext> for Supervisor {
                     self.restoring.remove(&interaction);
                 }
             }
-            batch.extend(self.prepare_restore(bot, ctx));
+            // Kept (shared) so that a restore that found no connection can be tried again.
+            let again = bot.clone();
+            batch.extend(self.prepare_restore(bot, ctx).map(|b| (b, again)));
         }
         let registry = self.registry.clone();
         let ha = self.ha.clone();
+        let give_up = msg.retries >= RESTORE_RETRIES;
         Box::pin(
             async move {
-                let results = futures_util::future::join_all(batch.into_iter().map(|(s, r)| {
-                    let key = r.replica.spec.key.clone();
-                    let instance_id = r.replica.instance_id.clone();
-                    async move { (key, instance_id, s.send(r).await) }
-                }))
-                .await;
+                let results =
+                    futures_util::future::join_all(batch.into_iter().map(|((s, r), again)| {
+                        let key = r.replica.spec.key.clone();
+                        let instance_id = r.replica.instance_id.clone();
+                        async move { (key, instance_id, s.send(r).await, again) }
+                    }))
+                    .await;
                 let mut restored = 0;
-                for (key, instance_id, r) in results {
+                let mut retry = Vec::new();
+                for (key, instance_id, r, again) in results {
                     let error = match r {
                         Ok(Ok(_)) => {
                             restored += 1;
+                            continue;
+                        }
+                        // No connection: the bot is still there at the Chat Server.
+                        Ok(Err(e)) if e.code == ErrorCode::ChatServerUnavailable && !give_up => {
+                            retry.push(again);
                             continue;
                         }
                         Ok(Err(e)) => e.to_string(),
@@ -637,12 +656,26 @@ impl Handler<RestoreNext> for Supervisor {
                     registry.remove(&key);
                     ha.tell(HaOp::Removed { instance_id });
                 }
-                restored
+                (restored, retry)
             }
             .into_actor(self)
-            .map(move |restored, _act, ctx| {
+            .map(move |(restored, retry), act, ctx| {
                 msg.restored += restored;
-                if msg.rest.is_empty() {
+                if !retry.is_empty() {
+                    tracing::info!(
+                        bots = retry.len(),
+                        round = msg.retries + 1,
+                        "restore found no Chat Server connection; trying again"
+                    );
+                    for bot in retry {
+                        *act.restoring
+                            .entry(crate::fingerprint(&bot.spec.key.interaction_id))
+                            .or_default() += 1;
+                        msg.rest.push_back(bot);
+                    }
+                    msg.retries += 1;
+                    ctx.notify_later(msg, RESTORE_RETRY_EVERY);
+                } else if msg.rest.is_empty() {
                     tracing::info!(
                         restored = msg.restored,
                         total = msg.total,
