@@ -2,8 +2,10 @@
 //! (a peer frame, a timer tick, a local bot change, an operator command) and returns the
 //! [`Effect`]s to carry out (send a frame, close the link, dial, change role, respawn bots,
 //! write the state file). No actix, no tokio, no sockets, no clock: the HaCoordinator actor
-//! feeds it and carries its effects out, and the simulation in `sim.rs` steps two of them over
-//! an in-memory network that loses, delays, duplicates and reorders (docs/HA.md).
+//! feeds it and carries its effects out, and the simulation (`actors/src/sim/`) steps two of
+//! them, with the ChatLink's state machine and a model of the Chat Server, over an in-memory
+//! network that delays, duplicates, resets and partitions (docs/RELIABILITY.md 6). With a
+//! durable store it also keeps what the store has not had yet (`take_unwritten`).
 //!
 //! Connections are numbered by the caller (`conn`); frames and closes of a connection that is
 //! not the current link are ignored.
